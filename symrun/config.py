@@ -1,0 +1,348 @@
+"""Typed configuration: the single source of symrun's defaults and their meaning.
+
+Every setting a run has lives in one of the dataclasses below, with its default and a docstring.
+They are registered in Hydra's ConfigStore, so `model=mlp`, `data=digits`, `optim.lr=0.05` etc.
+compose against them and unknown keys are rejected by Hydra itself. YAML files in `configs/` only
+hold named deviations (the primary `config.yaml` and the experiment presets).
+
+Only this module and the CLI/sweep edge touch OmegaConf; the library receives `Config` objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote that symrun cannot run; the message is one clear line."""
+
+
+def _config_dir() -> Path:
+    # Installed from a wheel the configs ship as the subpackage symrun/configs; in a checkout
+    # (editable install) they stay at the top level beside the package.
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"symrun's configs/ not found next to {here}")
+
+
+CONFIG_DIR = _config_dir()
+
+# ---------------------------------------------------------------------------------------------
+# model=
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    init_scale: float = 1.0
+    """Multiplies every initial weight's standard deviation (1.0 = the model's default init)."""
+
+
+@dataclass
+class HadamardConfig(ModelConfig):
+    """f(x) = (u ⊙ w)ᵀx: rescaling (sign) symmetry per coordinate → sparsity (lasso)."""
+
+    name: str = "hadamard"
+
+
+@dataclass
+class FactorizationConfig(ModelConfig):
+    """f(x) = U W x (or U(Wx + x) with `residual`): rotation symmetry → low rank."""
+
+    name: str = "factorization"
+    hidden: int = 16
+    """Inner dimension h of U (d_out × h) and W (h × d_in)."""
+    residual: bool = False
+    """Symmetry-breaking control f(x) = U(Wx + x); needs hidden == input dimension."""
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    """Fully connected net: permutation symmetry of neurons; tanh adds a sign mirror per neuron."""
+
+    name: str = "mlp"
+    width: int = 32
+    depth: int = 1
+    """Number of hidden layers."""
+    activation: str = "tanh"
+    """tanh | relu | gelu."""
+    bias: bool = True
+
+
+@dataclass
+class EnsembleConfig(MLPConfig):
+    """`members` MLPs whose outputs are averaged: permutation symmetry of whole members."""
+
+    name: str = "ensemble"
+    members: int = 4
+
+
+MODEL_OPTIONS = {c().name: c for c in (HadamardConfig, FactorizationConfig, MLPConfig, EnsembleConfig)}
+ACTIVATIONS = ("tanh", "relu", "gelu")
+
+# ---------------------------------------------------------------------------------------------
+# data=
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    batch_size: Optional[int] = None
+    """Minibatch size; null = full batch (gradient descent, no sampling noise)."""
+    seed: int = 0
+    """Seed of the data itself (generation, split); a run's own `seed` drives init, order, noise."""
+    task: str = "auto"
+    """auto | regression | classification (auto: integer targets with few values → classification)."""
+
+
+@dataclass
+class TeacherDataConfig(DataConfig):
+    """Synthetic teacher–student regression, generated from `data.seed`."""
+
+    name: str = "teacher"
+    teacher: str = "sparse_linear"
+    """sparse_linear | low_rank | mlp."""
+    n: int = 200
+    n_test: int = 200
+    dim: int = 20
+    out_dim: int = 1
+    nonzero: int = 5
+    """sparse_linear: number of non-zero teacher coefficients per output."""
+    rank: int = 3
+    """low_rank: rank of the teacher matrix."""
+    hidden: int = 4
+    """mlp: number of tanh units of the teacher."""
+    noise_std: float = 0.1
+    """Std of the fixed Gaussian noise added to the teacher's targets (label noise per step is noise.label_std)."""
+    whiten: bool = False
+    """Transform inputs so that XᵀX/n = I exactly (the closed forms of shared/science.md §5 assume it)."""
+
+
+@dataclass
+class DigitsDataConfig(DataConfig):
+    """scikit-learn's bundled 8×8 digits (1797 × 64, 10 classes), pixels scaled to [0, 1]."""
+
+    name: str = "digits"
+    test_fraction: float = 0.2
+
+
+@dataclass
+class FileDataConfig(DataConfig):
+    """A user's `.npz` (arrays x, y, optionally x_test, y_test) or `.csv` (`target` names the y columns)."""
+
+    name: str = "file"
+    path: str = MISSING
+    target: Optional[List[str]] = None
+    """CSV only: the target column(s); every other column is a feature."""
+    test_fraction: float = 0.0
+    """Held-out fraction when the file has no x_test/y_test (0 = no test set)."""
+
+
+DATA_OPTIONS = {c().name: c for c in (TeacherDataConfig, DigitsDataConfig, FileDataConfig)}
+TEACHERS = ("sparse_linear", "low_rank", "mlp")
+TASKS = ("auto", "regression", "classification")
+
+# ---------------------------------------------------------------------------------------------
+# optim, noise, train, metrics
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """sgd | adam | adamw."""
+    lr: float = 0.1
+    momentum: float = 0.0
+    """Heavy-ball momentum (sgd only), torch.optim.SGD convention."""
+    weight_decay: float = 0.0
+    """λ: coupled L2 (gradient + λθ, penalty λ/2‖θ‖²); decoupled (θ ← θ − lr·λ·θ) for adamw."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class NoiseConfig:
+    label_std: float = 0.0
+    """Gaussian noise added to regression targets, resampled every step."""
+    label_flip: float = 0.0
+    """Classification: probability that a label is replaced by a random other class, every step."""
+    temperature: float = 0.0
+    """Langevin temperature T: after each step θ ← θ + √(2·lr·T)·ξ."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 100
+    dtype: str = "float32"
+    """float32 | float64."""
+
+
+@dataclass
+class MetricsConfig:
+    """Thresholds of the metrics (shared/science.md §4); formulas in symrun.metrics."""
+
+    sparsity_atol: float = 1e-3
+    """A group is dead if ‖θ_g‖ ≤ sparsity_atol …"""
+    sparsity_rtol: float = 1e-2
+    """… or ‖θ_g‖ ≤ sparsity_rtol · max_g ‖θ_g‖."""
+    rank_rtol: float = 1e-3
+    """Numerical rank counts σᵢ > rank_rtol · σ₁."""
+    homogeneity_threshold: float = 0.1
+    """Neurons i, j identical iff 2‖θᵢ−θⱼ‖²/(‖θᵢ‖²+‖θⱼ‖²) < threshold (Chen et al.)."""
+    constraint_atol: float = 1e-3
+    """A mirror's constraint holds when ‖Oᵀθ‖ ≤ constraint_atol."""
+    probe_size: int = 256
+    """Inputs (from the test set, else train) on which ensemble members' outputs are compared."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    seed: int = 0
+    """Seeds the run's init, minibatch order and noise (each from its own stream)."""
+    device: str = "auto"
+    """auto | cpu | cuda (auto: cuda when available)."""
+    name: str = "default"
+    """Sweep label: results go to outputs/<name>/<timestamped id>/."""
+    pack_size: int = 256
+    """Most runs trained together as one batched model (bounds memory)."""
+
+
+# Settings that say *where/how* a run executes, not *what* it computes: left out of run ids.
+EXECUTION_KEYS = ("device", "name", "pack_size")
+# Settings that may differ between runs of one pack (held as per-run tensors by the engine).
+PER_RUN_KEYS = (
+    "seed", "optim.lr", "optim.momentum", "optim.weight_decay",
+    "noise.label_std", "noise.label_flip", "noise.temperature",
+)
+
+
+def register_configs() -> None:
+    """Register the schema and the model/data group options in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name, cls in MODEL_OPTIONS.items():
+        cs.store(group="model", name=name, node=cls)
+    for name, cls in DATA_OPTIONS.items():
+        cs.store(group="data", name=name, node=cls)
+    cs.store(name="pack_job", node=PackJob)
+
+
+@dataclass
+class PackJob:
+    """The Hydra job a launcher runs: one pack of a planned sweep."""
+
+    plan: str = MISSING
+    pack: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# From Hydra's DictConfig / a saved dict to a typed, validated Config
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Typed `Config` from a composed DictConfig or a plain dict (e.g. a run's saved config.yaml)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = _structured(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"missing required setting '{key}' (set it on the command line, e.g. {key}=...)") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return validate(obj)
+
+
+def _structured(d: dict) -> DictConfig:
+    model_cls = MODEL_OPTIONS.get(d.get("model", {}).get("name"))
+    data_cls = DATA_OPTIONS.get(d.get("data", {}).get("name"))
+    if model_cls is None or data_cls is None:
+        raise ConfigError(f"unknown model or data option in saved config: {d.get('model')}, {d.get('data')}")
+    schema = OmegaConf.structured(Config(model=model_cls(), data=data_cls()))
+    try:
+        return OmegaConf.merge(schema, d)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of a Config (for YAML, hashing and tables)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} → {'optim.lr': 0.1}; lists become their str() so cells stay scalar."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and names once, at the edge; raise ConfigError with a one-line message."""
+    m, d, o, n, t, mt = cfg.model, cfg.data, cfg.optim, cfg.noise, cfg.train, cfg.metrics
+    checks = [
+        (o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}"),
+        (o.weight_decay >= 0 and math.isfinite(o.weight_decay), f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
+        (o.name in ("sgd", "adam", "adamw"), f"optim.name must be sgd, adam or adamw, got '{o.name}'"),
+        (o.momentum == 0 or o.name == "sgd", "optim.momentum applies to sgd only (adam uses optim.betas)"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
+        (n.label_std >= 0, f"noise.label_std must be >= 0, got {n.label_std}"),
+        (0 <= n.label_flip <= 1, f"noise.label_flip must be in [0, 1], got {n.label_flip}"),
+        (n.temperature >= 0, f"noise.temperature must be >= 0, got {n.temperature}"),
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (t.dtype in ("float32", "float64"), f"train.dtype must be float32 or float64, got '{t.dtype}'"),
+        (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got '{cfg.device}'"),
+        (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),
+        (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
+        (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
+        (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),
+        (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.constraint_atol) >= 0, "metrics thresholds must be >= 0"),
+        (mt.probe_size >= 1, f"metrics.probe_size must be >= 1, got {mt.probe_size}"),
+    ]
+    if isinstance(m, FactorizationConfig):
+        checks.append((m.hidden >= 1, f"model.hidden must be >= 1, got {m.hidden}"))
+    if isinstance(m, MLPConfig):
+        checks += [
+            (m.width >= 1, f"model.width must be >= 1, got {m.width}"),
+            (m.depth >= 1, f"model.depth must be >= 1, got {m.depth}"),
+            (m.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{m.activation}'"),
+        ]
+    if isinstance(m, EnsembleConfig):
+        checks.append((m.members >= 2, f"model.members must be >= 2, got {m.members}"))
+    if isinstance(d, TeacherDataConfig):
+        checks += [
+            (d.teacher in TEACHERS, f"data.teacher must be one of {', '.join(TEACHERS)}, got '{d.teacher}'"),
+            (d.n >= 1 and d.n_test >= 0 and d.dim >= 1 and d.out_dim >= 1, "data.n, data.dim, data.out_dim must be >= 1 and data.n_test >= 0"),
+            (not d.whiten or d.n >= d.dim, f"data.whiten needs data.n >= data.dim, got n={d.n}, dim={d.dim}"),
+            (d.noise_std >= 0, f"data.noise_std must be >= 0, got {d.noise_std}"),
+        ]
+    if isinstance(d, (DigitsDataConfig, FileDataConfig)):
+        checks.append((0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}"))
+    if isinstance(d, FileDataConfig):
+        checks.append((Path(d.path).expanduser().is_file(), f"data.path does not exist or is not a file: {d.path}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg

@@ -1,0 +1,214 @@
+"""Datasets (synthetic teacher, bundled digits, a user's file) and per-run minibatch order.
+
+Nothing here downloads: the teacher is generated from `data.seed`, digits ship with
+scikit-learn, and `data=file` reads the user's own `.npz` or `.csv`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from symrun.config import DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message is one clear line."""
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one (seed, purpose) stream, independent of any other run or stream."""
+    digest = hashlib.sha256(f"symrun:{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generator(seed: int, purpose: str, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, purpose))
+    return g
+
+
+@dataclass
+class Dataset:
+    """Arrays as float64 numpy (targets int64 for classification); moved to torch by the engine."""
+
+    x: np.ndarray                      # (n, d)
+    y: np.ndarray                      # (n, o) float for regression, (n,) int for classification
+    task: str                          # "regression" | "classification"
+    x_test: Optional[np.ndarray] = None
+    y_test: Optional[np.ndarray] = None
+    n_classes: Optional[int] = None
+
+    @property
+    def in_dim(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_classes if self.task == "classification" else self.y.shape[1]
+
+
+def load(cfg: DataConfig) -> Dataset:
+    """Build the dataset a data config describes (deterministic in `cfg.seed`)."""
+    if isinstance(cfg, TeacherDataConfig):
+        return _teacher(cfg)
+    if isinstance(cfg, DigitsDataConfig):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y = digits.data / 16.0, digits.target.astype(np.int64)
+        return _finish(x, y, None, None, "classification", cfg.test_fraction, cfg.seed)
+    if isinstance(cfg, FileDataConfig):
+        x, y, x_test, y_test = _read_file(Path(cfg.path).expanduser(), cfg.target)
+        return _finish(x, y, x_test, y_test, cfg.task, cfg.test_fraction, cfg.seed)
+    raise DataError(f"unknown data option '{cfg.name}'")
+
+
+def _teacher(cfg: TeacherDataConfig) -> Dataset:
+    rng = np.random.default_rng(derive_seed(cfg.seed, "teacher"))
+    n_all, d, o = cfg.n + cfg.n_test, cfg.dim, cfg.out_dim
+    x = rng.standard_normal((n_all, d))
+    if cfg.teacher == "sparse_linear":
+        beta = np.zeros((d, o))
+        for j in range(o):
+            idx = rng.choice(d, size=min(cfg.nonzero, d), replace=False)
+            # Spread magnitudes so coefficients leave the lasso path at different λ.
+            beta[idx, j] = rng.choice([-1.0, 1.0], size=len(idx)) * np.linspace(1.0, 0.2, len(idx))
+        target = x @ beta
+    elif cfg.teacher == "low_rank":
+        r = min(cfg.rank, d, o)
+        a, _ = np.linalg.qr(rng.standard_normal((o, r)))
+        b, _ = np.linalg.qr(rng.standard_normal((d, r)))
+        s = np.linspace(1.0, 0.3, r)          # distinct singular values → a staircase of ranks under SVT
+        target = x @ (a * s @ b.T).T
+    else:  # mlp teacher: y = a·tanh(W x)
+        w = rng.standard_normal((cfg.hidden, d)) / np.sqrt(d)
+        a = rng.standard_normal((o, cfg.hidden)) / np.sqrt(cfg.hidden)
+        target = np.tanh(x @ w.T) @ a.T
+    y = target + cfg.noise_std * rng.standard_normal((n_all, o))
+    x_tr, y_tr, x_te, y_te = x[: cfg.n], y[: cfg.n], x[cfg.n:], y[cfg.n:]
+    if cfg.whiten:
+        # Exact whitening: XᵀX/n = I on the training set (shared/science.md §5.2 assumes it).
+        cov = x_tr.T @ x_tr / cfg.n
+        evals, evecs = np.linalg.eigh(cov)
+        inv_sqrt = evecs @ np.diag(evals ** -0.5) @ evecs.T
+        x_tr, x_te = x_tr @ inv_sqrt, x_te @ inv_sqrt
+    has_test = cfg.n_test > 0
+    return Dataset(x_tr, y_tr, "regression", x_te if has_test else None, y_te if has_test else None)
+
+
+def _read_file(path: Path, target: Optional[list[str]]):
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # zip/format errors come in many types
+            raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        if "x" not in arrays or "y" not in arrays:
+            raise DataError(f"{path}: an .npz needs arrays 'x' and 'y' (found: {', '.join(arrays) or 'none'})")
+        if ("x_test" in arrays) != ("y_test" in arrays):
+            raise DataError(f"{path}: give both 'x_test' and 'y_test' or neither")
+        return arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test")
+    if path.suffix == ".csv":
+        import pandas as pd
+
+        if not target:
+            raise DataError("data=file with a .csv needs data.target=[column,...] naming the target column(s)")
+        try:
+            frame = pd.read_csv(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable .csv file ({e})") from None
+        missing = [c for c in target if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: target column(s) {missing} not in the header {list(frame.columns)}")
+        features = frame.drop(columns=list(target))
+        bad = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
+        if bad or features.shape[1] == 0:
+            raise DataError(f"{path}: feature columns must be numeric (non-numeric: {bad})" if bad else f"{path}: no feature columns")
+        y = frame[list(target)].to_numpy()
+        return features.to_numpy(dtype=np.float64), (y[:, 0] if len(target) == 1 else y), None, None
+    raise DataError(f"{path}: data=file reads .npz or .csv, got '{path.suffix or 'no extension'}'")
+
+
+def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) -> Dataset:
+    """Validate shapes, infer the task, split off a test set; arrays in the Dataset conventions."""
+    x = _as_2d(x, "x")
+    if len(y) != len(x):
+        raise DataError(f"x has {len(x)} rows but y has {len(y)}")
+    if x_test is not None:
+        x_test = _as_2d(x_test, "x_test")
+        if x_test.shape[1] != x.shape[1] or len(y_test) != len(x_test):
+            raise DataError(f"x_test/y_test shapes {x_test.shape}/{np.shape(y_test)} do not match x {x.shape}")
+    if not np.issubdtype(np.asarray(y).dtype, np.number):
+        raise DataError("y must be numeric")
+    if task == "auto":
+        task = _infer_task(np.asarray(y))
+    if x_test is None and test_fraction > 0:
+        perm = np.random.default_rng(derive_seed(seed, "split")).permutation(len(x))
+        n_test = max(1, int(round(test_fraction * len(x))))
+        test, train = perm[:n_test], perm[n_test:]
+        x, y, x_test, y_test = x[train], np.asarray(y)[train], x[test], np.asarray(y)[test]
+    if len(x) == 0:
+        raise DataError("the training set is empty")
+    n_classes = None
+    if task == "classification":
+        y, y_test = _labels(y, "y"), None if y_test is None else _labels(y_test, "y_test")
+        n_classes = int(max(y.max(), -1 if y_test is None else y_test.max())) + 1
+    else:
+        y = _as_2d(np.asarray(y, dtype=np.float64), "y")
+        y_test = None if y_test is None else _as_2d(np.asarray(y_test, dtype=np.float64), "y_test")
+    return Dataset(x, y, task, x_test, y_test, n_classes)
+
+
+def _as_2d(a, name: str) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    a = a.reshape(len(a), -1) if a.ndim != 2 else a
+    if not np.isfinite(a).all():
+        raise DataError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def _labels(y, name: str) -> np.ndarray:
+    y = np.asarray(y).reshape(-1)
+    if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0:
+        raise DataError(f"{name}: classification labels must be non-negative integers")
+    return y.astype(np.int64)
+
+
+def _infer_task(y: np.ndarray) -> str:
+    flat = y.reshape(len(y), -1)
+    if flat.shape[1] == 1 and np.all(np.mod(flat, 1) == 0) and len(np.unique(flat)) <= 50:
+        return "classification"
+    return "regression"
+
+
+class BatchOrder:
+    """Per-run minibatch indices: each run shuffles with its own stream, epoch by epoch.
+
+    A run's order depends only on (its seed, n, batch_size), never on the other runs of its
+    pack. The last partial batch of an epoch is dropped so every step has the same shape.
+    """
+
+    def __init__(self, n: int, batch_size: int, seeds: list[int], device: torch.device):
+        if batch_size > n:
+            raise DataError(f"data.batch_size={batch_size} exceeds the {n} training examples")
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generators = [generator(s, "data-order") for s in seeds]
+        self.per_epoch = n // batch_size
+        self.step_in_epoch = self.per_epoch  # draw an epoch at the first call
+        self.perm: torch.Tensor | None = None
+
+    def next(self) -> torch.Tensor:
+        """Indices of the next minibatch, (R, B)."""
+        if self.step_in_epoch == self.per_epoch:
+            perms = [torch.randperm(self.n, generator=g) for g in self.generators]
+            self.perm = torch.stack(perms).to(self.device)  # (R, n)
+            self.step_in_epoch = 0
+        s = self.step_in_epoch * self.batch_size
+        self.step_in_epoch += 1
+        return self.perm[:, s: s + self.batch_size]

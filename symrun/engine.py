@@ -1,0 +1,182 @@
+"""The packed trainer: every run of a pack trained at once, as one batched model.
+
+Runs of a pack share shapes (model, data, batch size, steps); what differs per run — seed, lr,
+momentum, weight decay, label noise, temperature — is held as (R,) tensors. Each run's
+randomness (init, minibatch order, label noise, Langevin noise) comes from its own
+(seed, purpose) stream, so a run's numbers do not depend on which pack it ran in. The loss of the
+pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exactly its own gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from symrun import data as data_mod
+from symrun import metrics, models
+from symrun.config import Config, ConfigError
+from symrun.data import BatchOrder, Dataset, generator
+from symrun.optim import PackedOptimizer, per_run
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when available; asking for cuda without one is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available (use device=cpu or device=auto)")
+    return torch.device(name)
+
+
+@dataclass
+class RunOutcome:
+    status: str                                    # finished | diverged
+    rows: list[dict] = field(default_factory=list)  # one per logged step: {"step": s, metric: value}
+    state: Optional[dict[str, torch.Tensor]] = None
+    diverged_at: Optional[int] = None
+
+
+def loss_per_run(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Half-MSE (1/2n)Σ‖f − y‖² or mean cross-entropy, per run: out (R, B, o) → (R,)."""
+    if task == "regression":
+        return 0.5 * (out - y).pow(2).sum(-1).mean(-1)
+    r, b, c = out.shape
+    ce = F.cross_entropy(out.reshape(r * b, c), y.expand(r, b).reshape(-1), reduction="none")
+    return ce.view(r, b).mean(-1)
+
+
+class StepNoise:
+    """Per-run label noise and Langevin noise, each from the run's own stream on the device.
+
+    A run draws only the noise its own config asks for, so its streams advance identically
+    whether it trains alone or beside other runs.
+    """
+
+    def __init__(self, cfgs: list[Config], device: torch.device, dtype: torch.dtype):
+        self.label_std = torch.tensor([c.noise.label_std for c in cfgs], device=device, dtype=dtype)
+        self.flip = [c.noise.label_flip for c in cfgs]
+        self.temperature = torch.tensor([c.noise.temperature for c in cfgs], device=device, dtype=dtype)
+        self.label_gens = [generator(c.seed, "label-noise", device) if c.noise.label_std > 0 or c.noise.label_flip > 0
+                           else None for c in cfgs]
+        self.langevin_gens = [generator(c.seed, "langevin", device) if c.noise.temperature > 0 else None for c in cfgs]
+        self.device, self.dtype = device, dtype
+
+    def labels(self, y: torch.Tensor, task: str, n_classes: Optional[int]) -> torch.Tensor:
+        """Targets with this step's noise: regression y + σ_r ξ, classification labels flipped to a
+        random other class with probability p_r. y: shared (B, ...) or per run (R, B, ...)."""
+        if all(g is None for g in self.label_gens):
+            return y
+        r = len(self.label_gens)
+        if y.dim() == (2 if task == "regression" else 1):    # shared targets → one copy per run
+            y = y.expand(r, *y.shape)
+        if task == "regression":
+            xi = torch.zeros_like(y)
+            for i, g in enumerate(self.label_gens):
+                if g is not None:
+                    xi[i] = torch.randn(y.shape[1:], generator=g, device=self.device, dtype=self.dtype)
+            return y + per_run(self.label_std, y) * xi
+        y = y.clone()
+        for i, g in enumerate(self.label_gens):
+            if g is not None:
+                flip = torch.rand(y.shape[1:], generator=g, device=self.device) < self.flip[i]
+                shift = torch.randint(1, n_classes, y.shape[1:], generator=g, device=self.device)
+                y[i] = torch.where(flip, (y[i] + shift) % n_classes, y[i])
+        return y
+
+    @torch.no_grad()
+    def langevin(self, params: dict[str, torch.Tensor], lr: torch.Tensor) -> None:
+        """θ ← θ + √(2·lr·T)·ξ for the runs with T > 0 (one draw per run covering all its parameters)."""
+        if all(g is None for g in self.langevin_gens):
+            return
+        sizes = [p[0].numel() for p in params.values()]
+        xi = torch.zeros(len(self.langevin_gens), sum(sizes), device=self.device, dtype=self.dtype)
+        for i, g in enumerate(self.langevin_gens):
+            if g is not None:
+                xi[i] = torch.randn(sum(sizes), generator=g, device=self.device, dtype=self.dtype)
+        scale = (2 * lr * self.temperature).sqrt().unsqueeze(-1)
+        for p, chunk in zip(params.values(), (scale * xi).split(sizes, dim=1)):
+            p.add_(chunk.view_as(p))
+
+
+def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
+               on_step: Optional[Callable[[int], None]] = None) -> list[RunOutcome]:
+    """Train every config of a pack together; one RunOutcome per config, in order.
+
+    The configs must share everything but config.PER_RUN_KEYS (symrun.sweep groups them so).
+    `on_step(n)` is called as steps complete (for a progress bar).
+    """
+    first = cfgs[0]
+    device, dtype = resolve_device(first.device), getattr(torch, first.train.dtype)
+    ds = dataset if dataset is not None else data_mod.load(first.data)
+    tensor = lambda a, dt=dtype: None if a is None else torch.as_tensor(a, device=device, dtype=dt)  # noqa: E731
+    ydt = torch.long if ds.task == "classification" else dtype
+    x, y, x_test, y_test = tensor(ds.x), tensor(ds.y, ydt), tensor(ds.x_test), tensor(ds.y_test, ydt)
+    model = models.build(first.model, ds.in_dim, ds.out_dim)
+    hp = lambda get: torch.tensor([get(c) for c in cfgs], device=device, dtype=dtype)  # noqa: E731
+    lr, wd = hp(lambda c: c.optim.lr), hp(lambda c: c.optim.weight_decay)
+    params = model.init_params([c.seed for c in cfgs], device, dtype)
+    opt = PackedOptimizer(first.optim, params, lr, wd, hp(lambda c: c.optim.momentum))
+    noise = StepNoise(cfgs, device, dtype)
+    bs = first.data.batch_size
+    order = BatchOrder(len(x), bs, [c.seed for c in cfgs], device) if bs is not None and bs < len(x) else None
+    probe = (x_test if x_test is not None else x)[: first.metrics.probe_size]
+    outcomes = [RunOutcome("finished") for _ in cfgs]
+    alive = torch.ones(len(cfgs), dtype=torch.bool, device=device)
+
+    def log(step: int) -> None:
+        with torch.no_grad():
+            row = evaluate(model, params, first, ds.task, x, y, x_test, y_test, probe)
+        bad = ~torch.isfinite(row["train_loss"]) | ~torch.isfinite(row["weight_norm"])
+        values = {k: v.double().cpu().tolist() for k, v in row.items()}
+        for i in torch.nonzero(alive).flatten().tolist():
+            outcomes[i].rows.append({"step": step, **{k: v[i] for k, v in values.items()}})
+        newly = (bad & alive).nonzero().flatten().tolist()
+        for i in newly:   # freeze a diverged run: its neighbours' slices are untouched either way
+            outcomes[i].status, outcomes[i].diverged_at = "diverged", step
+        if newly:
+            alive[newly] = False
+            lr[newly] = 0.0
+            with torch.no_grad():
+                for p in params.values():
+                    p[newly] = 0.0
+
+    log(0)
+    steps, log_every = first.train.steps, first.train.log_every
+    for step in range(1, steps + 1):
+        if order is None:                       # full batch: one input shared by every run
+            xb, yb = x, y
+        else:
+            idx = order.next()                  # (R, B)
+            xb, yb = x[idx], y[idx]             # (R, B, d), (R, B[, o])
+        yb = noise.labels(yb, ds.task, ds.n_classes)
+        loss = loss_per_run(model.forward(params, xb), yb, ds.task)       # (R,)
+        grads = torch.autograd.grad(loss.sum(), list(params.values()))
+        opt.step(params, dict(zip(params, grads)))
+        noise.langevin(params, lr)
+        if step % log_every == 0 or step == steps:
+            log(step)
+        if on_step is not None:
+            on_step(1)
+    for i, outcome in enumerate(outcomes):
+        if outcome.status == "finished":
+            outcome.state = model.run_state(params, i)
+    return outcomes
+
+
+def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe) -> dict[str, torch.Tensor]:
+    """Losses, accuracy and structure metrics of every run: {name: (R,)}."""
+    out = model.forward(params, x)
+    row = {"train_loss": loss_per_run(out, y, task)}
+    if task == "classification":
+        row["train_accuracy"] = (out.argmax(-1) == y).float().mean(-1)
+    if x_test is not None:
+        out_test = model.forward(params, x_test)
+        row["test_loss"] = loss_per_run(out_test, y_test, task)
+        if task == "classification":
+            row["accuracy"] = (out_test.argmax(-1) == y_test).float().mean(-1)
+    row.update(metrics.measure(model, params, cfg.metrics, probe))
+    return row
+

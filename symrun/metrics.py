@@ -1,0 +1,130 @@
+"""Structure metrics as small pure functions (tensors in, tensors out), batched over leading axes.
+
+Definitions follow shared/science.md §4; each docstring gives the formula and its source.
+`measure` at the bottom assembles them for one model (the engine calls it at log steps).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from symrun.config import MetricsConfig
+from symrun.symmetries import constraint_norms, gather
+
+
+def dead_groups(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
+    """Group g is dead iff ‖θ_g‖ ≤ atol or ‖θ_g‖ ≤ rtol · max_g ‖θ_g‖ (Chen et al. 2023 use
+    rtol = 0.1, no atol). groups: (..., n, g) → bool (..., n). All-zero groups are all dead."""
+    norms = groups.norm(dim=-1)
+    return (norms <= atol) | (norms <= rtol * norms.amax(dim=-1, keepdim=True))
+
+
+def sparsity(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
+    """Fraction of dead groups (see `dead_groups`): (..., n, g) → (...)."""
+    return dead_groups(groups, atol, rtol).float().mean(dim=-1)
+
+
+def numerical_rank(s: torch.Tensor, rtol: float) -> torch.Tensor:
+    """#{σᵢ > rtol · σ₁} from descending singular values s: (..., k) → (...)."""
+    return (s > rtol * s[..., :1]).sum(dim=-1).to(s.dtype)
+
+
+def effective_rank(s: torch.Tensor) -> torch.Tensor:
+    """exp(−Σ pᵢ ln pᵢ), pᵢ = σᵢ/Σσ (Roy & Vetterli 2007); 0 for the zero matrix."""
+    total = s.sum(dim=-1, keepdim=True)
+    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
+    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(dim=-1)
+    return torch.where(total[..., 0] > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def stable_rank(s: torch.Tensor) -> torch.Tensor:
+    """‖A‖_F² / ‖A‖₂² = Σσᵢ² / σ₁²; 0 for the zero matrix."""
+    top = s[..., 0] ** 2
+    return torch.where(top > 0, (s**2).sum(dim=-1) / top.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(top))
+
+
+def normalized_distance(groups: torch.Tensor) -> torch.Tensor:
+    """Pairwise 2‖θᵢ − θⱼ‖² / (‖θᵢ‖² + ‖θⱼ‖²) (Chen et al. 2023): (..., n, g) → (..., n, n)."""
+    sq = (groups**2).sum(dim=-1)
+    diff = torch.cdist(groups, groups) ** 2
+    denom = (sq[..., :, None] + sq[..., None, :]).clamp_min(torch.finfo(groups.dtype).tiny)
+    return 2 * diff / denom
+
+
+def independent_fraction(groups: torch.Tensor, threshold: float, dead: torch.Tensor) -> torch.Tensor:
+    """#groups of identical neurons / width. Neurons i, j are identical iff their normalised
+    distance < threshold; groups are connected components (transitive closure); dead neurons
+    (mask (..., n)) belong to no group. groups: (..., n, g) → (...)."""
+    n = groups.shape[-2]
+    alive = ~dead
+    adj = (normalized_distance(groups) < threshold) & alive[..., :, None] & alive[..., None, :]
+    adj = adj | torch.diag_embed(alive)
+    reach = adj.float()
+    for _ in range(max(1, (n - 1).bit_length())):  # repeated squaring: paths of length ≤ 2^k
+        reach = ((reach @ reach) > 0).float()
+    size = reach.sum(dim=-1)                       # component size of each alive neuron
+    n_groups = torch.where(alive, 1.0 / size.clamp_min(1), torch.zeros_like(size)).sum(dim=-1)
+    return n_groups / n
+
+
+def mean_pairwise_distance(vectors: torch.Tensor) -> torch.Tensor:
+    """Mean normalised distance over pairs i < j of (..., m, p) → (...): the ensemble spread."""
+    m = vectors.shape[-2]
+    i, j = torch.triu_indices(m, m, offset=1, device=vectors.device)
+    return normalized_distance(vectors)[..., i, j].mean(dim=-1)
+
+
+def balance(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """‖u‖² − ‖w‖² summed over a run's rescaling pairs (conserved by gradient flow; multiplied by
+    (1 − lr·λ)² per GD step with weight decay λ, shared/science.md §5.5). (R, ...) → (R,)."""
+    return u.pow(2).flatten(1).sum(-1) - w.pow(2).flatten(1).sum(-1)
+
+
+def weight_norm(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """√Σ‖θ‖² per run: (R,)."""
+    return torch.stack([p.pow(2).flatten(1).sum(-1) for p in params.values()]).sum(0).sqrt()
+
+
+def rank_metrics(matrix: torch.Tensor, rtol: float, suffix: str = "") -> dict[str, torch.Tensor]:
+    """rank, effective_rank, stable_rank of (R, ..., a, b), averaged over any middle axes."""
+    s = torch.linalg.svdvals(matrix)
+    out = {"rank": numerical_rank(s, rtol), "effective_rank": effective_rank(s), "stable_rank": stable_rank(s)}
+    return {f"{k}{suffix}": v.reshape(v.shape[0], -1).mean(-1) for k, v in out.items()}
+
+
+def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every structure metric that applies to `model`, each (R,). Inapplicable ones are absent.
+    `probe` (B, d): inputs on which ensemble members' outputs are compared."""
+    out: dict[str, torch.Tensor] = {"weight_norm": weight_norm(params)}
+    sets = model.neuron_sets()
+    if sets:
+        dead_masks, frac, width = [], [], 0
+        for ns in sets:
+            g = gather(ns, params)                                            # (R, [M,] n, g)
+            dead = dead_groups(g, cfg.sparsity_atol, cfg.sparsity_rtol)
+            dead_masks.append(dead.reshape(dead.shape[0], -1))
+            if model.permutes_neurons:
+                f = independent_fraction(g, cfg.homogeneity_threshold, dead)
+                frac.append(f.reshape(f.shape[0], -1).mean(-1) * g.shape[-2])
+                width += g.shape[-2]
+        out["sparsity"] = torch.cat(dead_masks, dim=1).float().mean(dim=1)
+        if frac:
+            out["independent_fraction"] = torch.stack(frac).sum(0) / width
+    for suffix, matrix in model.products(params).items():
+        out.update(rank_metrics(matrix, cfg.rank_rtol, suffix))
+    members = model.member_vectors(params)                                     # (R, M, P) or None
+    if members is not None:
+        dead = members.norm(dim=-1) <= cfg.sparsity_atol
+        out["member_independent_fraction"] = independent_fraction(members, cfg.homogeneity_threshold, dead)
+        out["ensemble_spread"] = mean_pairwise_distance(members)
+        outputs = model.member_outputs(params, probe)                          # (R, M, B, o)
+        out["ensemble_disagreement"] = mean_pairwise_distance(outputs.flatten(2))
+    norms = [constraint_norms(sym, params) for sym in model.symmetries()]
+    if norms:
+        allnorms = torch.cat(norms, dim=1)
+        out["constraint_distance"] = allnorms.mean(dim=1)
+        out["constraint_fraction"] = (allnorms <= cfg.constraint_atol).float().mean(dim=1)
+    pair = model.balance_pair(params)
+    if pair is not None:
+        out["balance"] = balance(*pair)
+    return out

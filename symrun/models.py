@@ -1,0 +1,214 @@
+"""Packed models: one definition serves a pack of R runs (R = 1 included).
+
+Parameters are a dict of tensors whose leading axis is the run axis R; MLPs and ensembles add a
+member axis M (M = 1 for a plain MLP). `forward(params, x)` takes x shared by every run, (B, d),
+or one minibatch per run, (R, B, d), and returns (R, B, out). Each model declares its mirror
+symmetries (symrun.symmetries) and the matrices whose rank it reports.
+
+Initialisation is drawn per run from the run's own "init" stream on the CPU in float64, so a run
+starts from the same point whatever pack, device or dtype it is trained in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from symrun.config import ConfigError, EnsembleConfig, FactorizationConfig, HadamardConfig, MLPConfig, ModelConfig
+from symrun.data import generator
+from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
+
+Params = dict[str, torch.Tensor]
+
+
+class PackedModel:
+    """Base class: subclasses give `shapes`, `forward` and what they declare about symmetry."""
+
+    permutes_neurons = False   # whether neurons of a layer can be swapped (report independent_fraction)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        """Per-run parameter shapes and initial standard deviations."""
+        raise NotImplementedError
+
+    def init_params(self, seeds: list[int], device: torch.device, dtype: torch.dtype) -> Params:
+        per_run = []
+        for seed in seeds:
+            g = generator(seed, "init")
+            per_run.append({k: torch.randn(shape, generator=g, dtype=torch.float64) * std
+                            for k, (shape, std) in self.shapes().items()})
+        return {k: torch.stack([p[k] for p in per_run]).to(device=device, dtype=dtype).requires_grad_()
+                for k in self.shapes()}
+
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def symmetries(self) -> list[Symmetry]:
+        return []
+
+    def neuron_sets(self) -> list[NeuronSet]:
+        """Rescaling/permutation groups whose death and identity are measured."""
+        return []
+
+    def products(self, params: Params) -> dict[str, torch.Tensor]:
+        """Matrices whose ranks are reported: {column suffix: (R, ..., a, b)}."""
+        return {}
+
+    def member_vectors(self, params: Params) -> torch.Tensor | None:
+        return None
+
+    def member_outputs(self, params: Params, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def balance_pair(self, params: Params) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def run_state(self, params: Params, r: int) -> dict[str, torch.Tensor]:
+        """Run r's parameters as a plain state dict (CPU tensors)."""
+        return {k: v[r].detach().cpu().clone() for k, v in params.items()}
+
+
+class Hadamard(PackedModel):
+    """f(x) = (u ⊙ w)ᵀx; each pair (uᵢ, wᵢ) has a sign mirror, and with weight decay λ the
+    product u ⊙ w solves the lasso with penalty λ‖·‖₁ (shared/science.md §5.1)."""
+
+    def __init__(self, cfg: HadamardConfig, in_dim: int, out_dim: int):
+        if out_dim != 1:
+            raise ConfigError(f"model=hadamard needs a single regression target, the data has {out_dim} outputs")
+        self.d, self.std = in_dim, cfg.init_scale / math.sqrt(in_dim)
+
+    def shapes(self):
+        return {"u": ((self.d,), self.std), "w": ((self.d,), self.std)}
+
+    def forward(self, params, x):
+        s = (params["u"] * params["w"]).unsqueeze(-1)      # (R, d, 1)
+        return x @ s                                         # (R, B, 1)
+
+    def coefficients(self) -> NeuronSet:
+        return NeuronSet("coef", (Slot("u", 1), Slot("w", 1)))
+
+    def symmetries(self):
+        return [SignFlip(self.coefficients())]
+
+    def neuron_sets(self):
+        return [self.coefficients()]
+
+    def balance_pair(self, params):
+        return params["u"], params["w"]
+
+
+class Factorization(PackedModel):
+    """f(x) = U W x, or U(Wx + x) with `residual` (the symmetry-breaking control of the paper's
+    Fig. 1); rotation mirrors in the inner space → low rank (shared/science.md §5.2)."""
+
+    def __init__(self, cfg: FactorizationConfig, in_dim: int, out_dim: int):
+        if cfg.residual and cfg.hidden != in_dim:
+            raise ConfigError(f"model.residual needs model.hidden == input dimension ({in_dim}), got {cfg.hidden}")
+        self.cfg, self.d, self.o, self.h = cfg, in_dim, out_dim, cfg.hidden
+
+    def shapes(self):
+        s = self.cfg.init_scale
+        return {"U": ((self.o, self.h), s / math.sqrt(self.h)), "W": ((self.h, self.d), s / math.sqrt(self.d))}
+
+    def forward(self, params, x):
+        z = x @ params["W"].transpose(-1, -2)                # (R, B, h)
+        if self.cfg.residual:
+            z = z + x
+        return z @ params["U"].transpose(-1, -2)             # (R, B, o)
+
+    def symmetries(self):
+        return [] if self.cfg.residual else [Rotation("U", "W")]
+
+    def products(self, params):
+        w = params["W"]
+        if self.cfg.residual:
+            w = w + torch.eye(self.d, dtype=w.dtype, device=w.device)
+        return {"": params["U"] @ w}
+
+    def balance_pair(self, params):
+        return None if self.cfg.residual else (params["U"], params["W"])
+
+
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
+
+
+class MLP(PackedModel):
+    """`members` fully connected nets (1 for model=mlp) whose outputs are averaged.
+
+    Parameters `layers.{l}.weight` (R, M, out, in) and `layers.{l}.bias` (R, M, out). Hidden
+    neurons can be swapped (permutation mirrors); with tanh each can also flip sign (an odd
+    activation); members of an ensemble can be swapped as wholes.
+    """
+
+    permutes_neurons = True
+
+    def __init__(self, cfg: MLPConfig, in_dim: int, out_dim: int):
+        self.cfg, self.act = cfg, _ACTIVATIONS[cfg.activation]
+        self.members = cfg.members if isinstance(cfg, EnsembleConfig) else 1
+        self.sizes = [in_dim] + [cfg.width] * cfg.depth + [out_dim]
+
+    def shapes(self):
+        out, m = {}, self.members
+        for l, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            out[f"layers.{l}.weight"] = ((m, fan_out, fan_in), self.cfg.init_scale / math.sqrt(fan_in))
+            if self.cfg.bias:
+                out[f"layers.{l}.bias"] = ((m, fan_out), 0.0)
+        return out
+
+    def member_outputs(self, params, x):
+        w0 = params["layers.0.weight"]
+        # First layer: a shared input makes one large GEMM over all runs and members.
+        pattern = "bi,rmoi->rmbo" if x.dim() == 2 else "rbi,rmoi->rmbo"
+        h = torch.einsum(pattern, x, w0)                     # (R, M, B, width)
+        for l in range(len(self.sizes) - 1):
+            if l > 0:
+                h = self.act(h) @ params[f"layers.{l}.weight"].transpose(-1, -2)
+            if self.cfg.bias:
+                h = h + params[f"layers.{l}.bias"].unsqueeze(-2)
+        return h                                              # (R, M, B, out)
+
+    def forward(self, params, x):
+        return self.member_outputs(params, x).mean(dim=1)     # (R, B, out)
+
+    def neuron_sets(self):
+        sets = []
+        for l in range(self.cfg.depth):
+            slots = [Slot(f"layers.{l}.weight", 2)]
+            if self.cfg.bias:
+                slots.append(Slot(f"layers.{l}.bias", 2))
+            slots.append(Slot(f"layers.{l + 1}.weight", 3))
+            sets.append(NeuronSet(f"layer{l}", tuple(slots), lead=2))
+        return sets
+
+    def symmetries(self):
+        syms: list[Symmetry] = []
+        for ns in self.neuron_sets():
+            syms.append(Swap(ns))
+            if self.cfg.activation == "tanh":
+                syms.append(SignFlip(ns))
+        if self.members > 1:
+            syms.append(Swap(NeuronSet("members", tuple(Slot(k, 1) for k in self.shapes()), lead=1)))
+        return syms
+
+    def products(self, params):
+        return {f".layer{l}": params[f"layers.{l}.weight"] for l in range(len(self.sizes) - 1)}
+
+    def member_vectors(self, params):
+        if self.members == 1:
+            return None
+        return torch.cat([p.flatten(2) for p in params.values()], dim=-1)   # (R, M, P)
+
+    def run_state(self, params, r):
+        state = super().run_state(params, r)
+        return {k: v[0] for k, v in state.items()} if self.members == 1 else state
+
+
+def build(cfg: ModelConfig, in_dim: int, out_dim: int) -> PackedModel:
+    """The packed model a model config names, for data of the given input/output sizes."""
+    if isinstance(cfg, HadamardConfig):
+        return Hadamard(cfg, in_dim, out_dim)
+    if isinstance(cfg, FactorizationConfig):
+        return Factorization(cfg, in_dim, out_dim)
+    if isinstance(cfg, MLPConfig):
+        return MLP(cfg, in_dim, out_dim)
+    raise ConfigError(f"unknown model '{cfg.name}'")
