@@ -1,0 +1,154 @@
+"""The `symrun` command: a thin Typer shell over symrun.sweep and symrun.report, rendered with rich."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from symrun import report as report_mod
+from symrun import results, sweep
+from symrun.config import CONFIG_DIR, ConfigError, to_dict
+from symrun.data import DataError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Experiments on how loss symmetries shape what networks learn. A sweep's grid is "
+                       "trained as one batched model; results are tidy CSVs and phase diagrams.")
+console = Console()
+err = Console(stderr=True)
+HYDRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+OUTPUTS = typer.Option(Path("outputs"), "--outputs", help="Root folder for results.")
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _wants_cfg(args: list[str]) -> tuple[list[str], bool]:
+    """Strip Hydra's `--cfg job` (or `-c job`): print the composed config instead of running."""
+    out, show, skip = [], False, False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if a in ("--cfg", "-c"):
+            show, skip = True, i + 1 < len(args) and args[i + 1] in ("job", "all", "hydra")
+        elif a in ("-m", "--multirun"):
+            continue
+        else:
+            out.append(a)
+    return out, show
+
+
+@app.command("sweep", context_settings=HYDRA_ARGS)
+def sweep_cmd(ctx: typer.Context, outputs: Path = OUTPUTS) -> None:
+    """Run a grid: Hydra overrides and sweep syntax, e.g.
+    `symrun sweep experiment=rescaling_sparsity optim.weight_decay=0,1e-3,1e-2 seed='range(0,4)'`.
+    Hydra keys pass through (`hydra/launcher=joblib`, `hydra.sweep.dir=DIR` to resume a sweep
+    in DIR, skipping finished runs). `--cfg job` prints the composed config and the grid."""
+    _execute(list(ctx.args), outputs, single=False)
+
+
+@app.command(context_settings=HYDRA_ARGS)
+def run(ctx: typer.Context, outputs: Path = OUTPUTS) -> None:
+    """Run one configuration, e.g. `symrun run model=mlp data=digits optim.weight_decay=1e-3`.
+    `--cfg job` prints the composed config."""
+    _execute(list(ctx.args), outputs, single=True)
+
+
+def _execute(args: list[str], outputs: Path, single: bool) -> None:
+    args, show = _wants_cfg(args)
+    run_args, hydra_args = sweep.split_args(args)
+    try:
+        plan = sweep.plan(run_args, outputs, sweep.sweep_dir_from(hydra_args), single=single)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    if show:
+        first = next(iter(plan.configs.values()))
+        console.print(OmegaConf.to_yaml(to_dict(first)), end="", highlight=False)
+        if plan.swept:
+            console.print(f"# grid: {len(plan.configs)} runs over {', '.join(plan.swept)}")
+        return
+    plan_path = sweep.write_plan(plan)
+    console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
+                  + (f", {len(plan.finished)} already finished" if plan.finished else "")
+                  + f" → {plan.sweep_dir}", highlight=False)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("training steps (all packs)", total=plan.steps)
+        on_step = lambda n: progress.advance(task, n)  # noqa: E731
+        if single:
+            for i in range(len(plan.packs)):
+                sweep.run_pack(plan_path, i, on_step=on_step)
+        else:
+            sweep.launch(plan, plan_path, hydra_args, on_step=on_step)
+    _show_report(plan.sweep_dir)
+
+
+@app.command()
+def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<name>/<id>).")) -> None:
+    """Rebuild runs.csv/results.csv from the run folders, draw the phase diagrams, print a summary."""
+    if not (sweep_dir / "runs").is_dir():
+        _fail(f"{sweep_dir} is not a sweep folder (no runs/ inside)")
+    _show_report(sweep_dir)
+
+
+def _show_report(sweep_dir: Path) -> None:
+    rep = report_mod.build(sweep_dir)
+    if not rep.summary.empty:
+        table = Table(title=f"summary — {sweep_dir}", title_justify="left")
+        for col in rep.summary.columns:
+            table.add_column(col, justify="right")
+        for _, row in rep.summary.iterrows():
+            table.add_row(*[_fmt(v) for v in row])
+        console.print(table)
+    console.print(f"runs: {report_mod.status_line(rep.status_counts) or 'none'}")
+    console.print(f"tables: {sweep_dir / 'runs.csv'}, {sweep_dir / 'results.csv'}", highlight=False)
+    for fig in rep.figures:
+        console.print(f"figure: {fig}", highlight=False)
+    failed = {s: n for s, n in rep.status_counts.items() if s != results.FINISHED}
+    if failed:
+        err.print(f"[yellow]warning:[/yellow] {report_mod.status_line(failed)} (see runs/<run_id>/status.json)")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.4g}"
+    return str(v)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Config groups and their options, experiment presets, launchers."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    with sweep._hydra_context():
+        loader = GlobalHydra.instance().config_loader()
+        table = Table(title="config groups (choose with GROUP=OPTION)", title_justify="left")
+        table.add_column("group")
+        table.add_column("options")
+        for group in ("model", "data", "experiment", "hydra/launcher"):
+            table.add_row(group, ", ".join(loader.get_group_options(group)))
+    console.print(table)
+    presets = Table(title="experiment presets (symrun sweep experiment=NAME)", title_justify="left")
+    presets.add_column("name")
+    presets.add_column("what it shows")
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#") and "@package" not in ln]
+        presets.add_row(path.stem, lines[0] if lines else "")
+    console.print(presets)
+    console.print("Other keys: optim.{name,lr,momentum,weight_decay}, noise.{label_std,label_flip,temperature}, "
+                  "train.{steps,log_every,dtype}, metrics.*, seed, device, name, pack_size. "
+                  "`symrun run --cfg job` prints every key with its value.")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="symrun")
+

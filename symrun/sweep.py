@@ -1,0 +1,242 @@
+"""Sweeps: expand Hydra override/sweep syntax into runs, group them into packs, launch the packs.
+
+`plan(...)` does every check before anything is written: it composes and validates each run's
+config, loads each distinct dataset once and builds each model shape once. `write_plan` then lays
+out the sweep folder and `launch` runs the packs as Hydra jobs (`pack=0,…,P−1` over the
+`pack_job` config), so `hydra/launcher=joblib|submitit_local|submitit_slurm` work unchanged.
+Finished runs already in the folder are skipped: rerunning a sweep with
+`hydra.sweep.dir=<its folder>` completes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from symrun import data as data_mod
+from symrun import engine, models, results
+from symrun.config import CONFIG_DIR, PER_RUN_KEYS, Config, ConfigError, flatten, to_config, to_dict
+
+
+@dataclass
+class Plan:
+    sweep_dir: Path
+    name: str
+    configs: dict[str, Config]                   # run_id → config, every run of the grid
+    packs: list[list[str]]                       # run ids still to train, grouped
+    swept: list[str]                             # keys that vary across the grid
+    overrides: list[str]
+    finished: list[str] = field(default_factory=list)   # already finished in sweep_dir: skipped
+
+    @property
+    def steps(self) -> int:
+        return sum(self.configs[p[0]].train.steps for p in self.packs)
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(run overrides, Hydra overrides such as hydra/launcher=joblib or hydra.sweep.dir=...)."""
+    is_hydra = lambda a: a.lstrip("+~").startswith(("hydra.", "hydra/"))  # noqa: E731
+    return [a for a in args if not is_hydra(a)], [a for a in args if is_hydra(a)]
+
+
+def _parse(args: list[str]):
+    try:
+        return OverridesParser.create().parse_overrides(args)
+    except HydraException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _hydra_context():
+    GlobalHydra.instance().clear()
+    return initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="symrun")
+
+
+def _compose(overrides: list[str], **kw) -> DictConfig:
+    try:
+        return compose("config", overrides=overrides, **kw)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_first_line(e)) from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def expand(args: list[str]) -> tuple[list[list[str]], list[str]]:
+    """Every run's override list, and the swept keys. Grid axes come from the preset's
+    `hydra.sweeper.params` and from sweep syntax on the command line (which wins per key)."""
+    parsed = _parse(args)
+    if any(o.is_sweep_override() and o.get_key_element() == "experiment" for o in parsed):
+        raise ConfigError("sweep one experiment preset at a time (experiment=a,b is not supported)")
+    base = _compose([o.input_line for o in parsed if not o.is_sweep_override()], return_hydra_config=True)
+    params = OmegaConf.select(base, "hydra.sweeper.params") or {}
+    combined = _parse([f"{k}={v}" for k, v in params.items()] + args)
+    final = {o.get_key_element(): o.is_sweep_override() for o in combined}
+    try:
+        grid = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
+    except HydraException as e:
+        raise ConfigError(_first_line(e)) from None
+    if not grid:
+        raise ConfigError("the grid is empty: a sweep axis has no values")
+    return grid, [k for k, swept in final.items() if swept]
+
+
+def compose_all(grid: list[list[str]]) -> list[Config]:
+    """Typed configs for each override list; composes once per distinct group choice (model=,
+    data=, experiment=) and applies plain value overrides to a copy — Hydra's own override
+    semantics, without a full composition per run."""
+    groups = set(GlobalHydra.instance().config_loader().list_groups(""))
+    cache: dict[tuple, DictConfig] = {}
+    configs = []
+    for overrides in grid:
+        parsed = _parse(overrides)
+        is_group = lambda o: o.key_or_group.split("@")[0] in groups or "/" in o.key_or_group  # noqa: E731
+        group_part = tuple(o.input_line for o in parsed if is_group(o))
+        if group_part not in cache:
+            cache[group_part] = _compose(list(group_part))
+        cfg = copy.deepcopy(cache[group_part])
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not is_group(o)], cfg)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(_first_line(e)) from None
+        configs.append(to_config(cfg))
+    return configs
+
+
+def pack_key(cfg: Config) -> str:
+    """Runs with equal keys can be trained as one batched model."""
+    flat = flatten(to_dict(cfg))
+    return json.dumps({k: v for k, v in flat.items() if k not in PER_RUN_KEYS and k != "name"}, sort_keys=True, default=str)
+
+
+def check_buildable(configs: list[Config]) -> None:
+    """Load every distinct dataset and build every distinct model once, before any work starts."""
+    seen: dict[str, data_mod.Dataset] = {}
+    for cfg in configs:
+        engine.resolve_device(cfg.device)
+        key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
+        if key not in seen:
+            seen[key] = data_mod.load(cfg.data)
+        ds = seen[key]
+        models.build(cfg.model, ds.in_dim, ds.out_dim)
+        if cfg.data.batch_size is not None and cfg.data.batch_size > len(ds.x):
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {len(ds.x)} training examples")
+
+
+def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,
+         single: bool = False) -> Plan:
+    """Everything a sweep will do, checked; nothing is written. `single`: exactly one run."""
+    with _hydra_context():
+        grid, swept = expand(args) if not single else ([args], [])
+        if single and any(o.is_sweep_override() for o in _parse(args)):
+            raise ConfigError("symrun run takes one configuration; use symrun sweep for sweep syntax")
+        configs = compose_all(grid)
+    check_buildable(configs)
+    by_id = {results.run_id(c): c for c in configs}
+    name = configs[0].name
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
+    finished = [rid for rid in by_id if results.is_finished(sweep_dir, rid)]
+    todo: dict[str, list[str]] = {}
+    for rid, cfg in by_id.items():
+        if rid not in finished:
+            todo.setdefault(pack_key(cfg), []).append(rid)
+    packs = []
+    for ids in todo.values():
+        size = by_id[ids[0]].pack_size
+        packs += [ids[i: i + size] for i in range(0, len(ids), size)]
+    return Plan(sweep_dir, name, by_id, packs, swept, list(args), finished)
+
+
+def write_plan(p: Plan) -> Path:
+    """Lay out the sweep folder: sweep.json, plan.json and each run's config.yaml."""
+    previous = results.read_json(p.sweep_dir / "sweep.json") or {}
+    swept = list(dict.fromkeys(previous.get("swept", []) + p.swept))
+    results.write_json(p.sweep_dir / "sweep.json", {
+        "name": p.name, "swept": swept, "overrides": p.overrides, "created": previous.get("created", results.now()),
+        "runs": len(p.configs)})
+    for rid, cfg in p.configs.items():
+        results.save_config(p.sweep_dir, rid, cfg)
+    path = p.sweep_dir / "plan.json"
+    results.write_json(path, {"packs": p.packs})
+    return path
+
+
+def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None]] = None) -> dict:
+    """Train pack `index` of a written plan and record every run. Never raises for a run's failure:
+    a pack that fails marks its runs failed, with the error, and the sweep goes on."""
+    plan_path = Path(plan_path)
+    sweep_dir = plan_path.parent
+    ids = [rid for rid in results.read_json(plan_path)["packs"][index] if not results.is_finished(sweep_dir, rid)]
+    if not ids:
+        return {"pack": index, "runs": 0}
+    configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in ids]
+    info = {"pack": index, "pack_size": len(ids), "started_at": results.now(),
+            **results.provenance(str(engine.resolve_device(configs[0].device)))}
+    for rid in ids:
+        results.write_status(sweep_dir, rid, results.RUNNING, **info)
+    start = time.perf_counter()
+    try:
+        outcomes = engine.train_pack(configs, on_step=on_step)
+    except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
+        error = f"{type(e).__name__}: {e}"
+        for rid in ids:
+            results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
+                                 finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
+        return {"pack": index, "runs": len(ids), "failed": len(ids)}
+    wall = time.perf_counter() - start
+    for rid, out in zip(ids, outcomes):
+        results.write_run(sweep_dir, rid, out.status, out.rows, out.state, diverged_at=out.diverged_at,
+                          finished_at=results.now(), wall_time_s=wall, **info)
+    return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
+
+
+# The Hydra job a launcher runs. Module level, so joblib and submitit can pickle it.
+_ON_STEP: Optional[Callable[[int], None]] = None
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pack_job")
+def pack_job(cfg: DictConfig) -> dict:
+    return run_pack(Path(cfg.plan), int(cfg.pack), on_step=_ON_STEP)
+
+
+def launch(p: Plan, plan_path: Path, hydra_args: list[str], on_step: Optional[Callable[[int], None]] = None) -> None:
+    """Run every pack as a Hydra multirun job through the configured launcher (basic: in-process)."""
+    global _ON_STEP
+    if not p.packs:
+        return
+    argv = [f"plan='{plan_path.resolve()}'", f"pack={','.join(str(i) for i in range(len(p.packs)))}",
+            f"hydra.sweep.dir='{p.sweep_dir.resolve()}'", "hydra.sweep.subdir=packs/${hydra.job.num}",
+            "hydra.job.name=symrun", *[a for a in hydra_args if not a.startswith("hydra.sweep.dir=")], "--multirun"]
+    saved, _ON_STEP = sys.argv, on_step
+    sys.argv = [saved[0], *argv]
+    try:
+        GlobalHydra.instance().clear()
+        pack_job()
+    finally:
+        sys.argv, _ON_STEP = saved, None
+        GlobalHydra.instance().clear()
+
+
+def sweep_dir_from(hydra_args: list[str]) -> Optional[Path]:
+    """The folder a `hydra.sweep.dir=...` override names (to resume into), if any."""
+    for a in hydra_args:
+        if a.startswith("hydra.sweep.dir="):
+            return Path(a.split("=", 1)[1].strip("'\""))
+    return None
