@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -82,13 +83,30 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
                   + f" → {plan.sweep_dir}", highlight=False)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("training steps (all packs)", total=plan.steps)
-        on_step = lambda n: progress.advance(task, n)  # noqa: E731
-        if single:
-            for i in range(len(plan.packs)):
-                sweep.run_pack(plan_path, i, on_step=on_step)
-        else:
-            sweep.launch(plan, plan_path, hydra_args, on_step=on_step)
+        if single or sweep.in_process(hydra_args):
+            task = progress.add_task("training steps (all packs)", total=plan.steps)
+            on_step = lambda n: progress.advance(task, n)  # noqa: E731
+            if single:
+                for i in range(len(plan.packs)):
+                    sweep.run_pack(plan_path, i, on_step=on_step)
+            else:
+                sweep.launch(plan, plan_path, hydra_args, on_step=on_step)
+        else:  # jobs run elsewhere: follow the runs' status files
+            task = progress.add_task("runs ended", total=sum(len(p) for p in plan.packs))
+            stop = threading.Event()
+
+            def poll() -> None:
+                while not stop.wait(1.0):
+                    progress.update(task, completed=sweep.runs_done(plan))
+
+            watcher = threading.Thread(target=poll, daemon=True)
+            watcher.start()
+            try:
+                sweep.launch(plan, plan_path, hydra_args)
+            finally:
+                stop.set()
+                watcher.join()
+                progress.update(task, completed=sweep.runs_done(plan))
     _show_report(plan.sweep_dir)
 
 
@@ -103,11 +121,16 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
 def _show_report(sweep_dir: Path) -> None:
     rep = report_mod.build(sweep_dir)
     if not rep.summary.empty:
-        table = Table(title=f"summary — {sweep_dir}", title_justify="left")
-        for col in rep.summary.columns:
-            table.add_column(col, justify="right")
+        table = Table(title=f"summary (mean ± std over seeds) — {sweep_dir}", title_justify="left")
+        cols = [c for c in rep.summary.columns if not c.endswith(" std")]
+        for col in cols:
+            table.add_column(col.removesuffix(" mean"), justify="right")
         for _, row in rep.summary.iterrows():
-            table.add_row(*[_fmt(v) for v in row])
+            cells = []
+            for col in cols:
+                std = row.get(col.replace(" mean", " std")) if col.endswith(" mean") else None
+                cells.append(_fmt(row[col]) + (f" ± {_fmt(std)}" if std is not None and std == std else ""))
+            table.add_row(*cells)
         console.print(table)
     console.print(f"runs: {report_mod.status_line(rep.status_counts) or 'none'}")
     console.print(f"tables: {sweep_dir / 'runs.csv'}, {sweep_dir / 'results.csv'}", highlight=False)

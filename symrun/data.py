@@ -127,7 +127,7 @@ def _read_file(path: Path, target: Optional[list[str]]):
         if missing:
             raise DataError(f"{path}: target column(s) {missing} not in the header {list(frame.columns)}")
         features = frame.drop(columns=list(target))
-        bad = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
+        bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
         if bad or features.shape[1] == 0:
             raise DataError(f"{path}: feature columns must be numeric (non-numeric: {bad})" if bad else f"{path}: no feature columns")
         y = frame[list(target)].to_numpy()

@@ -84,16 +84,20 @@ def _phase_diagram(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str) 
     done = runs[runs["status"] == results.FINISHED]
     stats = done.groupby(axis)[metric].agg(["mean", "std", "count"]).reset_index().sort_values(axis)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.errorbar(stats[axis], stats["mean"], yerr=stats["std"].fillna(0), fmt="o-", capsize=3,
+    numeric = pd.api.types.is_numeric_dtype(stats[axis])
+    xs = stats[axis] if numeric else np.arange(len(stats))
+    ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), fmt="o-" if numeric else "o", capsize=3,
                 label=f"symrun (mean ± std over {int(stats['count'].max())} seeds)")
+    if not numeric:
+        ax.set_xticks(xs, stats[axis].astype(str))
     line = _theory_line(sweep_dir, runs, axis, metric)
     if line is not None:
-        xs, ys, label = line
-        if ys is None:
-            ax.axvline(xs, color="k", ls="--", label=label)
+        lx, ly, label = line
+        if ly is None:
+            ax.axvline(lx, color="k", ls="--", label=label)
         else:
-            ax.plot(xs, ys, "k--", label=label)
-    positive = stats[axis][stats[axis] > 0]
+            ax.plot(lx, ly, "k--", label=label)
+    positive = stats[axis][stats[axis] > 0] if numeric else []
     if len(positive) and positive.max() / positive.min() > 50:
         ax.set_xscale("symlog", linthresh=positive.min()) if (stats[axis] <= 0).any() else ax.set_xscale("log")
     ax.set_xlabel(axis)
@@ -116,8 +120,6 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str):
         return None
     model = runs["model.name"].iloc[0]
     cfg = to_config(results.load_config_dict(sweep_dir, runs["run_id"].iloc[0]))
-    if cfg.data.task == "classification" or cfg.data.name == "digits":
-        return None
     ds = data_mod.load(cfg.data)
     if ds.task != "regression":
         return None

@@ -95,7 +95,9 @@ def expand(args: list[str]) -> tuple[list[list[str]], list[str]]:
         raise ConfigError(_first_line(e)) from None
     if not grid:
         raise ConfigError("the grid is empty: a sweep axis has no values")
-    return grid, [k for k, swept in final.items() if swept]
+    # A swept group (model=a,b) shows in the tables as its option's name column (model.name).
+    column = lambda k: f"{k}.name" if k in ("model", "data") else k  # noqa: E731
+    return grid, [column(k) for k, swept in final.items() if swept]
 
 
 def compose_all(grid: list[list[str]]) -> list[Config]:
@@ -172,7 +174,8 @@ def write_plan(p: Plan) -> Path:
         "name": p.name, "swept": swept, "overrides": p.overrides, "created": previous.get("created", results.now()),
         "runs": len(p.configs)})
     for rid, cfg in p.configs.items():
-        results.save_config(p.sweep_dir, rid, cfg)
+        if rid not in p.finished:           # a finished run's folder is never touched again
+            results.save_config(p.sweep_dir, rid, cfg)
     path = p.sweep_dir / "plan.json"
     results.write_json(path, {"packs": p.packs})
     return path
@@ -207,13 +210,19 @@ def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None
     return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
 
-# The Hydra job a launcher runs. Module level, so joblib and submitit can pickle it.
+# The Hydra job a launcher runs. A plain module-level function, so joblib and submitit pickle
+# it by reference; the progress callback is process-local state that never travels with it.
 _ON_STEP: Optional[Callable[[int], None]] = None
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pack_job")
-def pack_job(cfg: DictConfig) -> dict:
+def pack_task(cfg: DictConfig) -> dict:
     return run_pack(Path(cfg.plan), int(cfg.pack), on_step=_ON_STEP)
+
+
+def in_process(hydra_args: list[str]) -> bool:
+    """Whether the launcher runs jobs in this process (Hydra's basic launcher)."""
+    chosen = [a.split("=", 1)[1] for a in hydra_args if a.startswith("hydra/launcher=")]
+    return not chosen or chosen[-1] == "basic"
 
 
 def launch(p: Plan, plan_path: Path, hydra_args: list[str], on_step: Optional[Callable[[int], None]] = None) -> None:
@@ -228,10 +237,19 @@ def launch(p: Plan, plan_path: Path, hydra_args: list[str], on_step: Optional[Ca
     sys.argv = [saved[0], *argv]
     try:
         GlobalHydra.instance().clear()
-        pack_job()
+        hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pack_job")(pack_task)()
     finally:
         sys.argv, _ON_STEP = saved, None
         GlobalHydra.instance().clear()
+
+
+def runs_done(p: Plan) -> int:
+    """How many of the plan's runs have ended (any status but running) — for progress from afar."""
+    ended = 0
+    for rid in (r for pack in p.packs for r in pack):
+        st = results.status(p.sweep_dir, rid)
+        ended += st is not None and st.get("status") != results.RUNNING
+    return ended
 
 
 def sweep_dir_from(hydra_args: list[str]) -> Optional[Path]:

@@ -1,0 +1,33 @@
+# symrun — the two set-up commands are `make run` and `make test`; both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: the built-in default sweep (rescaling → sparsity, 16 weight decays × 4 seeds)
+run: install
+	$(BIN)/symrun sweep experiment=rescaling_sparsity
+
+## test: the whole test suite (a few minutes on 2 cores)
+test: install
+	$(BIN)/python -m pytest -q
+
+## test-fast: everything but the tests marked slow
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## bench: packed vs one-model-per-run training, same workloads, same process
+bench: install
+	$(BIN)/python -m symrun.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

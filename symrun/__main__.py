@@ -1,0 +1,3 @@
+from symrun.cli import main
+
+main()

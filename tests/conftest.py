@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the real `symrun` command in a subprocess, with outputs under tmp_path."""
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+        proc = subprocess.run([sys.executable, "-m", "symrun", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"symrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def sweep_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(root).glob("*/*/sweep.json"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,111 @@
+"""The real `symrun` command end to end on tiny grids (subprocesses, as a user runs it)."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import sweep_dirs
+
+TINY = ["model=hadamard", "optim.weight_decay=0,0.5", "seed=0,1", "train.steps=20", "train.log_every=10"]
+
+
+@pytest.mark.slow
+def test_sweep_writes_tidy_tables_and_a_rerun_trains_nothing(cli, tmp_path):
+    first = cli("sweep", *TINY)
+    (d,) = sweep_dirs(tmp_path / "outputs")
+    assert "4 runs in 1 pack" in first.stdout
+    runs = pd.read_csv(d / "runs.csv")
+    assert len(runs) == 4 and set(runs["status"]) == {"finished"}
+    for col in ["run_id", "status", "optim.weight_decay", "seed", "model.name", "data.n", "train_loss",
+                "test_loss", "sparsity", "balance", "constraint_distance", "weight_norm", "wall_time_s",
+                "torch", "device"]:
+        assert col in runs.columns, col
+    assert "rank" not in runs.columns, "metrics that do not apply to the model stay out"
+    assert runs["run_id"].is_unique
+    results = pd.read_csv(d / "results.csv")
+    assert len(results) == 4 * 3                         # steps 0, 10, 20
+    assert {"run_id", "step", "optim.weight_decay", "seed", "train_loss"} <= set(results.columns)
+    # final metrics in runs.csv are the last logged row of results.csv
+    last = results[results["step"] == 20].set_index("run_id")["train_loss"]
+    assert (runs.set_index("run_id")["train_loss"] - last).abs().max() == 0
+    # per-run folders
+    rid = runs["run_id"][0]
+    folder = d / "runs" / rid
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "finished" and status["run_id"] == rid
+    state = torch.load(folder / "params.pt", weights_only=True)
+    assert set(state) == {"u", "w"} and state["u"].shape == (20,)
+    assert (folder / "config.yaml").read_text().startswith("model:")
+    assert list(d.glob("phase_sparsity_vs_optim.weight_decay.png"))
+    # the same sweep into the same folder trains nothing and changes no run
+    mtimes = {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*")}
+    again = cli("sweep", *TINY, f"hydra.sweep.dir={d}")
+    assert "4 already finished" in again.stdout and "0 pack" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*")} == mtimes
+    assert len(pd.read_csv(d / "runs.csv")) == 4
+    # widening the grid into the same folder trains only the new runs
+    wider = cli("sweep", "model=hadamard", "optim.weight_decay=0,0.5", "seed=0,1,2", "train.steps=20",
+                "train.log_every=10", f"hydra.sweep.dir={d}")
+    assert "6 runs in 1 pack(s), 4 already finished" in wider.stdout
+    assert len(pd.read_csv(d / "runs.csv")) == 6
+
+
+@pytest.mark.slow
+def test_sweep_through_the_joblib_launcher_runs_every_pack(cli, tmp_path):
+    cli("sweep", "model=hadamard,factorization", "seed=0,1", "train.steps=5", "train.log_every=5",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    (d,) = sweep_dirs(tmp_path / "outputs")
+    runs = pd.read_csv(d / "runs.csv")
+    assert len(runs) == 4 and set(runs["status"]) == {"finished"}
+    assert set(runs["pack"]) == {0, 1}
+    assert runs.groupby("model.name")["pack"].nunique().eq(1).all()
+
+
+def test_run_one_config_and_print_config(cli, tmp_path):
+    shown = cli("run", "model=mlp", "data=digits", "model.width=8", "--cfg", "job")
+    assert "name: mlp" in shown.stdout and "width: 8" in shown.stdout
+    assert not (tmp_path / "outputs").exists()
+    cli("run", "model=mlp", "data=digits", "model.width=8", "train.steps=5", "train.log_every=5")
+    (d,) = sweep_dirs(tmp_path / "outputs")
+    runs = pd.read_csv(d / "runs.csv")
+    assert len(runs) == 1 and runs["status"][0] == "finished"
+    assert {"accuracy", "independent_fraction", "sparsity", "rank.layer0"} <= set(runs.columns)
+    refused = cli("run", "seed=0,1", check=False)
+    assert refused.returncode != 0 and "symrun sweep" in refused.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["sweep", "model.widthh=3"],
+    ["sweep", "model=nope"],
+    ["sweep", "optim.weight_decay=-1"],
+    ["sweep", "optim.lr=-0.1"],
+    ["sweep", "data=file", "data.path=missing.npz"],
+    ["sweep", "seed=range(0,0)"],
+    ["run", "train.steps=0"],
+])
+def test_bad_input_exits_non_zero_with_one_line_and_writes_nothing(cli, tmp_path, args):
+    proc = cli(*args, check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_malformed_file_is_refused_before_work(cli, tmp_path):
+    (tmp_path / "bad.npz").write_text("garbage")
+    proc = cli("sweep", "data=file", f"data.path={tmp_path / 'bad.npz'}", check=False)
+    assert proc.returncode != 0 and "not a readable .npz" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_list_help_and_report(cli, tmp_path):
+    listing = cli("list").stdout
+    for word in ["hadamard", "factorization", "mlp", "ensemble", "teacher", "digits", "file", "rescaling_sparsity", "joblib"]:
+        assert word in listing
+    for cmd in ["sweep", "run", "report", "list"]:
+        assert "Usage" in cli(cmd, "--help").stdout
+    missing = cli("report", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode != 0 and "not a sweep folder" in missing.stderr

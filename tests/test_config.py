@@ -1,0 +1,102 @@
+"""Config tests: every YAML composes and validates, every preset runs, bad input is refused early."""
+
+from pathlib import Path
+
+import pytest
+
+from symrun import sweep
+from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, ConfigError
+
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def test_default_config_composes_to_the_documented_defaults(tmp_path):
+    plan = sweep.plan([], tmp_path, single=True)
+    (cfg,) = plan.configs.values()
+    assert cfg.model.name == "hadamard" and cfg.data.name == "teacher"
+    assert cfg.optim.weight_decay == 0.0 and cfg.data.batch_size is None
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_OPTIONS))
+@pytest.mark.parametrize("data", sorted(set(DATA_OPTIONS) - {"file"}))
+def test_every_model_and_data_option_composes(tmp_path, model, data):
+    if model == "hadamard" and data == "digits":
+        with pytest.raises(ConfigError, match="single regression target"):
+            sweep.plan([f"model={model}", f"data={data}"], tmp_path, single=True)
+        return
+    plan = sweep.plan([f"model={model}", f"data={data}"], tmp_path, single=True)
+    (cfg,) = plan.configs.values()
+    assert (cfg.model.name, cfg.data.name) == (model, data)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
+    plan = sweep.plan([f"experiment={preset}", "train.steps=3", "train.log_every=1"], tmp_path)
+    assert len(plan.configs) > 1 and plan.swept, "a preset defines a grid"
+    assert all(c.name == preset for c in plan.configs.values())
+    plan_path = sweep.write_plan(plan)
+    for i in range(len(plan.packs)):
+        sweep.run_pack(plan_path, i)
+    from symrun import results
+
+    runs, res = results.write_tables(plan.sweep_dir)
+    assert len(runs) == len(plan.configs)
+    assert set(runs["status"]) == {"finished"}
+    assert set(res["step"]) == {0, 1, 2, 3}
+
+
+def test_preset_grid_and_command_line_combine(tmp_path):
+    plan = sweep.plan(["experiment=rescaling_sparsity", "seed=0,1", "optim.weight_decay=0.1,1.0"], tmp_path)
+    assert len(plan.configs) == 4          # the command line replaces the preset's axes key by key
+    assert sorted({c.optim.weight_decay for c in plan.configs.values()}) == [0.1, 1.0]
+    assert set(plan.swept) == {"optim.weight_decay", "seed"}
+    assert len(plan.packs) == 1            # one shape → one pack
+
+
+def test_packs_split_by_shape_and_by_pack_size(tmp_path):
+    plan = sweep.plan(["model=factorization", "model.hidden=2,4", "seed=range(0,5)", "pack_size=3"], tmp_path)
+    sizes = sorted(len(p) for p in plan.packs)
+    assert sizes == [2, 2, 3, 3]           # two shapes × ceil(5 / 3) packs each
+    for pack in plan.packs:
+        assert len({plan.configs[r].model.hidden for r in pack}) == 1
+
+
+def test_run_ids_are_stable_and_distinct(tmp_path):
+    a = sweep.plan(["optim.weight_decay=0.1,0.2", "seed=0,1"], tmp_path)
+    b = sweep.plan(["seed=0,1", "optim.weight_decay=0.1,0.2"], tmp_path)
+    assert set(a.configs) == set(b.configs) and len(a.configs) == 4
+    # execution settings do not change a run's identity
+    c = sweep.plan(["optim.weight_decay=0.1", "seed=0", "pack_size=7", "name=other"], tmp_path, single=True)
+    assert set(c.configs) <= set(a.configs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.nonsense=1"], "model.nonsense"),
+    (["nonsense=1"], "nonsense"),
+    (["model=transformerz"], "model/transformerz"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
+    (["optim.lr=-1"], "optim.lr must be a positive number"),
+    (["optim.lr=abc"], "optim.lr"),
+    (["optim.name=rmsprop"], "optim.name"),
+    (["model=mlp", "model.activation=sigmoid"], "model.activation"),
+    (["data=file"], "data.path"),
+    (["data=file", "data.path=/nonexistent/file.npz"], "does not exist"),
+    (["seed=range(0,0)"], "grid is empty"),
+    (["data.batch_size=100000"], "batch_size"),
+    (["model=factorization", "model.residual=true", "model.hidden=3"], "model.residual"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, args, message):
+    with pytest.raises(ConfigError) as err:
+        sweep.plan(args, tmp_path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value).strip()
+    assert not any(tmp_path.iterdir()), "nothing is written before the plan is valid"
+
+
+def test_cuda_requested_without_cuda_is_refused(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        sweep.plan(["device=cuda"], tmp_path)

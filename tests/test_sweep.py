@@ -1,0 +1,63 @@
+"""Sweep bookkeeping in-process: failures and divergences are recorded per run, neighbours finish."""
+
+import json
+
+import pandas as pd
+
+from symrun import engine, results, sweep
+
+
+def _run_all(plan):
+    path = sweep.write_plan(plan)
+    for i in range(len(plan.packs)):
+        sweep.run_pack(path, i)
+    return results.write_tables(plan.sweep_dir)
+
+
+def test_a_failing_pack_is_recorded_and_the_other_packs_finish(tmp_path, monkeypatch):
+    real = engine.train_pack
+
+    def flaky(cfgs, **kw):
+        if cfgs[0].model.name == "factorization":
+            raise RuntimeError("simulated out of memory")
+        return real(cfgs, **kw)
+
+    monkeypatch.setattr(engine, "train_pack", flaky)
+    plan = sweep.plan(["model=hadamard,factorization", "seed=0,1", "train.steps=5", "train.log_every=5"], tmp_path)
+    runs, _ = _run_all(plan)
+    by_model = runs.groupby("model.name")["status"].agg(set)
+    assert by_model["hadamard"] == {"finished"} and by_model["factorization"] == {"failed"}
+    failed = runs[runs["status"] == "failed"]
+    assert failed["error"].str.contains("simulated out of memory").all()
+    st = json.loads((results.run_dir(plan.sweep_dir, failed["run_id"].iloc[0]) / "status.json").read_text())
+    assert "RuntimeError" in st["traceback"]
+    # rerunning retries the failed runs only
+    monkeypatch.setattr(engine, "train_pack", real)
+    again = sweep.plan(["model=hadamard,factorization", "seed=0,1", "train.steps=5", "train.log_every=5"], tmp_path,
+                       sweep_dir=plan.sweep_dir)
+    assert sorted(again.finished) == sorted(runs[runs["status"] == "finished"]["run_id"])
+    runs, _ = _run_all(again)
+    assert set(runs["status"]) == {"finished"}
+
+
+def test_a_diverged_run_is_recorded_and_its_pack_mates_finish(tmp_path):
+    plan = sweep.plan(["optim.lr=0.1,1e4", "train.steps=50", "train.log_every=10"], tmp_path)
+    runs, res = _run_all(plan)
+    status = runs.set_index("optim.lr")["status"]
+    assert status[1e4] == "diverged" and status[0.1] == "finished"
+    bad = runs[runs["status"] == "diverged"].iloc[0]
+    assert bad["diverged_at"] > 0
+    assert not (results.run_dir(plan.sweep_dir, bad["run_id"]) / "params.pt").exists()
+    good = res[res["run_id"] == runs[runs["status"] == "finished"]["run_id"].iloc[0]]
+    assert good["step"].max() == 50 and good["train_loss"].notna().all()
+
+
+def test_tables_rebuild_from_run_folders_and_floats_round_trip(tmp_path):
+    plan = sweep.plan(["optim.weight_decay=0.1,0.30000000000000004", "train.steps=2", "train.log_every=1"], tmp_path)
+    runs, _ = _run_all(plan)
+    back = pd.read_csv(plan.sweep_dir / "runs.csv", float_precision="round_trip")
+    assert sorted(back["optim.weight_decay"]) == [0.1, 0.30000000000000004]
+    finals = {r: json.loads((results.run_dir(plan.sweep_dir, r) / "status.json").read_text())["final"]["train_loss"]
+              for r in back["run_id"]}
+    assert all(back.set_index("run_id")["train_loss"][r] == v for r, v in finals.items())
+    assert not list(plan.sweep_dir.rglob("*.tmp")), "atomic writes leave no temporary files"
