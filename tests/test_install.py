@@ -1,0 +1,37 @@
+"""The installed package finds its configs from a wheel, not only from the checkout."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = wheel_dir.glob("symrun-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    probe = (
+        "import symrun, symrun.config as c, symrun.sweep as s, pathlib, sys\n"
+        "assert pathlib.Path(symrun.__file__).is_relative_to(sys.argv[1]), symrun.__file__\n"
+        "assert c.CONFIG_DIR.is_relative_to(sys.argv[1]), c.CONFIG_DIR\n"
+        "names = sorted(p.stem for p in (c.CONFIG_DIR / 'experiment').glob('*.yaml'))\n"
+        "assert names, 'no presets in the wheel'\n"
+        "for n in names:\n"
+        "    plan = s.plan([f'experiment={n}'], pathlib.Path(sys.argv[2]))\n"
+        "    assert len(plan.configs) > 1\n"
+        "print('ok', names)\n"
+    )
+    # Run from an empty folder with only the wheel's copy on the path: the checkout is not used.
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", probe, str(site), str(tmp_path / "out")], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "rescaling_sparsity" in out.stdout
