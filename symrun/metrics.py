@@ -88,11 +88,16 @@ def weight_norm(params: dict[str, torch.Tensor]) -> torch.Tensor:
 def singular_values(a: torch.Tensor) -> torch.Tensor:
     """Descending singular values of (..., m, n), as √eig of the smaller Gram matrix in float64.
 
-    Batched LAPACK SVD is ~100× slower on CPU for the (R, 128, 64) stacks symrun measures; in
-    float64 the Gram route resolves σᵢ/σ₁ down to ~1e-7, far below any rank_rtol in use."""
+    Batched LAPACK SVD is ~100× slower on CPU for the (R, 128, 64) stacks symrun measures. The
+    Gram route resolves σᵢ/σ₁ down to ~1e-7 (√ of float64 eps, with margin); values below that
+    are round-off of an exact zero and are returned as 0 — far below any rank_rtol in use."""
     a = a.double()
     gram = a @ a.mT if a.shape[-2] <= a.shape[-1] else a.mT @ a
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+    return torch.where(s > GRAM_RESOLUTION * s[..., :1], s, torch.zeros_like(s))
+
+
+GRAM_RESOLUTION = 1e-7
 
 
 def rank_metrics(matrix: torch.Tensor, rtol: float, suffix: str = "") -> dict[str, torch.Tensor]:
