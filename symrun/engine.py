@@ -177,6 +177,11 @@ def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe)
         row["test_loss"] = loss_per_run(out_test, y_test, task)
         if task == "classification":
             row["accuracy"] = (out_test.argmax(-1) == y_test).float().mean(-1)
-    row.update(metrics.measure(model, params, cfg.metrics, probe))
+    # svd/eigh raise on non-finite input, so a run that diverged (its train_loss says so) is
+    # measured at zero and gets NaN metrics: one bad run must not stop its whole pack.
+    finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in params.values()]).all(0)   # (R,)
+    safe = {k: torch.where(per_run(finite, p), p, torch.zeros_like(p)) for k, p in params.items()}
+    for k, v in metrics.measure(model, safe, cfg.metrics, probe).items():
+        row[k] = torch.where(finite, v, torch.full_like(v, float("nan")))
     return row
 

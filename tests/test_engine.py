@@ -1,0 +1,286 @@
+"""The packed engine: a run's numbers do not depend on its pack, runs are isolated, and the packed
+optimiser and noise follow the conventions of shared/science.md §1.
+
+Reference values come from training the same config alone, from torch.optim on a hand-written
+forward pass, or from the noise formulas themselves, never from stored symrun output.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from symrun import data, engine
+from symrun.config import (
+    Config,
+    DigitsDataConfig,
+    EnsembleConfig,
+    FactorizationConfig,
+    HadamardConfig,
+    MLPConfig,
+    TeacherDataConfig,
+    validate,
+)
+from symrun.engine import StepNoise
+from symrun.models import build
+
+CPU = torch.device("cpu")
+
+
+def make(model, data_cfg, *, seed=0, opt="sgd", lr=0.05, wd=0.0, momentum=0.0, label_std=0.0,
+         label_flip=0.0, temperature=0.0, steps=100, log_every=25) -> Config:
+    """A validated float64 CPU config; keyword arguments cover the per-run settings."""
+    c = Config(model=model, data=data_cfg, seed=seed)
+    c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.momentum = opt, lr, wd, momentum
+    c.noise.label_std, c.noise.label_flip, c.noise.temperature = label_std, label_flip, temperature
+    c.train.steps, c.train.log_every, c.train.dtype = steps, log_every, "float64"
+    c.device = "cpu"
+    return validate(c)
+
+
+def assert_same_run(a: engine.RunOutcome, b: engine.RunOutcome, rtol=1e-9, atol=1e-12) -> None:
+    """Same status, same logged steps and metrics (to float tolerance), same final parameters."""
+    assert a.status == b.status
+    assert [r["step"] for r in a.rows] == [r["step"] for r in b.rows]
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            np.testing.assert_allclose(ra[k], rb[k], rtol=rtol, atol=atol, err_msg=f"{k} at step {ra['step']}")
+    assert a.state.keys() == b.state.keys()
+    for k in a.state:
+        torch.testing.assert_close(a.state[k], b.state[k], rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a run trained alone = the same run inside a pack of 16
+
+
+def _hadamard_case(rng):
+    model, data_cfg = HadamardConfig(), TeacherDataConfig(teacher="sparse_linear")
+    target = make(model, data_cfg, seed=3, lr=0.1, wd=0.05)
+    others = [make(model, data_cfg, seed=rng.randrange(100), lr=rng.choice([0.02, 0.05, 0.2]),
+                   wd=rng.choice([0.0, 0.1, 0.5]), label_std=rng.choice([0.0, 0.3]),
+                   temperature=rng.choice([0.0, 1e-3])) for _ in range(15)]
+    return target, others
+
+
+def _mlp_digits_case(rng):
+    model, data_cfg = MLPConfig(width=16, activation="tanh"), DigitsDataConfig(batch_size=32)
+    target = make(model, data_cfg, seed=5, lr=0.1, momentum=0.9, wd=1e-3, label_flip=0.1)
+    others = [make(model, data_cfg, seed=rng.randrange(100), lr=rng.choice([0.05, 0.2]),
+                   momentum=rng.choice([0.0, 0.5, 0.9]), wd=rng.choice([0.0, 1e-2]),
+                   label_flip=rng.choice([0.0, 0.3])) for _ in range(15)]
+    return target, others
+
+
+def _factorization_case(rng):
+    model = FactorizationConfig(hidden=6)
+    data_cfg = TeacherDataConfig(teacher="low_rank", dim=8, out_dim=4, batch_size=50)
+    target = make(model, data_cfg, seed=7, lr=0.1, wd=0.05, label_std=0.2, temperature=1e-3)
+    others = [make(model, data_cfg, seed=rng.randrange(100), lr=rng.choice([0.05, 0.2]),
+                   wd=rng.choice([0.0, 0.2]), label_std=rng.choice([0.0, 0.5]),
+                   temperature=rng.choice([0.0, 1e-2])) for _ in range(15)]
+    return target, others
+
+
+def _ensemble_case(opt):
+    def case(rng):
+        model = EnsembleConfig(width=8, members=3, activation="tanh")
+        data_cfg = TeacherDataConfig(teacher="mlp", dim=10, out_dim=2, batch_size=40)
+        target = make(model, data_cfg, seed=11, opt=opt, lr=0.01, wd=0.05, label_std=0.1)
+        others = [make(model, data_cfg, seed=rng.randrange(100), opt=opt, lr=rng.choice([0.003, 0.03]),
+                       wd=rng.choice([0.0, 0.1]), label_std=rng.choice([0.0, 0.3])) for _ in range(15)]
+        return target, others
+    return case
+
+
+PACK_CASES = {
+    "hadamard-full-batch": _hadamard_case,
+    "mlp-digits-momentum-label-flip": _mlp_digits_case,
+    "factorization-label-noise-langevin": _factorization_case,
+    "ensemble-adam": _ensemble_case("adam"),
+    "ensemble-adamw": _ensemble_case("adamw"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACK_CASES))
+def test_a_run_inside_a_pack_of_16_equals_the_run_alone(case):
+    target, others = PACK_CASES[case](random.Random(case))
+    pack = others[:7] + [target] + others[7:]                # not at index 0, to catch index slips
+    assert len(pack) == 16
+    alone = engine.train_pack([target])[0]
+    packed = engine.train_pack(pack)
+    assert alone.status == "finished"
+    assert [r["step"] for r in alone.rows] == [0, 25, 50, 75, 100]
+    assert_same_run(packed[7], alone)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. determinism, 3. seeds matter
+
+
+def _noisy_pack(seeds):
+    model, data_cfg = MLPConfig(width=8), DigitsDataConfig(batch_size=32)
+    return [make(model, data_cfg, seed=s, lr=0.1, momentum=0.9, wd=1e-3, label_flip=0.2, temperature=1e-4,
+                 steps=50, log_every=10) for s in seeds]
+
+
+def test_the_same_pack_twice_gives_identical_numbers():
+    first, second = engine.train_pack(_noisy_pack([0, 1, 2])), engine.train_pack(_noisy_pack([0, 1, 2]))
+    for a, b in zip(first, second):
+        assert a.rows == b.rows                               # exact, not approximate
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def test_different_seeds_give_different_numbers():
+    a, b = engine.train_pack(_noisy_pack([0, 1]))
+    assert a.rows[0]["train_loss"] != b.rows[0]["train_loss"]            # different init
+    for ra, rb in zip(a.rows[1:], b.rows[1:]):
+        assert ra["train_loss"] != rb["train_loss"]
+    assert not torch.allclose(a.state["layers.0.weight"], b.state["layers.0.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. a diverging run does not disturb its neighbours
+
+
+def _divergence_case(name):
+    if name == "hadamard-sgd":
+        model, data_cfg, kw = HadamardConfig(), TeacherDataConfig(), {}
+    else:
+        # Momentum keeps non-finite values in the diverged run's buffer, and the factorization's
+        # rank and rotation metrics call svd/eigh, which raise on non-finite input.
+        model, kw = FactorizationConfig(hidden=4), {"momentum": 0.9}
+        data_cfg = TeacherDataConfig(teacher="low_rank", dim=6, out_dim=3)
+    good = [make(model, data_cfg, seed=s, lr=0.05, wd=wd, steps=60, log_every=10, **kw)
+            for s, wd in [(0, 0.0), (1, 0.1), (2, 0.01)]]
+    bad = make(model, data_cfg, seed=3, lr=1e4, steps=60, log_every=10, **kw)
+    return good, bad
+
+
+@pytest.mark.parametrize("name", ["hadamard-sgd", "factorization-momentum"])
+def test_a_diverging_run_is_flagged_and_isolated(name):
+    good, bad = _divergence_case(name)
+    outcomes = engine.train_pack(good[:1] + [bad] + good[1:])
+    reference = engine.train_pack(good)
+
+    flagged = outcomes[1]
+    assert flagged.status == "diverged"
+    assert flagged.diverged_at is not None and flagged.diverged_at % 10 == 0 and 0 < flagged.diverged_at <= 60
+    # Rows stop at the log step where the run was found non-finite; every earlier one is finite.
+    assert flagged.rows[-1]["step"] == flagged.diverged_at
+    last = flagged.rows[-1]
+    assert not (math.isfinite(last["train_loss"]) and math.isfinite(last["weight_norm"]))
+    assert all(math.isfinite(r["train_loss"]) for r in flagged.rows[:-1])
+
+    others = outcomes[:1] + outcomes[2:]
+    for got, want in zip(others, reference):
+        assert got.status == "finished" and got.diverged_at is None
+        assert [r["step"] for r in got.rows] == [0, 10, 20, 30, 40, 50, 60]
+        assert_same_run(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the packed optimiser is torch.optim on each run
+
+
+TORCH_OPTIMIZERS = {
+    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd-momentum": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay),
+    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay),
+}
+
+
+@pytest.mark.parametrize("which", list(TORCH_OPTIMIZERS))
+def test_packed_optimizer_matches_torch_optim(which):
+    opt = "sgd" if which.startswith("sgd") else which
+    lr = 0.05 if opt == "sgd" else 0.01
+    model_cfg = MLPConfig(width=8, depth=1, activation="tanh", bias=True)
+    data_cfg = TeacherDataConfig(teacher="mlp", dim=6, out_dim=2, n=100)
+    cfg = make(model_cfg, data_cfg, seed=4, opt=opt, lr=lr, wd=0.1, momentum=0.9 if which == "sgd-momentum" else 0.0,
+               steps=20, log_every=20)
+    (outcome,) = engine.train_pack([cfg])
+
+    ds = data.load(data_cfg)
+    x, y = torch.as_tensor(ds.x), torch.as_tensor(ds.y)
+    init = build(model_cfg, ds.in_dim, ds.out_dim).init_params([cfg.seed], CPU, torch.float64)
+    names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    params = [torch.nn.Parameter(init[k][0, 0].detach().clone()) for k in names]     # run 0, member 0
+    w0, b0, w1, b1 = params
+    optimizer = TORCH_OPTIMIZERS[which](params, cfg.optim)
+    for _ in range(cfg.train.steps):
+        optimizer.zero_grad()
+        out = torch.tanh(x @ w0.T + b0) @ w1.T + b1                                   # (n, 2)
+        loss = 0.5 * (out - y).pow(2).sum(-1).mean()                                  # half-MSE (§1)
+        loss.backward()
+        optimizer.step()
+
+    for k, p in zip(names, params):
+        assert not torch.equal(p.detach(), init[k][0, 0].detach())                   # it did move
+        torch.testing.assert_close(outcome.state[k], p.detach(), rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. per-step noise
+
+
+def _noise_configs(**per_run):
+    n = len(next(iter(per_run.values())))
+    cfgs = []
+    for i in range(n):
+        c = Config(model=HadamardConfig(), data=TeacherDataConfig(), seed=100 + i)
+        for key, values in per_run.items():
+            setattr(c.noise, key, values[i])
+        cfgs.append(validate(c))
+    return cfgs
+
+
+def test_langevin_noise_has_std_sqrt_2_lr_t_and_is_zero_at_t_zero():
+    temperatures, lrs = [0.5, 0.0, 2.0, 1e-3], [0.1, 0.1, 1e-3, 0.3]
+    cfgs = _noise_configs(temperature=temperatures)
+    shapes = {"a": (300, 100), "b": (40_000,)}
+    params = {k: torch.zeros(len(cfgs), *s, dtype=torch.float64) for k, s in shapes.items()}
+    StepNoise(cfgs, CPU, torch.float64).langevin(params, torch.tensor(lrs, dtype=torch.float64))
+
+    n = sum(math.prod(s) for s in shapes.values())
+    for i, (t, lr) in enumerate(zip(temperatures, lrs)):
+        xi = torch.cat([p[i].flatten() for p in params.values()])
+        if t == 0:
+            assert torch.count_nonzero(xi) == 0
+            continue
+        std = math.sqrt(2 * lr * t)
+        # n = 70 000 draws: the sample std is within ~0.3% of σ, the mean within σ/√n ≈ 0.004σ.
+        assert xi.std().item() == pytest.approx(std, rel=0.02)
+        assert abs(xi.mean().item()) < 5 * std / math.sqrt(n)
+        # Each parameter block gets the same scale (one draw per run covers all of them).
+        assert params["a"][i].std().item() == pytest.approx(std, rel=0.02)
+
+    # A run's noise comes from its own stream: the same draw when it is alone.
+    alone = {k: torch.zeros(1, *s, dtype=torch.float64) for k, s in shapes.items()}
+    StepNoise(cfgs[2:3], CPU, torch.float64).langevin(alone, torch.tensor(lrs[2:3], dtype=torch.float64))
+    assert all(torch.equal(alone[k][0], params[k][2]) for k in shapes)
+
+
+def test_label_noise_regression_std_and_classification_flips():
+    b = 50_000
+    cfgs = _noise_configs(label_std=[0.5, 0.0], label_flip=[0.0, 0.0])
+    y = torch.zeros(b, 1, dtype=torch.float64)                       # shared targets (B, o)
+    noisy = StepNoise(cfgs, CPU, torch.float64).labels(y, "regression", None)   # (R, B, o)
+    assert noisy.shape == (2, b, 1)
+    assert noisy[0].std().item() == pytest.approx(0.5, rel=0.02)
+    assert torch.count_nonzero(noisy[1]) == 0
+
+    cfgs = _noise_configs(label_std=[0.0, 0.0], label_flip=[0.3, 0.0])
+    labels = torch.arange(b) % 10                                    # (B,)
+    flipped = StepNoise(cfgs, CPU, torch.float64).labels(labels, "classification", 10)
+    changed = flipped[0] != labels
+    # A flip always goes to a *different* class, so the changed fraction is p itself (σ ≈ 0.002).
+    assert changed.float().mean().item() == pytest.approx(0.3, abs=0.01)
+    shift = (flipped[0][changed] - labels[changed]) % 10
+    assert shift.min() >= 1 and torch.bincount(shift, minlength=10)[1:].min() > 0.8 * changed.sum() / 9
+    assert torch.equal(flipped[1], labels)
