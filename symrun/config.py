@@ -195,7 +195,9 @@ class MetricsConfig:
     sparsity_rtol: float = 1e-2
     """… or ‖θ_g‖ ≤ sparsity_rtol · max_g ‖θ_g‖."""
     rank_rtol: float = 1e-3
-    """Numerical rank counts σᵢ > rank_rtol · σ₁."""
+    """Numerical rank counts σᵢ > rank_rtol · σ₁ …"""
+    rank_atol: float = 1e-6
+    """… and σᵢ > rank_atol, so a product that decayed to zero has rank 0, not 1."""
     homogeneity_threshold: float = 0.1
     """Neurons i, j identical iff 2‖θᵢ−θⱼ‖²/(‖θᵢ‖²+‖θⱼ‖²) < threshold (Chen et al.)."""
     constraint_atol: float = 1e-3
@@ -318,7 +320,7 @@ def validate(cfg: Config) -> Config:
         (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
         (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),
-        (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.constraint_atol) >= 0, "metrics thresholds must be >= 0"),
+        (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.rank_atol, mt.constraint_atol) >= 0, "metrics thresholds must be >= 0"),
         (mt.probe_size >= 1, f"metrics.probe_size must be >= 1, got {mt.probe_size}"),
     ]
     if isinstance(m, FactorizationConfig):

@@ -24,9 +24,9 @@ def sparsity(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
     return dead_groups(groups, atol, rtol).float().mean(dim=-1)
 
 
-def numerical_rank(s: torch.Tensor, rtol: float) -> torch.Tensor:
-    """#{σᵢ > rtol · σ₁} from descending singular values s: (..., k) → (...)."""
-    return (s > rtol * s[..., :1]).sum(dim=-1).to(s.dtype)
+def numerical_rank(s: torch.Tensor, rtol: float, atol: float = 0.0) -> torch.Tensor:
+    """#{σᵢ > max(rtol · σ₁, atol)} from descending singular values s: (..., k) → (...)."""
+    return ((s > rtol * s[..., :1]) & (s > atol)).sum(dim=-1).to(s.dtype)
 
 
 def effective_rank(s: torch.Tensor) -> torch.Tensor:
@@ -100,10 +100,10 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
 GRAM_RESOLUTION = 1e-7
 
 
-def rank_metrics(matrix: torch.Tensor, rtol: float, suffix: str = "") -> dict[str, torch.Tensor]:
+def rank_metrics(matrix: torch.Tensor, rtol: float, suffix: str = "", atol: float = 0.0) -> dict[str, torch.Tensor]:
     """rank, effective_rank, stable_rank of (R, ..., a, b), averaged over any middle axes."""
     s = singular_values(matrix)
-    out = {"rank": numerical_rank(s, rtol), "effective_rank": effective_rank(s), "stable_rank": stable_rank(s)}
+    out = {"rank": numerical_rank(s, rtol, atol), "effective_rank": effective_rank(s), "stable_rank": stable_rank(s)}
     return {f"{k}{suffix}": v.reshape(v.shape[0], -1).mean(-1) for k, v in out.items()}
 
 
@@ -126,7 +126,7 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor) -> dict[str,
         if frac:
             out["independent_fraction"] = torch.stack(frac).sum(0) / width
     for suffix, matrix in model.products(params).items():
-        out.update(rank_metrics(matrix, cfg.rank_rtol, suffix))
+        out.update(rank_metrics(matrix, cfg.rank_rtol, suffix, cfg.rank_atol))
     members = model.member_vectors(params)                                     # (R, M, P) or None
     if members is not None:
         dead = members.norm(dim=-1) <= cfg.sparsity_atol

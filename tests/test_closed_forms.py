@@ -115,10 +115,9 @@ def test_factorization_on_whitened_inputs_soft_thresholds_singular_values():
         np.testing.assert_allclose(sigma, np.maximum(sigma_c - lam, 0.0), rtol=0, atol=1e-6)
         # Surviving modes are ≥ 0.15; the removed ones decay geometrically towards 0.
         assert int((sigma > 1e-6).sum()) == rank
-        if rank > 0:
-            # The logged numerical rank (#{σᵢ > rtol·σ₁}) agrees. It is relative to σ₁, so it is
-            # not meaningful for the all-zero product of the last λ, which is checked above.
-            assert outcome.rows[-1]["rank"] == rank
+        # The logged numerical rank (#{σᵢ > max(rtol·σ₁, atol)}) agrees, the all-zero product
+        # of the last λ included (metrics.rank_atol).
+        assert outcome.rows[-1]["rank"] == rank
 
 
 # ---------------------------------------------------------------------------------------------
