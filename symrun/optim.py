@@ -35,7 +35,7 @@ class PackedOptimizer:
             g, lr, wd = grads[k], per_run(self.lr, p), per_run(self.wd, p)
             st = self.state[k]
             if self.name == "sgd" and not self.has_momentum:
-                p.mul_(1 - lr * wd).sub_(lr * g)   # = p − lr(g + λp), without a temporary for g + λp
+                p.mul_(1 - lr * wd).addcmul_(lr, g, value=-1)   # = p − lr(g + λp), no full-size temporaries
                 continue
             if self.name == "sgd":
                 g = g + wd * p

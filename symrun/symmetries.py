@@ -110,5 +110,6 @@ def constraint_norms(sym: Symmetry, params: Params) -> torch.Tensor:
     else:
         n = groups.shape[-2]
         i, j = torch.triu_indices(n, n, offset=1, device=groups.device)
-        norms = (groups[..., i, :] - groups[..., j, :]).norm(dim=-1) / math.sqrt(2)
+        # ‖θᵢ − θⱼ‖ through cdist's matmul form: no (…, n(n−1)/2, g) tensor of differences.
+        norms = torch.cdist(groups, groups)[..., i, j] / math.sqrt(2)
     return norms.reshape(norms.shape[0], -1)
