@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="small grids (a smoke run, not a measurement)")
     args = parser.parse_args(argv)
     device = engine.resolve_device(args.device)

@@ -30,7 +30,7 @@ def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
         "print('ok', names)\n"
     )
     # Run from an empty folder with only the wheel's copy on the path: the checkout is not used.
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", probe, str(site), str(tmp_path / "out")], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
