@@ -129,7 +129,7 @@ def _show_report(sweep_dir: Path) -> None:
             cells = []
             for col in cols:
                 std = row.get(col.replace(" mean", " std")) if col.endswith(" mean") else None
-                cells.append(_fmt(row[col]) + (f" ± {_fmt(std)}" if std is not None and std == std else ""))
+                cells.append(_fmt(row[col]) + (f" ± {std:.1g}" if std is not None and std == std else ""))
             table.add_row(*cells)
         console.print(table)
     console.print(f"runs: {report_mod.status_line(rep.status_counts) or 'none'}")
