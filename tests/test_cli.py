@@ -53,9 +53,10 @@ def test_sweep_writes_tidy_tables_and_a_rerun_trains_nothing(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_through_the_joblib_launcher_runs_every_pack(cli, tmp_path):
-    cli("sweep", "model=hadamard,factorization", "seed=0,1", "train.steps=5", "train.log_every=5",
-        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                                      ["hydra/launcher=submitit_local"]])
+def test_sweep_through_another_launcher_runs_every_pack(cli, tmp_path, launcher):
+    cli("sweep", "model=hadamard,factorization", "seed=0,1", "train.steps=5", "train.log_every=5", *launcher)
     (d,) = sweep_dirs(tmp_path / "outputs")
     runs = pd.read_csv(d / "runs.csv")
     assert len(runs) == 4 and set(runs["status"]) == {"finished"}
