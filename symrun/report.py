@@ -65,48 +65,84 @@ def summarize(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     return table.reset_index().drop(columns=["_all"], errors="ignore")
 
 
+SERIES_MAX = 4   # a second axis with at most this many values is drawn as one line per value
+
+
 def build(sweep_dir: Path) -> Report:
-    """Rebuild the tables, draw the phase diagrams, summarise. Figures go next to the tables."""
+    """Rebuild the tables, draw the phase diagrams, summarise. Figures go next to the tables.
+
+    One swept axis (seeds pooled): a line with mean ± std. Two: one line per value of the
+    shorter axis when it has at most SERIES_MAX values, else a heatmap of the mean."""
     sweep_dir = Path(sweep_dir)
     runs, _ = results.write_tables(sweep_dir)
     if runs.empty:
         return Report([], pd.DataFrame(), {})
     swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
-    axes = axes_of(runs, swept)
+    axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
+    done = runs[runs["status"] == results.FINISHED]
     figures = []
-    if len(axes) == 1:
-        for metric in metrics_of(runs):
-            figures.append(_phase_diagram(sweep_dir, runs, axes[0], metric))
+    if done.empty or not 1 <= len(axes) <= 2:
+        return Report(figures, summarize(runs, swept), runs["status"].value_counts().to_dict())
+    x, other = axes[-1], (axes[0] if len(axes) == 2 else None)
+    for metric in metrics_of(runs):
+        if other is not None and done[other].nunique() > SERIES_MAX:
+            figures.append(_heatmap(sweep_dir, done, x, other, metric))
+        else:
+            figures.append(_phase_diagram(sweep_dir, done, x, metric, other))
     return Report(figures, summarize(runs, swept), runs["status"].value_counts().to_dict())
 
 
-def _phase_diagram(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str) -> Path:
-    done = runs[runs["status"] == results.FINISHED]
-    stats = done.groupby(axis)[metric].agg(["mean", "std", "count"]).reset_index().sort_values(axis)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    numeric = pd.api.types.is_numeric_dtype(stats[axis])
-    xs = stats[axis] if numeric else np.arange(len(stats))
-    ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), fmt="o-" if numeric else "o", capsize=3,
-                label=f"symrun (mean ± std over {int(stats['count'].max())} seeds)")
-    if not numeric:
-        ax.set_xticks(xs, stats[axis].astype(str))
-    line = _theory_line(sweep_dir, runs, axis, metric)
-    if line is not None:
-        lx, ly, label = line
-        if ly is None:
-            ax.axvline(lx, color="k", ls="--", label=label)
-        else:
-            ax.plot(lx, ly, "k--", label=label)
-    positive = stats[axis][stats[axis] > 0] if numeric else []
-    if len(positive) and positive.max() / positive.min() > 50:
-        ax.set_xscale("symlog", linthresh=positive.min()) if (stats[axis] <= 0).any() else ax.set_xscale("log")
+def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, series: Optional[str]) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    numeric = pd.api.types.is_numeric_dtype(done[axis])
+    groups = [(None, done)] if series is None else sorted(done.groupby(series), key=lambda kv: str(kv[0]))
+    theory_drawn = False
+    for value, part in groups:
+        stats = part.groupby(axis)[metric].agg(["mean", "std", "count"]).reset_index().sort_values(axis)
+        xs = stats[axis] if numeric else np.arange(len(stats))
+        label = f"{series}={value}" if series else "symrun"
+        ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), fmt="o-" if numeric else "o", capsize=3,
+                    label=f"{label} (mean ± std, {int(stats['count'].max())} seeds)")
+        if not numeric:
+            ax.set_xticks(xs, stats[axis].astype(str))
+        line = None if theory_drawn or not numeric else _theory_line(sweep_dir, part, axis, metric)
+        if line is not None:
+            lx, ly, text = line
+            ax.axvline(lx, color="k", ls="--", label=text) if ly is None else ax.plot(lx, ly, "k--", label=text)
+            theory_drawn = True
+    if numeric:
+        _log_scale_if_wide(ax.set_xscale, done[axis])
     ax.set_xlabel(axis)
     ax.set_ylabel(f"final {metric}")
-    ax.set_title(f"{metric} vs {axis} — {sweep_dir.parent.name}")
+    ax.set_title(f"{metric} vs {axis} — {sweep_dir.parent.name}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    suffix = f"_by_{series}" if series else ""
+    return _save(fig, sweep_dir / f"phase_{metric}_vs_{axis}{suffix}.png")
+
+
+def _heatmap(sweep_dir: Path, done: pd.DataFrame, x: str, y: str, metric: str) -> Path:
+    grid = done.pivot_table(index=y, columns=x, values=metric, aggfunc="mean").sort_index().sort_index(axis=1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    image = ax.imshow(grid.to_numpy(), origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(grid.shape[1]), [f"{v:.2g}" if isinstance(v, float) else str(v) for v in grid.columns],
+                  rotation=60, fontsize=7)
+    ax.set_yticks(range(grid.shape[0]), [f"{v:.2g}" if isinstance(v, float) else str(v) for v in grid.index], fontsize=7)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    fig.colorbar(image, ax=ax, label=f"final {metric} (mean over seeds)")
+    ax.set_title(f"{metric} — {sweep_dir.parent.name}", fontsize=10)
+    return _save(fig, sweep_dir / f"heatmap_{metric}_{x}_vs_{y}.png")
+
+
+def _log_scale_if_wide(set_scale, values: pd.Series) -> None:
+    positive = values[values > 0]
+    if len(positive) and positive.max() / positive.min() > 50:
+        set_scale("symlog", linthresh=positive.min()) if (values <= 0).any() else set_scale("log")
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    path = sweep_dir / f"phase_{metric}_vs_{axis}.png"
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
