@@ -28,7 +28,7 @@ PRIMARY = {
     "hadamard": ["sparsity"],
     "factorization": ["rank"],
     "mlp": ["sparsity", "independent_fraction"],
-    "ensemble": ["ensemble_spread", "independent_fraction"],
+    "ensemble": ["independent_fraction", "ensemble_disagreement", "ensemble_spread"],
 }
 FIT = ["train_loss", "test_loss", "accuracy"]
 
