@@ -45,6 +45,10 @@ class ModelConfig:
     name: str = MISSING
     init_scale: float = 1.0
     """Multiplies every initial weight's standard deviation (1.0 = the model's default init)."""
+    offset_std: float = 0.0
+    """Symmetry removal: the network uses θ + b with a fixed random b ~ N(0, offset_std²) per entry,
+    drawn from the run's seed, while weight decay acts on θ. Removes almost every mirror
+    (Ziyin et al., ICLR 2025, "Remove symmetries to control model expressivity"). 0 = off."""
 
 
 @dataclass
@@ -318,6 +322,7 @@ def validate(cfg: Config) -> Config:
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got '{cfg.device}'"),
         (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),
         (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
+        (m.offset_std >= 0, f"model.offset_std must be >= 0, got {m.offset_std}"),
         (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),
         (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.rank_atol, mt.constraint_atol) >= 0, "metrics thresholds must be >= 0"),

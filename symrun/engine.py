@@ -9,6 +9,7 @@ pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exac
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from symrun import data as data_mod
 from symrun import metrics, models
-from symrun.config import Config, ConfigError
+from symrun.config import PER_RUN_KEYS, Config, ConfigError, flatten, to_dict
 from symrun.data import BatchOrder, Dataset, generator
 from symrun.optim import PackedOptimizer, per_run
 
@@ -29,6 +30,13 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available (use device=cpu or device=auto)")
     return torch.device(name)
+
+
+def pack_key(cfg: Config) -> str:
+    """Runs with equal keys share every shape and setting but PER_RUN_KEYS: one batched model."""
+    flat = flatten(to_dict(cfg))
+    shared = {k: v for k, v in flat.items() if k not in PER_RUN_KEYS and k not in ("name", "pack_size")}
+    return json.dumps(shared, sort_keys=True, default=str)
 
 
 @dataclass
@@ -108,6 +116,8 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     The configs must share everything but config.PER_RUN_KEYS (symrun.sweep groups them so).
     `on_step(n)` is called as steps complete (for a progress bar).
     """
+    if len({pack_key(c) for c in cfgs}) > 1:
+        raise ValueError("the configs of a pack may differ only in " + ", ".join(PER_RUN_KEYS))
     first = cfgs[0]
     device, dtype = resolve_device(first.device), getattr(torch, first.train.dtype)
     ds = dataset if dataset is not None else data_mod.load(first.data)
@@ -118,6 +128,9 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     hp = lambda get: torch.tensor([get(c) for c in cfgs], device=device, dtype=dtype)  # noqa: E731
     lr, wd = hp(lambda c: c.optim.lr), hp(lambda c: c.optim.weight_decay)
     params = model.init_params([c.seed for c in cfgs], device, dtype)
+    offsets = model.init_offsets([c.seed for c in cfgs], first.model.offset_std, device, dtype)
+    # The network the runs train: θ, or θ + b under symmetry removal (weight decay acts on θ).
+    net = (lambda: params) if offsets is None else (lambda: {k: p + offsets[k] for k, p in params.items()})  # noqa: E731
     opt = PackedOptimizer(first.optim, params, lr, wd, hp(lambda c: c.optim.momentum))
     noise = StepNoise(cfgs, device, dtype)
     bs = first.data.batch_size
@@ -128,7 +141,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
 
     def log(step: int) -> None:
         with torch.no_grad():
-            row = evaluate(model, params, first, ds.task, x, y, x_test, y_test, probe)
+            row = evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe)
         bad = ~torch.isfinite(row["train_loss"]) | ~torch.isfinite(row["weight_norm"])
         values = {k: v.double().cpu().tolist() for k, v in row.items()}
         for i in torch.nonzero(alive).flatten().tolist():
@@ -152,7 +165,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             idx = order.next()                  # (R, B)
             xb, yb = x[idx], y[idx]             # (R, B, d), (R, B[, o])
         yb = noise.labels(yb, ds.task, ds.n_classes)
-        loss = loss_per_run(model.forward(params, xb), yb, ds.task)       # (R,)
+        loss = loss_per_run(model.forward(net(), xb), yb, ds.task)        # (R,)
         grads = torch.autograd.grad(loss.sum(), list(params.values()))
         opt.step(params, dict(zip(params, grads)))
         noise.langevin(params, lr)
@@ -162,7 +175,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             on_step(1)
     for i, outcome in enumerate(outcomes):
         if outcome.status == "finished":
-            outcome.state = model.run_state(params, i)
+            outcome.state = model.run_state(net(), i)
     return outcomes
 
 

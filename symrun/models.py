@@ -32,13 +32,20 @@ class PackedModel:
         raise NotImplementedError
 
     def init_params(self, seeds: list[int], device: torch.device, dtype: torch.dtype) -> Params:
+        stds = {k: std for k, (_, std) in self.shapes().items()}
+        return {k: v.requires_grad_() for k, v in self._draw(seeds, "init", stds, device, dtype).items()}
+
+    def init_offsets(self, seeds: list[int], std: float, device: torch.device, dtype: torch.dtype) -> Params | None:
+        """The fixed random offsets b of symmetry removal (model.offset_std), or None when off."""
+        return self._draw(seeds, "offset", {k: std for k in self.shapes()}, device, dtype) if std > 0 else None
+
+    def _draw(self, seeds, purpose: str, stds: dict[str, float], device, dtype) -> Params:
         per_run = []
         for seed in seeds:
-            g = generator(seed, "init")
-            per_run.append({k: torch.randn(shape, generator=g, dtype=torch.float64) * std
-                            for k, (shape, std) in self.shapes().items()})
-        return {k: torch.stack([p[k] for p in per_run]).to(device=device, dtype=dtype).requires_grad_()
-                for k in self.shapes()}
+            g = generator(seed, purpose)
+            per_run.append({k: torch.randn(shape, generator=g, dtype=torch.float64) * stds[k]
+                            for k, (shape, _) in self.shapes().items()})
+        return {k: torch.stack([p[k] for p in per_run]).to(device=device, dtype=dtype) for k in self.shapes()}
 
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

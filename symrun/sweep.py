@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from symrun import data as data_mod
 from symrun import engine, models, results
-from symrun.config import CONFIG_DIR, PER_RUN_KEYS, Config, ConfigError, flatten, to_config, to_dict
+from symrun.config import CONFIG_DIR, Config, ConfigError, to_config, to_dict
 
 
 @dataclass
@@ -122,12 +122,6 @@ def compose_all(grid: list[list[str]]) -> list[Config]:
     return configs
 
 
-def pack_key(cfg: Config) -> str:
-    """Runs with equal keys can be trained as one batched model."""
-    flat = flatten(to_dict(cfg))
-    return json.dumps({k: v for k, v in flat.items() if k not in PER_RUN_KEYS and k != "name"}, sort_keys=True, default=str)
-
-
 def check_buildable(configs: list[Config]) -> None:
     """Load every distinct dataset and build every distinct model once, before any work starts."""
     seen: dict[str, data_mod.Dataset] = {}
@@ -158,7 +152,7 @@ def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[P
     todo: dict[str, list[str]] = {}
     for rid, cfg in by_id.items():
         if rid not in finished:
-            todo.setdefault(pack_key(cfg), []).append(rid)
+            todo.setdefault(engine.pack_key(cfg), []).append(rid)
     packs = []
     for ids in todo.values():
         size = by_id[ids[0]].pack_size

@@ -284,3 +284,36 @@ def test_label_noise_regression_std_and_classification_flips():
     shift = (flipped[0][changed] - labels[changed]) % 10
     assert shift.min() >= 1 and torch.bincount(shift, minlength=10)[1:].min() > 0.8 * changed.sum() / 9
     assert torch.equal(flipped[1], labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Symmetry removal: a fixed random offset b, θ_eff = θ + b, weight decay on θ (model.offset_std)
+
+
+def _hadamard(wd, offset_std, seed=0):
+    c = Config(model=HadamardConfig(offset_std=offset_std), data=TeacherDataConfig(), seed=seed)
+    c.optim.lr, c.optim.weight_decay = 0.3, wd
+    c.train.steps, c.train.log_every, c.train.dtype = 1500, 1500, "float64"
+    return validate(c)
+
+
+def test_offset_removes_the_sparsity_weight_decay_would_impose():
+    (plain,), (offset,) = engine.train_pack([_hadamard(2.0, 0.0)]), engine.train_pack([_hadamard(2.0, 0.5)])
+    assert plain.rows[-1]["sparsity"] == 1.0                 # λ = 2 > λ_max ≈ 0.95: every pair dead
+    assert offset.rows[-1]["sparsity"] == 0.0                # with b the zero point is no longer a mirror's
+    # θ decays to 0 under strong weight decay, so the network ends at b: ‖θ + b‖ ≈ ‖b‖ ≈ σ_b √(2d)
+    expected = 0.5 * (2 * 20) ** 0.5
+    assert offset.rows[-1]["weight_norm"] == pytest.approx(expected, rel=0.3)
+    assert offset.rows[0]["weight_norm"] != pytest.approx(plain.rows[0]["weight_norm"])
+
+
+def test_offset_is_fixed_per_run_and_independent_of_the_pack():
+    alone = engine.train_pack([_hadamard(0.1, 0.3, seed=5)])[0]
+    packed = engine.train_pack([_hadamard(0.1, 0.3, seed=s) for s in (1, 5, 9)])[1]
+    for key, value in alone.state.items():
+        torch.testing.assert_close(packed.state[key], value, rtol=1e-9, atol=1e-12)
+
+
+def test_a_pack_refuses_configs_that_differ_in_shape():
+    with pytest.raises(ValueError, match="may differ only in"):
+        engine.train_pack([_hadamard(0.1, 0.0), _hadamard(0.1, 0.5)])
