@@ -28,7 +28,8 @@ OUTPUTS = typer.Option(Path("outputs"), "--outputs", help="Root folder for resul
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    """One line on stderr (library messages may quote multi-line errors: they are folded), exit 2."""
+    err.print(f"[bold red]error:[/bold red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -115,7 +116,10 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
     """Rebuild runs.csv/results.csv from the run folders, draw the phase diagrams, print a summary."""
     if not (sweep_dir / "runs").is_dir():
         _fail(f"{sweep_dir} is not a sweep folder (no runs/ inside)")
-    _show_report(sweep_dir)
+    try:
+        _show_report(sweep_dir)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
 
 
 def _show_report(sweep_dir: Path) -> None:

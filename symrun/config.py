@@ -10,6 +10,8 @@ Only this module and the CLI/sweep edge touch OmegaConf; the library receives `C
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,16 +263,22 @@ class PackJob:
 
 
 def to_config(cfg: DictConfig | dict) -> Config:
-    """Typed `Config` from a composed DictConfig or a plain dict (e.g. a run's saved config.yaml)."""
+    """Typed `Config` from a composed DictConfig or a plain dict (e.g. a run's saved config.yaml).
+
+    A key the schema lacks (e.g. a mistyped `+optim.weight_decy=1`, which Hydra accepts and
+    the dataclass would silently drop) is an error."""
     if not isinstance(cfg, DictConfig):
         cfg = _structured(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
+        unknown = set(flatten(OmegaConf.to_container(cfg))) - set(flatten(to_dict(obj)))
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", None) or str(e)
         raise ConfigError(f"missing required setting '{key}' (set it on the command line, e.g. {key}=...)") from None
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    if unknown:
+        raise ConfigError(f"unknown setting '{sorted(unknown)[0]}'")
     return validate(obj)
 
 
@@ -279,16 +287,27 @@ def _structured(d: dict) -> DictConfig:
     data_cls = DATA_OPTIONS.get(d.get("data", {}).get("name"))
     if model_cls is None or data_cls is None:
         raise ConfigError(f"unknown model or data option in saved config: {d.get('model')}, {d.get('data')}")
-    schema = OmegaConf.structured(Config(model=model_cls(), data=data_cls()))
     try:
-        return OmegaConf.merge(schema, d)
+        return OmegaConf.merge(_schema(model_cls, data_cls), d)
     except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"unknown setting '{key}'" if "not in" in str(e) and key else str(e).splitlines()[0]) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(model_cls: type, data_cls: type) -> DictConfig:
+    return OmegaConf.structured(Config(model=model_cls(), data=data_cls()))   # merge never mutates it
+
+
+@functools.lru_cache(maxsize=None)
+def default_values(model_cls: type, data_cls: type) -> dict[str, Any]:
+    """Flattened defaults of a Config with these model and data options."""
+    return flatten(to_dict(Config(model=model_cls(), data=data_cls())))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of a Config (for YAML, hashing and tables)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return dataclasses.asdict(cfg)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -313,9 +332,9 @@ def validate(cfg: Config) -> Config:
         (o.name in ("sgd", "adam", "adamw"), f"optim.name must be sgd, adam or adamw, got '{o.name}'"),
         (o.momentum == 0 or o.name == "sgd", "optim.momentum applies to sgd only (adam uses optim.betas)"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
-        (n.label_std >= 0, f"noise.label_std must be >= 0, got {n.label_std}"),
+        (0 <= n.label_std < math.inf, f"noise.label_std must be a number >= 0, got {n.label_std}"),
         (0 <= n.label_flip <= 1, f"noise.label_flip must be in [0, 1], got {n.label_flip}"),
-        (n.temperature >= 0, f"noise.temperature must be >= 0, got {n.temperature}"),
+        (0 <= n.temperature < math.inf, f"noise.temperature must be a number >= 0, got {n.temperature}"),
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.dtype in ("float32", "float64"), f"train.dtype must be float32 or float64, got '{t.dtype}'"),
@@ -327,6 +346,7 @@ def validate(cfg: Config) -> Config:
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),
         (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.rank_atol, mt.constraint_atol) >= 0, "metrics thresholds must be >= 0"),
         (mt.probe_size >= 1, f"metrics.probe_size must be >= 1, got {mt.probe_size}"),
+        (mt.homogeneity_threshold >= 0, f"metrics.homogeneity_threshold must be >= 0, got {mt.homogeneity_threshold}"),
     ]
     if isinstance(m, FactorizationConfig):
         checks.append((m.hidden >= 1, f"model.hidden must be >= 1, got {m.hidden}"))
@@ -344,6 +364,7 @@ def validate(cfg: Config) -> Config:
             (d.n >= 1 and d.n_test >= 0 and d.dim >= 1 and d.out_dim >= 1, "data.n, data.dim, data.out_dim must be >= 1 and data.n_test >= 0"),
             (not d.whiten or d.n >= d.dim, f"data.whiten needs data.n >= data.dim, got n={d.n}, dim={d.dim}"),
             (d.noise_std >= 0, f"data.noise_std must be >= 0, got {d.noise_std}"),
+            (min(d.nonzero, d.rank, d.hidden) >= 1, "data.nonzero, data.rank and data.hidden must be >= 1"),
         ]
     if isinstance(d, (DigitsDataConfig, FileDataConfig)):
         checks.append((0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}"))
@@ -352,4 +373,7 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if isinstance(d, FileDataConfig):
+        # Stored absolute: a resume, a report or a cluster job may start in another folder.
+        d.path = str(Path(d.path).expanduser().resolve())
     return cfg

@@ -34,16 +34,17 @@ class PackedOptimizer:
         for k, p in params.items():
             g, lr, wd = grads[k], per_run(self.lr, p), per_run(self.wd, p)
             st = self.state[k]
-            if self.name == "sgd" and not self.has_momentum:
-                p.mul_(1 - lr * wd).addcmul_(lr, g, value=-1)   # = p − lr(g + λp), no full-size temporaries
-                continue
             if self.name == "sgd":
+                # One formula for every run, so a run's float path never depends on its pack-mates:
+                # with μ = 0 the buffer is 0·buf + g exactly, i.e. plain SGD.
                 g = g + wd * p
-                if "buf" in st:
-                    st["buf"].mul_(per_run(self.mom, p)).add_(g)
-                else:
-                    st["buf"] = g.clone()  # torch.optim.SGD: the first step's buffer is the gradient
-                p.sub_(lr * st["buf"])
+                if self.has_momentum:
+                    if "buf" in st:
+                        st["buf"].mul_(per_run(self.mom, p)).add_(g)
+                    else:
+                        st["buf"] = g.clone()  # torch.optim.SGD: the first step's buffer is the gradient
+                    g = st["buf"]
+                p.sub_(lr * g)
                 continue
             if self.name == "adam":
                 g = g + wd * p

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import yaml
 
-from symrun.config import EXECUTION_KEYS, Config, flatten, to_dict
+from symrun.config import EXECUTION_KEYS, Config, default_values, flatten, to_dict
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
 FLOAT_FORMAT = "%.17g"   # floats round-trip exactly through the CSVs
@@ -48,7 +48,7 @@ def run_dir(sweep_dir: Path, run_id: str) -> Path:
 
 def run_id(cfg: Config) -> str:
     flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in EXECUTION_KEYS}
-    defaults = flatten(to_dict(Config(model=type(cfg.model)(), data=type(cfg.data)())))
+    defaults = default_values(type(cfg.model), type(cfg.data))
     changed = {k: v for k, v in flat.items() if defaults.get(k, object()) != v or k in ("model.name", "data.name")}
     digest = hashlib.sha256(json.dumps(sorted(changed.items()), default=str).encode()).hexdigest()[:10]
     return f"{cfg.model.name}-s{cfg.seed}-{digest}"

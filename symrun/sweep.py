@@ -56,8 +56,8 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _parse(args: list[str]):
-    try:
-        return OverridesParser.create().parse_overrides(args)
+    try:   # with the config loader, glob(...) sweeps over group options work too
+        return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
     except HydraException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 

@@ -54,9 +54,8 @@ class Swap:
 
 @dataclass(frozen=True)
 class Rotation:
-    left: str    # U: (*lead, a, h)
-    right: str   # W: (*lead, h, b)
-    lead: int = 1
+    left: str    # U: (R, a, h)
+    right: str   # W: (R, h, b)
 
 
 Symmetry = Union[SignFlip, Swap, Rotation]
@@ -100,8 +99,8 @@ def constraint_norms(sym: Symmetry, params: Params) -> torch.Tensor:
     their constraint), so ‖Oᵀθ‖² = nᵀ(UᵀU + WWᵀ)n is an eigenvalue.
     """
     if isinstance(sym, Rotation):
-        u, w = params[sym.left], params[sym.right]
-        gram = u.transpose(-1, -2) @ u + w @ w.transpose(-1, -2)          # (*lead, h, h)
+        u, w = params[sym.left].double(), params[sym.right].double()   # float32 eigh is off by ~1e-3 here
+        gram = u.mT @ u + w @ w.mT                                       # (*lead, h, h)
         norms = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
         return norms.reshape(norms.shape[0], -1)
     groups = gather(sym.neurons, params)                                   # (*lead, n, g)
