@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 
 from symrun import data as data_mod  # noqa: E402
 from symrun import results, theory  # noqa: E402
-from symrun.config import to_config  # noqa: E402
+from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, to_config  # noqa: E402
 
 # The structure each model family is about, first; then how well it fits.
 PRIMARY = {
@@ -41,8 +41,14 @@ class Report:
 
 
 def axes_of(runs: pd.DataFrame, swept: list[str]) -> list[str]:
-    """Swept keys that vary in the table, seeds excluded (seeds are pooled)."""
-    return [k for k in swept if k != "seed" and k in runs and runs[k].nunique(dropna=False) > 1]
+    """Settings that vary across the table's runs, seeds excluded (seeds are pooled): the swept
+    keys first, then any other setting that differs (e.g. after resuming with other settings),
+    so runs that differ in anything but the seed are never pooled."""
+    settings = set()
+    for (model, data_name), _ in runs.groupby(["model.name", "data.name"]):
+        settings |= set(default_values(MODEL_OPTIONS[model], DATA_OPTIONS[data_name]))
+    varying = [k for k in runs.columns if k in settings and k != "seed" and runs[k].nunique() > 1]
+    return [k for k in swept if k in varying] + [k for k in varying if k not in swept]
 
 
 def metrics_of(runs: pd.DataFrame) -> list[str]:
@@ -81,7 +87,7 @@ def build(sweep_dir: Path) -> Report:
     axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
     done = runs[runs["status"] == results.FINISHED]
     figures = []
-    if done.empty or not 1 <= len(axes) <= 2:
+    if done.empty or not 1 <= len(axes) <= 2:   # more axes: the summary table, no figure
         return Report(figures, summarize(runs, swept), runs["status"].value_counts().to_dict())
     x, other = axes[-1], (axes[0] if len(axes) == 2 else None)
     for metric in metrics_of(runs):
@@ -95,8 +101,8 @@ def build(sweep_dir: Path) -> Report:
 def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, series: Optional[str]) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     numeric = pd.api.types.is_numeric_dtype(done[axis])
-    groups = [(None, done)] if series is None else sorted(done.groupby(series), key=lambda kv: str(kv[0]))
-    theory_drawn = False
+    groups = [(None, done)] if series is None else list(done.groupby(series))
+    drawn: list[np.ndarray] = []
     for value, part in groups:
         stats = part.groupby(axis)[metric].agg(["mean", "std", "count"]).reset_index().sort_values(axis)
         xs = stats[axis] if numeric else np.arange(len(stats))
@@ -105,11 +111,17 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
                     label=f"{label} (mean ± std, {int(stats['count'].max())} seeds)")
         if not numeric:
             ax.set_xticks(xs, stats[axis].astype(str))
-        line = None if theory_drawn or not numeric else _theory_line(sweep_dir, part, axis, metric)
-        if line is not None:
+        line = _theory_line(sweep_dir, part, axis, metric) if numeric else None
+        if line is not None:   # the closed form of this series' own config, once per distinct line
             lx, ly, text = line
-            ax.axvline(lx, color="k", ls="--", label=text) if ly is None else ax.plot(lx, ly, "k--", label=text)
-            theory_drawn = True
+            key = np.atleast_1d(lx if ly is None else ly)
+            if not any(np.array_equal(key, d) for d in drawn):
+                text += f" ({series}={value})" if drawn else ""
+                if ly is None:
+                    ax.axvline(lx, color="k", ls="--", label=text)
+                else:
+                    ax.plot(lx, ly, "k--", label=text)
+                drawn.append(key)
     if numeric:
         _log_scale_if_wide(ax.set_xscale, done[axis])
     ax.set_xlabel(axis)
@@ -138,7 +150,10 @@ def _heatmap(sweep_dir: Path, done: pd.DataFrame, x: str, y: str, metric: str) -
 def _log_scale_if_wide(set_scale, values: pd.Series) -> None:
     positive = values[values > 0]
     if len(positive) and positive.max() / positive.min() > 50:
-        set_scale("symlog", linthresh=positive.min()) if (values <= 0).any() else set_scale("log")
+        if (values <= 0).any():
+            set_scale("symlog", linthresh=positive.min())
+        else:
+            set_scale("log")
 
 
 def _save(fig, path: Path) -> Path:

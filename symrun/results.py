@@ -145,8 +145,9 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if st is None:
             continue
         cfg = flatten(yaml.safe_load((d / "config.yaml").read_text()))
-        extra = {k: st.get(k) for k in ("wall_time_s", "pack", "pack_size", "device", "torch", "git_commit",
+        extra = {k: st.get(k) for k in ("wall_time_s", "pack", "pack_size", "torch", "git_commit",
                                         "git_dirty", "diverged_at", "error", "started_at", "finished_at")}
+        extra["resolved_device"] = st.get("device")      # `device` stays the configured value
         run_rows.append({"run_id": st["run_id"], "status": st["status"], **cfg, **st.get("final", {}), **extra})
         if (d / "metrics.csv").is_file() and st["status"] != RUNNING:
             frame = read_csv(d / "metrics.csv")

@@ -39,3 +39,13 @@ def test_summary_pools_seeds_per_grid_point(tmp_path):
     assert got["sparsity mean"].to_dict() == pytest.approx(expected["mean"].to_dict())
     assert got["sparsity std"].to_dict() == pytest.approx(expected["std"].fillna(0).to_dict(), abs=1e-12)
     assert "seed" not in got.columns and "rank mean" not in got.columns
+
+
+def test_runs_differing_outside_the_swept_keys_are_not_pooled(tmp_path):
+    d = _sweep(tmp_path, "optim.weight_decay=0,0.5")
+    plan = sweep.plan(["optim.weight_decay=0,0.5", "train.steps=40", "train.log_every=10"], tmp_path, sweep_dir=d)
+    path = sweep.write_plan(plan)
+    sweep.run_pack(path, 0)
+    rep = report.build(d)
+    assert len(rep.summary) == 4 and set(rep.summary["runs"]) == {1}
+    assert {"optim.weight_decay", "train.steps"} <= set(rep.summary.columns)
