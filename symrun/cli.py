@@ -69,7 +69,8 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
     args, show = _wants_cfg(args)
     run_args, hydra_args = sweep.split_args(args)
     try:
-        plan = sweep.plan(run_args, outputs, sweep.sweep_dir_from(hydra_args), single=single)
+        plan = sweep.plan(run_args, outputs, sweep.sweep_dir_from(hydra_args), single=single,
+                          hydra_args=tuple(hydra_args))
     except (ConfigError, DataError) as e:
         _fail(str(e))
     if show:

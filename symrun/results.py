@@ -1,14 +1,14 @@
 """Where results live and how they are written and read back. Every output path is built here.
 
     outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep (the suffix keeps same-second sweeps apart)
-        sweep.json                                    what was asked: overrides, swept keys
-        plan.json                                     packs of run ids, as launched
+        sweep.json                                    swept keys and every launch into it (overrides, counts)
+        launches/<k>/plan.json                        launch k's packs of run ids
+        launches/<k>/packs/<i>/                       Hydra's folder for its job i (.hydra/, log)
         runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time
         runs/<run_id>/config.yaml                     the resolved config
                       metrics.csv                     one row per logged step
                       params.pt                       final parameters (torch.load(..., weights_only=True))
                       status.json                     written last: finished | failed | diverged | running
-        packs/<i>/                                    Hydra's per-job folder (its .hydra/ and log)
 
 Each file is written to a temporary name and renamed, so a crash never leaves half a file.
 run_id = readable prefix + hash of the settings that differ from the defaults (open_lth style:

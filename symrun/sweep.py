@@ -122,6 +122,16 @@ def compose_all(grid: list[list[str]]) -> list[Config]:
     return configs
 
 
+def check_hydra_args(hydra_args: list[str]) -> None:
+    """Compose the pack job with the user's Hydra arguments, so a bad launcher or key fails now."""
+    if any(a.lstrip("+~").startswith("hydra.sweeper.params") for a in hydra_args):
+        raise ConfigError("put grid axes on the command line (key=a,b) or in a preset, not in hydra.sweeper.params")
+    try:
+        compose("pack_job", overrides=["plan=x", *hydra_args], return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_first_line(e)) from None
+
+
 def check_buildable(configs: list[Config]) -> None:
     """Load every distinct dataset and build every distinct model once, before any work starts."""
     seen: dict[str, data_mod.Dataset] = {}
@@ -137,13 +147,15 @@ def check_buildable(configs: list[Config]) -> None:
 
 
 def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,
-         single: bool = False) -> Plan:
-    """Everything a sweep will do, checked; nothing is written. `single`: exactly one run."""
+         single: bool = False, hydra_args: tuple[str, ...] = ()) -> Plan:
+    """Everything a sweep will do, checked; nothing is written. `single`: exactly one run.
+    `hydra_args` (launcher choice and settings) are checked here too, before any work."""
     with _hydra_context():
         grid, swept = expand(args) if not single else ([args], [])
         if single and any(o.is_sweep_override() for o in _parse(args)):
             raise ConfigError("symrun run takes one configuration; use symrun sweep for sweep syntax")
         configs = compose_all(grid)
+        check_hydra_args(list(hydra_args))
     check_buildable(configs)
     by_id = {results.run_id(c): c for c in configs}
     name = configs[0].name
@@ -161,26 +173,31 @@ def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[P
 
 
 def write_plan(p: Plan) -> Path:
-    """Lay out the sweep folder: sweep.json, plan.json and each run's config.yaml."""
+    """Lay out the sweep folder: sweep.json (with this launch appended to its history), the
+    launch's plan and each new run's config.yaml. Returns the plan's path."""
     previous = results.read_json(p.sweep_dir / "sweep.json") or {}
-    swept = list(dict.fromkeys(previous.get("swept", []) + p.swept))
+    launches = previous.get("launches", [])
+    launch_dir = p.sweep_dir / "launches" / str(len(launches))
     results.write_json(p.sweep_dir / "sweep.json", {
-        "name": p.name, "swept": swept, "overrides": p.overrides, "created": previous.get("created", results.now()),
-        "runs": len(p.configs)})
+        "name": p.name,
+        "swept": list(dict.fromkeys(previous.get("swept", []) + p.swept)),
+        "created": previous.get("created", results.now()),
+        "launches": launches + [{"at": results.now(), "overrides": p.overrides, "runs": len(p.configs),
+                                 "already_finished": len(p.finished), "packs": len(p.packs)}]})
     for rid, cfg in p.configs.items():
         if rid not in p.finished:           # a finished run's folder is never touched again
             results.save_config(p.sweep_dir, rid, cfg)
-    path = p.sweep_dir / "plan.json"
-    results.write_json(path, {"packs": p.packs})
+    path = launch_dir / "plan.json"
+    results.write_json(path, {"sweep_dir": str(p.sweep_dir.resolve()), "packs": p.packs})
     return path
 
 
 def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train pack `index` of a written plan and record every run. Never raises for a run's failure:
     a pack that fails marks its runs failed, with the error, and the sweep goes on."""
-    plan_path = Path(plan_path)
-    sweep_dir = plan_path.parent
-    ids = [rid for rid in results.read_json(plan_path)["packs"][index] if not results.is_finished(sweep_dir, rid)]
+    written = results.read_json(Path(plan_path))
+    sweep_dir = Path(written["sweep_dir"])
+    ids = [rid for rid in written["packs"][index] if not results.is_finished(sweep_dir, rid)]
     if not ids:
         return {"pack": index, "runs": 0}
     configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in ids]
@@ -225,7 +242,7 @@ def launch(p: Plan, plan_path: Path, hydra_args: list[str], on_step: Optional[Ca
     if not p.packs:
         return
     argv = [f"plan='{plan_path.resolve()}'", f"pack={','.join(str(i) for i in range(len(p.packs)))}",
-            f"hydra.sweep.dir='{p.sweep_dir.resolve()}'", "hydra.sweep.subdir=packs/${hydra.job.num}",
+            f"hydra.sweep.dir='{plan_path.parent.resolve()}'", "hydra.sweep.subdir=packs/${hydra.job.num}",
             "hydra.job.name=symrun", *[a for a in hydra_args if not a.startswith("hydra.sweep.dir=")], "--multirun"]
     saved, _ON_STEP = sys.argv, on_step
     sys.argv = [saved[0], *argv]

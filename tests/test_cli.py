@@ -84,6 +84,9 @@ def test_run_one_config_and_print_config(cli, tmp_path):
     ["sweep", "optim.lr=-0.1"],
     ["sweep", "data=file", "data.path=missing.npz"],
     ["sweep", "seed=range(0,0)"],
+    ["sweep", "experiment=rescaling_sparsitty"],
+    ["sweep", "+optim.weight_decy=1"],
+    ["sweep", "data=file", "data.path=/a/rather/long/path/that/does/not/exist/anywhere/on/this/machine/data.npz"],
     ["run", "train.steps=0"],
 ])
 def test_bad_input_exits_non_zero_with_one_line_and_writes_nothing(cli, tmp_path, args):
@@ -110,3 +113,12 @@ def test_list_help_and_report(cli, tmp_path):
         assert "Usage" in cli(cmd, "--help").stdout
     missing = cli("report", str(tmp_path / "nowhere"), check=False)
     assert missing.returncode != 0 and "not a sweep folder" in missing.stderr
+
+
+@pytest.mark.parametrize("hydra_arg", ["hydra/launcher=nope", "hydra.launcher.n_jobs=2", "hydra.sweeper.params.seed=1,2"])
+def test_bad_hydra_arguments_are_refused_before_anything_is_written(cli, tmp_path, hydra_arg):
+    proc = cli("sweep", "seed=0,1", "train.steps=2", hydra_arg, check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert not (tmp_path / "outputs").exists()
