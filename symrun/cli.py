@@ -79,6 +79,8 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
         if plan.swept:
             console.print(f"# grid: {len(plan.configs)} runs over {', '.join(plan.swept)}")
         return
+    if single and any(a.startswith("experiment=") for a in run_args):
+        err.print("note: symrun run trains the preset's base config only; symrun sweep runs its grid", soft_wrap=True)
     plan_path = sweep.write_plan(plan)
     console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
                   + (f", {len(plan.finished)} already finished" if plan.finished else "")

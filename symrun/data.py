@@ -126,6 +126,8 @@ def _read_file(path: Path, target: Optional[list[str]]):
         missing = [c for c in target if c not in frame.columns]
         if missing:
             raise DataError(f"{path}: target column(s) {missing} not in the header {list(frame.columns)}")
+        if len(frame) == 0:
+            raise DataError(f"{path}: the file has a header but no rows")
         features = frame.drop(columns=list(target))
         bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
         if bad or features.shape[1] == 0:
@@ -137,6 +139,8 @@ def _read_file(path: Path, target: Optional[list[str]]):
 
 def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) -> Dataset:
     """Validate shapes, infer the task, split off a test set; arrays in the Dataset conventions."""
+    if np.size(x) == 0 or np.size(y) == 0:
+        raise DataError("x and y must not be empty")
     x = _as_2d(x, "x")
     if len(y) != len(x):
         raise DataError(f"x has {len(x)} rows but y has {len(y)}")
@@ -174,7 +178,10 @@ def _as_2d(a, name: str) -> np.ndarray:
 
 
 def _labels(y, name: str) -> np.ndarray:
-    y = np.asarray(y).reshape(-1)
+    y = np.asarray(y)
+    if y.ndim > 1 and y.shape[1:] != (1,) * (y.ndim - 1):
+        raise DataError(f"{name}: classification needs one label per row, got shape {y.shape}")
+    y = y.reshape(-1)
     if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0:
         raise DataError(f"{name}: classification labels must be non-negative integers")
     return y.astype(np.int64)

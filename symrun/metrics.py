@@ -21,7 +21,7 @@ def dead_groups(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
 
 def sparsity(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
     """Fraction of dead groups (see `dead_groups`): (..., n, g) → (...)."""
-    return dead_groups(groups, atol, rtol).float().mean(dim=-1)
+    return dead_groups(groups, atol, rtol).double().mean(dim=-1)
 
 
 def numerical_rank(s: torch.Tensor, rtol: float, atol: float = 0.0) -> torch.Tensor:
@@ -59,9 +59,9 @@ def independent_fraction(groups: torch.Tensor, threshold: float, dead: torch.Ten
     alive = ~dead
     adj = (normalized_distance(groups) < threshold) & alive[..., :, None] & alive[..., None, :]
     adj = adj | torch.diag_embed(alive)
-    reach = adj.float()
+    reach = adj.double()
     for _ in range(max(1, (n - 1).bit_length())):  # repeated squaring: paths of length ≤ 2^k
-        reach = ((reach @ reach) > 0).float()
+        reach = ((reach @ reach) > 0).double()
     size = reach.sum(dim=-1)                       # component size of each alive neuron
     n_groups = torch.where(alive, 1.0 / size.clamp_min(1), torch.zeros_like(size)).sum(dim=-1)
     return n_groups / n
@@ -122,14 +122,14 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor) -> dict[str,
                 f = independent_fraction(g, cfg.homogeneity_threshold, dead)
                 frac.append(f.reshape(f.shape[0], -1).mean(-1) * g.shape[-2])
                 width += g.shape[-2]
-        out["sparsity"] = torch.cat(dead_masks, dim=1).float().mean(dim=1)
+        out["sparsity"] = torch.cat(dead_masks, dim=1).double().mean(dim=1)
         if frac:
             out["independent_fraction"] = torch.stack(frac).sum(0) / width
     for suffix, matrix in model.products(params).items():
         out.update(rank_metrics(matrix, cfg.rank_rtol, suffix, cfg.rank_atol))
     members = model.member_vectors(params)                                     # (R, M, P) or None
     if members is not None:
-        dead = members.norm(dim=-1) <= cfg.sparsity_atol
+        dead = dead_groups(members, cfg.sparsity_atol, cfg.sparsity_rtol)
         out["member_independent_fraction"] = independent_fraction(members, cfg.homogeneity_threshold, dead)
         out["ensemble_spread"] = mean_pairwise_distance(members)
         outputs = model.member_outputs(params, probe)                          # (R, M, B, o)
@@ -138,7 +138,7 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor) -> dict[str,
     if norms:
         allnorms = torch.cat(norms, dim=1)
         out["constraint_distance"] = allnorms.mean(dim=1)
-        out["constraint_fraction"] = (allnorms <= cfg.constraint_atol).float().mean(dim=1)
+        out["constraint_fraction"] = (allnorms <= cfg.constraint_atol).double().mean(dim=1)
     pair = model.balance_pair(params)
     if pair is not None:
         out["balance"] = balance(*pair)

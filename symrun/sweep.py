@@ -142,6 +142,10 @@ def check_buildable(configs: list[Config]) -> None:
             seen[key] = data_mod.load(cfg.data)
         ds = seen[key]
         models.build(cfg.model, ds.in_dim, ds.out_dim)
+        if ds.task == "classification" and cfg.noise.label_std > 0:
+            raise ConfigError("noise.label_std applies to regression; this data is classification (use noise.label_flip)")
+        if ds.task == "regression" and cfg.noise.label_flip > 0:
+            raise ConfigError("noise.label_flip applies to classification; this data is regression (use noise.label_std)")
         if cfg.data.batch_size is not None and cfg.data.batch_size > len(ds.x):
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {len(ds.x)} training examples")
 

@@ -84,6 +84,10 @@ def test_run_ids_are_stable_and_distinct(tmp_path):
     (["seed=range(0,0)"], "grid is empty"),
     (["data.batch_size=100000"], "batch_size"),
     (["model=factorization", "model.residual=true", "model.hidden=3"], "model.residual"),
+    (["noise.label_flip=0.1"], "noise.label_flip applies to classification"),
+    (["model=mlp", "data=digits", "noise.label_std=0.1"], "noise.label_std applies to regression"),
+    (["data.rank=0"], "data.rank"),
+    (["noise.temperature=inf"], "noise.temperature"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     with pytest.raises(ConfigError) as err:

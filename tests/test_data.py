@@ -96,3 +96,15 @@ def test_batch_order_of_a_run_does_not_depend_on_its_neighbours():
     assert len(set(epoch.tolist())) == 9    # no index repeats within an epoch
     with pytest.raises(DataError):
         BatchOrder(3, 4, [0], torch.device("cpu"))
+
+
+def test_degenerate_files_are_refused(tmp_path):
+    pd.DataFrame({"a": [], "t": []}).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(DataError, match="no rows"):
+        load(FileDataConfig(path=str(tmp_path / "empty.csv"), target=["t"]))
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 2)), y=np.zeros(0))
+    with pytest.raises(DataError, match="empty"):
+        load(FileDataConfig(path=str(tmp_path / "empty.npz")))
+    np.savez(tmp_path / "two.npz", x=np.ones((4, 2)), y=np.ones((4, 2), dtype=int))
+    with pytest.raises(DataError, match="one label per row"):
+        load(FileDataConfig(path=str(tmp_path / "two.npz"), task="classification"))
