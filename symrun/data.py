@@ -6,7 +6,6 @@ scikit-learn, and `data=file` reads the user's own `.npz` or `.csv`.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,22 +14,11 @@ import numpy as np
 import torch
 
 from symrun.config import DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig
+from symrun.seeds import derive_seed, generator
 
 
 class DataError(ValueError):
     """Data that cannot be used as given; the message is one clear line."""
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """A 63-bit seed for one (seed, purpose) stream, independent of any other run or stream."""
-    digest = hashlib.sha256(f"symrun:{seed}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def generator(seed: int, purpose: str, device: str | torch.device = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(seed, purpose))
-    return g
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from symrun import data as data_mod
 from symrun import metrics, models
 from symrun.config import PER_RUN_KEYS, Config, ConfigError, flatten, to_dict
-from symrun.data import BatchOrder, Dataset, generator
+from symrun.data import BatchOrder, Dataset
+from symrun.seeds import generator
 from symrun.optim import PackedOptimizer, per_run
 
 

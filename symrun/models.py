@@ -16,7 +16,7 @@ import math
 import torch
 
 from symrun.config import ConfigError, EnsembleConfig, FactorizationConfig, HadamardConfig, MLPConfig, ModelConfig
-from symrun.data import generator
+from symrun.seeds import generator
 from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
 Params = dict[str, torch.Tensor]

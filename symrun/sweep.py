@@ -79,13 +79,26 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _groups() -> set[str]:
+    return set(GlobalHydra.instance().config_loader().list_groups(""))
+
+
+def _is_group(override, groups: set[str]) -> bool:
+    """A group choice (model=mlp, experiment=x, hydra/launcher=…) rather than a value (model.width=8)."""
+    return override.key_or_group.split("@")[0] in groups or "/" in override.key_or_group
+
+
 def expand(args: list[str]) -> tuple[list[list[str]], list[str]]:
     """Every run's override list, and the swept keys. Grid axes come from the preset's
     `hydra.sweeper.params` and from sweep syntax on the command line (which wins per key)."""
     parsed = _parse(args)
     if any(o.is_sweep_override() and o.get_key_element() == "experiment" for o in parsed):
         raise ConfigError("sweep one experiment preset at a time (experiment=a,b is not supported)")
-    base = _compose([o.input_line for o in parsed if not o.is_sweep_override()], return_hydra_config=True)
+    # Only group choices (experiment=, model=, …) decide which preset grid applies; value overrides
+    # are checked per run, where they meet the model they belong to (model=mlp,ensemble model.width=8).
+    groups = _groups()
+    base = _compose([o.input_line for o in parsed if not o.is_sweep_override() and _is_group(o, groups)],
+                    return_hydra_config=True)
     params = OmegaConf.select(base, "hydra.sweeper.params") or {}
     combined = _parse([f"{k}={v}" for k, v in params.items()] + args)
     final = {o.get_key_element(): o.is_sweep_override() for o in combined}
@@ -104,18 +117,17 @@ def compose_all(grid: list[list[str]]) -> list[Config]:
     """Typed configs for each override list; composes once per distinct group choice (model=,
     data=, experiment=) and applies plain value overrides to a copy — Hydra's own override
     semantics, without a full composition per run."""
-    groups = set(GlobalHydra.instance().config_loader().list_groups(""))
+    groups = _groups()
     cache: dict[tuple, DictConfig] = {}
     configs = []
     for overrides in grid:
         parsed = _parse(overrides)
-        is_group = lambda o: o.key_or_group.split("@")[0] in groups or "/" in o.key_or_group  # noqa: E731
-        group_part = tuple(o.input_line for o in parsed if is_group(o))
+        group_part = tuple(o.input_line for o in parsed if _is_group(o, groups))
         if group_part not in cache:
             cache[group_part] = _compose(list(group_part))
         cfg = copy.deepcopy(cache[group_part])
         try:
-            ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not is_group(o)], cfg)
+            ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not _is_group(o, groups)], cfg)
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(_first_line(e)) from None
         configs.append(to_config(cfg))

@@ -104,3 +104,19 @@ def test_cuda_requested_without_cuda_is_refused(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="no CUDA device"):
         sweep.plan(["device=cuda"], tmp_path)
+
+
+def test_fast_composition_equals_a_full_hydra_composition_per_run(tmp_path):
+    """compose_all composes once per group choice and applies value overrides itself (through
+    Hydra's private helpers): it must give exactly what compose() gives for each run."""
+    from hydra import compose
+
+    from symrun.config import to_config
+
+    args = ["experiment=rescaling_sparsity", "model=hadamard,factorization", "++optim.momentum=0.5",
+            "optim.weight_decay=0.1,1.0", "seed=range(0,2)", "noise.label_std=0.5"]
+    with sweep._hydra_context():
+        grid, _ = sweep.expand(args)
+        fast = sweep.compose_all(grid)
+        full = [to_config(compose("config", overrides=overrides)) for overrides in grid]
+    assert len(fast) == 8 and fast == full
