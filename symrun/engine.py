@@ -137,23 +137,13 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     bs = first.data.batch_size
     order = BatchOrder(len(x), bs, [c.seed for c in cfgs], device) if bs is not None and bs < len(x) else None
     probe = (x_test if x_test is not None else x)[: first.metrics.probe_size]
-    outcomes = [RunOutcome("finished") for _ in cfgs]
-    alive = torch.ones(len(cfgs), dtype=torch.bool, device=device)
+    record = Recorder(len(cfgs), device)
 
     def log(step: int) -> None:
         with torch.no_grad():
-            row = evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe)
-        bad = ~torch.isfinite(row["train_loss"]) | ~torch.isfinite(row["weight_norm"])
-        values = {k: v.double().cpu().tolist() for k, v in row.items()}
-        for i in torch.nonzero(alive).flatten().tolist():
-            outcomes[i].rows.append({"step": step, **{k: v[i] for k, v in values.items()}})
-        newly = (bad & alive).nonzero().flatten().tolist()
-        for i in newly:   # freeze a diverged run: its neighbours' slices are untouched either way
-            outcomes[i].status, outcomes[i].diverged_at = "diverged", step
-        if newly:
-            alive[newly] = False
-            lr[newly] = 0.0
-            with torch.no_grad():
+            newly = record(step, evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe))
+            if newly:   # freeze a diverged run: its neighbours' slices are untouched either way
+                lr[newly] = 0.0
                 for p in params.values():
                     p[newly] = 0.0
 
@@ -174,10 +164,31 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             log(step)
         if on_step is not None:
             on_step(1)
-    for i, outcome in enumerate(outcomes):
+    for i, outcome in enumerate(record.outcomes):
         if outcome.status == "finished":
             outcome.state = model.run_state(net(), i)
-    return outcomes
+    return record.outcomes
+
+
+class Recorder:
+    """Each run's logged rows; a run whose loss or weights stop being finite is marked diverged
+    at that step and gets no further rows."""
+
+    def __init__(self, runs: int, device: torch.device):
+        self.outcomes = [RunOutcome("finished") for _ in range(runs)]
+        self.alive = torch.ones(runs, dtype=torch.bool, device=device)
+
+    def __call__(self, step: int, row: dict[str, torch.Tensor]) -> list[int]:
+        """Append `row` ({metric: (R,)}) for the live runs; return the runs that just diverged."""
+        bad = ~torch.isfinite(row["train_loss"]) | ~torch.isfinite(row["weight_norm"])
+        values = {k: v.double().cpu().tolist() for k, v in row.items()}
+        for i in torch.nonzero(self.alive).flatten().tolist():
+            self.outcomes[i].rows.append({"step": step, **{k: v[i] for k, v in values.items()}})
+        newly = (bad & self.alive).nonzero().flatten().tolist()
+        for i in newly:
+            self.outcomes[i].status, self.outcomes[i].diverged_at = "diverged", step
+        self.alive[newly] = False
+        return newly
 
 
 def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe) -> dict[str, torch.Tensor]:
@@ -185,12 +196,12 @@ def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe)
     out = model.forward(params, x)
     row = {"train_loss": loss_per_run(out, y, task)}
     if task == "classification":
-        row["train_accuracy"] = (out.argmax(-1) == y).float().mean(-1)
+        row["train_accuracy"] = (out.argmax(-1) == y).double().mean(-1)
     if x_test is not None:
         out_test = model.forward(params, x_test)
         row["test_loss"] = loss_per_run(out_test, y_test, task)
         if task == "classification":
-            row["accuracy"] = (out_test.argmax(-1) == y_test).float().mean(-1)
+            row["accuracy"] = (out_test.argmax(-1) == y_test).double().mean(-1)
     # svd/eigh raise on non-finite input, so a run that diverged (its train_loss says so) is
     # measured at zero and gets NaN metrics: one bad run must not stop its whole pack.
     finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in params.values()]).all(0)   # (R,)
