@@ -85,6 +85,13 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
     console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
                   + (f", {len(plan.finished)} already finished" if plan.finished else "")
                   + f" → {plan.sweep_dir}", highlight=False)
+    _train(plan, plan_path, hydra_args, single)
+    _show_report(plan.sweep_dir)
+
+
+def _train(plan: sweep.Plan, plan_path: Path, hydra_args: list[str], single: bool) -> None:
+    """Train the plan's packs under a progress bar: steps when they run in this process, ended
+    runs (from their status files) when a launcher runs them elsewhere."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         if single or sweep.in_process(hydra_args):
@@ -95,23 +102,22 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
                     sweep.run_pack(plan_path, i, on_step=on_step)
             else:
                 sweep.launch(plan, plan_path, hydra_args, on_step=on_step)
-        else:  # jobs run elsewhere: follow the runs' status files
-            task = progress.add_task("runs ended", total=sum(len(p) for p in plan.packs))
-            stop = threading.Event()
+            return
+        task = progress.add_task("runs ended", total=sum(len(p) for p in plan.packs))
+        stop = threading.Event()
 
-            def poll() -> None:
-                while not stop.wait(1.0):
-                    progress.update(task, completed=sweep.runs_done(plan))
-
-            watcher = threading.Thread(target=poll, daemon=True)
-            watcher.start()
-            try:
-                sweep.launch(plan, plan_path, hydra_args)
-            finally:
-                stop.set()
-                watcher.join()
+        def poll() -> None:
+            while not stop.wait(1.0):
                 progress.update(task, completed=sweep.runs_done(plan))
-    _show_report(plan.sweep_dir)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        try:
+            sweep.launch(plan, plan_path, hydra_args)
+        finally:
+            stop.set()
+            watcher.join()
+            progress.update(task, completed=sweep.runs_done(plan))
 
 
 @app.command()
