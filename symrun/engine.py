@@ -206,7 +206,8 @@ def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe)
     # measured at zero and gets NaN metrics: one bad run must not stop its whole pack.
     finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in params.values()]).all(0)   # (R,)
     safe = {k: torch.where(per_run(finite, p), p, torch.zeros_like(p)) for k, p in params.items()}
-    for k, v in metrics.measure(model, safe, cfg.metrics, probe).items():
+    labelled = (x, y, int(out.shape[-1])) if task == "classification" else None
+    for k, v in metrics.measure(model, safe, cfg.metrics, probe, labelled).items():
         row[k] = torch.where(finite, v, torch.full_like(v, float("nan")))
     return row
 

@@ -107,9 +107,43 @@ def rank_metrics(matrix: torch.Tensor, rtol: float, suffix: str = "", atol: floa
     return {f"{k}{suffix}": v.reshape(v.shape[0], -1).mean(-1) for k, v in out.items()}
 
 
-def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes: int) -> dict[str, torch.Tensor]:
+    """NC1–NC4 of Papyan, Han & Donoho (2020, PNAS) from penultimate features h (R, N, p),
+    labels y (N,) and classifier weights w (R, C, p); each (R,). Conventions (public code differs
+    by factors of C):
+      nc1 = tr(Σ_W Σ_B⁺)/C, Σ_W = mean over samples of (h − μ_y)(h − μ_y)ᵀ,
+            Σ_B = mean over classes of (μ_c − μ_G)(μ_c − μ_G)ᵀ, μ_G the mean of the class means;
+      nc2_equinorm = std/mean over classes of ‖μ_c − μ_G‖;
+      nc2_equiangle = mean over pairs c ≠ c' of |cos(μ_c − μ_G, μ_c' − μ_G) + 1/(C − 1)|;
+      nc3 = ‖Wᵀ/‖W‖_F − M/‖M‖_F‖_F², M = [μ_c − μ_G] (p × C);
+      nc4 = fraction of samples where the nearest class mean and the classifier disagree."""
+    h, w = h.double(), w.double()
+    onehot = torch.nn.functional.one_hot(y, n_classes).double()                  # (N, C)
+    means = (onehot.T @ h) / onehot.sum(0).clamp_min(1)[:, None]                  # (R, C, p)
+    centred = means - means.mean(dim=-2, keepdim=True)                           # (R, C, p)
+    within = h - means[:, y]                                                     # (R, N, p)
+    sigma_w = within.mT @ within / h.shape[-2]
+    sigma_b = centred.mT @ centred / n_classes
+    nc1 = torch.einsum("rij,rji->r", sigma_w, torch.linalg.pinv(sigma_b, hermitian=True)) / n_classes
+    norms = centred.norm(dim=-1)                                                 # (R, C)
+    unit = centred / norms.clamp_min(1e-30)[..., None]
+    cos = unit @ unit.mT
+    off = ~torch.eye(n_classes, dtype=torch.bool, device=h.device)
+    nc2_angle = (cos + 1 / (n_classes - 1)).abs()[:, off].mean(-1)
+    nc3 = (w / w.flatten(1).norm(dim=-1)[:, None, None] - centred / centred.flatten(1).norm(dim=-1)[:, None, None]
+           ).pow(2).flatten(1).sum(-1)
+    nearest = torch.cdist(h, means).argmin(-1)                                   # (R, N)
+    logits = h @ w.mT
+    nc4 = (nearest != logits.argmax(-1)).double().mean(-1)
+    return {"nc1": nc1, "nc2_equinorm": norms.std(-1) / norms.mean(-1), "nc2_equiangle": nc2_angle,
+            "nc3": nc3, "nc4": nc4}
+
+
+def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
+            labelled: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> dict[str, torch.Tensor]:
     """Every structure metric that applies to `model`, each (R,). Inapplicable ones are absent.
-    `probe` (B, d): inputs on which ensemble members' outputs are compared."""
+    `probe` (B, d): inputs on which ensemble members' outputs are compared; `labelled`
+    (x, y, n_classes): the training set, for neural collapse of classifiers."""
     out: dict[str, torch.Tensor] = {"weight_norm": weight_norm(params)}
     sets = model.neuron_sets()
     if sets:
@@ -142,4 +176,8 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor) -> dict[str,
     pair = model.balance_pair(params)
     if pair is not None:
         out["balance"] = balance(*pair)
+    penultimate = model.penultimate(params, labelled[0]) if labelled is not None else None
+    if penultimate is not None:
+        features, classifier = penultimate
+        out.update(neural_collapse(features, labelled[1], classifier, labelled[2]))
     return out

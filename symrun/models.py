@@ -70,6 +70,10 @@ class PackedModel:
     def balance_pair(self, params: Params) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
+    def penultimate(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(last hidden features (R, N, p), classifier weights (R, C, p)) for neural collapse."""
+        return None
+
     def run_state(self, params: Params, r: int) -> dict[str, torch.Tensor]:
         """Run r's parameters as a plain state dict (CPU tensors)."""
         return {k: v[r].detach().cpu().clone() for k, v in params.items()}
@@ -162,17 +166,29 @@ class MLP(PackedModel):
                 out[f"layers.{l}.bias"] = ((m, fan_out), 0.0)
         return out
 
-    def member_outputs(self, params, x):
-        w0 = params["layers.0.weight"]
+    def hidden(self, params, x):
+        """Activations of the last hidden layer: (R, M, B, width)."""
         # First layer: a shared input makes one large GEMM over all runs and members.
         pattern = "bi,rmoi->rmbo" if x.dim() == 2 else "rbi,rmoi->rmbo"
-        h = torch.einsum(pattern, x, w0)                     # (R, M, B, width)
-        for l in range(len(self.sizes) - 1):
+        h = torch.einsum(pattern, x, params["layers.0.weight"])      # (R, M, B, width)
+        for l in range(self.cfg.depth):
             if l > 0:
-                h = self.act(h) @ params[f"layers.{l}.weight"].transpose(-1, -2)
+                h = h @ params[f"layers.{l}.weight"].transpose(-1, -2)
             if self.cfg.bias:
                 h = h + params[f"layers.{l}.bias"].unsqueeze(-2)
-        return h                                              # (R, M, B, out)
+            h = self.act(h)
+        return h
+
+    def member_outputs(self, params, x):
+        out = self.hidden(params, x) @ params[f"layers.{self.cfg.depth}.weight"].transpose(-1, -2)
+        if self.cfg.bias:
+            out = out + params[f"layers.{self.cfg.depth}.bias"].unsqueeze(-2)
+        return out                                             # (R, M, B, out)
+
+    def penultimate(self, params, x):
+        if self.members > 1:
+            return None
+        return self.hidden(params, x)[:, 0], params[f"layers.{self.cfg.depth}.weight"][:, 0]
 
     def forward(self, params, x):
         return self.member_outputs(params, x).mean(dim=1)     # (R, B, out)

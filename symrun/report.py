@@ -27,7 +27,7 @@ from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, to_config
 PRIMARY = {
     "hadamard": ["sparsity"],
     "factorization": ["rank"],
-    "mlp": ["sparsity", "independent_fraction"],
+    "mlp": ["sparsity", "independent_fraction", "nc1", "nc3"],
     "ensemble": ["independent_fraction", "ensemble_disagreement", "ensemble_spread"],
 }
 FIT = ["train_loss", "test_loss", "accuracy"]
@@ -171,6 +171,8 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str):
         return None
     model = runs["model.name"].iloc[0]
     cfg = to_config(results.load_config_dict(sweep_dir, runs["run_id"].iloc[0]))
+    if cfg.model.offset_std > 0:          # symmetry removed: the closed forms do not apply
+        return None
     ds = data_mod.load(cfg.data)
     if ds.task != "regression":
         return None

@@ -349,3 +349,35 @@ def test_measure_ensemble_identical_members():
     assert float(m["ensemble_spread"][1]) == pytest.approx(sum(nd(member(1, i), member(1, j)) for i, j in pairs) / 3)
     assert float(m["ensemble_disagreement"][1]) == pytest.approx(
         sum(nd(output(1, i), output(1, j)) for i, j in pairs) / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Neural collapse (Papyan, Han & Donoho 2020), conventions in metrics.neural_collapse
+
+
+def test_neural_collapse_is_zero_at_an_exact_simplex_with_an_aligned_classifier():
+    angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=torch.float64)
+    means = torch.stack([angles.cos(), angles.sin()], dim=-1)          # (3, 2), a simplex ETF in 2-D
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    h = means[y][None]                                                 # every sample at its class mean
+    nc = metrics.neural_collapse(h, y, means[None], 3)
+    for key in ("nc1", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"):
+        assert nc[key].item() == pytest.approx(0.0, abs=1e-12), key
+
+
+def test_neural_collapse_values_by_hand():
+    s = 0.5
+    # class 0 at (1 ± s, 0), class 1 at (−1 ± s, 0): means ±e1, Σ_B = e1e1ᵀ, Σ_W = s² e1e1ᵀ
+    h = torch.tensor([[1 + s, 0.0], [1 - s, 0.0], [-1 + s, 0.0], [-1 - s, 0.0]], dtype=torch.float64)[None]
+    y = torch.tensor([0, 0, 1, 1])
+    aligned = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)[None]
+    nc = metrics.neural_collapse(h, y, aligned, 2)
+    assert nc["nc1"].item() == pytest.approx(s**2 / 2)                # tr(Σ_W Σ_B⁺)/C
+    assert nc["nc2_equinorm"].item() == pytest.approx(0.0)
+    assert nc["nc2_equiangle"].item() == pytest.approx(0.0)           # cos = −1 = −1/(C−1)
+    assert nc["nc3"].item() == pytest.approx(0.0) and nc["nc4"].item() == 0.0
+    rotated = torch.tensor([[0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)[None]
+    nc = metrics.neural_collapse(h, y, rotated, 2)
+    assert nc["nc3"].item() == pytest.approx(2.0)                     # ‖W/‖W‖ − M/‖M‖‖² = 4 · (1/√2)²
+    # logits all 0: argmax picks class 0, the nearest mean is right: class 1's two samples disagree
+    assert nc["nc4"].item() == pytest.approx(0.5)
