@@ -1,6 +1,7 @@
 """The installed package finds its configs from a wheel, not only from the checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
-    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    wheel_dir, site, src = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
+    # Build from a copy of the tracked files: the build writes build/ and *.egg-info next to its source.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    "-w", str(wheel_dir), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheel_dir.glob("symrun-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
