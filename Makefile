@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-fast: install
 ## bench: packed vs one-model-per-run training, same workloads, same process
 bench: install
 	$(BIN)/python -m symrun.bench
+
+## results: every experiment preset at its CPU size → docs/results.md and docs/results/*/*.png
+results: install
+	$(BIN)/python -m symrun.gallery
 
 clean:
 	rm -rf $(VENV) build *.egg-info

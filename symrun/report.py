@@ -165,8 +165,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str):
-    """(x, y, label) of the closed form for this model/metric over the axis, or None."""
+def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, grid=None):
+    """(x, y, label) of the closed form for this model/metric over the axis (at `grid`, default a
+    fine grid over the axis' range), or None. A threshold comes back as (λ_c, None, label)."""
     if axis != "optim.weight_decay" or runs["optim.name"].iloc[0] == "adamw":
         return None
     model = runs["model.name"].iloc[0]
@@ -177,7 +178,8 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str):
     if ds.task != "regression":
         return None
     lo, hi = runs[axis].min(), runs[axis].max()
-    grid = np.geomspace(max(lo, hi * 1e-4), hi, 200) if hi > 0 else np.array([0.0])
+    if grid is None:
+        grid = np.geomspace(max(lo, hi * 1e-4), hi, 200) if hi > 0 else np.array([0.0])
     if model == "hadamard" and metric == "sparsity":
         return grid, theory.lasso_sparsity(ds, grid), "lasso solution (closed form, same data)"
     if model == "factorization" and metric == "rank" and not cfg.model.residual and getattr(cfg.data, "whiten", False):
@@ -185,6 +187,40 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str):
     if model == "mlp" and metric == "sparsity" and cfg.model.activation == "tanh":
         return theory.dead_neuron_threshold(ds), None, "λ_c = ‖E[xyᵀ]‖ (all neurons dead above)"
     return None
+
+
+# Half a step of the metric: a mean within it of the closed form counts as landing on it.
+AGREEMENT_TOL = {"sparsity": 0.025, "rank": 0.5}
+
+
+def theory_agreement(sweep_dir: Path) -> list[str]:
+    """For each series of a weight-decay sweep with a closed form: how many grid points land on
+    it, e.g. "sparsity: 16 of 16 weight decays on the lasso solution (|mean − theory| ≤ 0.025)"."""
+    sweep_dir = Path(sweep_dir)
+    runs = results.read_csv(sweep_dir / "runs.csv")
+    swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
+    axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
+    done = runs[runs["status"] == results.FINISHED]
+    if not axes or axes[-1] != "optim.weight_decay" or len(axes) > 2 or done.empty:
+        return []
+    series = axes[0] if len(axes) == 2 else None
+    lines = []
+    for value, part in ([(None, done)] if series is None else list(done.groupby(series))):
+        for metric in [m for m in AGREEMENT_TOL if m in part]:
+            means = part.groupby("optim.weight_decay")[metric].mean()
+            line = _theory_line(sweep_dir, part, "optim.weight_decay", metric, grid=means.index.to_numpy())
+            if line is None:
+                continue
+            xs, ys, label = line
+            label, where = label.split(" (")[0], (f" ({series}={value})" if series else "")
+            if ys is None:       # a threshold: all dead above it, not all dead below
+                hits = int(((means == 1.0) == (means.index > xs)).sum())
+                lines.append(f"{metric}{where}: {hits} of {len(means)} weight decays on the side of {label} it predicts")
+            else:
+                hits = int((np.abs(means.to_numpy() - ys) <= AGREEMENT_TOL[metric]).sum())
+                lines.append(f"{metric}{where}: {hits} of {len(means)} weight decays on the {label} "
+                             f"(|mean − theory| ≤ {AGREEMENT_TOL[metric]})")
+    return lines
 
 
 def status_line(counts: dict[str, int]) -> Optional[str]:

@@ -49,3 +49,29 @@ def test_runs_differing_outside_the_swept_keys_are_not_pooled(tmp_path):
     rep = report.build(d)
     assert len(rep.summary) == 4 and set(rep.summary["runs"]) == {1}
     assert {"optim.weight_decay", "train.steps"} <= set(rep.summary.columns)
+
+
+def test_theory_agreement_counts_grid_points_on_the_closed_form(tmp_path):
+    # λ away from every coefficient's threshold; 2000 steps at lr 0.3 converge there (science.md §5.1)
+    grid = ["optim.weight_decay=0.05,0.3,2.0", "optim.lr=0.3"]
+    converged = _sweep(tmp_path / "a", *grid, "train.steps=2000", "train.log_every=2000")
+    report.build(converged)
+    assert report.theory_agreement(converged) == [
+        "sparsity: 3 of 3 weight decays on the lasso solution (|mean − theory| ≤ 0.025)"]
+    barely = _sweep(tmp_path / "b", *grid, "train.steps=2", "train.log_every=2")
+    report.build(barely)
+    (line,) = report.theory_agreement(barely)
+    assert line.startswith("sparsity: 0 of 3")          # two steps from a random init: nothing is zero yet
+
+
+def test_gallery_section_holds_command_agreement_figure_and_table(tmp_path, monkeypatch):
+    from symrun import gallery
+
+    d = _sweep(tmp_path, "optim.weight_decay=0.05,0.3,2.0", "optim.lr=0.3", "train.steps=2000", "train.log_every=2000")
+    monkeypatch.setattr(gallery, "description", lambda name: ["What it shows.", "How to scale it."])
+    text = gallery.section("demo", d, 1.0, tmp_path / "docs")
+    assert "symrun sweep experiment=demo" in text and "**What it shows.**" in text
+    assert "3 of 3 weight decays on the lasso solution" in text
+    assert "![phase_sparsity_vs_optim.weight_decay](results/demo/phase_sparsity_vs_optim.weight_decay.png)" in text
+    assert (tmp_path / "docs/results/demo/phase_sparsity_vs_optim.weight_decay.png").stat().st_size > 10_000
+    assert "| optim.weight_decay | runs | sparsity |" in text

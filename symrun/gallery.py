@@ -1,0 +1,117 @@
+"""`make results`: run every experiment preset at its CPU size and write docs/results.md.
+
+Each section holds the preset's own description (its file's header comment), the command that
+made it, the summary over seeds, the structure figures, and — where a closed form exists — how
+many grid points land on it, as computed by `report.theory_agreement`, never written by hand.
+
+    python -m symrun.gallery [--only NAME ...] [--outputs DIR] [--docs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from symrun import report, results, sweep
+from symrun.config import CONFIG_DIR
+
+# Narrative order; presets not listed follow alphabetically.
+ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "attention_rank",
+         "permutation_homogeneity", "neural_collapse"]
+
+
+def presets() -> list[str]:
+    names = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
+
+
+def description(name: str) -> list[str]:
+    """The preset file's header comment, one string per paragraph line."""
+    lines = []
+    for line in (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if "@package" not in line:
+            lines.append(line[1:].strip())
+    return lines
+
+
+def run_preset(name: str, outputs: Path) -> tuple[Path, float]:
+    """Train a preset's whole grid in this process; (sweep folder, seconds)."""
+    start = time.perf_counter()
+    plan = sweep.plan([f"experiment={name}"], outputs)
+    path = sweep.write_plan(plan)
+    for i in range(len(plan.packs)):
+        sweep.run_pack(path, i)
+    return plan.sweep_dir, time.perf_counter() - start
+
+
+def section(name: str, sweep_dir: Path, seconds: float, docs: Path) -> str:
+    rep = report.build(sweep_dir)
+    structure = {m for ms in report.PRIMARY.values() for m in ms}
+    figures_dir = docs / "results" / name
+    shutil.rmtree(figures_dir, ignore_errors=True)
+    figures_dir.mkdir(parents=True)
+    text = description(name)
+    out = [f"## {name}", "", f"**{text[0]}**" if text else "", ""]
+    out += [" ".join(ln for ln in text[1:] if ln), ""] if len(text) > 1 else []
+    out += ["```bash", f"symrun sweep experiment={name}", "```", "",
+            f"{len(results.read_csv(sweep_dir / 'runs.csv'))} runs, {report.status_line(rep.status_counts)}; "
+            f"{seconds:.0f} s on this machine.", ""]
+    agreement = report.theory_agreement(sweep_dir)
+    if agreement:
+        out += ["Against theory: " + "; ".join(agreement) + ".", ""]
+    for fig in rep.figures:
+        if any(fig.name.startswith(f"phase_{m}_") or fig.name.startswith(f"heatmap_{m}_") for m in structure):
+            shutil.copy2(fig, figures_dir / fig.name)
+            out += [f"![{fig.stem}](results/{name}/{fig.name})", ""]
+    out += [_markdown(rep.summary), ""]
+    return "\n".join(out)
+
+
+def _markdown(summary: pd.DataFrame) -> str:
+    """mean ± std columns as one markdown table (no extra dependency)."""
+    if summary.empty:
+        return ""
+    cols = [c for c in summary.columns if not c.endswith(" std")]
+    head = [c.removesuffix(" mean") for c in cols]
+    rows = []
+    for _, row in summary.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            cell = f"{v:.4g}" if isinstance(v, float) else str(v)
+            std = row.get(c.replace(" mean", " std")) if c.endswith(" mean") else None
+            cells.append(cell + (f" ± {std:.1g}" if std is not None and std == std else ""))
+        rows.append(cells)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="presets to run (default: all)")
+    parser.add_argument("--outputs", type=Path, default=Path("outputs") / "gallery")
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    names = args.only or presets()
+    sections = []
+    for name in names:
+        sweep_dir, seconds = run_preset(name, args.outputs)
+        print(f"{name}: {seconds:.0f} s → {sweep_dir}", flush=True)
+        sections.append(section(name, sweep_dir, seconds, args.docs))
+    header = ["# Results", "",
+              "Every preset of `configs/experiment/`, run at its CPU-sized default by `make results`",
+              "(`python -m symrun.gallery`), which writes this file. Each section: what the preset shows",
+              "(its own description), the command, the agreement with the closed form where one exists",
+              "(computed), the figures and the summary over seeds.", ""]
+    results.write_atomic(args.docs / "results.md", "\n".join(header + sections))
+    print(f"wrote {args.docs / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
