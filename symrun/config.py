@@ -92,7 +92,23 @@ class EnsembleConfig(MLPConfig):
     members: int = 4
 
 
-MODEL_OPTIONS = {c().name: c for c in (HadamardConfig, FactorizationConfig, MLPConfig, EnsembleConfig)}
+@dataclass
+class AttentionConfig(ModelConfig):
+    """One multi-head self-attention layer over `tokens` tokens of each input row, mean-pooled, then
+    a linear readout: rotation symmetry of W_Q, W_K per head → low rank of W_Q W_Kᵀ."""
+
+    name: str = "attention"
+    tokens: int = 4
+    """T: an input row of d features is read as T tokens of d / T features (T must divide d)."""
+    heads: int = 2
+    """H: number of attention heads."""
+    key_dim: int = 4
+    """k: query/key (and value) dimension per head; W_Q W_Kᵀ is (d/T × d/T) of rank ≤ k."""
+    positions: bool = True
+    """Learned position embeddings added to the tokens (without them the model cannot tell tokens apart)."""
+
+
+MODEL_OPTIONS = {c().name: c for c in (HadamardConfig, FactorizationConfig, MLPConfig, EnsembleConfig, AttentionConfig)}
 ACTIVATIONS = ("tanh", "relu", "gelu")
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +374,8 @@ def validate(cfg: Config) -> Config:
         ]
     if isinstance(m, EnsembleConfig):
         checks.append((m.members >= 2, f"model.members must be >= 2, got {m.members}"))
+    if isinstance(m, AttentionConfig):
+        checks += [(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}") for k in ("tokens", "heads", "key_dim")]
     if isinstance(d, TeacherDataConfig):
         checks += [
             (d.teacher in TEACHERS, f"data.teacher must be one of {', '.join(TEACHERS)}, got '{d.teacher}'"),

@@ -29,6 +29,7 @@ PRIMARY = {
     "factorization": ["rank"],
     "mlp": ["sparsity", "independent_fraction", "nc1", "nc3"],
     "ensemble": ["independent_fraction", "ensemble_disagreement", "ensemble_spread"],
+    "attention": ["rank"],
 }
 FIT = ["train_loss", "test_loss", "accuracy"]
 
