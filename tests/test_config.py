@@ -1,6 +1,5 @@
 """Config tests: every YAML composes and validates, every preset runs, bad input is refused early."""
 
-from pathlib import Path
 
 import pytest
 
