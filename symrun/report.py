@@ -30,6 +30,7 @@ PRIMARY = {
     "mlp": ["sparsity", "independent_fraction", "nc1", "nc3"],
     "ensemble": ["independent_fraction", "ensemble_disagreement", "ensemble_spread"],
     "attention": ["rank"],
+    "linear": ["constraint_violation"],
 }
 FIT = ["train_loss", "test_loss", "accuracy"]
 
@@ -102,12 +103,12 @@ def build(sweep_dir: Path) -> Report:
 def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, series: Optional[str]) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     numeric = pd.api.types.is_numeric_dtype(done[axis])
-    groups = [(None, done)] if series is None else list(done.groupby(series))
+    groups = [(None, done)] if series is None else list(done.groupby(series, dropna=False))
     drawn: list[np.ndarray] = []
     for value, part in groups:
         stats = part.groupby(axis)[metric].agg(["mean", "std", "count"]).reset_index().sort_values(axis)
         xs = stats[axis] if numeric else np.arange(len(stats))
-        label = f"{series}={value}" if series else "symrun"
+        label = f"{series}={_value(value)}" if series else "symrun"
         ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), fmt="o-" if numeric else "o", capsize=3,
                     label=f"{label} (mean ± std, {int(stats['count'].max())} seeds)")
         if not numeric:
@@ -117,7 +118,7 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
             lx, ly, text = line
             key = np.atleast_1d(lx if ly is None else ly)
             if not any(np.array_equal(key, d) for d in drawn):
-                text += f" ({series}={value})" if drawn else ""
+                text += f" ({series}={_value(value)})" if drawn else ""
                 if ly is None:
                     ax.axvline(lx, color="k", ls="--", label=text)
                 else:
@@ -132,6 +133,13 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
     ax.legend(fontsize=7)
     suffix = f"_by_{series}" if series else ""
     return _save(fig, sweep_dir / f"phase_{metric}_vs_{axis}{suffix}.png")
+
+
+def _value(v) -> str:
+    """A setting's value as the user wrote it: null for None/NaN, 4 rather than 4.0."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "null"
+    return str(int(v)) if isinstance(v, float) and v.is_integer() and abs(v) >= 1 else str(v)
 
 
 def _heatmap(sweep_dir: Path, done: pd.DataFrame, x: str, y: str, metric: str) -> Path:
@@ -206,14 +214,14 @@ def theory_agreement(sweep_dir: Path) -> list[str]:
         return []
     series = axes[0] if len(axes) == 2 else None
     lines = []
-    for value, part in ([(None, done)] if series is None else list(done.groupby(series))):
+    for value, part in ([(None, done)] if series is None else list(done.groupby(series, dropna=False))):
         for metric in [m for m in AGREEMENT_TOL if m in part]:
             means = part.groupby("optim.weight_decay")[metric].mean()
             line = _theory_line(sweep_dir, part, "optim.weight_decay", metric, grid=means.index.to_numpy())
             if line is None:
                 continue
             xs, ys, label = line
-            label, where = label.split(" (")[0], (f" ({series}={value})" if series else "")
+            label, where = label.split(" (")[0], (f" ({series}={_value(value)})" if series else "")
             if ys is None:       # a threshold: all dead above it, not all dead below
                 hits = int(((means == 1.0) == (means.index > xs)).sum())
                 lines.append(f"{metric}{where}: {hits} of {len(means)} weight decays on the side of {label} it predicts")

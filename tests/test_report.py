@@ -75,3 +75,15 @@ def test_gallery_section_holds_command_agreement_figure_and_table(tmp_path, monk
     assert "![phase_sparsity_vs_optim.weight_decay](results/demo/phase_sparsity_vs_optim.weight_decay.png)" in text
     assert (tmp_path / "docs/results/demo/phase_sparsity_vs_optim.weight_decay.png").stat().st_size > 10_000
     assert "| optim.weight_decay | runs | sparsity |" in text
+
+
+def test_settings_are_labelled_as_written():
+    assert report._value(float("nan")) == "null" and report._value(None) == "null"
+    assert report._value(4.0) == "4" and report._value(0.5) == "0.5" and report._value(False) == "False"
+
+
+def test_a_null_setting_is_its_own_series(tmp_path):
+    d = _sweep(tmp_path, "optim.weight_decay=0,0.5", "data.batch_size=50,null")
+    rep = report.build(d)
+    assert list(rep.summary["runs"]) == [1, 1, 1, 1]           # full batch (null) is not dropped
+    assert rep.summary["data.batch_size"].isna().sum() == 2
