@@ -46,10 +46,13 @@ def axes_of(runs: pd.DataFrame, swept: list[str]) -> list[str]:
     """Settings that vary across the table's runs, seeds excluded (seeds are pooled): the swept
     keys first, then any other setting that differs (e.g. after resuming with other settings),
     so runs that differ in anything but the seed are never pooled."""
-    settings = set()
-    for (model, data_name), _ in runs.groupby(["model.name", "data.name"]):
-        settings |= set(default_values(MODEL_OPTIONS[model], DATA_OPTIONS[data_name]))
-    varying = [k for k in runs.columns if k in settings and k != "seed" and runs[k].nunique() > 1]
+    per_option = [set(default_values(MODEL_OPTIONS[m], DATA_OPTIONS[d]))
+                  for (m, d), _ in runs.groupby(["model.name", "data.name"])]
+    settings, shared = set().union(*per_option), set.intersection(*per_option)
+    # null is a value of a setting every run has (data.batch_size=null: full batch); a key only
+    # some models have is empty for the others, which is not a difference.
+    varying = [k for k in runs.columns if k in settings and k != "seed"
+               and runs[k].nunique(dropna=k not in shared) > 1]
     return [k for k in swept if k in varying] + [k for k in varying if k not in swept]
 
 
