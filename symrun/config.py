@@ -108,8 +108,26 @@ class AttentionConfig(ModelConfig):
     """Learned position embeddings added to the tokens (without them the model cannot tell tokens apart)."""
 
 
-MODEL_OPTIONS = {c().name: c for c in (HadamardConfig, FactorizationConfig, MLPConfig, EnsembleConfig, AttentionConfig)}
+@dataclass
+class LinearConfig(ModelConfig):
+    """f(x) = Θᵀx (d → o), optionally with a linear constraint OᵀΘ = 0 enforced by DCS
+    (shared/science.md §6): Θ = (I − OOᵀ)w + O(u⊙v), whose (uᵢ, vᵢ) sign mirrors make c = OᵀΘ
+    exactly 0 once the weight decay λ ≥ |∂ℓ/∂c| at c = 0."""
+
+    name: str = "linear"
+    constraint: str = "none"
+    """none | sum_to_zero (O = 1/√d: Σᵢ Θᵢⱼ = 0 per output) | prefix (O = e₁…e_k: the first
+    `constrained` coefficients are 0). Its violation ‖OᵀΘ‖ is reported as constraint_violation."""
+    constrained: int = 1
+    """prefix: k, the number of leading input coefficients constrained to 0 (1 ≤ k ≤ d)."""
+    dcs: bool = False
+    """Enforce the constraint by DCS; false = plain Θ = w (the unconstrained baseline)."""
+
+
+MODEL_OPTIONS = {c().name: c for c in (HadamardConfig, FactorizationConfig, MLPConfig, EnsembleConfig, AttentionConfig,
+                                       LinearConfig)}
 ACTIVATIONS = ("tanh", "relu", "gelu")
+CONSTRAINTS = ("none", "sum_to_zero", "prefix")
 
 # ---------------------------------------------------------------------------------------------
 # data=
@@ -376,6 +394,12 @@ def validate(cfg: Config) -> Config:
         checks.append((m.members >= 2, f"model.members must be >= 2, got {m.members}"))
     if isinstance(m, AttentionConfig):
         checks += [(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}") for k in ("tokens", "heads", "key_dim")]
+    if isinstance(m, LinearConfig):
+        checks += [
+            (m.constraint in CONSTRAINTS, f"model.constraint must be one of {', '.join(CONSTRAINTS)}, got '{m.constraint}'"),
+            (m.constraint != "prefix" or m.constrained >= 1, f"model.constrained must be >= 1, got {m.constrained}"),
+            (not m.dcs or m.constraint != "none", "model.dcs=true needs a model.constraint (sum_to_zero or prefix)"),
+        ]
     if isinstance(d, TeacherDataConfig):
         checks += [
             (d.teacher in TEACHERS, f"data.teacher must be one of {', '.join(TEACHERS)}, got '{d.teacher}'"),

@@ -173,6 +173,8 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
         allnorms = torch.cat(norms, dim=1)
         out["constraint_distance"] = allnorms.mean(dim=1)
         out["constraint_fraction"] = (allnorms <= cfg.constraint_atol).double().mean(dim=1)
+    if (violation := model.constraint_violation(params)) is not None:
+        out["constraint_violation"] = violation
     pair = model.balance_pair(params)
     if pair is not None:
         out["balance"] = balance(*pair)

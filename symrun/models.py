@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from symrun.config import (AttentionConfig, ConfigError, EnsembleConfig, FactorizationConfig, HadamardConfig, MLPConfig,
-                           ModelConfig)
+from symrun.config import (AttentionConfig, ConfigError, EnsembleConfig, FactorizationConfig, HadamardConfig,
+                           LinearConfig, MLPConfig, ModelConfig)
 from symrun.seeds import generator
 from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
@@ -73,6 +73,10 @@ class PackedModel:
 
     def penultimate(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(last hidden features (R, N, p), classifier weights (R, C, p)) for neural collapse."""
+        return None
+
+    def constraint_violation(self, params: Params) -> torch.Tensor | None:
+        """‖OᵀΘ‖ per run, (R,), for a model with a user-chosen linear constraint; None otherwise."""
         return None
 
     def run_state(self, params: Params, r: int) -> dict[str, torch.Tensor]:
@@ -279,6 +283,60 @@ class Attention(PackedModel):
         return params["query"], params["key"]
 
 
+class Linear(PackedModel):
+    """f(x) = Θᵀx with Θ (R, d, o), and an optional linear constraint OᵀΘ = 0 (O: d × k,
+    orthonormal columns). With `dcs` the constraint is enforced by DCS (shared/science.md §6):
+    Θ = (I − OOᵀ)w + O(u⊙v), w (R, d, o), u, v (R, k, o), weight decay on all three. Each pair
+    (u_i, v_i) has a sign mirror whose constraint set is c_i = (OᵀΘ)_i = 0; by the L1 equivalence
+    the penalty on c is λ‖c‖₁, so c is exactly 0 once λ ≥ |∂ℓ/∂c| at c = 0. Without `dcs`,
+    Θ = w (the unconstrained baseline) and the constraint is only measured."""
+
+    def __init__(self, cfg: LinearConfig, in_dim: int, out_dim: int):
+        if cfg.constraint == "prefix" and not 1 <= cfg.constrained <= in_dim:
+            raise ConfigError(f"model.constrained must be in [1, {in_dim}] (the input dimension), got {cfg.constrained}")
+        self.cfg, self.d, self.o = cfg, in_dim, out_dim
+        self.k = {"none": 0, "sum_to_zero": 1, "prefix": cfg.constrained}[cfg.constraint]
+
+    def basis(self, like: torch.Tensor) -> torch.Tensor:
+        """O (d, k) with orthonormal columns, in `like`'s dtype and device."""
+        if self.cfg.constraint == "sum_to_zero":
+            return torch.full((self.d, 1), 1 / math.sqrt(self.d), dtype=like.dtype, device=like.device)
+        return torch.eye(self.d, self.k, dtype=like.dtype, device=like.device)
+
+    def shapes(self):
+        std = self.cfg.init_scale / math.sqrt(self.d)
+        out = {"w": ((self.d, self.o), std)}
+        if self.cfg.dcs:
+            out.update(u=((self.k, self.o), std), v=((self.k, self.o), std))
+        return out
+
+    def theta(self, params: Params) -> torch.Tensor:
+        """The effective coefficients Θ: (R, d, o)."""
+        w = params["w"]
+        if not self.cfg.dcs:
+            return w
+        o = self.basis(w)
+        return w - o @ (o.T @ w) + o @ (params["u"] * params["v"])     # (I − OOᵀ)w + O(u⊙v)
+
+    def forward(self, params, x):
+        return x @ self.theta(params)                                    # (R, B, o)
+
+    def pairs(self) -> NeuronSet:
+        return NeuronSet("constraint", (Slot("u", 1), Slot("v", 1)))
+
+    def symmetries(self):
+        return [SignFlip(self.pairs())] if self.cfg.dcs else []
+
+    def constraint_violation(self, params):
+        if self.k == 0:
+            return None
+        theta = self.theta({k: v.double() for k, v in params.items()})  # float64: no round-off floor at 1e-7
+        return (self.basis(theta).T @ theta).flatten(1).norm(dim=-1)     # ‖OᵀΘ‖_F: (R,)
+
+    def run_state(self, params, r):
+        return {**super().run_state(params, r), "theta": self.theta(params)[r].detach().cpu().clone()}
+
+
 def build(cfg: ModelConfig, in_dim: int, out_dim: int) -> PackedModel:
     """The packed model a model config names, for data of the given input/output sizes."""
     if isinstance(cfg, HadamardConfig):
@@ -289,4 +347,6 @@ def build(cfg: ModelConfig, in_dim: int, out_dim: int) -> PackedModel:
         return MLP(cfg, in_dim, out_dim)
     if isinstance(cfg, AttentionConfig):
         return Attention(cfg, in_dim, out_dim)
+    if isinstance(cfg, LinearConfig):
+        return Linear(cfg, in_dim, out_dim)
     raise ConfigError(f"unknown model '{cfg.name}'")
