@@ -20,8 +20,8 @@ from symrun import report, results, sweep
 from symrun.config import CONFIG_DIR
 
 # Narrative order; presets not listed follow alphabetically.
-ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "attention_rank", "dcs",
-         "permutation_homogeneity", "neural_collapse"]
+ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise",
+         "attention_rank", "dcs", "permutation_homogeneity", "neural_collapse"]
 
 
 def presets() -> list[str]:
