@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,3 +34,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_same_run(a, b, rtol=1e-9, atol=1e-12) -> None:
+    """Two engine.RunOutcome: same status, logged steps and metrics (to float tolerance), same
+    final parameters."""
+    assert a.status == b.status
+    assert [r["step"] for r in a.rows] == [r["step"] for r in b.rows]
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            np.testing.assert_allclose(ra[k], rb[k], rtol=rtol, atol=atol, err_msg=f"{k} at step {ra['step']}")
+    assert a.state.keys() == b.state.keys()
+    for k in a.state:
+        torch.testing.assert_close(a.state[k], b.state[k], rtol=rtol, atol=atol)

@@ -20,6 +20,7 @@ from symrun.engine import loss_per_run
 from symrun.metrics import measure
 from symrun.models import build
 from symrun.symmetries import Rotation, apply_mirror, constraint_norms
+from conftest import assert_same_run
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -223,12 +224,7 @@ def test_a_run_inside_a_pack_of_8_equals_the_run_alone(batch_size):
     assert alone.status == "finished" and {o.status for o in outcomes} == {"finished"}
     assert [r["step"] for r in alone.rows] == [r["step"] for r in packed.rows] == [0, 20, 40, 60]
     assert {"rank", "rank.head0", "rank.head1", "constraint_distance", "balance"} <= alone.rows[-1].keys()
-    for ra, rb in zip(alone.rows, packed.rows):
-        assert ra.keys() == rb.keys()
-        for key in ra:
-            np.testing.assert_allclose(ra[key], rb[key], rtol=1e-9, atol=1e-12, err_msg=f"{key} at {ra['step']}")
-    for key in alone.state:
-        torch.testing.assert_close(alone.state[key], packed.state[key], rtol=1e-9, atol=1e-12)
+    assert_same_run(alone, packed)
     # the pack-mates did train differently: the comparison is not vacuous
     assert outcomes[0].rows[-1]["train_loss"] != pytest.approx(alone.rows[-1]["train_loss"])
 

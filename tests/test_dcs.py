@@ -18,6 +18,7 @@ from symrun.config import Config, ConfigError, LinearConfig, TeacherDataConfig, 
 from symrun.engine import loss_per_run
 from symrun.models import build
 from symrun.symmetries import NeuronSet, SignFlip, Slot, apply_mirror
+from conftest import assert_same_run
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -171,12 +172,7 @@ def test_a_dcs_run_inside_a_pack_equals_the_run_alone():
     packed = outcomes[2]
     assert {o.status for o in outcomes} == {"finished"}
     assert {"constraint_violation", "constraint_distance"} <= alone.rows[-1].keys()
-    for ra, rb in zip(alone.rows, packed.rows, strict=True):
-        assert ra.keys() == rb.keys()
-        for key in ra:
-            np.testing.assert_allclose(ra[key], rb[key], rtol=1e-9, atol=1e-12, err_msg=f"{key} at {ra['step']}")
-    for key in alone.state:
-        torch.testing.assert_close(alone.state[key], packed.state[key], rtol=1e-9, atol=1e-12)
+    assert_same_run(alone, packed)
     assert outcomes[0].rows[-1]["train_loss"] != pytest.approx(alone.rows[-1]["train_loss"])
 
 

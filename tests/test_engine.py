@@ -26,6 +26,7 @@ from symrun.config import (
     validate,
 )
 from symrun.engine import StepNoise
+from conftest import assert_same_run
 from symrun.models import build
 
 CPU = torch.device("cpu")
@@ -40,19 +41,6 @@ def make(model, data_cfg, *, seed=0, opt="sgd", lr=0.05, wd=0.0, momentum=0.0, l
     c.train.steps, c.train.log_every, c.train.dtype = steps, log_every, "float64"
     c.device = "cpu"
     return validate(c)
-
-
-def assert_same_run(a: engine.RunOutcome, b: engine.RunOutcome, rtol=1e-9, atol=1e-12) -> None:
-    """Same status, same logged steps and metrics (to float tolerance), same final parameters."""
-    assert a.status == b.status
-    assert [r["step"] for r in a.rows] == [r["step"] for r in b.rows]
-    for ra, rb in zip(a.rows, b.rows):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            np.testing.assert_allclose(ra[k], rb[k], rtol=rtol, atol=atol, err_msg=f"{k} at step {ra['step']}")
-    assert a.state.keys() == b.state.keys()
-    for k in a.state:
-        torch.testing.assert_close(a.state[k], b.state[k], rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------
