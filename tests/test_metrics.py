@@ -381,3 +381,22 @@ def test_neural_collapse_values_by_hand():
     assert nc["nc3"].item() == pytest.approx(2.0)                     # ‖W/‖W‖ − M/‖M‖‖² = 4 · (1/√2)²
     # logits all 0: argmax picks class 0, the nearest mean is right: class 1's two samples disagree
     assert nc["nc4"].item() == pytest.approx(0.5)
+
+
+def test_neural_collapse_nc1_equals_the_explicit_pseudo_inverse_formula():
+    # the fast route (projections on Σ_B's eigenvectors) against tr(Σ_W Σ_B⁺)/C written out
+    g = torch.Generator().manual_seed(0)
+    r, n, p, c = 3, 60, 7, 4
+    y = torch.arange(n) % c
+    h = torch.randn(r, c, p, generator=g, dtype=torch.float64)[:, y] + 0.3 * torch.randn(r, n, p, generator=g, dtype=torch.float64)
+    w = torch.randn(r, c, p, generator=g, dtype=torch.float64)
+    means = torch.stack([h[:, y == k].mean(1) for k in range(c)], dim=1)
+    within = h - means[:, y]
+    sigma_w = within.mT @ within / n
+    centred = means - means.mean(1, keepdim=True)
+    sigma_b = centred.mT @ centred / c
+    expected = torch.einsum("rij,rji->r", sigma_w, torch.linalg.pinv(sigma_b, hermitian=True)) / c
+    torch.testing.assert_close(metrics.neural_collapse(h, y, w, c)["nc1"], expected)
+    nearest = torch.cdist(h, means).argmin(-1)
+    expected_nc4 = (nearest != (h @ w.mT).argmax(-1)).double().mean(-1)
+    torch.testing.assert_close(metrics.neural_collapse(h, y, w, c)["nc4"], expected_nc4)
