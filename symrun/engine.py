@@ -52,9 +52,10 @@ def loss_per_run(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     """Half-MSE (1/2n)Σ‖f − y‖² or mean cross-entropy, per run: out (R, B, o) → (R,)."""
     if task == "regression":
         return 0.5 * (out - y).pow(2).sum(-1).mean(-1)
-    r, b, c = out.shape
-    ce = F.cross_entropy(out.reshape(r * b, c), y.expand(r, b).reshape(-1), reduction="none")
-    return ce.view(r, b).mean(-1)
+    # log-sum-exp written out: F.cross_entropy over a 10-wide last axis costs ~4× more on CPU here
+    shift = out - out.detach().amax(dim=-1, keepdim=True)
+    picked = shift.gather(-1, y.expand(out.shape[:-1]).unsqueeze(-1)).squeeze(-1)    # (R, B)
+    return (shift.exp().sum(dim=-1).log() - picked).mean(dim=-1)
 
 
 class StepNoise:
@@ -154,7 +155,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             xb, yb = x, y
         else:
             idx = order.next()                  # (R, B)
-            xb, yb = x[idx], y[idx]             # (R, B, d), (R, B[, o])
+            xb, yb = take(x, idx), take(y, idx)  # (R, B, d), (R, B[, o])
         yb = noise.labels(yb, ds.task, ds.n_classes)
         loss = loss_per_run(model.forward(net(), xb), yb, ds.task)        # (R,)
         grads = torch.autograd.grad(loss.sum(), list(params.values()))
@@ -168,6 +169,11 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         if outcome.status == "finished":
             outcome.state = model.run_state(net(), i)
     return record.outcomes
+
+
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[idx] for row indices idx (R, B): index_select is ~7× faster than advanced indexing on CPU."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
 
 
 class Recorder:

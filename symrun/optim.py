@@ -37,14 +37,14 @@ class PackedOptimizer:
             if self.name == "sgd":
                 # One formula for every run, so a run's float path never depends on its pack-mates:
                 # with μ = 0 the buffer is 0·buf + g exactly, i.e. plain SGD.
-                g = g + wd * p
+                g = torch.addcmul(g, wd, p)                   # g + λθ in one pass
                 if self.has_momentum:
                     if "buf" in st:
                         st["buf"].mul_(per_run(self.mom, p)).add_(g)
                     else:
                         st["buf"] = g.clone()  # torch.optim.SGD: the first step's buffer is the gradient
                     g = st["buf"]
-                p.sub_(lr * g)
+                p.addcmul_(lr, g, value=-1)                   # θ − lr·g in one pass
                 continue
             if self.name == "adam":
                 g = g + wd * p
