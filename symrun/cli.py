@@ -1,22 +1,22 @@
-"""The `symrun` command: a thin Typer shell over symrun.sweep and symrun.report, rendered with rich."""
+"""The `symrun` command: a thin Typer shell over symrun.sweep and symrun.report, rendered with rich.
+
+Commands import torch, Hydra and pandas (through symrun.sweep and symrun.report) only when they
+run, so `symrun --help` and `symrun list` answer at once.
+"""
 
 from __future__ import annotations
 
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from omegaconf import OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from symrun import report as report_mod
-from symrun import results, sweep
-from symrun.config import CONFIG_DIR, ConfigError, to_dict
-from symrun.data import DataError
+if TYPE_CHECKING:
+    from symrun import sweep
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Experiments on how loss symmetries shape what networks learn. A sweep's grid is "
@@ -66,6 +66,12 @@ def run(ctx: typer.Context, outputs: Path = OUTPUTS) -> None:
 
 
 def _execute(args: list[str], outputs: Path, single: bool) -> None:
+    from omegaconf import OmegaConf
+
+    from symrun import sweep
+    from symrun.config import ConfigError, to_dict
+    from symrun.data import DataError
+
     args, show = _wants_cfg(args)
     run_args, hydra_args = sweep.split_args(args)
     try:
@@ -92,6 +98,10 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
 def _train(plan: sweep.Plan, plan_path: Path, hydra_args: list[str], single: bool) -> None:
     """Train the plan's packs under a progress bar: steps when they run in this process, ended
     runs (from their status files) when a launcher runs them elsewhere."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from symrun import sweep
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         if single or sweep.in_process(hydra_args):
@@ -123,6 +133,9 @@ def _train(plan: sweep.Plan, plan_path: Path, hydra_args: list[str], single: boo
 @app.command()
 def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<name>/<id>).")) -> None:
     """Rebuild runs.csv/results.csv from the run folders, draw the phase diagrams, print a summary."""
+    from symrun.config import ConfigError
+    from symrun.data import DataError
+
     if not (sweep_dir / "runs").is_dir():
         _fail(f"{sweep_dir} is not a sweep folder (no runs/ inside)")
     try:
@@ -132,6 +145,9 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
 
 
 def _show_report(sweep_dir: Path) -> None:
+    from symrun import report as report_mod
+    from symrun import results
+
     rep = report_mod.build(sweep_dir)
     if not rep.summary.empty:
         table = Table(title=f"summary (mean ± std over seeds) — {sweep_dir}", title_justify="left")
@@ -163,15 +179,15 @@ def _fmt(v) -> str:
 @app.command("list")
 def list_cmd() -> None:
     """Config groups and their options, experiment presets, launchers."""
-    from hydra.core.global_hydra import GlobalHydra
+    from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS
 
-    with sweep._hydra_context():
-        loader = GlobalHydra.instance().config_loader()
-        table = Table(title="config groups (choose with GROUP=OPTION)", title_justify="left")
-        table.add_column("group")
-        table.add_column("options")
-        for group in ("model", "data", "experiment", "hydra/launcher"):
-            table.add_row(group, ", ".join(loader.get_group_options(group)))
+    table = Table(title="config groups (choose with GROUP=OPTION)", title_justify="left")
+    table.add_column("group")
+    table.add_column("options")
+    table.add_row("model", ", ".join(sorted(MODEL_OPTIONS)))
+    table.add_row("data", ", ".join(sorted(DATA_OPTIONS)))
+    table.add_row("experiment", ", ".join(sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))))
+    table.add_row("hydra/launcher", ", ".join(_launchers(CONFIG_DIR)))
     console.print(table)
     presets = Table(title="experiment presets (symrun sweep experiment=NAME)", title_justify="left")
     presets.add_column("name")
@@ -183,6 +199,26 @@ def list_cmd() -> None:
     console.print("Other keys: optim.{name,lr,momentum,weight_decay}, noise.{label_std,label_flip,temperature}, "
                   "train.{steps,log_every,dtype}, metrics.*, seed, device, name, pack_size. "
                   "`symrun run --cfg job` prints every key with its value.")
+
+
+# Hydra launcher plugins and the options they register, found without importing Hydra
+_LAUNCHER_PLUGINS = {"hydra_plugins.hydra_joblib_launcher": ["joblib"],
+                     "hydra_plugins.hydra_submitit_launcher": ["submitit_local", "submitit_slurm"]}
+
+
+def _launchers(config_dir: Path) -> list[str]:
+    """`basic` (Hydra's own), the installed plugins' options, and symrun's configs/hydra/launcher/."""
+    import importlib.util
+
+    names = ["basic"]
+    for module, options in _LAUNCHER_PLUGINS.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                names += options
+        except ImportError:
+            pass
+    names += sorted(p.stem for p in (config_dir / "hydra" / "launcher").glob("*.yaml"))
+    return names
 
 
 def main(argv: Optional[list[str]] = None) -> None:

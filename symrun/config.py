@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -274,7 +273,10 @@ PER_RUN_KEYS = (
 
 
 def register_configs() -> None:
-    """Register the schema and the model/data group options in Hydra's ConfigStore."""
+    """Register the schema and the model/data group options in Hydra's ConfigStore (idempotent;
+    symrun.sweep calls it on import, so `symrun --help` never imports Hydra)."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for name, cls in MODEL_OPTIONS.items():

@@ -31,7 +31,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from symrun import data as data_mod
 from symrun import engine, models, results
-from symrun.config import CONFIG_DIR, Config, ConfigError, to_config, to_dict
+from symrun.config import CONFIG_DIR, Config, ConfigError, register_configs, to_config, to_dict
+
+register_configs()
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """The real `symrun` command end to end on tiny grids (subprocesses, as a user runs it)."""
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -122,3 +124,13 @@ def test_bad_hydra_arguments_are_refused_before_anything_is_written(cli, tmp_pat
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["sweep", "--help"]])
+def test_help_and_list_do_not_import_torch_hydra_or_pandas(args):
+    # `symrun --help` and `symrun list` must answer at once: the heavy imports wait for real work.
+    code = ("import sys\nfrom symrun import cli\ntry:\n    cli.main(%r)\nexcept SystemExit:\n    pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'hydra', 'pandas', 'matplotlib'}))" % args)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
