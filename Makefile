@@ -25,9 +25,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## bench: packed vs one-model-per-run training, same workloads, same process
+## bench: packed vs one-model-per-run training, same workloads, same process → BENCHMARKS.md
 bench: install
-	$(BIN)/python -m symrun.bench
+	$(BIN)/python -m symrun.bench --profile --write BENCHMARKS.md
 
 ## results: every experiment preset at its CPU size → docs/results.md and docs/results/*/*.png
 results: install

@@ -201,6 +201,18 @@ def list_cmd() -> None:
                   "`symrun run --cfg job` prints every key with its value.")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context) -> None:
+    """Time the packed engine against one nn.Module + torch.optim loop per run (`symrun bench --help`)."""
+    from symrun import bench as bench_mod
+    from symrun.config import ConfigError
+
+    try:
+        bench_mod.main(list(ctx.args))
+    except ConfigError as e:
+        _fail(str(e))
+
+
 # Hydra launcher plugins and the options they register, found without importing Hydra
 _LAUNCHER_PLUGINS = {"hydra_plugins.hydra_joblib_launcher": ["joblib"],
                      "hydra_plugins.hydra_submitit_launcher": ["submitit_local", "submitit_slurm"]}

@@ -173,22 +173,32 @@ class MLP(PackedModel):
 
     def hidden(self, params, x):
         """Activations of the last hidden layer: (R, M, B, width)."""
-        # First layer: a shared input makes one large GEMM over all runs and members.
-        pattern = "bi,rmoi->rmbo" if x.dim() == 2 else "rbi,rmoi->rmbo"
-        h = torch.einsum(pattern, x, params["layers.0.weight"])      # (R, M, B, width)
+        h = self._layer(params, 0, x)
         for l in range(self.cfg.depth):
             if l > 0:
-                h = h @ params[f"layers.{l}.weight"].transpose(-1, -2)
-            if self.cfg.bias:
-                h = h + params[f"layers.{l}.bias"].unsqueeze(-2)
+                h = self._layer(params, l, h)
             h = self.act(h)
         return h
 
+    def _layer(self, params, l: int, x):
+        """x Wᵀ + b for layer l of every run and member: x (B, in), (R, B, in) or (R, M, B, in)."""
+        w, b = params[f"layers.{l}.weight"], params.get(f"layers.{l}.bias")
+        r, m, o, i = w.shape
+        if x.dim() == 2:
+            # A shared input (full batch): one large GEMM over all runs and members.
+            h = torch.einsum("bi,rmoi->rmbo", x, w)
+            return h if b is None else h + b.unsqueeze(-2)
+        if x.dim() == 3:
+            if m > 1:
+                return self._layer(params, l, x.unsqueeze(1).expand(r, m, *x.shape[1:]))
+            x = x.unsqueeze(1)
+        xs, ws = x.reshape(r * m, *x.shape[2:]), w.view(r * m, o, i).mT
+        # one batched GEMM with the bias folded in (baddbmm) instead of bmm + a broadcast add
+        h = torch.bmm(xs, ws) if b is None else torch.baddbmm(b.reshape(r * m, 1, o), xs, ws)
+        return h.view(r, m, -1, o)
+
     def member_outputs(self, params, x):
-        out = self.hidden(params, x) @ params[f"layers.{self.cfg.depth}.weight"].transpose(-1, -2)
-        if self.cfg.bias:
-            out = out + params[f"layers.{self.cfg.depth}.bias"].unsqueeze(-2)
-        return out                                             # (R, M, B, out)
+        return self._layer(params, self.cfg.depth, self.hidden(params, x))   # (R, M, B, out)
 
     def penultimate(self, params, x):
         if self.members > 1:
