@@ -226,6 +226,24 @@ class TrainConfig:
 
 
 @dataclass
+class TasksConfig:
+    """A sequence of tasks the same network trains through, one after another (loss of
+    plasticity): task 0 is the data as given, task k ≥ 1 a fresh permutation of the input features
+    (`change=pixels`, permuted digits) or of the class labels (`change=labels`), drawn from
+    (data.seed, k) so every run sees the same sequence. Each task trains `train.steps` steps.
+
+    Remedy, at each switch to a new task (Ash & Adams 2020, shrink and perturb):
+    θ ← shrink·θ + perturb·θ₀', θ₀' a fresh draw of the initialisation from the run's own stream."""
+
+    count: int = 1
+    """Number of tasks (1: ordinary training on one task)."""
+    change: str = "pixels"
+    """pixels | labels: what a new task permutes."""
+    shrink: float = 1.0
+    perturb: float = 0.0
+
+
+@dataclass
 class MetricsConfig:
     """Thresholds of the metrics (shared/science.md §4); formulas in symrun.metrics."""
 
@@ -242,7 +260,10 @@ class MetricsConfig:
     constraint_atol: float = 1e-3
     """A mirror's constraint holds when ‖Oᵀθ‖ ≤ constraint_atol."""
     probe_size: int = 256
-    """Inputs (from the test set, else train) on which ensemble members' outputs are compared."""
+    """Inputs (from the test set, else train) on which ensemble members' outputs and the last
+    hidden layer's representation (dead_units, feature_rank) are measured."""
+    activation_atol: float = 0.0
+    """A unit is dead when |activation| ≤ activation_atol on every probe input (0: never fires)."""
 
 
 @dataclass
@@ -253,6 +274,7 @@ class Config:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     seed: int = 0
     """Seeds the run's init, minibatch order and noise (each from its own stream)."""
     device: str = "auto"
@@ -268,8 +290,14 @@ EXECUTION_KEYS = ("device", "name", "pack_size")
 # Settings that may differ between runs of one pack (held as per-run tensors by the engine).
 PER_RUN_KEYS = (
     "seed", "optim.lr", "optim.momentum", "optim.weight_decay",
-    "noise.label_std", "noise.label_flip", "noise.temperature",
+    "noise.label_std", "noise.label_flip", "noise.temperature", "tasks.shrink", "tasks.perturb",
 )
+TASK_CHANGES = ("pixels", "labels")
+
+
+def total_steps(cfg: Config) -> int:
+    """Steps a run trains in all: train.steps per task."""
+    return cfg.train.steps * cfg.tasks.count
 
 
 def register_configs() -> None:
@@ -373,6 +401,10 @@ def validate(cfg: Config) -> Config:
         (0 <= n.temperature < math.inf, f"noise.temperature must be a number >= 0, got {n.temperature}"),
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (cfg.tasks.count >= 1, f"tasks.count must be >= 1, got {cfg.tasks.count}"),
+        (cfg.tasks.change in TASK_CHANGES, f"tasks.change must be one of {', '.join(TASK_CHANGES)}, got '{cfg.tasks.change}'"),
+        (min(cfg.tasks.shrink, cfg.tasks.perturb) >= 0 and math.isfinite(cfg.tasks.shrink + cfg.tasks.perturb),
+         f"tasks.shrink and tasks.perturb must be >= 0, got {cfg.tasks.shrink} and {cfg.tasks.perturb}"),
         (t.dtype in ("float32", "float64"), f"train.dtype must be float32 or float64, got '{t.dtype}'"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got '{cfg.device}'"),
         (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),
@@ -380,7 +412,8 @@ def validate(cfg: Config) -> Config:
         (m.offset_std >= 0, f"model.offset_std must be >= 0, got {m.offset_std}"),
         (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),
-        (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.rank_atol, mt.constraint_atol) >= 0, "metrics thresholds must be >= 0"),
+        (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.rank_atol, mt.constraint_atol, mt.activation_atol) >= 0,
+         "metrics thresholds must be >= 0"),
         (mt.probe_size >= 1, f"metrics.probe_size must be >= 1, got {mt.probe_size}"),
         (mt.homogeneity_threshold >= 0, f"metrics.homogeneity_threshold must be >= 0, got {mt.homogeneity_threshold}"),
     ]

@@ -57,6 +57,23 @@ def load(cfg: DataConfig) -> Dataset:
     raise DataError(f"unknown data option '{cfg.name}'")
 
 
+def for_task(ds: Dataset, change: str, data_seed: int, task: int) -> Dataset:
+    """Task `task` of a task sequence (config.TasksConfig): task 0 is `ds`; task k ≥ 1 permutes
+    the input features (`pixels`) or the class labels (`labels`, classification only) with a
+    permutation drawn from (data_seed, k), the same for every run."""
+    if task == 0:
+        return ds
+    rng = np.random.default_rng(derive_seed(data_seed, f"task-{task}"))
+    if change == "pixels":
+        perm = rng.permutation(ds.in_dim)
+        return Dataset(ds.x[:, perm], ds.y, ds.task, None if ds.x_test is None else ds.x_test[:, perm],
+                       ds.y_test, ds.n_classes)
+    if ds.task != "classification":
+        raise DataError("tasks.change=labels permutes class labels: it needs a classification task")
+    perm = rng.permutation(ds.n_classes)
+    return Dataset(ds.x, perm[ds.y], ds.task, ds.x_test, None if ds.y_test is None else perm[ds.y_test], ds.n_classes)
+
+
 def _teacher(cfg: TeacherDataConfig) -> Dataset:
     rng = np.random.default_rng(derive_seed(cfg.seed, "teacher"))
     n_all, d, o = cfg.n + cfg.n_test, cfg.dim, cfg.out_dim

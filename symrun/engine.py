@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from symrun import data as data_mod
 from symrun import metrics, models
-from symrun.config import PER_RUN_KEYS, Config, ConfigError, flatten, to_dict
+from symrun.config import PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
 from symrun.data import BatchOrder, Dataset
-from symrun.seeds import generator
+from symrun.seeds import derive_seed, generator
 from symrun.optim import PackedOptimizer, per_run
 
 
@@ -125,7 +125,15 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     ds = dataset if dataset is not None else data_mod.load(first.data)
     tensor = lambda a, dt=dtype: None if a is None else torch.as_tensor(a, device=device, dtype=dt)  # noqa: E731
     ydt = torch.long if ds.task == "classification" else dtype
-    x, y, x_test, y_test = tensor(ds.x), tensor(ds.y, ydt), tensor(ds.x_test), tensor(ds.y_test, ydt)
+    tasks = first.tasks
+
+    def task_data(k: int):
+        t = data_mod.for_task(ds, tasks.change, first.data.seed, k)
+        x_t, x_test_t = tensor(t.x), tensor(t.x_test)
+        probe_t = (x_test_t if x_test_t is not None else x_t)[: first.metrics.probe_size]
+        return x_t, tensor(t.y, ydt), x_test_t, tensor(t.y_test, ydt), probe_t
+
+    x, y, x_test, y_test, probe = task_data(0)
     model = models.build(first.model, ds.in_dim, ds.out_dim)
     hp = lambda get: torch.tensor([get(c) for c in cfgs], device=device, dtype=dtype)  # noqa: E731
     lr, wd = hp(lambda c: c.optim.lr), hp(lambda c: c.optim.weight_decay)
@@ -137,12 +145,15 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     noise = StepNoise(cfgs, device, dtype)
     bs = first.data.batch_size
     order = BatchOrder(len(x), bs, [c.seed for c in cfgs], device) if bs is not None and bs < len(x) else None
-    probe = (x_test if x_test is not None else x)[: first.metrics.probe_size]
     record = Recorder(len(cfgs), device)
+    task = 0
 
     def log(step: int) -> None:
         with torch.no_grad():
-            newly = record(step, evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe))
+            row = evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe)
+            if tasks.count > 1:
+                row["task"] = torch.full_like(row["train_loss"], task)
+            newly = record(step, row)
             if newly:   # freeze a diverged run: its neighbours' slices are untouched either way
                 lr[newly] = 0.0
                 for p in params.values():
@@ -150,7 +161,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
 
     log(0)
     steps, log_every = first.train.steps, first.train.log_every
-    for step in range(1, steps + 1):
+    for step in range(1, total_steps(first) + 1):
         if order is None:                       # full batch: one input shared by every run
             xb, yb = x, y
         else:
@@ -161,14 +172,37 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         grads = torch.autograd.grad(loss.sum(), list(params.values()))
         opt.step(params, dict(zip(params, grads)))
         noise.langevin(params, lr)
-        if step % log_every == 0 or step == steps:
+        if step % log_every == 0 or step % steps == 0:
             log(step)
+        if step % steps == 0 and task + 1 < tasks.count:       # the next task of the sequence
+            task += 1
+            x, y, x_test, y_test, probe = task_data(task)
+            shrink_and_perturb(model, params, cfgs, task, record.alive)
         if on_step is not None:
             on_step(1)
     for i, outcome in enumerate(record.outcomes):
         if outcome.status == "finished":
             outcome.state = model.run_state(net(), i)
     return record.outcomes
+
+
+@torch.no_grad()
+def shrink_and_perturb(model, params: dict[str, torch.Tensor], cfgs: list[Config], task: int,
+                       alive: torch.Tensor) -> None:
+    """θ ← shrink·θ + perturb·θ₀' for every live run at the switch to `task` (config.TasksConfig);
+    θ₀' is a fresh initialisation from the run's own (seed, task) stream. shrink = 1, perturb = 0
+    leave θ exactly as it is."""
+    p0 = next(iter(params.values()))
+    shrink = torch.tensor([c.tasks.shrink for c in cfgs], device=p0.device, dtype=p0.dtype)
+    perturb = torch.tensor([c.tasks.perturb for c in cfgs], device=p0.device, dtype=p0.dtype)
+    shrink, perturb = torch.where(alive, shrink, 1.0), torch.where(alive, perturb, 0.0)
+    fresh = None
+    if bool((perturb > 0).any()):
+        fresh = model.init_params([derive_seed(c.seed, f"perturb-{task}") for c in cfgs], p0.device, p0.dtype)
+    for k, p in params.items():
+        p.mul_(per_run(shrink, p))
+        if fresh is not None:
+            p.add_(per_run(perturb, p) * fresh[k].detach())
 
 
 def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,13 @@ def mean_pairwise_distance(vectors: torch.Tensor) -> torch.Tensor:
     return normalized_distance(vectors)[..., i, j].mean(dim=-1)
 
 
+def dead_units(h: torch.Tensor, atol: float) -> torch.Tensor:
+    """Fraction of units whose activation is ≤ atol in magnitude on every input (with atol = 0: a
+    ReLU unit that never fires, so no gradient reaches it; Lyle et al. 2023, Sokar et al. 2023).
+    h: activations (..., B, n) → (...)."""
+    return (h.abs() <= atol).all(dim=-2).double().mean(dim=-1)
+
+
 def balance(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """‖u‖² − ‖w‖² summed over a run's rescaling pairs (conserved by gradient flow; multiplied by
     (1 − lr·λ)² per GD step with weight decay λ, shared/science.md §5.5). (R, ...) → (R,)."""
@@ -192,6 +199,13 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
     pair = model.balance_pair(params)
     if pair is not None:
         out["balance"] = balance(*pair)
+    representation = model.penultimate(params, probe)
+    if representation is not None:                     # the last hidden layer on the probe inputs
+        features = representation[0]                                           # (R, B, width)
+        out["dead_units"] = dead_units(features, cfg.activation_atol)
+        s = singular_values(features)
+        out["feature_rank"] = numerical_rank(s, cfg.rank_rtol, cfg.rank_atol)
+        out["feature_effective_rank"] = effective_rank(s)
     penultimate = model.penultimate(params, labelled[0]) if labelled is not None else None
     if penultimate is not None:
         features, classifier = penultimate

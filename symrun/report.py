@@ -85,13 +85,16 @@ def build(sweep_dir: Path) -> Report:
     One swept axis (seeds pooled): a line with mean ± std. Two: one line per value of the
     shorter axis when it has at most SERIES_MAX values, else a heatmap of the mean."""
     sweep_dir = Path(sweep_dir)
-    runs, _ = results.write_tables(sweep_dir)
+    runs, table = results.write_tables(sweep_dir)
     if runs.empty:
         return Report([], pd.DataFrame(), {})
     swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
     axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
     done = runs[runs["status"] == results.FINISHED]
     figures = []
+    if "task" in table and not done.empty:      # a task sequence: per-task curves come first
+        ends = task_ends(table, runs, axes)
+        figures += [_task_curves(sweep_dir, ends, axes, m) for m in TASK_METRICS if m in ends and ends[m].notna().any()]
     if done.empty or not 1 <= len(axes) <= 2:   # more axes: the summary table, no figure
         return Report(figures, summarize(runs, swept), runs["status"].value_counts().to_dict())
     x, other = axes[-1], (axes[0] if len(axes) == 2 else None)
@@ -101,6 +104,44 @@ def build(sweep_dir: Path) -> Report:
         else:
             figures.append(_phase_diagram(sweep_dir, done, x, metric, other))
     return Report(figures, summarize(runs, swept), runs["status"].value_counts().to_dict())
+
+
+# Loss of plasticity: what each task ends with, task after task
+TASK_METRICS = ["accuracy", "train_accuracy", "dead_units", "feature_effective_rank", "independent_fraction", "sparsity",
+                "weight_norm"]
+
+
+def task_ends(table: pd.DataFrame, runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """One row per finished run and task: the metrics logged at the task's last step, with the
+    run's settings on `axes` (the per-task table a plasticity figure is drawn from)."""
+    done = runs.loc[runs["status"] == results.FINISHED, ["run_id", "seed"] + [a for a in axes if a != "seed"]]
+    rows = table[table["run_id"].isin(done["run_id"])].sort_values("step")
+    ends = rows.groupby(["run_id", "task"], as_index=False).last()
+    ends = ends.drop(columns=[c for c in ends.columns if c in axes or c == "seed"]).merge(done, on="run_id")
+    return ends
+
+
+def _task_curves(sweep_dir: Path, ends: pd.DataFrame, axes: list[str], metric: str) -> Path:
+    """metric at the end of each task vs task index, one line per grid point (mean ± std over
+    seeds); one panel per value of the first axis when there are more than SERIES_MAX lines."""
+    facet = axes[0] if len(axes) > 1 and ends.groupby(axes, dropna=False).ngroups > SERIES_MAX else None
+    panels = [(None, ends)] if facet is None else list(ends.groupby(facet, dropna=False))
+    lines = [a for a in axes if a != facet]
+    fig, grid = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 4.0), dpi=120, squeeze=False, sharey=True)
+    for ax, (value, part) in zip(grid[0], panels):
+        groups = list(part.groupby(lines, dropna=False)) if lines else [((), part)]
+        for key, g in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            stats = g.groupby("task")[metric].agg(["mean", "std"]).reset_index()
+            label = ", ".join(f"{k.split('.')[-1]}={_value(v)}" for k, v in zip(lines, key)) or "symrun"
+            ax.errorbar(stats["task"], stats["mean"], yerr=stats["std"].fillna(0), fmt="o-", capsize=2, ms=3, label=label)
+        ax.set_xlabel("task")
+        ax.set_title(f"{facet}={_value(value)}" if facet else f"{metric} at the end of each task", fontsize=9)
+        ax.grid(alpha=0.3)
+    grid[0][0].set_ylabel(f"{metric} (end of task)")
+    grid[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"{metric} task after task — {sweep_dir.parent.name}", fontsize=10)
+    return _save(fig, sweep_dir / f"tasks_{metric}.png")
 
 
 def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, series: Optional[str]) -> Path:

@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from symrun import data as data_mod
 from symrun import engine, models, results
-from symrun.config import CONFIG_DIR, Config, ConfigError, register_configs, to_config, to_dict
+from symrun.config import CONFIG_DIR, Config, ConfigError, register_configs, to_config, to_dict, total_steps
 
 register_configs()
 
@@ -48,7 +48,7 @@ class Plan:
 
     @property
     def steps(self) -> int:
-        return sum(self.configs[p[0]].train.steps for p in self.packs)
+        return sum(total_steps(self.configs[p[0]]) for p in self.packs)
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -162,6 +162,8 @@ def check_buildable(configs: list[Config]) -> None:
             raise ConfigError("noise.label_flip applies to classification; this data is regression (use noise.label_std)")
         if cfg.data.batch_size is not None and cfg.data.batch_size > len(ds.x):
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {len(ds.x)} training examples")
+        if cfg.tasks.count > 1 and cfg.tasks.change == "labels" and ds.task != "classification":
+            raise ConfigError("tasks.change=labels permutes class labels: it needs a classification task")
 
 
 def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,
