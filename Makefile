@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## run: the built-in default sweep (rescaling → sparsity, 16 weight decays × 4 seeds)
+## run: the built-in default sweep (rescaling → sparsity, 16 weight decays × 2 label noises × 3 seeds)
 run: install
 	$(BIN)/symrun sweep experiment=rescaling_sparsity
 
