@@ -21,7 +21,7 @@ from symrun.config import CONFIG_DIR
 
 # Narrative order; presets not listed follow alphabetically.
 ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise",
-         "attention_rank", "dcs", "permutation_homogeneity", "neural_collapse"]
+         "attention_rank", "dcs", "permutation_homogeneity", "neural_collapse", "plasticity"]
 
 
 def presets() -> list[str]:
@@ -66,7 +66,8 @@ def section(name: str, sweep_dir: Path, seconds: float, docs: Path) -> str:
     if agreement:
         out += ["Against theory: " + "; ".join(agreement) + ".", ""]
     for fig in rep.figures:
-        if any(fig.name.startswith(f"phase_{m}_") or fig.name.startswith(f"heatmap_{m}_") for m in structure):
+        if (any(fig.name.startswith(f"phase_{m}_") or fig.name.startswith(f"heatmap_{m}_") for m in structure)
+                or fig.name in {f"tasks_{m}.png" for m in ("accuracy", "dead_units", "feature_effective_rank")}):
             shutil.copy2(fig, figures_dir / fig.name)
             out += [f"![{fig.stem}](results/{name}/{fig.name})", ""]
     out += [_markdown(rep.summary), ""]
