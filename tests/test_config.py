@@ -47,7 +47,8 @@ def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
 
 def test_preset_grid_and_command_line_combine(tmp_path):
     plan = sweep.plan(["experiment=rescaling_sparsity", "seed=0,1", "optim.weight_decay=0.1,1.0"], tmp_path)
-    assert len(plan.configs) == 4          # the command line replaces the preset's axes key by key
+    assert len(plan.configs) == 8          # the command line replaces the preset's axes key by key
+    assert sorted({c.noise.label_std for c in plan.configs.values()}) == [0.0, 1.0]    # the preset's own axis stays
     assert sorted({c.optim.weight_decay for c in plan.configs.values()}) == [0.1, 1.0]
     assert set(plan.swept) == {"optim.weight_decay", "seed"}
     assert len(plan.packs) == 1            # one shape → one pack
