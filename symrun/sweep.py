@@ -11,6 +11,7 @@ Finished runs already in the folder are skipped: rerunning a sweep with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -180,16 +181,23 @@ def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[P
     by_id = {results.run_id(c): c for c in configs}
     name = configs[0].name
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
-    finished = [rid for rid in by_id if results.is_finished(sweep_dir, rid)]
+    return schedule(Plan(sweep_dir, name, by_id, [], swept, list(args)))
+
+
+def schedule(p: Plan) -> Plan:
+    """The plan with its finished runs and packs read afresh from its folder: runs finished there
+    are skipped, the rest grouped into packs by shape. Cheap; call it again once the sweep's lock
+    is held, so runs another sweep finished in between are not trained twice."""
+    finished = [rid for rid in p.configs if results.is_finished(p.sweep_dir, rid)]
     todo: dict[str, list[str]] = {}
-    for rid, cfg in by_id.items():
+    for rid, cfg in p.configs.items():
         if rid not in finished:
             todo.setdefault(engine.pack_key(cfg), []).append(rid)
     packs = []
     for ids in todo.values():
-        size = by_id[ids[0]].pack_size
+        size = p.configs[ids[0]].pack_size
         packs += [ids[i: i + size] for i in range(0, len(ids), size)]
-    return Plan(sweep_dir, name, by_id, packs, swept, list(args), finished)
+    return dataclasses.replace(p, packs=packs, finished=finished)
 
 
 def write_plan(p: Plan) -> Path:
