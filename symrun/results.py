@@ -202,8 +202,8 @@ def load_params(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such parameters file") from None
     except Exception as e:  # noqa: BLE001 — unpickling and zip errors come in many types
-        reason = " ".join(str(e).split())[:200]
-        raise ParamsError(f"{path}: not a state dict of tensors readable with weights_only=True ({type(e).__name__}: {reason})") from None
+        raise ParamsError(f"{path}: not a state dict of tensors readable with weights_only=True "
+                          f"(it holds other Python objects, or is not a torch.save file: {type(e).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ParamsError(f"{path}: not a state dict (expected {{name: tensor}}, got {type(state).__name__})")
     return state

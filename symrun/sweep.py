@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import sys
 import time
 import traceback
@@ -28,11 +29,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from symrun import data as data_mod
 from symrun import engine, models, results
-from symrun.config import CONFIG_DIR, Config, ConfigError, register_configs, to_config, to_dict, total_steps
+from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, flatten, register_configs, to_config,
+                           to_dict, total_steps)
 
 register_configs()
 
@@ -74,7 +76,24 @@ def _compose(overrides: list[str], **kw) -> DictConfig:
     try:
         return compose("config", overrides=overrides, **kw)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_first_line(e)) from None
+        raise ConfigError(_explain(e)) from None
+
+
+def _explain(e: Exception, keys=()) -> str:
+    """One line a user can act on from a Hydra/OmegaConf error: the setting and the type it wants,
+    and for a misspelt setting (among `keys`) or group option the nearest valid name."""
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"wrong type for {cause.full_key}: {_first_line(cause)}"
+    message = _first_line(e)
+    if m := re.match(r"Could not override '([^']+)'", message):
+        return f"unknown setting '{m[1]}'" + did_you_mean(m[1], keys)
+    if m := re.search(r"Could not find '(.+)/([^/']+)'", message):
+        group, option = m[1], m[2]
+        options = GlobalHydra.instance().config_loader().get_group_options(group)
+        return (f"unknown {group} option '{option}'" + (did_you_mean(option, options) or "")
+                + f" (options: {', '.join(options)})")
+    return message
 
 
 def _first_line(e: Exception) -> str:
@@ -132,7 +151,7 @@ def compose_all(grid: list[list[str]]) -> list[Config]:
         try:
             ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not _is_group(o, groups)], cfg)
         except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(_first_line(e)) from None
+            raise ConfigError(_explain(e, flatten(OmegaConf.to_container(cache[group_part])))) from None
         configs.append(to_config(cfg))
     return configs
 
@@ -144,7 +163,7 @@ def check_hydra_args(hydra_args: list[str]) -> None:
     try:
         compose("pack_job", overrides=["plan=x", *hydra_args], return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_first_line(e)) from None
+        raise ConfigError(_explain(e)) from None
 
 
 def check_buildable(configs: list[Config]) -> None:

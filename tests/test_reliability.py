@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from symrun import results
 
@@ -155,3 +156,31 @@ def test_a_full_disk_is_refused_with_the_free_space(tmp_path, monkeypatch):
     monkeypatch.setattr(results.shutil, "disk_usage", lambda path: full)
     with pytest.raises(results.OutputError, match=r"not enough free disk space .* 1\.0 MiB free"):
         results.check_writable(tmp_path / "a" / "b")
+
+
+class _Payload:
+    """Unpickling this would run code (create a file): weights_only must refuse it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda d: torch.save({"w": _Payload(str(d / "ran"))}, d / "p.pt"), "not a state dict of tensors readable with weights_only=True"),
+    (lambda d: torch.save(torch.ones(3), d / "p.pt"), "not a state dict (expected {name: tensor}, got Tensor)"),
+    (lambda d: torch.save({"w": torch.ones(2), "step": 3}, d / "p.pt"), "not a state dict"),
+    (lambda d: (d / "p.pt").write_bytes(b"garbage"), "not a state dict of tensors"),
+    (lambda d: None, "no such parameters file"),
+])
+def test_a_params_file_that_is_not_a_state_dict_is_refused_without_running_it(tmp_path, content, message):
+    content(tmp_path)
+    with pytest.raises(results.ParamsError) as err:
+        results.load_params(tmp_path / "p.pt")
+    assert message in str(err.value) and str(tmp_path / "p.pt") in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ran").exists(), "nothing was unpickled into code"
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(results.load_params(tmp_path / "ok.pt")["w"], torch.ones(2))
