@@ -70,6 +70,10 @@ def test_a_killed_sweep_resumes_training_only_unfinished_runs(tmp_path, referenc
     finished = {r for r, s in killed.items() if s == "finished"}
     assert 2 <= len(finished) < 12, f"the kill must land part-way: {killed}"
     kept = {p: p.read_bytes() for r in finished for p in (d / "runs" / r).iterdir()}
+    # what a kill during an atomic write leaves (whether or not this kill hit one)
+    unfinished = sorted(set(killed) - finished)[0]
+    for stale in (d / ".runs.csv.0badc0de.tmp", d / "runs" / unfinished / ".metrics.csv.0badc0de.tmp"):
+        stale.write_text("half a row,")
 
     resumed = _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={d}")
     assert f"12 runs in {(12 - len(finished)) // 2} pack(s), {len(finished)} already finished" in resumed.stdout
