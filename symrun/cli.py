@@ -69,7 +69,7 @@ def run(ctx: typer.Context, outputs: Path = OUTPUTS) -> None:
 def _execute(args: list[str], outputs: Path, single: bool) -> None:
     from omegaconf import OmegaConf
 
-    from symrun import sweep
+    from symrun import results, sweep
     from symrun.config import ConfigError, to_dict
     from symrun.data import DataError
 
@@ -99,6 +99,8 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
 
 def _launch(plan: sweep.Plan, hydra_args: list[str], single: bool) -> None:
     """Holding the sweep's lock: clear what a killed sweep left half-written, lay out, train, report."""
+    from symrun import results, sweep
+
     results.remove_stale_temps(plan.sweep_dir)
     plan_path = sweep.write_plan(plan)
     console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
