@@ -18,7 +18,7 @@ from symrun import results
 # Six packs (data.n sets the shapes) of two runs each, with minibatches and both kinds of noise,
 # so every random stream a run has is exercised; each pack takes about a second.
 GRID = ["model=hadamard", "data.n=40,50,60,70,80,90", "seed=0,1", "data.batch_size=20", "noise.label_std=0.1",
-        "noise.temperature=1e-4", "train.steps=3000", "train.log_every=500"]
+        "noise.temperature=1e-4", "train.steps=2000", "train.log_every=500"]
 # Columns that say when, where and by what a run was trained, not what it computed.
 TIMING_AND_PROVENANCE = ["wall_time_s", "started_at", "finished_at", "torch", "git_commit", "git_dirty",
                          "resolved_device"]
@@ -71,8 +71,9 @@ def test_a_killed_sweep_resumes_training_only_unfinished_runs(tmp_path, referenc
     assert 2 <= len(finished) < 12, f"the kill must land part-way: {killed}"
     kept = {p: p.read_bytes() for r in finished for p in (d / "runs" / r).iterdir()}
     # what a kill during an atomic write leaves (whether or not this kill hit one)
-    unfinished = sorted(set(killed) - finished)[0]
+    unfinished = sorted(set(_statuses(reference)) - finished)[0]
     for stale in (d / ".runs.csv.0badc0de.tmp", d / "runs" / unfinished / ".metrics.csv.0badc0de.tmp"):
+        stale.parent.mkdir(parents=True, exist_ok=True)
         stale.write_text("half a row,")
 
     resumed = _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={d}")
