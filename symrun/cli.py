@@ -6,6 +6,7 @@ run, so `symrun --help` and `symrun list` answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from pathlib import Path
@@ -68,7 +69,7 @@ def run(ctx: typer.Context, outputs: Path = OUTPUTS) -> None:
 def _execute(args: list[str], outputs: Path, single: bool) -> None:
     from omegaconf import OmegaConf
 
-    from symrun import sweep
+    from symrun import results, sweep
     from symrun.config import ConfigError, to_dict
     from symrun.data import DataError
 
@@ -87,6 +88,20 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
         return
     if single and any(a.startswith("experiment=") for a in run_args):
         err.print("note: symrun run trains the preset's base config only; symrun sweep runs its grid", soft_wrap=True)
+    with contextlib.ExitStack() as held:
+        try:   # the lock file is the first thing written, so check the location before it
+            results.check_writable(plan.sweep_dir)
+            held.enter_context(results.sweep_lock(plan.sweep_dir))
+        except results.OutputError as e:
+            _fail(str(e))
+        _launch(sweep.schedule(plan), hydra_args, single)
+
+
+def _launch(plan: sweep.Plan, hydra_args: list[str], single: bool) -> None:
+    """Holding the sweep's lock: clear what a killed sweep left half-written, lay out, train, report."""
+    from symrun import results, sweep
+
+    results.remove_stale_temps(plan.sweep_dir)
     plan_path = sweep.write_plan(plan)
     console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
                   + (f", {len(plan.finished)} already finished" if plan.finished else "")

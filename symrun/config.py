@@ -11,6 +11,7 @@ Only this module and the CLI/sweep edge touch OmegaConf; the library receives `C
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A configuration a user wrote that symrun cannot run; the message is one clear line."""
+
+
+def did_you_mean(name: str, valid) -> str:
+    """"; did you mean 'x'?" for the valid name closest to a misspelt one (difflib), else ""."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _config_dir() -> Path:
@@ -342,7 +349,8 @@ def to_config(cfg: DictConfig | dict) -> Config:
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     if unknown:
-        raise ConfigError(f"unknown setting '{sorted(unknown)[0]}'")
+        key = sorted(unknown)[0]
+        raise ConfigError(f"unknown setting '{key}'" + did_you_mean(key, flatten(to_dict(obj))))
     return validate(obj)
 
 

@@ -155,6 +155,9 @@ def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) ->
             raise DataError(f"x_test/y_test shapes {x_test.shape}/{np.shape(y_test)} do not match x {x.shape}")
     if not np.issubdtype(np.asarray(y).dtype, np.number):
         raise DataError("y must be numeric")
+    for name, a in (("y", y), ("y_test", y_test)):
+        if a is not None and not np.isfinite(np.asarray(a, dtype=np.float64)).all():
+            raise DataError(f"{name} contains NaN or infinite values")
     if task == "auto":
         task = _infer_task(np.asarray(y))
     if x_test is None and test_fraction > 0:

@@ -153,11 +153,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             row = evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe)
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
-            newly = record(step, row)
-            if newly:   # freeze a diverged run: its neighbours' slices are untouched either way
-                lr[newly] = 0.0
-                for p in params.values():
-                    p[newly] = 0.0
+            record(step, row)
 
     log(0)
     steps, log_every = first.train.steps, first.train.log_every
@@ -170,19 +166,29 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         yb = noise.labels(yb, ds.task, ds.n_classes)
         loss = loss_per_run(model.forward(net(), xb), yb, ds.task)        # (R,)
         grads = torch.autograd.grad(loss.sum(), list(params.values()))
-        opt.step(params, dict(zip(params, grads)))
+        # A run diverges at the step that produced a non-finite value: the parameters of step − 1
+        # whose loss is non-finite, or a non-finite update, which is not applied. Either way the
+        # run is frozen at its last finite parameters. Bookkeeping stays on the device; the
+        # optimiser reads back one bool per step.
+        record.check(step - 1, loss.isfinite())
+        record.check(step, opt.step(params, dict(zip(params, grads)), record.alive))
+        lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run
         noise.langevin(params, lr)
         if step % log_every == 0 or step % steps == 0:
             log(step)
+            lr.masked_fill_(~record.alive, 0.0)
         if step % steps == 0 and task + 1 < tasks.count:       # the next task of the sequence
             task += 1
             x, y, x_test, y_test, probe = task_data(task)
             shrink_and_perturb(model, params, cfgs, task, record.alive)
         if on_step is not None:
             on_step(1)
+    final = net()
     for i, outcome in enumerate(record.outcomes):
-        if outcome.status == "finished":
-            outcome.state = model.run_state(net(), i)
+        state = model.run_state(final, i)
+        # A diverged run keeps its frozen parameters: finite, unless one finite step overflowed.
+        if outcome.status == "finished" or all(t.isfinite().all() for t in state.values()):
+            outcome.state = state
     return record.outcomes
 
 
@@ -211,24 +217,31 @@ def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class Recorder:
-    """Each run's logged rows; a run whose loss or weights stop being finite is marked diverged
-    at that step and gets no further rows."""
+    """Each run's logged rows and whether it is still alive. A run stops at step t when the
+    parameters after t steps have a non-finite loss (the training step's, or at a log step the
+    train_loss or weight_norm) or when the update of step t is non-finite (`check`, every step,
+    on the device). It is marked diverged at t; its rows end with the last finite ones."""
 
     def __init__(self, runs: int, device: torch.device):
         self.outcomes = [RunOutcome("finished") for _ in range(runs)]
         self.alive = torch.ones(runs, dtype=torch.bool, device=device)
+        self.stopped_at = torch.full((runs,), -1, dtype=torch.long, device=device)
 
-    def __call__(self, step: int, row: dict[str, torch.Tensor]) -> list[int]:
-        """Append `row` ({metric: (R,)}) for the live runs; return the runs that just diverged."""
-        bad = ~torch.isfinite(row["train_loss"]) | ~torch.isfinite(row["weight_norm"])
+    def check(self, step: int, ok: torch.Tensor) -> None:
+        """Runs alive but not `ok` ((R,) bool) stop at `step`."""
+        self.stopped_at.masked_fill_(self.alive & ~ok, step)
+        self.alive.logical_and_(ok)
+
+    def __call__(self, step: int, row: dict[str, torch.Tensor]) -> None:
+        """Append `row` ({metric: (R,)}) for the live runs; mark the runs that stopped diverged."""
+        self.check(step, torch.isfinite(row["train_loss"]) & torch.isfinite(row["weight_norm"]))
         values = {k: v.double().cpu().tolist() for k, v in row.items()}
-        for i in torch.nonzero(self.alive).flatten().tolist():
-            self.outcomes[i].rows.append({"step": step, **{k: v[i] for k, v in values.items()}})
-        newly = (bad & self.alive).nonzero().flatten().tolist()
-        for i in newly:
-            self.outcomes[i].status, self.outcomes[i].diverged_at = "diverged", step
-        self.alive[newly] = False
-        return newly
+        alive, stopped_at = self.alive.tolist(), self.stopped_at.tolist()
+        for i, outcome in enumerate(self.outcomes):
+            if alive[i]:
+                outcome.rows.append({"step": step, **{k: v[i] for k, v in values.items()}})
+            elif outcome.status == "finished":
+                outcome.status, outcome.diverged_at = "diverged", stopped_at[i]
 
 
 def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe) -> dict[str, torch.Tensor]:
@@ -242,9 +255,11 @@ def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe)
         row["test_loss"] = loss_per_run(out_test, y_test, task)
         if task == "classification":
             row["accuracy"] = (out_test.argmax(-1) == y_test).double().mean(-1)
-    # svd/eigh raise on non-finite input, so a run that diverged (its train_loss says so) is
-    # measured at zero and gets NaN metrics: one bad run must not stop its whole pack.
+    # svd/eigh raise on non-finite input, so a run that diverged (its train_loss says so; a run
+    # frozen at huge finite parameters would overflow its Gram matrices) is measured at zero and
+    # gets NaN metrics: one bad run must not stop its whole pack.
     finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in params.values()]).all(0)   # (R,)
+    finite &= row["train_loss"].isfinite() & metrics.weight_norm(params).pow(2).isfinite()
     safe = {k: torch.where(per_run(finite, p), p, torch.zeros_like(p)) for k, p in params.items()}
     labelled = (x, y, int(out.shape[-1])) if task == "classification" else None
     for k, v in metrics.measure(model, safe, cfg.metrics, probe, labelled).items():

@@ -8,6 +8,8 @@ Conventions (shared/science.md §1): coupled L2 for sgd and adam (gradient + λ�
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from symrun.config import OptimConfig
@@ -29,29 +31,53 @@ class PackedOptimizer:
         self.t = 0
 
     @torch.no_grad()
-    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], live: torch.Tensor) -> torch.Tensor:
+        """One update of the runs in `live` (R,) bool whose step is finite; every other run keeps
+        its parameters exactly (a diverging run stays at its last finite point, and nothing of it
+        reaches a neighbour's slice). Returns the runs updated, (R,) bool.
+
+        A step is finite when the per-run sum of its direction is (one read of each direction;
+        a sum overflows only for steps of ~1e38, which diverge anyway). The common case, every run
+        finite, is read back as one bool per step and then costs nothing more."""
         self.t += 1
+        steps = {k: self._direction(k, p, grads[k]) for k, p in params.items()}
+        updated = live.clone()
+        for _, d in steps.values():
+            updated &= d.flatten(1).sum(-1).isfinite()
+        if not bool(updated.all()):
+            for _, d in steps.values():
+                d[~updated] = 0.0               # a frozen run's direction may be NaN: 0·NaN ≠ 0
+        if self.name == "adamw":                # decoupled decay, of the updated runs only
+            lr = self.lr * updated
+            for p in params.values():
+                p.mul_(1 - per_run(lr, p) * per_run(self.wd, p))
         for k, p in params.items():
-            g, lr, wd = grads[k], per_run(self.lr, p), per_run(self.wd, p)
-            st = self.state[k]
-            if self.name == "sgd":
-                # One formula for every run, so a run's float path never depends on its pack-mates:
-                # with μ = 0 the buffer is 0·buf + g exactly, i.e. plain SGD.
-                g = torch.addcmul(g, wd, p)                   # g + λθ in one pass
-                if self.has_momentum:
-                    if "buf" in st:
-                        st["buf"].mul_(per_run(self.mom, p)).add_(g)
-                    else:
-                        st["buf"] = g.clone()  # torch.optim.SGD: the first step's buffer is the gradient
-                    g = st["buf"]
-                p.addcmul_(lr, g, value=-1)                   # θ − lr·g in one pass
-                continue
-            if self.name == "adam":
-                g = g + wd * p
-            else:  # adamw: decoupled decay before the adaptive step
-                p.mul_(1 - lr * wd)
-            b1, b2 = self.betas
-            m = st.setdefault("m", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
-            v = st.setdefault("v", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat, v_hat = m / (1 - b1**self.t), v / (1 - b2**self.t)
-            p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+            scale, d = steps[k]
+            if scale is None:
+                p.sub_(d)
+            else:
+                p.addcmul_(scale, d, value=-1)   # θ − lr·d in one pass
+        return updated
+
+    def _direction(self, k: str, p: torch.Tensor, g: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(scale, d) with this step's θ_new = θ − scale·d (scale None: θ − d), advancing the
+        optimiser's state."""
+        lr, wd, st = per_run(self.lr, p), per_run(self.wd, p), self.state[k]
+        if self.name == "sgd":
+            # One formula for every run, so a run's float path never depends on its pack-mates:
+            # with μ = 0 the buffer is 0·buf + g exactly, i.e. plain SGD.
+            g = torch.addcmul(g, wd, p)                   # g + λθ in one pass
+            if self.has_momentum:
+                if "buf" in st:
+                    st["buf"].mul_(per_run(self.mom, p)).add_(g)
+                else:
+                    st["buf"] = g.clone()  # torch.optim.SGD: the first step's buffer is the gradient
+                g = st["buf"]
+            return lr, g
+        if self.name == "adam":
+            g = g + wd * p
+        b1, b2 = self.betas
+        m = st.setdefault("m", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
+        v = st.setdefault("v", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+        m_hat, v_hat = m / (1 - b1**self.t), v / (1 - b2**self.t)
+        return None, lr * m_hat / (v_hat.sqrt() + self.eps)

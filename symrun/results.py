@@ -17,13 +17,18 @@ adding a new setting with a default renames no existing run).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import io
 import json
 import os
 import secrets
+import shutil
+import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +40,12 @@ from symrun.config import EXECUTION_KEYS, Config, default_values, flatten, to_di
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
 FLOAT_FORMAT = "%.17g"   # floats round-trip exactly through the CSVs
+MIN_FREE_BYTES = 64 * 2**20   # below this a sweep would likely die mid-write: refuse it up front
+LOCK_NAME = "sweep.lock"
+
+
+class OutputError(OSError):
+    """The results location cannot be used (unwritable, full, or another sweep holds it); one line."""
 
 
 def new_sweep_dir(root: Path, name: str) -> Path:
@@ -44,6 +55,67 @@ def new_sweep_dir(root: Path, name: str) -> Path:
 
 def run_dir(sweep_dir: Path, run_id: str) -> Path:
     return Path(sweep_dir) / "runs" / run_id
+
+
+def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """Refuse an output location that cannot take a sweep's results, before any training.
+
+    The nearest folder that exists on the way to `sweep_dir` must be a folder in which a file can
+    be created (a probe file is created and removed: permission bits alone do not tell, e.g. for
+    root or read-only mounts), on a disk with at least `min_free` bytes free."""
+    existing = Path(os.path.abspath(sweep_dir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write results under {sweep_dir}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".symrun-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write results under {sweep_dir}: {existing} is not writable ({e.strerror})") from None
+    free = shutil.disk_usage(existing).free
+    if free < min_free:
+        raise OutputError(f"not enough free disk space for results under {sweep_dir}: {free / 2**20:.1f} MiB free "
+                          f"on the disk of {existing}, symrun needs at least {min_free / 2**20:.0f} MiB")
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path):
+    """Hold `sweep_dir`/sweep.lock exclusively while a sweep writes into the folder; a second sweep
+    into the same folder is refused with OutputError. flock(2) locks belong to the open file, so
+    the operating system releases them when the process dies, even by SIGKILL: no stale locks.
+    Only the top-level sweep process locks; launcher workers write their own runs' files."""
+    path = Path(sweep_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OutputError(f"another symrun sweep ({holder}) is writing to {sweep_dir}; wait for it to end "
+                          "or choose another hydra.sweep.dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def remove_stale_temps(sweep_dir: Path) -> list[Path]:
+    """Delete temporary files a killed sweep left behind (write_atomic's `.<name>.<hex>.tmp`) in
+    the sweep folder and its run folders. Call it holding the sweep's lock."""
+    sweep_dir = Path(sweep_dir)
+    stale = [p for pattern in (".*.tmp", "runs/*/.*.tmp") for p in sweep_dir.glob(pattern)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def run_id(cfg: Config) -> str:
@@ -71,7 +143,7 @@ def write_json(path: Path, obj: Any) -> None:
 def read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
 
 
@@ -114,6 +186,27 @@ def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: O
         write_atomic(d / "params.pt", buf.getvalue())
     final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
     write_status(sweep_dir, rid, state, final=final, **info)
+
+
+class ParamsError(ValueError):
+    """A parameters file that is not a state dict of tensors; the message is one line."""
+
+
+def load_params(path: Path) -> dict[str, torch.Tensor]:
+    """A run's params.pt (or any saved state dict) as {name: tensor} on the CPU.
+
+    torch.load with weights_only=True unpickles only tensors and plain containers, so a file
+    holding arbitrary Python objects is refused instead of executed."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such parameters file") from None
+    except Exception as e:  # noqa: BLE001 — unpickling and zip errors come in many types
+        raise ParamsError(f"{path}: not a state dict of tensors readable with weights_only=True "
+                          f"(it holds other Python objects, or is not a torch.save file: {type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ParamsError(f"{path}: not a state dict (expected {{name: tensor}}, got {type(state).__name__})")
+    return state
 
 
 def provenance(device: str) -> dict:

@@ -11,7 +11,9 @@ Finished runs already in the folder are skipped: rerunning a sweep with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 import sys
 import time
 import traceback
@@ -27,11 +29,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from symrun import data as data_mod
 from symrun import engine, models, results
-from symrun.config import CONFIG_DIR, Config, ConfigError, register_configs, to_config, to_dict, total_steps
+from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, flatten, register_configs, to_config,
+                           to_dict, total_steps)
 
 register_configs()
 
@@ -73,7 +76,24 @@ def _compose(overrides: list[str], **kw) -> DictConfig:
     try:
         return compose("config", overrides=overrides, **kw)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_first_line(e)) from None
+        raise ConfigError(_explain(e)) from None
+
+
+def _explain(e: Exception, keys=()) -> str:
+    """One line a user can act on from a Hydra/OmegaConf error: the setting and the type it wants,
+    and for a misspelt setting (among `keys`) or group option the nearest valid name."""
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"wrong type for {cause.full_key}: {_first_line(cause)}"
+    message = _first_line(e)
+    if m := re.match(r"Could not override '([^']+)'", message):
+        return f"unknown setting '{m[1]}'" + did_you_mean(m[1], keys)
+    if m := re.search(r"Could not find '(.+)/([^/']+)'", message):
+        group, option = m[1], m[2]
+        options = GlobalHydra.instance().config_loader().get_group_options(group)
+        return (f"unknown {group} option '{option}'" + (did_you_mean(option, options) or "")
+                + f" (options: {', '.join(options)})")
+    return message
 
 
 def _first_line(e: Exception) -> str:
@@ -131,7 +151,7 @@ def compose_all(grid: list[list[str]]) -> list[Config]:
         try:
             ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not _is_group(o, groups)], cfg)
         except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(_first_line(e)) from None
+            raise ConfigError(_explain(e, flatten(OmegaConf.to_container(cache[group_part])))) from None
         configs.append(to_config(cfg))
     return configs
 
@@ -143,7 +163,7 @@ def check_hydra_args(hydra_args: list[str]) -> None:
     try:
         compose("pack_job", overrides=["plan=x", *hydra_args], return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_first_line(e)) from None
+        raise ConfigError(_explain(e)) from None
 
 
 def check_buildable(configs: list[Config]) -> None:
@@ -180,16 +200,23 @@ def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[P
     by_id = {results.run_id(c): c for c in configs}
     name = configs[0].name
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
-    finished = [rid for rid in by_id if results.is_finished(sweep_dir, rid)]
+    return schedule(Plan(sweep_dir, name, by_id, [], swept, list(args)))
+
+
+def schedule(p: Plan) -> Plan:
+    """The plan with its finished runs and packs read afresh from its folder: runs finished there
+    are skipped, the rest grouped into packs by shape. Cheap; call it again once the sweep's lock
+    is held, so runs another sweep finished in between are not trained twice."""
+    finished = [rid for rid in p.configs if results.is_finished(p.sweep_dir, rid)]
     todo: dict[str, list[str]] = {}
-    for rid, cfg in by_id.items():
+    for rid, cfg in p.configs.items():
         if rid not in finished:
             todo.setdefault(engine.pack_key(cfg), []).append(rid)
     packs = []
     for ids in todo.values():
-        size = by_id[ids[0]].pack_size
+        size = p.configs[ids[0]].pack_size
         packs += [ids[i: i + size] for i in range(0, len(ids), size)]
-    return Plan(sweep_dir, name, by_id, packs, swept, list(args), finished)
+    return dataclasses.replace(p, packs=packs, finished=finished)
 
 
 def write_plan(p: Plan) -> Path:

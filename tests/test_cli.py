@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from conftest import sweep_dirs
+from symrun import cli as cli_mod
 
 TINY = ["model=hadamard", "optim.weight_decay=0,0.5", "seed=0,1", "train.steps=20", "train.log_every=10"]
 
@@ -79,32 +82,73 @@ def test_run_one_config_and_print_config(cli, tmp_path):
     assert refused.returncode != 0 and "symrun sweep" in refused.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ["sweep", "model.widthh=3"],
-    ["sweep", "model=nope"],
-    ["sweep", "optim.weight_decay=-1"],
-    ["sweep", "optim.lr=-0.1"],
-    ["sweep", "data=file", "data.path=missing.npz"],
-    ["sweep", "seed=range(0,0)"],
-    ["sweep", "experiment=rescaling_sparsitty"],
-    ["sweep", "+optim.weight_decy=1"],
-    ["sweep", "data=file", "data.path=/a/rather/long/path/that/does/not/exist/anywhere/on/this/machine/data.npz"],
-    ["run", "train.steps=0"],
-])
-def test_bad_input_exits_non_zero_with_one_line_and_writes_nothing(cli, tmp_path, args):
-    proc = cli(*args, check=False)
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (tmp_path / "outputs").exists()
+def _npz(**arrays):
+    return lambda d: np.savez(d / "d.npz", **arrays)
 
 
-def test_malformed_file_is_refused_before_work(cli, tmp_path):
-    (tmp_path / "bad.npz").write_text("garbage")
-    proc = cli("sweep", "data=file", f"data.path={tmp_path / 'bad.npz'}", check=False)
-    assert proc.returncode != 0 and "not a readable .npz" in proc.stderr
-    assert not (tmp_path / "outputs").exists()
+def _csv(text):
+    return lambda d: (d / "d.csv").write_text(text)
+
+
+X, Y = np.random.default_rng(0).standard_normal((8, 4)), np.random.default_rng(1).standard_normal(8)
+X_NAN, Y_INF = X.copy(), Y.copy()
+X_NAN[0, 1], Y_INF[2] = np.nan, np.inf
+NPZ, CSV = ["data=file", "data.path=d.npz"], ["data=file", "data.path=d.csv", "data.target=[t]"]
+
+# (command line, what the one error line must say, data file written first). README "Bad input".
+BAD_INPUT = [
+    (["sweep", "model=mlp", "model.widht=3"], "unknown setting 'model.widht'; did you mean 'model.width'?", None),
+    (["sweep", "train.stepz=3"], "did you mean 'train.steps'?", None),
+    (["sweep", "+optim.weight_decy=1"], "unknown setting 'optim.weight_decy'; did you mean 'optim.weight_decay'?", None),
+    (["sweep", "model=mlpp"], "unknown model option 'mlpp'; did you mean 'mlp'?", None),
+    (["sweep", "experiment=rescaling_sparsitty"], "did you mean 'rescaling_sparsity'?", None),
+    (["sweep", "optim.lr=abc"], "wrong type for optim.lr", None),
+    (["sweep", "train.steps=1.5"], "wrong type for train.steps", None),
+    (["sweep", "optim.weight_decay=-1"], "optim.weight_decay must be >= 0", None),
+    (["sweep", "optim.weight_decay=nan"], "optim.weight_decay must be >= 0, got nan", None),
+    (["sweep", "optim.lr=-0.1"], "optim.lr must be a positive number", None),
+    (["sweep", "optim.lr=nan"], "optim.lr must be a positive number, got nan", None),
+    (["sweep", "noise.temperature=-1"], "noise.temperature must be a number >= 0", None),
+    (["sweep", "noise.temperature=nan"], "noise.temperature must be a number >= 0, got nan", None),
+    (["sweep", "data.batch_size=201"], "data.batch_size=201 exceeds the 200 training examples", None),
+    (["sweep", "seed=range(0,0)"], "the grid is empty", None),
+    (["run", "train.steps=0"], "train.steps must be >= 1, got 0", None),
+    (["sweep", "train.steps=-5"], "train.steps must be >= 1, got -5", None),
+    (["sweep", "data=file", "data.path=missing.npz"], "does not exist", None),
+    (["sweep", "data=file", "data.path=/a/rather/long/path/that/does/not/exist/anywhere/on/this/machine/data.npz"],
+     "does not exist", None),
+    (["sweep", *NPZ], "needs arrays 'x' and 'y'", _npz(x=X)),
+    (["sweep", *CSV], "target column(s) ['t'] not in the header", _csv("a,b\n1,2\n")),
+    (["sweep", *NPZ], "x contains NaN or infinite values", _npz(x=X_NAN, y=Y)),
+    (["sweep", *NPZ], "y contains NaN or infinite values", _npz(x=X, y=Y_INF)),
+    (["sweep", *CSV], "x contains NaN or infinite values", _csv("a,b,t\n1,,0.5\n2,3,0.1\n")),
+    (["sweep", *NPZ], "x has 8 rows but y has 7", _npz(x=X, y=Y[:7])),
+    (["sweep", *NPZ], "do not match", _npz(x=X, y=Y, x_test=X[:, :3], y_test=Y)),
+    (["sweep", *NPZ], "model=hadamard needs a single regression target", _npz(x=X, y=np.stack([Y, Y], 1))),
+    (["sweep", *NPZ, "model=attention", "model.tokens=3"], "must divide the input dimension 4", _npz(x=X, y=Y)),
+    (["sweep", *NPZ], "not a readable .npz", lambda d: (d / "d.npz").write_text("garbage")),
+    pytest.param(["sweep", "device=cuda"], "no CUDA device", None,
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+]
+
+
+def _tree(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("args, message, write", BAD_INPUT)
+def test_bad_input_is_one_line_naming_the_problem_and_changes_nothing(tmp_path, monkeypatch, args, message, write):
+    """In-process through the real Typer app (a subprocess per case would cost seconds each)."""
+    if write is not None:
+        write(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(cli_mod.app, args)
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
+    assert _tree(tmp_path) == before, "nothing is created or changed"
 
 
 def test_list_help_and_report(cli, tmp_path):

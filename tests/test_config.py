@@ -74,7 +74,7 @@ def test_run_ids_are_stable_and_distinct(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["model.nonsense=1"], "model.nonsense"),
     (["nonsense=1"], "nonsense"),
-    (["model=transformerz"], "model/transformerz"),
+    (["model=transformerz"], "unknown model option 'transformerz'"),
     (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
     (["optim.lr=-1"], "optim.lr must be a positive number"),
     (["optim.lr=abc"], "optim.lr"),

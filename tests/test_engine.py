@@ -7,6 +7,7 @@ forward pass, or from the noise formulas themselves, never from stored symrun ou
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -151,19 +152,30 @@ def _divergence_case(name):
 
 
 @pytest.mark.parametrize("name", ["hadamard-sgd", "factorization-momentum"])
-def test_a_diverging_run_is_flagged_and_isolated(name):
+def test_a_diverging_run_is_frozen_at_the_step_it_blew_up_and_isolated(name):
     good, bad = _divergence_case(name)
     outcomes = engine.train_pack(good[:1] + [bad] + good[1:])
     reference = engine.train_pack(good)
 
     flagged = outcomes[1]
     assert flagged.status == "diverged"
-    assert flagged.diverged_at is not None and flagged.diverged_at % 10 == 0 and 0 < flagged.diverged_at <= 60
-    # Rows stop at the log step where the run was found non-finite; every earlier one is finite.
-    assert flagged.rows[-1]["step"] == flagged.diverged_at
-    last = flagged.rows[-1]
-    assert not (math.isfinite(last["train_loss"]) and math.isfinite(last["weight_norm"]))
-    assert all(math.isfinite(r["train_loss"]) for r in flagged.rows[:-1])
+    at = flagged.diverged_at
+    assert at is not None and 1 < at <= 60
+    # `at` is exactly the step that produced a non-finite value: the run alone is finite one step
+    # earlier and diverges at `at` too, frozen at the same, finite, parameters.
+    steps = lambda n: dataclasses.replace(bad, train=dataclasses.replace(bad.train, steps=n))  # noqa: E731
+    (alive,) = engine.train_pack([steps(at - 1)])
+    (solo,) = engine.train_pack([steps(at)])
+    assert alive.status == "finished"
+    assert solo.status == "diverged" and solo.diverged_at == at
+    assert all(torch.isfinite(t).all() for t in flagged.state.values())
+    for k in solo.state:
+        torch.testing.assert_close(flagged.state[k], solo.state[k], rtol=1e-12, atol=0)
+    # Its rows are the finite ones logged before `at`: the last finite metrics are kept.
+    assert [r["step"] for r in flagged.rows] == [s for s in range(0, 61, 10) if s < at]
+    assert all(math.isfinite(v) for r in flagged.rows for v in r.values())
+    for got, want in zip(flagged.rows, alive.rows):
+        assert got == pytest.approx(want, rel=1e-12)
 
     others = outcomes[:1] + outcomes[2:]
     for got, want in zip(others, reference):

@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import torch
 
 from symrun import engine, results, sweep
 
@@ -47,7 +48,12 @@ def test_a_diverged_run_is_recorded_and_its_pack_mates_finish(tmp_path):
     assert status[1e4] == "diverged" and status[0.1] == "finished"
     bad = runs[runs["status"] == "diverged"].iloc[0]
     assert bad["diverged_at"] > 0
-    assert not (results.run_dir(plan.sweep_dir, bad["run_id"]) / "params.pt").exists()
+    # It keeps its frozen, finite parameters, and its last finite metrics are its final ones.
+    state = results.load_params(results.run_dir(plan.sweep_dir, bad["run_id"]) / "params.pt")
+    assert all(torch.isfinite(t).all() for t in state.values())
+    rows = res[res["run_id"] == bad["run_id"]]
+    assert rows["step"].max() < bad["diverged_at"] and rows["train_loss"].notna().all()
+    assert bad["train_loss"] == rows["train_loss"].iloc[-1]
     good = res[res["run_id"] == runs[runs["status"] == "finished"]["run_id"].iloc[0]]
     assert good["step"].max() == 50 and good["train_loss"].notna().all()
 

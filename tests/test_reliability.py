@@ -1,0 +1,191 @@
+"""Faults tried for real: a sweep killed with SIGKILL and resumed, two sweeps into one folder, an
+unwritable or full output location, and the same sweep twice (determinism)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from symrun import results
+
+# Six packs (data.n sets the shapes) of two runs each, with minibatches and both kinds of noise,
+# so every random stream a run has is exercised; each pack takes about a second.
+GRID = ["model=hadamard", "data.n=40,50,60,70,80,90", "seed=0,1", "data.batch_size=20", "noise.label_std=0.1",
+        "noise.temperature=1e-4", "train.steps=2000", "train.log_every=500"]
+# Columns that say when, where and by what a run was trained, not what it computed.
+TIMING_AND_PROVENANCE = ["wall_time_s", "started_at", "finished_at", "torch", "git_commit", "git_dirty",
+                         "resolved_device"]
+
+
+def _table(path: Path, drop=()) -> pd.DataFrame:
+    """A table as the exact text of its cells (floats are written with 17 digits), so equal frames
+    mean byte-identical cells."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return frame.drop(columns=[c for c in drop if c in frame.columns])
+
+
+def _statuses(sweep_dir: Path) -> dict[str, str]:
+    out = {}
+    for p in (sweep_dir / "runs").glob("*/status.json"):
+        st = results.read_json(p)
+        if st is not None:
+            out[st["run_id"]] = st["status"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The grid swept once without interruption."""
+    root = tmp_path_factory.mktemp("reference")
+    _symrun(root, "sweep", *GRID, f"hydra.sweep.dir={root / 'sweep'}")
+    return root / "sweep"
+
+
+def _symrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "symrun", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_training_only_unfinished_runs(tmp_path, reference):
+    d = tmp_path / "sweep"
+    child = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *GRID, f"hydra.sweep.dir={d}"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+    deadline = time.monotonic() + 120
+    while sum(s == "finished" for s in _statuses(d).values()) < 2 and child.poll() is None:
+        assert time.monotonic() < deadline, "the sweep never finished its first pack"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed = _statuses(d)
+    finished = {r for r, s in killed.items() if s == "finished"}
+    assert 2 <= len(finished) < 12, f"the kill must land part-way: {killed}"
+    kept = {p: p.read_bytes() for r in finished for p in (d / "runs" / r).iterdir()}
+    # what a kill during an atomic write leaves (whether or not this kill hit one)
+    unfinished = sorted(set(_statuses(reference)) - finished)[0]
+    for stale in (d / ".runs.csv.0badc0de.tmp", d / "runs" / unfinished / ".metrics.csv.0badc0de.tmp"):
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("half a row,")
+
+    resumed = _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={d}")
+    assert f"12 runs in {(12 - len(finished)) // 2} pack(s), {len(finished)} already finished" in resumed.stdout
+    # Only the unfinished runs were planned and trained; the finished ones' files are untouched.
+    plan = json.loads((d / "launches" / "1" / "plan.json").read_text())
+    assert sorted(r for pack in plan["packs"] for r in pack) == sorted(set(_statuses(reference)) - finished)
+    assert {p: p.read_bytes() for p in kept} == kept
+    # The tables hold each run once and equal the uninterrupted sweep's (the pack a run trained
+    # in depends on the launch, so its number is left out too); nothing half-written remains.
+    runs = _table(d / "runs.csv")
+    assert runs["run_id"].is_unique and len(runs) == 12 and set(runs["status"]) == {"finished"}
+    drop = TIMING_AND_PROVENANCE + ["pack"]
+    pd.testing.assert_frame_equal(_table(d / "runs.csv", drop), _table(reference / "runs.csv", drop))
+    pd.testing.assert_frame_equal(_table(d / "results.csv"), _table(reference / "results.csv"))
+    assert not list(d.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_the_same_sweep_twice_gives_byte_identical_tables(tmp_path, reference):
+    _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={tmp_path / 'again'}")
+    for table in ("runs.csv", "results.csv"):
+        a, b = _table(tmp_path / "again" / table, TIMING_AND_PROVENANCE), _table(reference / table, TIMING_AND_PROVENANCE)
+        pd.testing.assert_frame_equal(a, b)
+    assert "wall_time_s" in _table(reference / "runs.csv").columns
+
+
+def test_a_second_sweep_into_a_locked_folder_is_refused_and_changes_nothing(cli, tmp_path):
+    d = tmp_path / "sweep"
+    cli("sweep", "seed=0,1", "train.steps=2", "train.log_every=1", f"hydra.sweep.dir={d}")
+    before = {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.name != results.LOCK_NAME}
+    with results.sweep_lock(d):            # as a sweep that is still training holds it
+        proc = cli("sweep", "seed=0,1,2", "train.steps=2", "train.log_every=1", f"hydra.sweep.dir={d}", check=False)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "another symrun sweep" in lines[0] and f"pid {os.getpid()}" in lines[0], proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.name != results.LOCK_NAME} == before
+    # released with its holder: the same sweep now goes ahead
+    cli("sweep", "seed=0,1,2", "train.steps=2", "train.log_every=1", f"hydra.sweep.dir={d}")
+    assert len(pd.read_csv(d / "runs.csv")) == 3
+
+
+def test_a_lock_dies_with_its_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from symrun import results\n"
+                               f"with results.sweep_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(results.OutputError, match="another symrun sweep"):
+        with results.sweep_lock(tmp_path):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with results.sweep_lock(tmp_path):     # no stale lock after SIGKILL
+        pass
+
+
+def test_an_unwritable_output_location_is_refused_before_training(cli, tmp_path):
+    # Under a regular file nothing can be created, whoever runs the test (root ignores chmod).
+    (tmp_path / "not_a_folder").write_text("x")
+    for where in (["--outputs", "not_a_folder/out"], [f"hydra.sweep.dir={tmp_path / 'not_a_folder' / 'sweep'}"]):
+        proc = cli("sweep", "seed=0,1", "train.steps=2", *where, check=False)
+        assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, proc.stderr
+        assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
+
+
+def test_a_read_only_folder_is_refused(cli, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: permission bits do not stop writes (the regular-file case covers it)")
+        proc = cli("sweep", "seed=0,1", "train.steps=2", "--outputs", str(ro), check=False)
+        assert proc.returncode == 2 and "is not writable" in proc.stderr, proc.stderr
+        assert not any(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_full_disk_is_refused_with_the_free_space(tmp_path, monkeypatch):
+    results.check_writable(tmp_path / "a" / "b")           # enough space here: passes, creates nothing
+    assert not any(tmp_path.iterdir())
+    full = type("Usage", (), {"total": 10 * 2**30, "used": 10 * 2**30 - 2**20, "free": 2**20})()
+    monkeypatch.setattr(results.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(results.OutputError, match=r"not enough free disk space .* 1\.0 MiB free"):
+        results.check_writable(tmp_path / "a" / "b")
+
+
+class _Payload:
+    """Unpickling this would run code (create a file): weights_only must refuse it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda d: torch.save({"w": _Payload(str(d / "ran"))}, d / "p.pt"), "not a state dict of tensors readable with weights_only=True"),
+    (lambda d: torch.save(torch.ones(3), d / "p.pt"), "not a state dict (expected {name: tensor}, got Tensor)"),
+    (lambda d: torch.save({"w": torch.ones(2), "step": 3}, d / "p.pt"), "not a state dict"),
+    (lambda d: (d / "p.pt").write_bytes(b"garbage"), "not a state dict of tensors"),
+    (lambda d: None, "no such parameters file"),
+])
+def test_a_params_file_that_is_not_a_state_dict_is_refused_without_running_it(tmp_path, content, message):
+    content(tmp_path)
+    with pytest.raises(results.ParamsError) as err:
+        results.load_params(tmp_path / "p.pt")
+    assert message in str(err.value) and str(tmp_path / "p.pt") in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ran").exists(), "nothing was unpickled into code"
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(results.load_params(tmp_path / "ok.pt")["w"], torch.ones(2))
