@@ -50,7 +50,7 @@ def test_preset_grid_and_command_line_combine(tmp_path):
     assert len(plan.configs) == 8          # the command line replaces the preset's axes key by key
     assert sorted({c.noise.label_std for c in plan.configs.values()}) == [0.0, 1.0]    # the preset's own axis stays
     assert sorted({c.optim.weight_decay for c in plan.configs.values()}) == [0.1, 1.0]
-    assert set(plan.swept) == {"optim.weight_decay", "seed"}
+    assert set(plan.swept) == {"optim.weight_decay", "noise.label_std", "seed"}
     assert len(plan.packs) == 1            # one shape → one pack
 
 
