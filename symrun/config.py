@@ -130,8 +130,35 @@ class LinearConfig(ModelConfig):
     """Enforce the constraint by DCS; false = plain Θ = w (the unconstrained baseline)."""
 
 
+@dataclass
+class ResNetConfig(ModelConfig):
+    """torchvision's ResNet-18 with the CIFAR stem (3×3 conv, stride 1, no max-pool), trained one
+    run per pack. Permutation symmetry of each residual block's inner channels → identical and
+    dead channels; needs `pip install 'symrun[vision]'`."""
+
+    name: str = "resnet18"
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    """A small decoder-only transformer (pre-LN, causal) for next-character prediction on
+    data=text; rotation symmetry of W_Q, W_K per head → low rank of W_Q W_Kᵀ. The context length
+    is data.context."""
+
+    name: str = "transformer"
+    layers: int = 2
+    heads: int = 4
+    d_model: int = 32
+    key_dim: Optional[int] = None
+    """Query/key/value dimension per head; null = d_model / heads."""
+    mlp_ratio: int = 4
+    """Hidden width of each block's MLP = mlp_ratio · d_model."""
+
+
 MODEL_OPTIONS = {c().name: c for c in (HadamardConfig, FactorizationConfig, MLPConfig, EnsembleConfig, AttentionConfig,
-                                       LinearConfig)}
+                                       LinearConfig, ResNetConfig, TransformerConfig)}
+# Models too large to stack: each run is its own pack (engine.pack_key).
+ALONE_MODELS = ("resnet18",)
 ACTIVATIONS = ("tanh", "relu", "gelu")
 CONSTRAINTS = ("none", "sum_to_zero", "prefix")
 
@@ -193,7 +220,41 @@ class FileDataConfig(DataConfig):
     """Held-out fraction when the file has no x_test/y_test (0 = no test set)."""
 
 
-DATA_OPTIONS = {c().name: c for c in (TeacherDataConfig, DigitsDataConfig, FileDataConfig)}
+@dataclass
+class Cifar10DataConfig(DataConfig):
+    """CIFAR-10 read from a local folder in its standard python format (`cifar-10-batches-py`:
+    data_batch_1..5, test_batch); never downloads. Pixels standardised per channel."""
+
+    name: str = "cifar10"
+    root: str = MISSING
+    """The folder holding cifar-10-batches-py (as torchvision's root), or that folder itself."""
+    subset: Optional[int] = None
+    """Train on this many training images, drawn at random from data.seed; null = all 50000."""
+    test_subset: Optional[int] = None
+    """Evaluate on this many test images (random, data.seed); null = all 10000."""
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    """Character-level text for next-character prediction: windows of `context` characters,
+    targets shifted by one. The vocabulary is the set of characters in the text."""
+
+    name: str = "text"
+    path: Optional[str] = None
+    """A UTF-8 text file; null = a synthetic English-like text of `length` characters generated
+    from a small grammar with data.seed."""
+    context: int = 32
+    """Characters per window (the transformer's context length)."""
+    stride: Optional[int] = None
+    """Start of one window to the next; null = context (non-overlapping windows)."""
+    test_fraction: float = 0.1
+    """The text's last fraction is held out (its own windows) as the test set."""
+    length: int = 20000
+    """Characters of the generated text (path null)."""
+
+
+DATA_OPTIONS = {c().name: c for c in (TeacherDataConfig, DigitsDataConfig, FileDataConfig, Cifar10DataConfig,
+                                      TextDataConfig)}
 TEACHERS = ("sparse_linear", "low_rank", "mlp")
 TASKS = ("auto", "regression", "classification")
 
@@ -443,6 +504,29 @@ def validate(cfg: Config) -> Config:
             (m.constraint != "prefix" or m.constrained >= 1, f"model.constrained must be >= 1, got {m.constrained}"),
             (not m.dcs or m.constraint != "none", "model.dcs=true needs a model.constraint (sum_to_zero or prefix)"),
         ]
+    if isinstance(m, TransformerConfig):
+        checks += [(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}")
+                   for k in ("layers", "heads", "d_model", "mlp_ratio")]
+        checks.append((m.key_dim is not None and m.key_dim >= 1 or m.key_dim is None and m.d_model % m.heads == 0,
+                       f"model.key_dim must be >= 1, or null with model.heads dividing model.d_model ({m.d_model})"))
+    text = isinstance(d, TextDataConfig)
+    checks.append((isinstance(m, TransformerConfig) == text, "model=transformer reads data=text, and data=text needs "
+                   f"model=transformer (got model={m.name}, data={d.name})"))
+    if text:
+        checks += [
+            (d.context >= 1 and (d.stride is None or d.stride >= 1), "data.context and data.stride must be >= 1"),
+            (0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}"),
+            (d.length >= 2, f"data.length must be >= 2, got {d.length}"),
+            (d.task in ("auto", "classification"), "data=text is classification (next character)"),
+            (n.label_flip == 0, "noise.label_flip is not supported with data=text"),
+            (d.path is None or Path(d.path).expanduser().is_file(), f"data.path does not exist or is not a file: {d.path}"),
+        ]
+    if isinstance(d, Cifar10DataConfig):
+        checks += [
+            (all(v is None or v >= 1 for v in (d.subset, d.test_subset)), "data.subset and data.test_subset must be >= 1 or null"),
+            (d.task in ("auto", "classification"), "data=cifar10 is classification"),
+            (Path(d.root).expanduser().is_dir(), f"data.root is not a folder: {d.root} (the folder holding cifar-10-batches-py)"),
+        ]
     if isinstance(d, TeacherDataConfig):
         checks += [
             (d.teacher in TEACHERS, f"data.teacher must be one of {', '.join(TEACHERS)}, got '{d.teacher}'"),
@@ -458,7 +542,9 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if isinstance(d, FileDataConfig):
-        # Stored absolute: a resume, a report or a cluster job may start in another folder.
+    # Stored absolute: a resume, a report or a cluster job may start in another folder.
+    if isinstance(d, (FileDataConfig, TextDataConfig)) and d.path is not None:
         d.path = str(Path(d.path).expanduser().resolve())
+    if isinstance(d, Cifar10DataConfig):
+        d.root = str(Path(d.root).expanduser().resolve())
     return cfg

@@ -1,7 +1,9 @@
-"""Datasets (synthetic teacher, bundled digits, a user's file) and per-run minibatch order.
+"""Datasets (synthetic teacher, bundled digits, a user's file, CIFAR-10 from a local folder,
+character-level text) and per-run minibatch order.
 
 Nothing here downloads: the teacher is generated from `data.seed`, digits ship with
-scikit-learn, and `data=file` reads the user's own `.npz` or `.csv`.
+scikit-learn, `data=file` reads the user's own `.npz` or `.csv`, `data=cifar10` a CIFAR-10 folder
+already on disk, and `data=text` a local text file (or a text generated from a small grammar).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from symrun.config import DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig
+from symrun.config import Cifar10DataConfig, DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig, TextDataConfig
 from symrun.seeds import derive_seed, generator
 
 
@@ -25,8 +27,9 @@ class DataError(ValueError):
 class Dataset:
     """Arrays as float64 numpy (targets int64 for classification); moved to torch by the engine."""
 
-    x: np.ndarray                      # (n, d)
-    y: np.ndarray                      # (n, o) float for regression, (n,) int for classification
+    x: np.ndarray                      # (n, d); float32 for cifar10 images, token ids for text
+    y: np.ndarray                      # (n, o) float for regression, (n,) int for classification,
+                                       # (n, T) int for text (the next character at every position)
     task: str                          # "regression" | "classification"
     x_test: Optional[np.ndarray] = None
     y_test: Optional[np.ndarray] = None
@@ -54,6 +57,10 @@ def load(cfg: DataConfig) -> Dataset:
     if isinstance(cfg, FileDataConfig):
         x, y, x_test, y_test = _read_file(Path(cfg.path).expanduser(), cfg.target)
         return _finish(x, y, x_test, y_test, cfg.task, cfg.test_fraction, cfg.seed)
+    if isinstance(cfg, (Cifar10DataConfig, TextDataConfig)):
+        from symrun import corpora   # its readers build on this module's Dataset and DataError
+
+        return corpora.cifar10(cfg) if isinstance(cfg, Cifar10DataConfig) else corpora.text(cfg)
     raise DataError(f"unknown data option '{cfg.name}'")
 
 

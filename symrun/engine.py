@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from symrun import data as data_mod
 from symrun import metrics, models
-from symrun.config import PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
+from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed, generator
 from symrun.optim import PackedOptimizer, per_run
@@ -34,9 +34,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def pack_key(cfg: Config) -> str:
-    """Runs with equal keys share every shape and setting but PER_RUN_KEYS: one batched model."""
+    """Runs with equal keys share every shape and setting but PER_RUN_KEYS: one batched model.
+    A model in ALONE_MODELS keys on every setting: each run is a pack of one."""
     flat = flatten(to_dict(cfg))
-    shared = {k: v for k, v in flat.items() if k not in PER_RUN_KEYS and k not in ("name", "pack_size")}
+    alone = cfg.model.name in ALONE_MODELS
+    shared = {k: v for k, v in flat.items() if (alone or k not in PER_RUN_KEYS) and k not in ("name", "pack_size")}
     return json.dumps(shared, sort_keys=True, default=str)
 
 
@@ -46,16 +48,18 @@ class RunOutcome:
     rows: list[dict] = field(default_factory=list)  # one per logged step: {"step": s, metric: value}
     state: Optional[dict[str, torch.Tensor]] = None
     diverged_at: Optional[int] = None
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)   # model.run_arrays, for the run's figures
 
 
 def loss_per_run(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Half-MSE (1/2n)Σ‖f − y‖² or mean cross-entropy, per run: out (R, B, o) → (R,)."""
+    """Half-MSE (1/2n)Σ‖f − y‖² or mean cross-entropy, per run: out (R, B, o) → (R,). A sequence
+    model's (R, B, T, classes) with targets (B, T) takes the mean over every position."""
     if task == "regression":
         return 0.5 * (out - y).pow(2).sum(-1).mean(-1)
     # log-sum-exp written out: F.cross_entropy over a 10-wide last axis costs ~4× more on CPU here
     shift = out - out.detach().amax(dim=-1, keepdim=True)
-    picked = shift.gather(-1, y.expand(out.shape[:-1]).unsqueeze(-1)).squeeze(-1)    # (R, B)
-    return (shift.exp().sum(dim=-1).log() - picked).mean(dim=-1)
+    picked = shift.gather(-1, y.expand(out.shape[:-1]).unsqueeze(-1)).squeeze(-1)    # (R, B[, T])
+    return (shift.exp().sum(dim=-1).log() - picked).flatten(1).mean(dim=-1)
 
 
 class StepNoise:
@@ -184,11 +188,15 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         if on_step is not None:
             on_step(1)
     final = net()
+    with torch.no_grad():
+        arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures
     for i, outcome in enumerate(record.outcomes):
         state = model.run_state(final, i)
         # A diverged run keeps its frozen parameters: finite, unless one finite step overflowed.
         if outcome.status == "finished" or all(t.isfinite().all() for t in state.values()):
             outcome.state = state
+        if outcome.status == "finished":
+            outcome.arrays = {k: v[i].cpu() for k, v in arrays.items()}
     return record.outcomes
 
 
@@ -249,12 +257,12 @@ def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe)
     out = model.forward(params, x)
     row = {"train_loss": loss_per_run(out, y, task)}
     if task == "classification":
-        row["train_accuracy"] = (out.argmax(-1) == y).double().mean(-1)
+        row["train_accuracy"] = (out.argmax(-1) == y).double().flatten(1).mean(-1)
     if x_test is not None:
         out_test = model.forward(params, x_test)
         row["test_loss"] = loss_per_run(out_test, y_test, task)
         if task == "classification":
-            row["accuracy"] = (out_test.argmax(-1) == y_test).double().mean(-1)
+            row["accuracy"] = (out_test.argmax(-1) == y_test).double().flatten(1).mean(-1)
     # svd/eigh raise on non-finite input, so a run that diverged (its train_loss says so; a run
     # frozen at huge finite parameters would overflow its Gram matrices) is measured at zero and
     # gets NaN metrics: one bad run must not stop its whole pack.

@@ -163,7 +163,8 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
 def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
             labelled: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> dict[str, torch.Tensor]:
     """Every structure metric that applies to `model`, each (R,). Inapplicable ones are absent.
-    `probe` (B, d): inputs on which ensemble members' outputs are compared; `labelled`
+    `probe` (B, d): inputs on which ensemble members' outputs are compared and real networks'
+    activations are read (`model.probe_metrics`); `labelled`
     (x, y, n_classes): the training set, for neural collapse of classifiers."""
     out: dict[str, torch.Tensor] = {"weight_norm": weight_norm(params)}
     sets = model.neuron_sets()
@@ -210,4 +211,5 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
     if penultimate is not None:
         features, classifier = penultimate
         out.update(neural_collapse(features, labelled[1], classifier, labelled[2]))
+    out.update(model.probe_metrics(params, probe, cfg))
     return out

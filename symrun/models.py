@@ -16,7 +16,7 @@ import math
 import torch
 
 from symrun.config import (AttentionConfig, ConfigError, EnsembleConfig, FactorizationConfig, HadamardConfig,
-                           LinearConfig, MLPConfig, ModelConfig)
+                           LinearConfig, MLPConfig, ModelConfig, ResNetConfig, TransformerConfig)
 from symrun.seeds import generator
 from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
@@ -78,6 +78,14 @@ class PackedModel:
     def constraint_violation(self, params: Params) -> torch.Tensor | None:
         """‖OᵀΘ‖ per run, (R,), for a model with a user-chosen linear constraint; None otherwise."""
         return None
+
+    def probe_metrics(self, params: Params, probe: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+        """Metrics a model reads off its own activations on the probe inputs: {column: (R,)}."""
+        return {}
+
+    def run_arrays(self, params: Params, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Arrays saved beside each run at the end, for its own figures: {name: (R, ...)}."""
+        return {}
 
     def run_state(self, params: Params, r: int) -> dict[str, torch.Tensor]:
         """Run r's parameters as a plain state dict (CPU tensors)."""
@@ -359,4 +367,8 @@ def build(cfg: ModelConfig, in_dim: int, out_dim: int) -> PackedModel:
         return Attention(cfg, in_dim, out_dim)
     if isinstance(cfg, LinearConfig):
         return Linear(cfg, in_dim, out_dim)
+    if isinstance(cfg, (ResNetConfig, TransformerConfig)):
+        from symrun import nets   # real networks live in their own module (and may need torchvision)
+
+        return nets.ResNet18(cfg, in_dim, out_dim) if isinstance(cfg, ResNetConfig) else nets.Transformer(cfg, in_dim, out_dim)
     raise ConfigError(f"unknown model '{cfg.name}'")

@@ -31,6 +31,8 @@ PRIMARY = {
     "ensemble": ["independent_fraction", "ensemble_disagreement", "ensemble_spread"],
     "attention": ["rank"],
     "linear": ["constraint_violation"],
+    "resnet18": ["dead_fraction", "independent_fraction"],
+    "transformer": ["rank", "effective_rank"],
 }
 FIT = ["train_loss", "test_loss", "accuracy"]
 
@@ -91,7 +93,7 @@ def build(sweep_dir: Path) -> Report:
     swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
     axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
     done = runs[runs["status"] == results.FINISHED]
-    figures = []
+    figures = run_figures(sweep_dir)
     if "task" in table and not done.empty:      # a task sequence: per-task curves come first
         ends = task_ends(table, runs, axes)
         figures += [_task_curves(sweep_dir, ends, axes, m) for m in TASK_METRICS if m in ends and ends[m].notna().any()]
@@ -177,6 +179,52 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
     ax.legend(fontsize=7)
     suffix = f"_by_{series}" if series else ""
     return _save(fig, sweep_dir / f"phase_{metric}_vs_{axis}{suffix}.png")
+
+
+CORRELATION_FIGSIZE, CORRELATION_DPI = (5.6, 4.8), 120   # a run's correlation figure: 672 × 576 pixels
+
+
+def run_figures(sweep_dir: Path) -> list[Path]:
+    """Each run's own figures, drawn from the arrays it saved (redrawn when the array is newer):
+    runs/<id>/penultimate_correlation.png for model=resnet18."""
+    figures = []
+    for array in sorted(Path(sweep_dir).glob("runs/*/penultimate_correlation.npy")):
+        png = array.with_suffix(".png")
+        if not png.is_file() or png.stat().st_mtime_ns < array.stat().st_mtime_ns:
+            _correlation_figure(np.load(array, allow_pickle=False), png, array.parent.name)
+        figures.append(png)
+    return figures
+
+
+def cluster_order(corr: np.ndarray) -> np.ndarray:
+    """Leaf order of average-linkage hierarchical clustering (scipy) on the distance 1 − corr:
+    strongly correlated features end up next to each other, so groups show as blocks."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if len(corr) < 3:
+        return np.arange(len(corr))
+    dist = np.clip(1 - (corr + corr.T) / 2, 0, 2)
+    np.fill_diagonal(dist, 0)
+    return leaves_list(linkage(squareform(dist, checks=False), method="average"))
+
+
+def _correlation_figure(corr: np.ndarray, path: Path, run: str) -> Path:
+    """The correlation matrix of the penultimate features over the probe set, ordered by
+    clustering (the paper's Fig. 1, right); features constant on the probe (NaN) are left out."""
+    alive = ~np.isnan(np.diag(corr))
+    kept = corr[np.ix_(alive, alive)]
+    order = cluster_order(kept)
+    ordered = kept[np.ix_(order, order)]
+    fig, ax = plt.subplots(figsize=CORRELATION_FIGSIZE, dpi=CORRELATION_DPI)
+    if len(ordered):
+        image = ax.imshow(np.nan_to_num(ordered), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="correlation over the probe set")
+    else:
+        ax.text(0.5, 0.5, "no feature varies on the probe set", ha="center", va="center")
+    ax.set_xlabel("feature (clustering order)")
+    ax.set_title(f"penultimate features: {alive.sum()} of {len(corr)} vary on the probe\n{run}", fontsize=9)
+    return _save(fig, path)
 
 
 def _value(v) -> str:

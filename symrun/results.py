@@ -8,6 +8,7 @@
         runs/<run_id>/config.yaml                     the resolved config
                       metrics.csv                     one row per logged step
                       params.pt                       final parameters (torch.load(..., weights_only=True))
+                      <name>.npy, <name>.png          arrays a model saves for a run's own figures (resnet18)
                       status.json                     written last: finished | failed | diverged | running
 
 Each file is written to a temporary name and renamed, so a crash never leaves half a file.
@@ -32,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -176,14 +178,20 @@ def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
     write_json(run_dir(sweep_dir, rid) / "status.json", {"run_id": rid, "status": state, **info})
 
 
-def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict], **info: Any) -> None:
-    """A run's metrics and parameters, then its status (the completion marker) last."""
+def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
+              arrays: Optional[dict] = None, **info: Any) -> None:
+    """A run's metrics, parameters and arrays (<name>.npy, for its figures), then its status
+    (the completion marker) last."""
     d = run_dir(sweep_dir, rid)
     write_csv(d / "metrics.csv", pd.DataFrame(rows))
     if params is not None:
         buf = io.BytesIO()
         torch.save(params, buf)
         write_atomic(d / "params.pt", buf.getvalue())
+    for name, array in (arrays or {}).items():
+        buf = io.BytesIO()
+        np.save(buf, array.numpy() if isinstance(array, torch.Tensor) else array, allow_pickle=False)
+        write_atomic(d / f"{name}.npy", buf.getvalue())
     final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
     write_status(sweep_dir, rid, state, final=final, **info)
 

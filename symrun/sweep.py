@@ -263,7 +263,7 @@ def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None
         return {"pack": index, "runs": len(ids), "failed": len(ids)}
     wall = time.perf_counter() - start
     for rid, out in zip(ids, outcomes):
-        results.write_run(sweep_dir, rid, out.status, out.rows, out.state, diverged_at=out.diverged_at,
+        results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
                           finished_at=results.now(), wall_time_s=wall, **info)
     return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
