@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ OUTPUTS = typer.Option(Path("outputs"), "--outputs", help="Root folder for resul
 
 def _fail(message: str) -> None:
     """One line on stderr (library messages may quote multi-line errors: they are folded), exit 2."""
-    err.print(f"[bold red]error:[/bold red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (pip install 'symrun[vision]') that rich reads as markup
+    err.print(f"[bold red]error:[/bold red] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

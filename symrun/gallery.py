@@ -21,11 +21,13 @@ from symrun.config import CONFIG_DIR
 
 # Narrative order; presets not listed follow alphabetically.
 ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise",
-         "attention_rank", "dcs", "permutation_homogeneity", "neural_collapse", "plasticity"]
+         "attention_rank", "transformer_rank", "dcs", "permutation_homogeneity", "neural_collapse", "plasticity"]
+# Presets that read data a user supplies (not on the machine that builds the gallery).
+NEEDS_DATA = {"resnet_cifar": "data.root=DIR (a CIFAR-10 folder)"}
 
 
 def presets() -> list[str]:
-    names = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    names = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if p.stem not in NEEDS_DATA)
     return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
 
 
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
               "Every preset of `configs/experiment/`, run at its CPU-sized default by `make results`",
               "(`python -m symrun.gallery`), which writes this file. Each section: what the preset shows",
               "(its own description), the command, the agreement with the closed form where one exists",
-              "(computed), the figures and the summary over seeds.", ""]
+              "(computed), the figures and the summary over seeds.", "",
+              "Not run here, as they read data a user supplies: "
+              + ", ".join(f"`symrun sweep experiment={n} {need}`" for n, need in NEEDS_DATA.items()) + ".", ""]
     results.write_atomic(args.docs / "results.md", "\n".join(header + sections))
     print(f"wrote {args.docs / 'results.md'}")
 

@@ -48,3 +48,21 @@ def assert_same_run(a, b, rtol=1e-9, atol=1e-12) -> None:
     assert a.state.keys() == b.state.keys()
     for k in a.state:
         torch.testing.assert_close(a.state[k], b.state[k], rtol=rtol, atol=atol)
+
+
+def write_fake_cifar(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
+    """A stand-in CIFAR-10 in the python version's on-disk format (root/cifar-10-batches-py/
+    data_batch_1..5 and test_batch: pickled dicts with bytes keys, uint8 data (N, 3072) in CHW
+    order, int labels), random pixels. Returns root."""
+    import pickle
+
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return Path(root)
