@@ -507,7 +507,7 @@ def validate(cfg: Config) -> Config:
     if isinstance(m, TransformerConfig):
         checks += [(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}")
                    for k in ("layers", "heads", "d_model", "mlp_ratio")]
-        checks.append((m.key_dim is not None and m.key_dim >= 1 or m.key_dim is None and m.d_model % m.heads == 0,
+        checks.append((m.key_dim is not None and m.key_dim >= 1 or m.key_dim is None and m.heads >= 1 and m.d_model % m.heads == 0,
                        f"model.key_dim must be >= 1, or null with model.heads dividing model.d_model ({m.d_model})"))
     text = isinstance(d, TextDataConfig)
     checks.append((isinstance(m, TransformerConfig) == text, "model=transformer reads data=text, and data=text needs "

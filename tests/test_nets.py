@@ -242,6 +242,10 @@ def test_text_pairs_only_with_the_transformer(tmp_path):
         sweep.plan(["model=transformer", "data=digits"], tmp_path, single=True)
     with pytest.raises(ConfigError, match="label_flip is not supported with data=text"):
         sweep.plan(["model=transformer", "data=text", "noise.label_flip=0.1"], tmp_path, single=True)
+    with pytest.raises(ConfigError, match="model.heads must be >= 1"):
+        sweep.plan(["model=transformer", "data=text", "model.heads=0"], tmp_path, single=True)
+    with pytest.raises(ConfigError, match="model.key_dim must be >= 1, or null with model.heads dividing"):
+        sweep.plan(["model=transformer", "data=text", "model.heads=3"], tmp_path, single=True)
 
 
 # ---------------------------------------------------------------------------------------------
