@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_fake_cifar
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,13 +33,15 @@ def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
         "names = sorted(p.stem for p in (c.CONFIG_DIR / 'experiment').glob('*.yaml'))\n"
         "assert names, 'no presets in the wheel'\n"
         "for n in names:\n"
-        "    plan = s.plan([f'experiment={n}'], pathlib.Path(sys.argv[2]))\n"
+        "    extra = [f'data.root={sys.argv[3]}'] if n == 'resnet_cifar' else []   # data a user supplies\n"
+        "    plan = s.plan([f'experiment={n}', *extra], pathlib.Path(sys.argv[2]))\n"
         "    assert len(plan.configs) > 1\n"
         "print('ok', names)\n"
     )
     # Run from an empty folder with only the wheel's copy on the path: the checkout is not used.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "-c", probe, str(site), str(tmp_path / "out")], cwd=tmp_path,
+    cifar = write_fake_cifar(tmp_path / "cifar", per_batch=64)
+    out = subprocess.run([sys.executable, "-c", probe, str(site), str(tmp_path / "out"), str(cifar)], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "rescaling_sparsity" in out.stdout
