@@ -519,6 +519,8 @@ def validate(cfg: Config) -> Config:
             (d.length >= 2, f"data.length must be >= 2, got {d.length}"),
             (d.task in ("auto", "classification"), "data=text is classification (next character)"),
             (n.label_flip == 0, "noise.label_flip is not supported with data=text"),
+            (cfg.tasks.count == 1 or cfg.tasks.change == "labels",
+             "data=text task sequences permute characters (tasks.change=labels), not positions"),
             (d.path is None or Path(d.path).expanduser().is_file(), f"data.path does not exist or is not a file: {d.path}"),
         ]
     if isinstance(d, Cifar10DataConfig):

@@ -85,13 +85,15 @@ class ResNet18(PackedModel):
         return out
 
     def init_params(self, seeds, device, dtype):
-        """Parameters, and each run's BatchNorm running statistics (mean 0, variance 1)."""
+        """Parameters; the first call also creates each run's BatchNorm running statistics (mean 0,
+        variance 1), which a later draw (shrink-and-perturb's fresh initialisation) leaves alone."""
         params = super().init_params(seeds, device, dtype)
         with torch.no_grad():
             for name, module in self.net.named_modules():
                 if isinstance(module, torch.nn.BatchNorm2d):
                     params[f"{name}.weight"].add_(1.0)
-        self.stats = {}
+        if self.stats:
+            return params
         for name, b in self.net.named_buffers():
             like = dict(dtype=b.dtype if name.endswith("num_batches_tracked") else dtype, device=device)
             fill = torch.ones if name.endswith("running_var") else torch.zeros

@@ -95,6 +95,8 @@ def test_resnet_forward_backward_on_four_images(cifar):
     assert all(torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
     assert model.stats["layer1.0.bn1.num_batches_tracked"].tolist() == [1]
+    model.init_params([5], CPU, torch.float32)                       # a fresh draw (shrink-and-perturb)
+    assert model.stats["layer1.0.bn1.num_batches_tracked"].tolist() == [1], "keeps the running statistics"
     assert params["conv1.weight"].shape == (1, 64, 3, 3, 3)          # the CIFAR stem
     with torch.no_grad():                                            # evaluation: running statistics
         np.testing.assert_array_equal(model.forward(params, x), model.forward(params, x))
@@ -242,6 +244,8 @@ def test_text_pairs_only_with_the_transformer(tmp_path):
         sweep.plan(["model=transformer", "data=digits"], tmp_path, single=True)
     with pytest.raises(ConfigError, match="label_flip is not supported with data=text"):
         sweep.plan(["model=transformer", "data=text", "noise.label_flip=0.1"], tmp_path, single=True)
+    with pytest.raises(ConfigError, match="permute characters"):
+        sweep.plan(["model=transformer", "data=text", "tasks.count=2"], tmp_path, single=True)
     with pytest.raises(ConfigError, match="model.heads must be >= 1"):
         sweep.plan(["model=transformer", "data=text", "model.heads=0"], tmp_path, single=True)
     with pytest.raises(ConfigError, match="model.key_dim must be >= 1, or null with model.heads dividing"):
