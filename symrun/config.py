@@ -291,6 +291,9 @@ class TrainConfig:
     log_every: int = 100
     dtype: str = "float32"
     """float32 | float64."""
+    checkpoint_every: int = 0
+    """Save the pack's whole training state every N steps (0 = never), so a pack that is preempted,
+    times out or is killed continues from it when requeued or rerun, with identical numbers."""
 
 
 @dataclass
@@ -354,7 +357,7 @@ class Config:
 
 
 # Settings that say *where/how* a run executes, not *what* it computes: left out of run ids.
-EXECUTION_KEYS = ("device", "name", "pack_size")
+EXECUTION_KEYS = ("device", "name", "pack_size", "train.checkpoint_every")
 # Settings that may differ between runs of one pack (held as per-run tensors by the engine).
 PER_RUN_KEYS = (
     "seed", "optim.lr", "optim.momentum", "optim.weight_decay",
@@ -474,6 +477,7 @@ def validate(cfg: Config) -> Config:
         (cfg.tasks.change in TASK_CHANGES, f"tasks.change must be one of {', '.join(TASK_CHANGES)}, got '{cfg.tasks.change}'"),
         (min(cfg.tasks.shrink, cfg.tasks.perturb) >= 0 and math.isfinite(cfg.tasks.shrink + cfg.tasks.perturb),
          f"tasks.shrink and tasks.perturb must be >= 0, got {cfg.tasks.shrink} and {cfg.tasks.perturb}"),
+        (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = off), got {t.checkpoint_every}"),
         (t.dtype in ("float32", "float64"), f"train.dtype must be float32 or float64, got '{t.dtype}'"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got '{cfg.device}'"),
         (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),

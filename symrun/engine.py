@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from symrun import checkpoint as ckpt_mod
 from symrun import data as data_mod
 from symrun import metrics, models
 from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
@@ -49,6 +51,7 @@ class RunOutcome:
     state: Optional[dict[str, torch.Tensor]] = None
     diverged_at: Optional[int] = None
     arrays: dict[str, torch.Tensor] = field(default_factory=dict)   # model.run_arrays, for the run's figures
+    resumed_from: int = 0                          # the checkpoint's step when the pack was resumed
 
 
 def loss_per_run(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -116,11 +119,12 @@ class StepNoise:
 
 
 def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
-               on_step: Optional[Callable[[int], None]] = None) -> list[RunOutcome]:
+               on_step: Optional[Callable[[int], None]] = None, checkpoint: Optional[Path] = None) -> list[RunOutcome]:
     """Train every config of a pack together; one RunOutcome per config, in order.
 
     The configs must share everything but config.PER_RUN_KEYS (symrun.sweep groups them so).
-    `on_step(n)` is called as steps complete (for a progress bar).
+    `on_step(n)` is called as steps complete (for a progress bar). With a `checkpoint` path the pack
+    continues from the state saved there, if any, and saves it every `train.checkpoint_every` steps.
     """
     if len({pack_key(c) for c in cfgs}) > 1:
         raise ValueError("the configs of a pack may differ only in " + ", ".join(PER_RUN_KEYS))
@@ -159,9 +163,21 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
                 row["task"] = torch.full_like(row["train_loss"], task)
             record(step, row)
 
-    log(0)
-    steps, log_every = first.train.steps, first.train.log_every
-    for step in range(1, total_steps(first) + 1):
+    state = ckpt_mod.PackState(params, opt, lr, order, noise, record)
+    start = ckpt_mod.restore(checkpoint, cfgs, state) if checkpoint is not None else 0
+    steps, log_every, every = first.train.steps, first.train.log_every, first.train.checkpoint_every
+    total = total_steps(first)
+    if start == 0:
+        log(0)
+    else:   # resumed: back to the task the checkpoint was taken in (its switch already applied)
+        task = min(start // steps, tasks.count - 1)
+        if task:
+            x, y, x_test, y_test, probe = task_data(task)
+        for outcome in record.outcomes:
+            outcome.resumed_from = start
+        if on_step is not None:
+            on_step(start)
+    for step in range(start + 1, total + 1):
         if order is None:                       # full batch: one input shared by every run
             xb, yb = x, y
         else:
@@ -185,6 +201,8 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             task += 1
             x, y, x_test, y_test, probe = task_data(task)
             shrink_and_perturb(model, params, cfgs, task, record.alive)
+        if checkpoint is not None and every and step % every == 0 and step < total:
+            ckpt_mod.save(checkpoint, step, cfgs, state)
         if on_step is not None:
             on_step(1)
     final = net()

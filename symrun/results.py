@@ -5,6 +5,7 @@
         launches/<k>/plan.json                        launch k's packs of run ids
         launches/<k>/packs/<i>/                       Hydra's folder for its job i (.hydra/, log)
         runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time
+        checkpoints/<hash of run ids>.pt              an unfinished pack's state (train.checkpoint_every)
         runs/<run_id>/config.yaml                     the resolved config
                       metrics.csv                     one row per logged step
                       params.pt                       final parameters (torch.load(..., weights_only=True))
@@ -128,6 +129,13 @@ def run_id(cfg: Config) -> str:
     return f"{cfg.model.name}-s{cfg.seed}-{digest}"
 
 
+def checkpoint_path(sweep_dir: Path, run_ids: list[str]) -> Path:
+    """Where the pack of exactly these runs keeps its checkpoint. Named by its runs, not by a
+    launch's pack number, so a rerun of the sweep (a new launch) finds it."""
+    digest = hashlib.sha256(json.dumps(list(run_ids)).encode()).hexdigest()[:16]
+    return Path(sweep_dir) / "checkpoints" / f"{digest}.pt"
+
+
 def write_atomic(path: Path, content: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -219,7 +227,8 @@ def load_params(path: Path) -> dict[str, torch.Tensor]:
 
 def provenance(device: str) -> dict:
     """Git commit and dirty flag (when run from a checkout), torch version, device."""
-    info = {"torch": torch.__version__, "device": device, "git_commit": None, "git_dirty": None}
+    info = {"torch": torch.__version__, "device": device, "git_commit": None, "git_dirty": None,
+            "slurm_job_id": slurm_job_id()}
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -230,6 +239,15 @@ def provenance(device: str) -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def slurm_job_id() -> Optional[str]:
+    """The SLURM job running this process (`<array job>_<task>` for an array task), if any: the
+    name of its submitit folder and log files, and what `sacct -j` takes."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
 
 
 def now() -> str:
@@ -247,7 +265,8 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         cfg = flatten(yaml.safe_load((d / "config.yaml").read_text()))
         extra = {k: st.get(k) for k in ("wall_time_s", "pack", "pack_size", "torch", "git_commit",
-                                        "git_dirty", "diverged_at", "error", "started_at", "finished_at")}
+                                        "git_dirty", "diverged_at", "resumed_from", "error", "started_at",
+                                        "finished_at", "slurm_job_id")}
         extra["resolved_device"] = st.get("device")      # `device` stays the configured value
         run_rows.append({"run_id": st["run_id"], "status": st["status"], **cfg, **st.get("final", {}), **extra})
         if (d / "metrics.csv").is_file() and st["status"] != RUNNING:

@@ -253,8 +253,9 @@ def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None
     for rid in ids:
         results.write_status(sweep_dir, rid, results.RUNNING, **info)
     start = time.perf_counter()
+    ckpt = results.checkpoint_path(sweep_dir, ids)
     try:
-        outcomes = engine.train_pack(configs, on_step=on_step)
+        outcomes = engine.train_pack(configs, on_step=on_step, checkpoint=ckpt)
     except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
         error = f"{type(e).__name__}: {e}"
         for rid in ids:
@@ -264,7 +265,8 @@ def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None
     wall = time.perf_counter() - start
     for rid, out in zip(ids, outcomes):
         results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
-                          finished_at=results.now(), wall_time_s=wall, **info)
+                          resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
+    ckpt.unlink(missing_ok=True)         # every run is recorded: the checkpoint has served
     return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
 

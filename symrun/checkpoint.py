@@ -1,0 +1,93 @@
+"""Pack checkpoints: a pack's whole training state, so an interrupted pack continues exactly.
+
+Every `train.checkpoint_every` steps the pack's state is written atomically (temporary file, then
+rename): the step, the stacked parameters, the optimizer's buffers and step count, the per-run
+learning rates (zeroed for runs that diverged), every random stream (each run's minibatch order
+with its current epoch's permutation, label noise, Langevin noise) and the rows recorded so far.
+A pack that is preempted, times out (SLURM requeues it through submitit's checkpoint protocol,
+which Hydra's submitit launcher implements) or is killed, and is then started again, loads it and
+takes the same float path an uninterrupted pack takes: the final numbers are identical, bit for bit.
+
+Saved with torch.save and read with torch.load(weights_only=True): generator states are uint8
+tensors, rows are plain floats, nothing is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from symrun.config import Config
+from symrun.data import BatchOrder
+from symrun.results import run_id, write_atomic
+
+FORMAT = 1
+
+
+@dataclass
+class PackState:
+    """References to the live objects of a pack's training loop (mutated in place on restore)."""
+
+    params: dict[str, torch.Tensor]
+    opt: object                    # optim.PackedOptimizer
+    lr: torch.Tensor               # (R,)
+    order: Optional[BatchOrder]
+    noise: object                  # engine.StepNoise
+    record: object                 # engine.Recorder
+
+
+def _gens(gens: list[Optional[torch.Generator]]) -> list[Optional[torch.Tensor]]:
+    return [None if g is None else g.get_state() for g in gens]
+
+
+def _set_gens(gens: list[Optional[torch.Generator]], states: list[Optional[torch.Tensor]]) -> None:
+    for g, s in zip(gens, states):
+        if g is not None:
+            g.set_state(s)
+
+
+def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
+    """Write the pack's state after `step` steps to `path`, atomically."""
+    order = None if s.order is None else {"perm": s.order.perm, "step_in_epoch": s.order.step_in_epoch,
+                                          "generators": _gens(s.order.generators)}
+    state = {
+        "format": FORMAT, "step": step, "run_ids": [run_id(c) for c in cfgs],
+        "params": s.params, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
+        "label_gens": _gens(s.noise.label_gens), "langevin_gens": _gens(s.noise.langevin_gens),
+        "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
+        "alive": s.record.alive,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(Path(path), buf.getvalue())
+
+
+def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
+    """Load `path` into the live objects and return its step; 0 (nothing changed) when there is no
+    checkpoint or it belongs to other runs (the run ids, hashes of the configs, must match)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    device = s.lr.device
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("format") != FORMAT or state.get("run_ids") != [run_id(c) for c in cfgs]:
+        return 0
+    with torch.no_grad():
+        for k, p in s.params.items():
+            p.copy_(state["params"][k])
+        s.lr.copy_(state["lr"])
+    s.opt.t, s.opt.state = state["opt_t"], state["opt_state"]
+    if s.order is not None:
+        s.order.perm, s.order.step_in_epoch = state["order"]["perm"], state["order"]["step_in_epoch"]
+        _set_gens(s.order.generators, [g.cpu() for g in state["order"]["generators"]])
+    # Generator states are CPU byte tensors whatever the generator's device.
+    _set_gens(s.noise.label_gens, [None if g is None else g.cpu() for g in state["label_gens"]])
+    _set_gens(s.noise.langevin_gens, [None if g is None else g.cpu() for g in state["langevin_gens"]])
+    for o, saved in zip(s.record.outcomes, state["outcomes"]):
+        o.status, o.rows, o.diverged_at = saved["status"], saved["rows"], saved["diverged_at"]
+    s.record.alive.copy_(state["alive"])
+    return int(state["step"])

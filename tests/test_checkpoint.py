@@ -1,0 +1,132 @@
+"""Checkpoint and resume: an interrupted pack continues and ends exactly as an uninterrupted one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import sweep_dirs
+from symrun import engine, results, sweep
+from symrun.config import total_steps
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _pack(args):
+    with sweep._hydra_context():
+        return sweep.compose_all(sweep.expand(args)[0])
+
+
+def _assert_identical(a, b):
+    """Bit-identical outcomes: status, every logged value, final parameters."""
+    assert [o.status for o in a] == [o.status for o in b]
+    assert [o.diverged_at for o in a] == [o.diverged_at for o in b]
+    for oa, ob in zip(a, b):
+        assert oa.rows == ob.rows or pd.DataFrame(oa.rows).equals(pd.DataFrame(ob.rows))  # NaN == NaN
+        assert (oa.state is None) == (ob.state is None)
+        for k in oa.state or {}:
+            assert torch.equal(oa.state[k], ob.state[k]), k
+
+
+PACKS = {
+    # minibatches whose epochs do not line up with the checkpoints, momentum, label and Langevin
+    # noise, and a run that diverges before the checkpoint it is restored from
+    "sgd-noise": ["model=hadamard", "data.batch_size=30", "optim.momentum=0.9", "noise.label_std=0.2",
+                  "noise.temperature=0,1e-4", "optim.lr=0.05,50", "seed=0,1", "train.steps=40", "train.log_every=5"],
+    "adam-flip": ["model=mlp", "data=digits", "model.width=8", "optim.name=adam", "optim.lr=0.01",
+                  "data.batch_size=64", "noise.label_flip=0.1", "seed=0,1", "train.steps=25", "train.log_every=4"],
+    # a task sequence whose switches (every 7 steps, with shrink and perturb) fall on checkpoints
+    "tasks": ["model=mlp", "data=digits", "model.width=8", "data.batch_size=64", "tasks.count=3", "tasks.change=labels",
+              "tasks.shrink=0.9", "tasks.perturb=0.1", "seed=0,1", "train.steps=7", "train.log_every=3"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PACKS))
+def test_an_interrupted_pack_resumes_to_the_same_numbers(tmp_path, name):
+    cfgs = _pack(PACKS[name] + ["train.checkpoint_every=7"])
+    whole = engine.train_pack(cfgs)
+    path = tmp_path / "pack.pt"
+    steps = []
+
+    def stop_after(k):
+        def on_step(n):
+            steps.append(n)
+            if sum(steps) == k:
+                raise Interrupted
+        return on_step
+
+    with pytest.raises(Interrupted):
+        engine.train_pack(cfgs, on_step=stop_after(17), checkpoint=path)
+    assert path.is_file()
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 14
+    steps.clear()
+    resumed = engine.train_pack(cfgs, on_step=steps.append, checkpoint=path)
+    assert steps[0] == 14 and sum(steps) == total_steps(cfgs[0]), "resumed at the checkpoint, not from the start"
+    _assert_identical(resumed, whole)
+    if name == "sgd-noise":
+        assert {o.status for o in whole} == {"finished", "diverged"}
+
+
+def test_a_checkpoint_of_other_runs_is_ignored(tmp_path):
+    args = ["model=hadamard", "train.steps=10", "train.log_every=5", "train.checkpoint_every=3"]
+    cfgs = _pack(args + ["seed=0,1"])
+    path = tmp_path / "pack.pt"
+
+    def stop_once_saved(n):
+        if path.exists():
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        engine.train_pack(cfgs, on_step=stop_once_saved, checkpoint=path)
+    others = _pack(args + ["seed=0,2"])
+    steps = []
+    engine.train_pack(others, on_step=steps.append, checkpoint=path)
+    assert steps[0] == 1 and sum(steps) == 10, "trained from the start"
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_rerun_into_its_folder_resumes_and_matches_an_uninterrupted_one(cli, tmp_path):
+    args = ["model=factorization", "model.hidden=32", "data.dim=64", "data.n=1000", "data.batch_size=50",
+            "optim.weight_decay=0,1e-3", "seed=0,1", "train.steps=3000", "train.log_every=500"]
+    env = {**os.environ, "NO_COLOR": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *args, "train.checkpoint_every=100",
+                             "--outputs", str(killed)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(killed.glob("*/*/checkpoints/*.pt")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it saved a checkpoint; make it longer"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    (d,) = sweep_dirs(killed)
+    (ckpt,) = (d / "checkpoints").glob("*.pt")
+    at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < at < 3000
+    assert set(pd.Series([results.status(d, r)["status"] for r in os.listdir(d / "runs")])) == {"running"}
+
+    cli("sweep", *args, "train.checkpoint_every=100", f"hydra.sweep.dir={d}")
+    assert not list((d / "checkpoints").glob("*.pt")), "a finished pack's checkpoint is deleted"
+    cli("sweep", *args, "--outputs", str(tmp_path / "whole"))
+    (w,) = sweep_dirs(tmp_path / "whole")
+    for table in ("runs.csv", "results.csv"):
+        a, b = results.read_csv(d / table), results.read_csv(w / table)
+        science = [c for c in b.columns if c not in PROVENANCE]
+        pd.testing.assert_frame_equal(a[science], b[science], check_exact=True)
+    runs = results.read_csv(d / "runs.csv")
+    assert set(runs["status"]) == {"finished"} and set(runs["resumed_from"]) == {at}
+
+
+# Columns that say when, where and how a run executed, not what it computed.
+PROVENANCE = {"wall_time_s", "started_at", "finished_at", "git_commit", "git_dirty", "torch", "resolved_device",
+              "pack", "pack_size", "slurm_job_id", "resumed_from", "train.checkpoint_every"}
