@@ -193,6 +193,46 @@ def _fmt(v) -> str:
     return str(v)
 
 
+STATES = (results.FINISHED, results.RUNNING, results.FAILED, results.DIVERGED, results.PENDING)
+SWEEPS = typer.Argument(..., help="A sweep folder, or a folder holding sweeps (e.g. outputs).")
+
+
+def _sweeps(where: Path) -> list[Path]:
+    found = results.find_sweeps(where)
+    if not found:
+        _fail(f"no sweep folders (with sweep.json and runs/) in {where}")
+    return found
+
+
+@app.command()
+def status(where: Path = SWEEPS) -> None:
+    """How many runs of each sweep are finished, running, failed, diverged or pending, from each
+    run's status.json, and why runs failed. Read-only; works while a sweep runs elsewhere."""
+    states = [results.sweep_status(d) for d in _sweeps(where)]
+    for st in states:
+        counts = ", ".join(f"{st.counts.get(s, 0)} {s}" for s in STATES)
+        console.print(f"{st.sweep_dir}\n  {sum(st.counts.values())} runs: {counts}", highlight=False, soft_wrap=True)
+        for reason, ids in st.reasons.items():
+            shown = ", ".join(ids[:3]) + (f", +{len(ids) - 3} more" if len(ids) > 3 else "")
+            console.print(f"  {len(ids)} {reason}  [{shown}]", highlight=False, markup=False, soft_wrap=True)
+    if any(st.counts.get(results.FAILED) or st.counts.get(results.RUNNING) or st.counts.get(results.PENDING)
+           for st in states):
+        console.print("To finish a sweep: rerun it with hydra.sweep.dir=<its folder> (finished runs are skipped, "
+                      "checkpointed packs resume). Logs: launches/<k>/packs/<i>/ and launches/<k>/.submitit/.",
+                      highlight=False, soft_wrap=True)
+
+
+@app.command()
+def collect(where: Path = SWEEPS) -> None:
+    """Rebuild runs.csv and results.csv of each sweep from its run folders (e.g. after a partly
+    failed sweep or while one runs on a cluster)."""
+    for d in _sweeps(where):
+        runs, res = results.write_tables(d)
+        counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
+        line = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no runs started"
+        console.print(f"{d}: {line}; {len(res)} result rows → runs.csv, results.csv", highlight=False, soft_wrap=True)
+
+
 @app.command("list")
 def list_cmd() -> None:
     """Config groups and their options, experiment presets, launchers."""

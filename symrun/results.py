@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -288,3 +289,37 @@ def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     write_csv(Path(sweep_dir) / "runs.csv", runs)
     write_csv(Path(sweep_dir) / "results.csv", results)
     return runs, results
+
+
+PENDING = "pending"   # planned (config.yaml written) but never started: no status.json yet
+
+
+@dataclass
+class SweepStatus:
+    """Where a sweep stands, from its runs' status.json files (the truth: a scheduler reports a
+    job whose Python raised as COMPLETED)."""
+
+    sweep_dir: Path
+    counts: dict[str, int]                 # finished | running | failed | diverged | pending → runs
+    reasons: dict[str, list[str]]          # one-line reason → the failed or diverged runs it ended
+
+
+def find_sweeps(root: Path) -> list[Path]:
+    """`root` itself when it is a sweep folder, else every sweep folder below it."""
+    root = Path(root)
+    if (root / "sweep.json").is_file():
+        return [root]
+    return sorted(p.parent for p in root.rglob("sweep.json") if (p.parent / "runs").is_dir())
+
+
+def sweep_status(sweep_dir: Path) -> SweepStatus:
+    counts = {s: 0 for s in (FINISHED, RUNNING, FAILED, DIVERGED, PENDING)}
+    reasons: dict[str, list[str]] = {}
+    for d in sorted((Path(sweep_dir) / "runs").glob("*/")):
+        st = read_json(d / "status.json") or {"status": PENDING}
+        counts[st["status"]] = counts.get(st["status"], 0) + 1
+        if st["status"] == FAILED:
+            reasons.setdefault(" ".join(str(st.get("error")).split()), []).append(d.name)
+        elif st["status"] == DIVERGED:
+            reasons.setdefault("diverged: its loss or weights stopped being finite (see diverged_at)", []).append(d.name)
+    return SweepStatus(Path(sweep_dir), counts, reasons)
