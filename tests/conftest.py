@@ -66,3 +66,24 @@ def write_fake_cifar(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     return Path(root)
+
+
+# Columns of runs.csv that say when, where and how a run executed, not what it computed.
+PROVENANCE = {"wall_time_s", "started_at", "finished_at", "git_commit", "git_dirty", "torch", "resolved_device",
+              "pack", "pack_size", "slurm_job_id", "resumed_from", "train.checkpoint_every"}
+
+
+def assert_same_tables(a: Path, b: Path, rtol: float = 0.0) -> None:
+    """Two sweep folders hold the same runs.csv and results.csv, apart from provenance columns:
+    value for value, or to `rtol` (packs of other sizes round differently in BLAS)."""
+    import pandas as pd
+
+    for table in ("runs.csv", "results.csv"):
+        ta = pd.read_csv(Path(a) / table, float_precision="round_trip")
+        tb = pd.read_csv(Path(b) / table, float_precision="round_trip")
+        assert set(ta.columns) == set(tb.columns), table
+        keep = [c for c in tb.columns if c not in PROVENANCE]
+        key = ["run_id", "step"] if table == "results.csv" else ["run_id"]
+        pd.testing.assert_frame_equal(ta[keep].sort_values(key).reset_index(drop=True),
+                                      tb[keep].sort_values(key).reset_index(drop=True),
+                                      check_exact=rtol == 0, rtol=rtol or 1e-5, atol=0)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import sweep_dirs
+from conftest import assert_same_tables, sweep_dirs
 from symrun import engine, results, sweep
 from symrun.config import total_steps
 
@@ -119,14 +119,7 @@ def test_a_killed_sweep_rerun_into_its_folder_resumes_and_matches_an_uninterrupt
     assert not list((d / "checkpoints").glob("*.pt")), "a finished pack's checkpoint is deleted"
     cli("sweep", *args, "--outputs", str(tmp_path / "whole"))
     (w,) = sweep_dirs(tmp_path / "whole")
-    for table in ("runs.csv", "results.csv"):
-        a, b = results.read_csv(d / table), results.read_csv(w / table)
-        science = [c for c in b.columns if c not in PROVENANCE]
-        pd.testing.assert_frame_equal(a[science], b[science], check_exact=True)
+    assert_same_tables(d, w)
     runs = results.read_csv(d / "runs.csv")
     assert set(runs["status"]) == {"finished"} and set(runs["resumed_from"]) == {at}
 
-
-# Columns that say when, where and how a run executed, not what it computed.
-PROVENANCE = {"wall_time_s", "started_at", "finished_at", "git_commit", "git_dirty", "torch", "resolved_device",
-              "pack", "pack_size", "slurm_job_id", "resumed_from", "train.checkpoint_every"}

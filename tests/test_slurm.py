@@ -1,0 +1,80 @@
+"""Sweeps on a real SLURM (the one-node cluster `.ci/slurm-up` starts), and pack sizing."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import assert_same_tables, sweep_dirs
+from symrun import results, sweep
+
+SLURM_UP = Path(__file__).resolve().parent.parent / ".ci" / "slurm-up"
+GRID = ["model=hadamard,factorization", "seed=0,1", "optim.weight_decay=0,0.1", "train.steps=20", "train.log_every=5"]
+
+
+@pytest.fixture(scope="session")
+def slurm_partition() -> str:
+    """A partition of a running SLURM: `.ci/slurm-up` starts one on localhost when needed (as root;
+    it installs Debian's packages when missing). Skips, saying why, where none can start."""
+    try:
+        up = subprocess.run([str(SLURM_UP)], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"no SLURM: {SLURM_UP.name} could not run: {e}")
+    if up.returncode != 0:
+        pytest.skip(f"no SLURM: {SLURM_UP.name} failed: {(up.stderr or up.stdout).strip().splitlines()[-1:]}")
+    listed = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=30)
+    partitions = [ln.split()[0].rstrip("*") for ln in listed.stdout.splitlines() if ln.split()[1:] == ["up"]]
+    if not partitions:
+        pytest.skip(f"no SLURM partition is up: {listed.stdout or listed.stderr}")
+    return partitions[0]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_sweep_on_slurm_matches_the_same_sweep_run_locally(cli, tmp_path, slurm_partition):
+    # The shipped cluster preset, fitted to a 2-CPU node without GPUs; pack_size=1: one job per run.
+    on_slurm = cli("sweep", *GRID, "pack_size=1", "hydra/launcher=slurm", f"hydra.launcher.partition={slurm_partition}",
+                   "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+                   "hydra.launcher.timeout_min=10", "--outputs", "slurm")
+    assert "8 runs in 8 pack(s)" in on_slurm.stdout
+    cli("sweep", *GRID, "pack_size=1", "--outputs", "local")
+    (s,), (local,) = sweep_dirs(tmp_path / "slurm"), sweep_dirs(tmp_path / "local")
+    runs = results.read_csv(s / "runs.csv")
+    assert len(runs) == 8 and set(runs["status"]) == {"finished"}
+    # SLURM ran every pack as a task of one job array: each run names its task, whose submitit
+    # folder holds the job's log, and no run ran outside SLURM.
+    tasks = runs["slurm_job_id"].astype(str)
+    assert tasks.nunique() == 8 and tasks.str.fullmatch(r"\d+_\d").all(), tasks.tolist()
+    assert tasks.str.split("_").str[0].nunique() == 1, "one array for the batch of packs"
+    folder = s / "launches" / "0" / ".submitit"
+    for task in tasks:
+        assert f"JobEnvironment(job_id={task}," in (folder / task / f"{task}_0_log.out").read_text()
+        assert (folder / task / f"{task}_0_result.pkl").is_file()
+    (script,) = folder.glob("*/*_submission.sh")
+    sbatch = script.read_text()
+    assert f"--partition={slurm_partition}" in sbatch and "export OMP_NUM_THREADS=1" in sbatch  # the preset's setup
+    shown = subprocess.run(["scontrol", "show", "job", tasks[0].split("_")[0]], capture_output=True, text=True)
+    assert shown.returncode != 0 or "JobState=COMPLETED" in shown.stdout, shown.stdout
+    # The same numbers, bit for bit, as the same sweep run locally: tables equal apart from provenance.
+    assert_same_tables(s, local)
+    assert set(results.read_csv(local / "runs.csv")["slurm_job_id"].isna()) == {True}
+
+
+def test_pack_size_changes_how_many_jobs_not_the_numbers(tmp_path):
+    """Many small jobs or few large ones: a run's numbers do not depend on its pack (up to float64
+    rounding: BLAS sums a (1, …) and a (4, …) batch in different orders)."""
+    sizes = {}
+    for pack_size in (1, 3, 256):
+        plan = sweep.plan([*GRID, "train.dtype=float64", f"pack_size={pack_size}"], tmp_path / str(pack_size))
+        sizes[pack_size] = sorted(len(p) for p in plan.packs)
+        path = sweep.write_plan(plan)
+        for i in range(len(plan.packs)):
+            sweep.run_pack(path, i)
+        results.write_tables(plan.sweep_dir)
+    assert sizes == {1: [1] * 8, 3: [1, 1, 3, 3], 256: [4, 4]}
+    (one,), (three,), (big,) = (sweep_dirs(tmp_path / str(k)) for k in (1, 3, 256))
+    assert_same_tables(one, big, rtol=1e-9)
+    assert_same_tables(three, big, rtol=1e-9)
+    assert pd.read_csv(one / "runs.csv")["pack"].nunique() == 8
