@@ -48,9 +48,10 @@ PACKS = {
 }
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("name", sorted(PACKS))
-def test_an_interrupted_pack_resumes_to_the_same_numbers(tmp_path, name):
-    cfgs = _pack(PACKS[name] + ["train.checkpoint_every=7"])
+def test_an_interrupted_pack_resumes_to_the_same_numbers(tmp_path, name, device):
+    cfgs = _pack(PACKS[name] + ["train.checkpoint_every=7", f"device={device}"])
     whole = engine.train_pack(cfgs)
     path = tmp_path / "pack.pt"
     steps = []

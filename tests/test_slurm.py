@@ -1,7 +1,10 @@
 """Sweeps on a real SLURM (the one-node cluster `.ci/slurm-up` starts), and pack sizing."""
 
 import os
+import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -78,3 +81,56 @@ def test_pack_size_changes_how_many_jobs_not_the_numbers(tmp_path):
     assert_same_tables(one, big, rtol=1e-9)
     assert_same_tables(three, big, rtol=1e-9)
     assert pd.read_csv(one / "runs.csv")["pack"].nunique() == 8
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_preempted_pack_is_requeued_and_resumes_from_its_checkpoint(cli, tmp_path, slurm_partition):
+    """SLURM signals the job as it would before preempting it; submitit calls the launcher's
+    checkpoint method and requeues the job, which resumes the pack from its last checkpoint."""
+    args = ["model=factorization", "model.hidden=32", "data.dim=64", "data.n=1000", "data.batch_size=50",
+            "seed=0,1", "train.steps=1500", "train.log_every=250", "train.checkpoint_every=50"]
+    proc = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *args, "hydra/launcher=slurm",
+                             f"hydra.launcher.partition={slurm_partition}", "hydra.launcher.gpus_per_node=null",
+                             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "--outputs", "slurm"],
+                            cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    job = None
+    try:
+        ckpt = _wait_for(lambda: next(iter((tmp_path / "slurm").glob("*/*/checkpoints/*.pt")), None), proc)
+        (d,) = sweep_dirs(tmp_path / "slurm")
+        job = results.status(d, next((d / "runs").iterdir()).name)["slurm_job_id"]
+        (script,) = (d / "launches" / "0" / ".submitit").glob("*/*_submission.sh")
+        signal_name = re.search(r"--signal=(\w+)@", script.read_text()).group(1)
+        subprocess.run(["scancel", f"--signal={signal_name}", job], check=True, timeout=30)
+        # A requeued job waits ~2 minutes before it may start again; let it start at once.
+        _wait_for(lambda: "Restarts=1" in _scontrol(job) and "JobState=PENDING" in _scontrol(job), proc)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        if job is not None and proc.returncode != 0:
+            subprocess.run(["scancel", job], timeout=30)
+    assert proc.returncode == 0, out
+    assert not ckpt.exists()
+    runs = results.read_csv(d / "runs.csv")
+    assert set(runs["status"]) == {"finished"}
+    assert (runs["resumed_from"] > 0).all() and (runs["resumed_from"] % 50 == 0).all(), runs["resumed_from"]
+    assert "Requeued job" in "".join(p.read_text() for p in (d / "launches").rglob("*_log.out"))
+    cli("sweep", *args, "--outputs", "local")
+    assert_same_tables(d, sweep_dirs(tmp_path / "local")[0])
+
+
+def _scontrol(job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+
+
+def _wait_for(found, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = found()
+        if value:
+            return value
+        assert proc.poll() is None, f"the sweep ended first:\n{proc.stdout.read()}"
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
