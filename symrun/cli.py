@@ -254,7 +254,7 @@ def list_cmd() -> None:
         presets.add_row(path.stem, lines[0] if lines else "")
     console.print(presets)
     console.print("Other keys: optim.{name,lr,momentum,weight_decay}, noise.{label_std,label_flip,temperature}, "
-                  "train.{steps,log_every,dtype}, metrics.*, seed, device, name, pack_size. "
+                  "train.{steps,log_every,dtype,checkpoint_every}, metrics.*, seed, device, name, pack_size. "
                   "`symrun run --cfg job` prints every key with its value.")
 
 

@@ -134,3 +134,13 @@ def _wait_for(found, proc, timeout=120):
         assert proc.poll() is None, f"the sweep ended first:\n{proc.stdout.read()}"
         time.sleep(0.2)
     raise AssertionError("timed out waiting")
+
+
+def test_the_shipped_cluster_preset_composes_with_overrides():
+    with sweep._hydra_context():
+        hydra_cfg = sweep.compose("pack_job", overrides=["plan=x", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=8"],
+                                  return_hydra_config=True).hydra
+    launcher = hydra_cfg.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3
+    assert list(launcher.setup) == ["export OMP_NUM_THREADS=8"]
