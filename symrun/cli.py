@@ -193,11 +193,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
-STATES = (results.FINISHED, results.RUNNING, results.FAILED, results.DIVERGED, results.PENDING)
+STATES = ("finished", "running", "failed", "diverged", "pending")   # symrun.results' run states
 SWEEPS = typer.Argument(..., help="A sweep folder, or a folder holding sweeps (e.g. outputs).")
 
 
 def _sweeps(where: Path) -> list[Path]:
+    from symrun import results
+
     found = results.find_sweeps(where)
     if not found:
         _fail(f"no sweep folders (with sweep.json and runs/) in {where}")
@@ -208,6 +210,8 @@ def _sweeps(where: Path) -> list[Path]:
 def status(where: Path = SWEEPS) -> None:
     """How many runs of each sweep are finished, running, failed, diverged or pending, from each
     run's status.json, and why runs failed. Read-only; works while a sweep runs elsewhere."""
+    from symrun import results
+
     states = [results.sweep_status(d) for d in _sweeps(where)]
     for st in states:
         counts = ", ".join(f"{st.counts.get(s, 0)} {s}" for s in STATES)
@@ -226,6 +230,8 @@ def status(where: Path = SWEEPS) -> None:
 def collect(where: Path = SWEEPS) -> None:
     """Rebuild runs.csv and results.csv of each sweep from its run folders (e.g. after a partly
     failed sweep or while one runs on a cluster)."""
+    from symrun import results
+
     for d in _sweeps(where):
         runs, res = results.write_tables(d)
         counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
