@@ -17,13 +17,17 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from symrun.config import Config
 from symrun.data import BatchOrder
+from symrun.optim import PackedOptimizer
 from symrun.results import run_id, write_atomic
+
+if TYPE_CHECKING:   # engine imports this module
+    from symrun.engine import Recorder, StepNoise
 
 FORMAT = 1
 
@@ -33,11 +37,11 @@ class PackState:
     """References to the live objects of a pack's training loop (mutated in place on restore)."""
 
     params: dict[str, torch.Tensor]
-    opt: object                    # optim.PackedOptimizer
-    lr: torch.Tensor               # (R,)
-    order: Optional[BatchOrder]
-    noise: object                  # engine.StepNoise
-    record: object                 # engine.Recorder
+    opt: PackedOptimizer
+    lr: torch.Tensor               # (R,), the optimizer's own: zeroed for runs that diverged
+    order: Optional[BatchOrder]    # None: full batch
+    noise: StepNoise
+    record: Recorder
 
 
 def _gens(gens: list[Optional[torch.Generator]]) -> list[Optional[torch.Tensor]]:
@@ -73,7 +77,11 @@ def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     if not path.is_file():
         return 0
     device = s.lr.device
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 — atomic writes make this rare; say what to do
+        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to train the pack "
+                           "from the start") from e
     if state.get("format") != FORMAT or state.get("run_ids") != [run_id(c) for c in cfgs]:
         return 0
     with torch.no_grad():

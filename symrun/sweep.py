@@ -5,7 +5,8 @@ config, loads each distinct dataset once and builds each model shape once. `writ
 out the sweep folder and `launch` runs the packs as Hydra jobs (`pack=0,…,P−1` over the
 `pack_job` config), so `hydra/launcher=joblib|submitit_local|submitit_slurm` work unchanged.
 Finished runs already in the folder are skipped: rerunning a sweep with
-`hydra.sweep.dir=<its folder>` completes it.
+`hydra.sweep.dir=<its folder>` completes it, and packs with a checkpoint (train.checkpoint_every)
+continue from it.
 """
 
 from __future__ import annotations

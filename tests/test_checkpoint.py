@@ -124,3 +124,11 @@ def test_a_killed_sweep_rerun_into_its_folder_resumes_and_matches_an_uninterrupt
     runs = results.read_csv(d / "runs.csv")
     assert set(runs["status"]) == {"finished"} and set(runs["resumed_from"]) == {at}
 
+
+
+def test_an_unreadable_checkpoint_fails_the_pack_with_what_to_do(tmp_path):
+    cfgs = _pack(["model=hadamard", "seed=0,1", "train.steps=4", "train.checkpoint_every=2"])
+    path = tmp_path / "pack.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="delete it to train the pack from the start"):
+        engine.train_pack(cfgs, checkpoint=path)
