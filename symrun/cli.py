@@ -108,7 +108,17 @@ def _launch(plan: sweep.Plan, hydra_args: list[str], single: bool) -> None:
     console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
                   + (f", {len(plan.finished)} already finished" if plan.finished else "")
                   + f" → {plan.sweep_dir}", highlight=False)
-    _train(plan, plan_path, hydra_args, single)
+    try:
+        _train(plan, plan_path, hydra_args, single)
+    except Exception as e:  # noqa: BLE001
+        if single or sweep.in_process(hydra_args):
+            raise
+        # A launcher gives up when a job dies without a result (killed, out of memory, node lost);
+        # the runs that ended are on disk: tabulate them and say how to finish the rest.
+        _show_report(plan.sweep_dir)
+        _fail(f"a job ended without a result ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+              f"other jobs may still run. See `symrun status {plan.sweep_dir}`; rerun with "
+              f"hydra.sweep.dir={plan.sweep_dir} to finish the sweep")
     _show_report(plan.sweep_dir)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -287,7 +288,8 @@ def in_process(hydra_args: list[str]) -> bool:
 
 
 def launch(p: Plan, plan_path: Path, hydra_args: list[str], on_step: Optional[Callable[[int], None]] = None) -> None:
-    """Run every pack as a Hydra multirun job through the configured launcher (basic: in-process)."""
+    """Run every pack as a Hydra multirun job through the configured launcher (basic: in-process).
+    A launcher's error (a job that died without a result) is raised, not printed and exited on."""
     global _ON_STEP
     if not p.packs:
         return
@@ -296,12 +298,18 @@ def launch(p: Plan, plan_path: Path, hydra_args: list[str], on_step: Optional[Ca
             "hydra.job.name=symrun", *[a for a in hydra_args if not a.startswith("hydra.sweep.dir=")], "--multirun"]
     saved, _ON_STEP = sys.argv, on_step
     sys.argv = [saved[0], *argv]
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         GlobalHydra.instance().clear()
         hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pack_job")(pack_task)()
     finally:
         sys.argv, _ON_STEP = saved, None
         GlobalHydra.instance().clear()
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR")
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 def runs_done(p: Plan) -> int:

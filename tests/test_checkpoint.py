@@ -132,3 +132,48 @@ def test_an_unreadable_checkpoint_fails_the_pack_with_what_to_do(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="delete it to train the pack from the start"):
         engine.train_pack(cfgs, checkpoint=path)
+
+
+def _processes_running(marker: str) -> list[int]:
+    """Pids of the processes whose command line names `marker` (this test's own folder)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmd and marker in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.slow
+def test_jobs_killed_outright_end_the_sweep_with_one_error_and_a_rerun_resumes(cli, tmp_path):
+    """A job that dies without a result (OOM killer, lost node): the launcher gives up; the sweep
+    says so in one line, and a rerun into the folder resumes the packs from their checkpoints."""
+    args = ["model=hadamard,factorization", "data.dim=64", "data.n=1000", "data.batch_size=50",
+            "train.steps=20000", "train.log_every=5000", "train.checkpoint_every=100"]
+    proc = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *args, "hydra/launcher=submitit_local"],
+                            cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("outputs/*/*/checkpoints/*.pt"))) < 2 and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        jobs = _processes_running(str(tmp_path))
+        assert len(jobs) == 2, jobs
+        for pid in jobs:
+            os.kill(pid, signal.SIGKILL)
+        out, errors = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2
+    lines = [ln for ln in errors.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "a job ended without a result" in lines[0] and "hydra.sweep.dir=" in lines[0], errors
+    assert "Traceback" not in errors
+    (d,) = sweep_dirs(tmp_path / "outputs")
+    assert "0 finished, 2 running" in cli("status", str(d)).stdout
+    cli("sweep", *args, f"hydra.sweep.dir={d}")
+    runs = results.read_csv(d / "runs.csv")
+    assert set(runs["status"]) == {"finished"} and (runs["resumed_from"] > 0).all()
