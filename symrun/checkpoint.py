@@ -63,7 +63,7 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
         "params": s.params, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
         "label_gens": _gens(s.noise.label_gens), "langevin_gens": _gens(s.noise.langevin_gens),
         "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
-        "alive": s.record.alive,
+        "alive": s.record.alive, "stopped_at": s.record.stopped_at,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -98,4 +98,5 @@ def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     for o, saved in zip(s.record.outcomes, state["outcomes"]):
         o.status, o.rows, o.diverged_at = saved["status"], saved["rows"], saved["diverged_at"]
     s.record.alive.copy_(state["alive"])
+    s.record.stopped_at.copy_(state["stopped_at"])
     return int(state["step"])

@@ -163,8 +163,8 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
                 row["task"] = torch.full_like(row["train_loss"], task)
             record(step, row)
 
-    state = ckpt_mod.PackState(params, opt, lr, order, noise, record)
-    start = ckpt_mod.restore(checkpoint, cfgs, state) if checkpoint is not None else 0
+    pack_state = ckpt_mod.PackState(params, opt, lr, order, noise, record)
+    start = ckpt_mod.restore(checkpoint, cfgs, pack_state) if checkpoint is not None else 0
     steps, log_every, every = first.train.steps, first.train.log_every, first.train.checkpoint_every
     total = total_steps(first)
     if start == 0:
@@ -202,7 +202,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             x, y, x_test, y_test, probe = task_data(task)
             shrink_and_perturb(model, params, cfgs, task, record.alive)
         if checkpoint is not None and every and step % every == 0 and step < total:
-            ckpt_mod.save(checkpoint, step, cfgs, state)
+            ckpt_mod.save(checkpoint, step, cfgs, pack_state)
         if on_step is not None:
             on_step(1)
     final = net()
