@@ -1,9 +1,10 @@
 """Pack checkpoints: a pack's whole training state, so an interrupted pack continues exactly.
 
 Every `train.checkpoint_every` steps the pack's state is written atomically (temporary file, then
-rename): the step, the stacked parameters, the optimizer's buffers and step count, the per-run
-learning rates (zeroed for runs that diverged), every random stream (each run's minibatch order
-with its current epoch's permutation, label noise, Langevin noise) and the rows recorded so far.
+rename): the step, the stacked parameters and a model's running statistics (BatchNorm), the
+optimizer's buffers and step count, the per-run learning rates (zeroed for runs that diverged),
+every random stream (each run's minibatch order with its current epoch's permutation, label
+noise, Langevin noise) and the rows recorded so far.
 A pack that is preempted, times out (SLURM requeues it through submitit's checkpoint protocol,
 which Hydra's submitit launcher implements) or is killed, and is then started again, loads it and
 takes the same float path an uninterrupted pack takes: the final numbers are identical, bit for bit.
@@ -42,6 +43,7 @@ class PackState:
     order: Optional[BatchOrder]    # None: full batch
     noise: StepNoise
     record: Recorder
+    stats: dict[str, torch.Tensor]  # a model's running statistics (BatchNorm), (R, ...) each
 
 
 def _gens(gens: list[Optional[torch.Generator]]) -> list[Optional[torch.Tensor]]:
@@ -60,7 +62,7 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
                                           "generators": _gens(s.order.generators)}
     state = {
         "format": FORMAT, "step": step, "run_ids": [run_id(c) for c in cfgs],
-        "params": s.params, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
+        "params": s.params, "stats": s.stats, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
         "label_gens": _gens(s.noise.label_gens), "langevin_gens": _gens(s.noise.langevin_gens),
         "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
         "alive": s.record.alive, "stopped_at": s.record.stopped_at,
@@ -87,6 +89,8 @@ def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     with torch.no_grad():
         for k, p in s.params.items():
             p.copy_(state["params"][k])
+        for k, b in s.stats.items():
+            b.copy_(state["stats"][k])
         s.lr.copy_(state["lr"])
     s.opt.t, s.opt.state = state["opt_t"], state["opt_state"]
     if s.order is not None:

@@ -163,7 +163,8 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
                 row["task"] = torch.full_like(row["train_loss"], task)
             record(step, row)
 
-    pack_state = ckpt_mod.PackState(params, opt, lr, order, noise, record)
+    # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any
+    pack_state = ckpt_mod.PackState(params, opt, lr, order, noise, record, getattr(model, "stats", {}))
     start = ckpt_mod.restore(checkpoint, cfgs, pack_state) if checkpoint is not None else 0
     steps, log_every, every = first.train.steps, first.train.log_every, first.train.checkpoint_every
     total = total_steps(first)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_same_tables, sweep_dirs
+from conftest import assert_same_tables, sweep_dirs, write_fake_cifar
 from symrun import engine, results, sweep
 from symrun.config import total_steps
 
@@ -74,6 +74,25 @@ def test_an_interrupted_pack_resumes_to_the_same_numbers(tmp_path, name, device)
     _assert_identical(resumed, whole)
     if name == "sgd-noise":
         assert {o.status for o in whole} == {"finished", "diverged"}
+
+
+def test_a_resnet_pack_resumes_with_its_batchnorm_statistics(tmp_path):
+    pytest.importorskip("torchvision")
+    cifar = write_fake_cifar(tmp_path / "cifar")
+    cfgs = _pack(["model=resnet18", "data=cifar10", f"data.root={cifar}", "data.batch_size=4", "optim.momentum=0.9",
+                  "optim.lr=0.01", "train.steps=5", "train.log_every=5", "train.checkpoint_every=2", "device=cpu"])
+    whole = engine.train_pack(cfgs)
+    path, seen = tmp_path / "pack.pt", []
+
+    def stop_at_3(n):
+        seen.append(n)
+        if sum(seen) == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        engine.train_pack(cfgs, on_step=stop_at_3, checkpoint=path)
+    assert torch.load(path, weights_only=True)["stats"], "the BatchNorm running statistics are saved"
+    _assert_identical(engine.train_pack(cfgs, checkpoint=path), whole)
 
 
 def test_a_checkpoint_of_other_runs_is_ignored(tmp_path):
