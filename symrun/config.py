@@ -459,6 +459,10 @@ def to_config(cfg: DictConfig | dict) -> Config:
 
 
 def _structured(d: dict) -> DictConfig:
+    if "offset_std" in d.get("model", {}):     # saved before symmetry removal became symmetry.*
+        std = d["model"]["offset_std"]
+        d = {**d, "model": {k: v for k, v in d["model"].items() if k != "offset_std"}}
+        d.setdefault("symmetry", {"remove": std > 0, "remove_std": std if std > 0 else SymmetryConfig().remove_std})
     model_cls = MODEL_OPTIONS.get(d.get("model", {}).get("name"))
     data_cls = DATA_OPTIONS.get(d.get("data", {}).get("name"))
     if model_cls is None or data_cls is None:

@@ -137,3 +137,14 @@ def test_fast_composition_equals_a_full_hydra_composition_per_run(tmp_path):
         fast = sweep.compose_all(grid)
         full = [to_config(compose("config", overrides=overrides)) for overrides in grid]
     assert len(fast) == 8 and fast == full
+
+
+def test_a_config_saved_with_model_offset_std_still_loads():
+    """Run folders written before symmetry removal moved to symmetry.* stay readable."""
+    from symrun.config import to_config
+
+    old = {"model": {"name": "hadamard", "init_scale": 1.0, "offset_std": 0.3}, "data": {"name": "teacher"}}
+    cfg = to_config(old)
+    assert cfg.symmetry.remove is True and cfg.symmetry.remove_std == 0.3
+    plain = to_config({"model": {"name": "hadamard", "offset_std": 0.0}, "data": {"name": "teacher"}})
+    assert plain.symmetry.remove is False

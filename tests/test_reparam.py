@@ -175,3 +175,13 @@ def test_symmetry_removal_applies_to_any_model():
     assert plain.rows[-1]["rank"] < 6 and removed.rows[-1]["rank"] == 6
     assert not any(k.startswith("critical_wd") for k in removed.rows[-1])      # no mirrors left to measure
     assert math.isfinite(plain.rows[-1]["critical_wd_max.rotation"])
+
+
+def test_dcs_through_the_command_line_saves_parameters_that_satisfy_the_constraint(cli, tmp_path):
+    cli("run", "model=linear", "constraint=dcs", "constraint.kind=sum_zero", "constraint.per=layer",
+        "constraint.params=[w]", "data.n=100", "data.dim=10", "optim.lr=0.2", "optim.weight_decay=0.6",
+        "train.steps=3000", "train.log_every=1000", "train.dtype=float64")
+    (saved,) = list(tmp_path.glob("outputs/*/*/runs/*/params.pt"))
+    state = torch.load(saved, weights_only=True)
+    assert set(state) == {"w", "theta"}                                   # the composed θ, not (w, u, v)
+    assert abs(float(state["theta"].sum())) <= 1e-6 and float(state["theta"].abs().max()) > 0.1
