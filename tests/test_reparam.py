@@ -185,3 +185,12 @@ def test_dcs_through_the_command_line_saves_parameters_that_satisfy_the_constrai
     state = torch.load(saved, weights_only=True)
     assert set(state) == {"w", "theta"}                                   # the composed θ, not (w, u, v)
     assert abs(float(state["theta"].sum())) <= 1e-6 and float(state["theta"].abs().max()) > 0.1
+
+
+def test_shrink_and_perturb_acts_on_the_trained_parameters_under_dcs():
+    """At a task switch the fresh initialisation is drawn in ρ's names (w, u, v), so a DCS run
+    goes through a task sequence; the constraint coordinates follow the same shrink."""
+    c = config(MLPConfig(width=4), MLP_DATA, 0.01, steps=20, kind="sum_zero", params=["layers.0.weight"])
+    c.tasks.count, c.tasks.change, c.tasks.shrink, c.tasks.perturb = 2, "pixels", 0.8, 0.1
+    (outcome,) = train(validate(c))
+    assert [r["task"] for r in outcome.rows][-1] == 1 and "constraint_violation" in outcome.rows[-1]
