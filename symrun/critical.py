@@ -126,16 +126,17 @@ def summarize(per_kind: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig) -> dict[str, torch.Tensor]:
-    """The end-of-run columns, in float64 on the training set (no noise); runs whose parameters
-    are not finite get NaN. Empty when `metrics.critical_mirrors` = 0 or nothing is declared."""
+def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The end-of-run columns, in float64 on the training set (no noise); runs that diverged
+    (`alive` false) or whose parameters are not finite get NaN, and are measured at 0 so that
+    they cannot stop the others. Empty when `metrics.critical_mirrors` = 0 or nothing is declared."""
     from symrun.engine import loss_per_run      # the engine imports this module
 
     symmetries = rp.symmetries()
     if cfg.critical_mirrors == 0 or not symmetries:
         return {}
     raw = {k: v.detach().double() for k, v in raw.items()}
-    finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in raw.values()]).all(0)          # (R,)
+    finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in raw.values()]).all(0) & alive  # (R,)
     safe = {k: torch.where(finite.view(-1, *[1] * (p.dim() - 1)), p, torch.zeros_like(p)) for k, p in raw.items()}
     xd, yd = x.double(), (y if task == "classification" else y.double())
     loss_fn = lambda p: loss_per_run(model.forward(rp.network(p), xd), yd, task)  # noqa: E731

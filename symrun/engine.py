@@ -188,7 +188,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             shrink_and_perturb(rp, params, cfgs, task, record.alive)
         if on_step is not None:
             on_step(1)
-    thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics)    # {column: (R,)}
+    thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive)   # {column: (R,)}
     final = net()
     with torch.no_grad():
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures
