@@ -329,6 +329,9 @@ class MetricsConfig:
     critical_block: int = 24
     """Blocks Oᵀ∇²L O up to this size are built from Hessian-vector products and solved exactly;
     larger ones by this many Lanczos steps."""
+    critical_examples: Optional[int] = 2048
+    """The loss whose Hessian gives λ_c is taken on the first this many training examples
+    (null = all): exact for small data, an estimate that bounds the cost on large data."""
     probe_size: int = 256
     """Inputs (from the test set, else train) on which ensemble members' outputs and the last
     hidden layer's representation (dead_units, feature_rank) are measured."""
@@ -526,7 +529,8 @@ def validate(cfg: Config) -> Config:
         (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),
         (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
         (cfg.symmetry.remove_std >= 0, f"symmetry.remove_std must be >= 0, got {cfg.symmetry.remove_std}"),
-        (mt.critical_mirrors >= 0 and mt.critical_block >= 1, "metrics.critical_mirrors must be >= 0 and metrics.critical_block >= 1"),
+        (mt.critical_mirrors >= 0 and mt.critical_block >= 1 and (mt.critical_examples or 1) >= 1,
+         "metrics.critical_mirrors must be >= 0, metrics.critical_block and metrics.critical_examples >= 1"),
         (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),
         (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.rank_atol, mt.constraint_atol, mt.activation_atol) >= 0,

@@ -133,8 +133,9 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
     from symrun.engine import loss_per_run      # the engine imports this module
 
     symmetries = rp.symmetries()
-    if cfg.critical_mirrors == 0 or not symmetries:
+    if cfg.critical_mirrors == 0 or not symmetries or not model.second_order:
         return {}
+    x, y = x[: cfg.critical_examples], y[: cfg.critical_examples]
     raw = {k: v.detach().double() for k, v in raw.items()}
     finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in raw.values()]).all(0) & alive  # (R,)
     safe = {k: torch.where(finite.view(-1, *[1] * (p.dim() - 1)), p, torch.zeros_like(p)) for k, p in raw.items()}

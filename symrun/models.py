@@ -28,6 +28,7 @@ class PackedModel:
     """Base class: subclasses give `shapes`, `forward` and what they declare about symmetry."""
 
     permutes_neurons = False   # whether neurons of a layer can be swapped (report independent_fraction)
+    second_order = True        # whether a run's end may take Hessian-vector products (symrun.critical)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], float]]:
         """Per-run parameter shapes and initial standard deviations."""

@@ -118,3 +118,19 @@ def test_critical_columns_can_be_switched_off():
     c = run_config(0.1, steps=20)
     c.metrics.critical_mirrors = 0
     assert not any(k.startswith("critical_wd") for k in engine.train_pack([c])[0].rows[-1])
+
+
+def test_at_end_uses_the_first_critical_examples_and_skips_dead_runs():
+    ds = data.load(TeacherDataConfig())
+    cfg = run_config(0.1)
+    cfg.metrics.critical_examples = 50
+    model = build(cfg.model, ds.in_dim, ds.out_dim)
+    rp = reparam.build(cfg, model)
+    zero = {k: torch.zeros(3, *v.shape[1:], dtype=F64) for k, v in rp.init([0], CPU, F64).items()}
+    x, y = torch.as_tensor(ds.x), torch.as_tensor(ds.y)
+    cols = critical.at_end(model, rp, zero, x, y, "regression", cfg.metrics, torch.tensor([True, False, True]))
+    expected = np.abs(ds.x[:50].T @ ds.y[:50, 0]).max() / 50                   # λ_max of the first 50 examples
+    np.testing.assert_allclose(cols["critical_wd_max.rescaling"][[0, 2]].numpy(), expected, rtol=1e-10)
+    assert torch.isnan(cols["critical_wd_max.rescaling"][1])                  # a diverged run: NaN
+    assert not critical.at_end(model, rp, zero, x, y, "regression", cfg.metrics.__class__(critical_mirrors=0),
+                               torch.ones(3, dtype=torch.bool))
