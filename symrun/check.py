@@ -65,8 +65,10 @@ class CheckReport:
 
 def describe(sym: Symmetry) -> str:
     """'flip layer0' (a sign flip per neuron), 'swap layer0' (per pair), 'rotate U·W'."""
-    if isinstance(sym, Rotation):
-        return f"rotate {sym.left}·{sym.right}"
+    if isinstance(sym, Rotation):     # a shared prefix once: rotate layers.0.query·key
+        prefix = sym.left.rpartition(".")[0] + "." if "." in sym.left else ""
+        right = sym.right.removeprefix(prefix) if prefix and sym.right.startswith(prefix) else sym.right
+        return f"rotate {sym.left}·{right}"
     return f"{'flip' if isinstance(sym, SignFlip) else 'swap'} {sym.neurons.name}"
 
 
