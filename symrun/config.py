@@ -329,7 +329,7 @@ class MetricsConfig:
     critical_block: int = 24
     """Blocks Oᵀ∇²L O up to this size are built from Hessian-vector products and solved exactly;
     larger ones by this many Lanczos steps."""
-    critical_examples: Optional[int] = 2048
+    critical_examples: Optional[int] = 256
     """The loss whose Hessian gives λ_c is taken on the first this many training examples
     (null = all): exact for small data, an estimate that bounds the cost on large data."""
     probe_size: int = 256

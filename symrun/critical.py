@@ -27,6 +27,7 @@ from symrun.config import MetricsConfig
 from symrun.symmetries import Mirror, Symmetry, constraint_norms, kind, project, select
 
 Params = dict[str, torch.Tensor]
+CHUNK = 4096          # runs × examples per Hessian pass at the end of a run (bounds its memory)
 LossFn = Callable[[Params], torch.Tensor]           # ρ → per-run loss (R,)
 
 
@@ -141,5 +142,9 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
     safe = {k: torch.where(finite.view(-1, *[1] * (p.dim() - 1)), p, torch.zeros_like(p)) for k, p in raw.items()}
     xd, yd = x.double(), (y if task == "classification" else y.double())
     loss_fn = lambda p: loss_per_run(model.forward(rp.network(p), xd), yd, task)  # noqa: E731
-    cols = summarize(thresholds(loss_fn, symmetries, safe, cfg.critical_mirrors, cfg.critical_block))
+    # Runs are independent (a block-diagonal Hessian), so they go in chunks that bound memory.
+    runs, chunk = len(finite), max(1, CHUNK // max(1, len(xd)))
+    parts = [summarize(thresholds(loss_fn, symmetries, {k: v[i:i + chunk] for k, v in safe.items()},
+                                  cfg.critical_mirrors, cfg.critical_block)) for i in range(0, runs, chunk)]
+    cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return {k: torch.where(finite, v, torch.full_like(v, float("nan"))) for k, v in cols.items()}

@@ -46,7 +46,9 @@ def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
     needs = {"resnet_cifar": lambda: [f"data.root={write_fake_cifar(tmp_path / 'cifar')}", "data.batch_size=4",
                                       "optim.weight_decay=0,0.01"]}
     extra = needs[preset]() if preset in needs else []
-    plan = sweep.plan([f"experiment={preset}", "train.steps=3", "train.log_every=1", *extra], tmp_path)
+    # λ_c at the end on 32 examples: exercised for every preset, at a smoke test's cost.
+    plan = sweep.plan([f"experiment={preset}", "train.steps=3", "train.log_every=1", "metrics.critical_examples=32", *extra],
+                      tmp_path)
     assert len(plan.configs) > 1 and plan.swept, "a preset defines a grid"
     assert all(c.name == preset for c in plan.configs.values())
     plan_path = sweep.write_plan(plan)
