@@ -53,10 +53,6 @@ class ModelConfig:
     name: str = MISSING
     init_scale: float = 1.0
     """Multiplies every initial weight's standard deviation (1.0 = the model's default init)."""
-    offset_std: float = 0.0
-    """Symmetry removal: the network uses θ + b with a fixed random b ~ N(0, offset_std²) per entry,
-    drawn from the run's seed, while weight decay acts on θ. Removes almost every mirror
-    (Ziyin et al., ICLR 2025, "Remove symmetries to control model expressivity"). 0 = off."""
 
 
 @dataclass
@@ -330,11 +326,57 @@ class MetricsConfig:
     """Neurons i, j identical iff 2‖θᵢ−θⱼ‖²/(‖θᵢ‖²+‖θⱼ‖²) < threshold (Chen et al.)."""
     constraint_atol: float = 1e-3
     """A mirror's constraint holds when ‖Oᵀθ‖ ≤ constraint_atol."""
+    critical_mirrors: int = 4
+    """At the end of a run, the critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) of up to this many
+    mirrors per declared symmetry (those nearest their constraint); 0 = skip (symrun.critical)."""
+    critical_block: int = 24
+    """Blocks Oᵀ∇²L O up to this size are built from Hessian-vector products and solved exactly;
+    larger ones by this many Lanczos steps."""
+    critical_examples: Optional[int] = 256
+    """The loss whose Hessian gives λ_c is taken on the first this many training examples
+    (null = all): exact for small data, an estimate that bounds the cost on large data."""
     probe_size: int = 256
     """Inputs (from the test set, else train) on which ensemble members' outputs and the last
     hidden layer's representation (dead_units, feature_rank) are measured."""
     activation_atol: float = 0.0
     """A unit is dead when |activation| ≤ activation_atol on every probe input (0: never fires)."""
+
+
+@dataclass
+class SymmetryConfig:
+    """Symmetry removal, the control under which symmetry-induced structure should not appear."""
+
+    remove: bool = False
+    """The network uses θ + b with a fixed random b ~ N(0, remove_std²) per entry, drawn from the
+    run's seed, while weight decay acts on θ: almost every mirror is gone (Ziyin et al., ICLR 2025,
+    "Remove symmetries to control model expressivity"; shared/science.md §3)."""
+    remove_std: float = 0.3
+    """Standard deviation of the fixed offsets b."""
+
+
+@dataclass
+class ConstraintConfig:
+    """A constraint Oᵀθ = 0 enforced by DCS (shared/science.md §6): a named parameter θ is trained as
+    θ = (I − OOᵀ)w + O(u⊙v) with weight decay on w, u, v, so each cᵢ = (Oᵀθ)ᵢ has a sign mirror
+    and is exactly 0 once λ ≥ |∂ℓ/∂cᵢ| at cᵢ = 0. Choose with `constraint=dcs`."""
+
+    name: str = "none"
+    """none | dcs."""
+    kind: str = "sparse"
+    """sparse (O = I, θ = u⊙v: spred, an exact lasso) | sum_zero (O spans the sums named by `per`)
+    | subspace (O read from `path`, orthonormalised) | group (θ = s·w with one scalar s per
+    parameter: each named parameter is switched off as a whole — group sparsity)."""
+    params: List[str] = field(default_factory=list)
+    """The parameters constrained, by name (see `symrun check`'s table or params.pt); [] = all."""
+    per: str = "output"
+    """sum_zero: output (each slice along a parameter's last axis sums to 0: a (out, in) weight's
+    incoming weights per output unit) | layer (all entries of the parameter sum to 0)."""
+    path: Optional[str] = None
+    """subspace: a .npy, or a .npz whose array `O` (else its only array) is (entries of the
+    parameter per run, k); its columns are orthonormalised (QR)."""
+
+
+CONSTRAINT_KINDS = ("sparse", "sum_zero", "subspace", "group")
 
 
 @dataclass
@@ -346,6 +388,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    symmetry: SymmetryConfig = field(default_factory=SymmetryConfig)
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
     seed: int = 0
     """Seeds the run's init, minibatch order and noise (each from its own stream)."""
     device: str = "auto"
@@ -382,6 +426,8 @@ def register_configs() -> None:
         cs.store(group="model", name=name, node=cls)
     for name, cls in DATA_OPTIONS.items():
         cs.store(group="data", name=name, node=cls)
+    for name in ("none", "dcs"):    # one schema, so every run's table has the same constraint.* keys
+        cs.store(group="constraint", name=name, node=ConstraintConfig(name=name))
     cs.store(name="pack_job", node=PackJob)
 
 
@@ -419,6 +465,10 @@ def to_config(cfg: DictConfig | dict) -> Config:
 
 
 def _structured(d: dict) -> DictConfig:
+    if "offset_std" in d.get("model", {}):     # saved before symmetry removal became symmetry.*
+        std = d["model"]["offset_std"]
+        d = {**d, "model": {k: v for k, v in d["model"].items() if k != "offset_std"}}
+        d.setdefault("symmetry", {"remove": std > 0, "remove_std": std if std > 0 else SymmetryConfig().remove_std})
     model_cls = MODEL_OPTIONS.get(d.get("model", {}).get("name"))
     data_cls = DATA_OPTIONS.get(d.get("data", {}).get("name"))
     if model_cls is None or data_cls is None:
@@ -482,7 +532,9 @@ def validate(cfg: Config) -> Config:
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got '{cfg.device}'"),
         (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),
         (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
-        (m.offset_std >= 0, f"model.offset_std must be >= 0, got {m.offset_std}"),
+        (cfg.symmetry.remove_std >= 0, f"symmetry.remove_std must be >= 0, got {cfg.symmetry.remove_std}"),
+        (mt.critical_mirrors >= 0 and mt.critical_block >= 1 and (mt.critical_examples or 1) >= 1,
+         "metrics.critical_mirrors must be >= 0, metrics.critical_block and metrics.critical_examples >= 1"),
         (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),
         (min(mt.sparsity_atol, mt.sparsity_rtol, mt.rank_rtol, mt.rank_atol, mt.constraint_atol, mt.activation_atol) >= 0,
@@ -545,12 +597,32 @@ def validate(cfg: Config) -> Config:
         checks.append((0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}"))
     if isinstance(d, FileDataConfig):
         checks.append((Path(d.path).expanduser().is_file(), f"data.path does not exist or is not a file: {d.path}"))
+    checks += _constraint_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.constraint.path is not None:
+        cfg.constraint.path = str(Path(cfg.constraint.path).expanduser().resolve())
     # Stored absolute: a resume, a report or a cluster job may start in another folder.
     if isinstance(d, (FileDataConfig, TextDataConfig)) and d.path is not None:
         d.path = str(Path(d.path).expanduser().resolve())
     if isinstance(d, Cifar10DataConfig):
         d.root = str(Path(d.root).expanduser().resolve())
     return cfg
+
+
+def _constraint_checks(cfg: Config) -> list[tuple[bool, str]]:
+    c = cfg.constraint
+    if c.name == "none":
+        return [(c == ConstraintConfig(), "constraint.* settings need constraint=dcs")]
+    path = c.path
+    return [
+        (c.name == "dcs", f"constraint must be none or dcs, got '{c.name}'"),
+        (c.kind in CONSTRAINT_KINDS, f"constraint.kind must be one of {', '.join(CONSTRAINT_KINDS)}, got '{c.kind}'"),
+        (c.per in ("output", "layer"), f"constraint.per must be output or layer, got '{c.per}'"),
+        ((c.kind == "subspace") == (path is not None), "constraint.path is needed by, and only by, constraint.kind=subspace"),
+        (path is None or Path(path).expanduser().is_file(), f"constraint.path does not exist or is not a file: {path}"),
+        (not cfg.symmetry.remove, "constraint=dcs and symmetry.remove=true cannot be combined (the offsets would move the constraint)"),
+        (not isinstance(cfg.model, LinearConfig) or cfg.model.constraint == "none",
+         "model=linear has its own model.constraint; use it or constraint=dcs, not both"),
+    ]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from symrun import checkpoint as ckpt_mod
 from symrun import data as data_mod
-from symrun import metrics, models
+from symrun import critical, metrics, models, reparam
 from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed, generator
@@ -145,10 +145,11 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     model = models.build(first.model, ds.in_dim, ds.out_dim)
     hp = lambda get: torch.tensor([get(c) for c in cfgs], device=device, dtype=dtype)  # noqa: E731
     lr, wd = hp(lambda c: c.optim.lr), hp(lambda c: c.optim.weight_decay)
-    params = model.init_params([c.seed for c in cfgs], device, dtype)
-    offsets = model.init_offsets([c.seed for c in cfgs], first.model.offset_std, device, dtype)
-    # The network the runs train: θ, or θ + b under symmetry removal (weight decay acts on θ).
-    net = (lambda: params) if offsets is None else (lambda: {k: p + offsets[k] for k, p in params.items()})  # noqa: E731
+    # The optimiser trains ρ; the network uses θ = g(ρ): θ itself, θ + b under symmetry removal,
+    # or DCS's (I − OOᵀ)w + O(u⊙v) on constrained parameters. Weight decay acts on ρ.
+    rp = reparam.build(first, model)
+    params = rp.init([c.seed for c in cfgs], device, dtype)
+    net = lambda: rp.network(params)  # noqa: E731
     opt = PackedOptimizer(first.optim, params, lr, wd, hp(lambda c: c.optim.momentum))
     noise = StepNoise(cfgs, device, dtype)
     bs = first.data.batch_size
@@ -161,7 +162,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             row = evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe)
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
-            record(step, row)
+            record(step, {**row, **rp.measure(net(), first.metrics)})
 
     # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any
     pack_state = ckpt_mod.PackState(params, opt, lr, order, noise, record, getattr(model, "stats", {}))
@@ -201,11 +202,12 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         if step % steps == 0 and task + 1 < tasks.count:       # the next task of the sequence
             task += 1
             x, y, x_test, y_test, probe = task_data(task)
-            shrink_and_perturb(model, params, cfgs, task, record.alive)
+            shrink_and_perturb(rp, params, cfgs, task, record.alive)
         if checkpoint is not None and every and step % every == 0 and step < total:
             ckpt_mod.save(checkpoint, step, cfgs, pack_state)
         if on_step is not None:
             on_step(1)
+    thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive)   # {column: (R,)}
     final = net()
     with torch.no_grad():
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures
@@ -216,6 +218,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             outcome.state = state
         if outcome.status == "finished":
             outcome.arrays = {k: v[i].cpu() for k, v in arrays.items()}
+            outcome.rows[-1].update({k: float(v[i]) for k, v in thresholds.items()})
     return record.outcomes
 
 
@@ -224,7 +227,8 @@ def shrink_and_perturb(model, params: dict[str, torch.Tensor], cfgs: list[Config
                        alive: torch.Tensor) -> None:
     """θ ← shrink·θ + perturb·θ₀' for every live run at the switch to `task` (config.TasksConfig);
     θ₀' is a fresh initialisation from the run's own (seed, task) stream. shrink = 1, perturb = 0
-    leave θ exactly as it is."""
+    leave θ exactly as it is. `model` draws it (the engine passes its reparam.Reparam, so the
+    trained parameters ρ are the ones shrunk and perturbed)."""
     p0 = next(iter(params.values()))
     shrink = torch.tensor([c.tasks.shrink for c in cfgs], device=p0.device, dtype=p0.dtype)
     perturb = torch.tensor([c.tasks.perturb for c in cfgs], device=p0.device, dtype=p0.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from symrun.config import MetricsConfig
-from symrun.symmetries import constraint_norms, gather
+from symrun.symmetries import constraint_norms, gather, kind
 
 
 def dead_groups(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
@@ -160,6 +160,23 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
             "nc3": nc3, "nc4": nc4}
 
 
+def constraint_summary(symmetries, params, atol: float) -> dict[str, torch.Tensor]:
+    """From the declared mirrors alone: constraint_distance = mean ‖Oᵀθ‖ over them;
+    constraint_fraction = fraction with ‖Oᵀθ‖ ≤ atol, overall and per kind
+    (constraint_fraction.rescaling / .rotation / .permutation; shared/science.md §4). Each (R,)."""
+    per_kind: dict[str, list[torch.Tensor]] = {}
+    for sym in symmetries:
+        per_kind.setdefault(kind(sym), []).append(constraint_norms(sym, params))   # (R, n_mirrors)
+    if not per_kind:
+        return {}
+    held = lambda norms: (norms <= atol).double().mean(dim=1)  # noqa: E731
+    everything = torch.cat([n for norms in per_kind.values() for n in norms], dim=1)
+    out = {"constraint_distance": everything.mean(dim=1), "constraint_fraction": held(everything)}
+    for name, norms in sorted(per_kind.items()):
+        out[f"constraint_fraction.{name}"] = held(torch.cat(norms, dim=1))
+    return out
+
+
 def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
             labelled: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> dict[str, torch.Tensor]:
     """Every structure metric that applies to `model`, each (R,). Inapplicable ones are absent.
@@ -190,11 +207,7 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
         out["ensemble_spread"] = mean_pairwise_distance(members)
         outputs = model.member_outputs(params, probe)                          # (R, M, B, o)
         out["ensemble_disagreement"] = mean_pairwise_distance(outputs.flatten(2))
-    norms = [constraint_norms(sym, params) for sym in model.symmetries()]
-    if norms:
-        allnorms = torch.cat(norms, dim=1)
-        out["constraint_distance"] = allnorms.mean(dim=1)
-        out["constraint_fraction"] = (allnorms <= cfg.constraint_atol).double().mean(dim=1)
+    out.update(constraint_summary(model.symmetries(), params, cfg.constraint_atol))
     if (violation := model.constraint_violation(params)) is not None:
         out["constraint_violation"] = violation
     pair = model.balance_pair(params)

@@ -17,6 +17,7 @@ import torch
 
 from symrun.config import (AttentionConfig, ConfigError, EnsembleConfig, FactorizationConfig, HadamardConfig,
                            LinearConfig, MLPConfig, ModelConfig, ResNetConfig, TransformerConfig)
+from symrun.reparam import Basis, dcs_theta
 from symrun.seeds import generator
 from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
@@ -27,6 +28,7 @@ class PackedModel:
     """Base class: subclasses give `shapes`, `forward` and what they declare about symmetry."""
 
     permutes_neurons = False   # whether neurons of a layer can be swapped (report independent_fraction)
+    second_order = True        # whether a run's end may take Hessian-vector products (symrun.critical)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], float]]:
         """Per-run parameter shapes and initial standard deviations."""
@@ -35,10 +37,6 @@ class PackedModel:
     def init_params(self, seeds: list[int], device: torch.device, dtype: torch.dtype) -> Params:
         stds = {k: std for k, (_, std) in self.shapes().items()}
         return {k: v.requires_grad_() for k, v in self._draw(seeds, "init", stds, device, dtype).items()}
-
-    def init_offsets(self, seeds: list[int], std: float, device: torch.device, dtype: torch.dtype) -> Params | None:
-        """The fixed random offsets b of symmetry removal (model.offset_std), or None when off."""
-        return self._draw(seeds, "offset", {k: std for k in self.shapes()}, device, dtype) if std > 0 else None
 
     def _draw(self, seeds, purpose: str, stds: dict[str, float], device, dtype) -> Params:
         per_run = []
@@ -53,6 +51,11 @@ class PackedModel:
 
     def symmetries(self) -> list[Symmetry]:
         return []
+
+    def candidates(self) -> list[Symmetry]:
+        """Mirrors `symrun check` tries whether or not they are declared: a sign flip and a swap
+        of every neuron set (subclasses add others), so a new model learns what it really has."""
+        return [c(ns) for ns in self.neuron_sets() for c in (SignFlip, Swap)]
 
     def neuron_sets(self) -> list[NeuronSet]:
         """Rescaling/permutation groups whose death and identity are measured."""
@@ -142,6 +145,9 @@ class Factorization(PackedModel):
 
     def symmetries(self):
         return [] if self.cfg.residual else [Rotation("U", "W")]
+
+    def candidates(self):
+        return [Rotation("U", "W")]
 
     def products(self, params):
         w = params["W"]
@@ -333,8 +339,8 @@ class Linear(PackedModel):
         w = params["w"]
         if not self.cfg.dcs:
             return w
-        o = self.basis(w)
-        return w - o @ (o.T @ w) + o @ (params["u"] * params["v"])     # (I − OOᵀ)w + O(u⊙v)
+        o = self.basis(w)                                                # O acts on Θ's input axis
+        return dcs_theta(w, params["u"], params["v"], Basis(self.k, lambda t: o.T @ t, lambda c: o @ c))
 
     def forward(self, params, x):
         return x @ self.theta(params)                                    # (R, B, o)

@@ -55,6 +55,7 @@ class ResNet18(PackedModel):
     """
 
     BLOCKS = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))
+    second_order = False   # a forward with autograd on updates the BatchNorm statistics: no λ_c at the end
 
     def __init__(self, cfg: ResNetConfig, in_dim: int, out_dim: int):
         try:

@@ -60,7 +60,7 @@ def axes_of(runs: pd.DataFrame, swept: list[str]) -> list[str]:
 
 def metrics_of(runs: pd.DataFrame) -> list[str]:
     models = runs["model.name"].dropna().unique() if "model.name" in runs else []
-    names = [m for model in models for m in PRIMARY.get(model, [])] + FIT
+    names = [m for model in models for m in PRIMARY.get(model, [])] + ["constraint_violation"] + FIT
     return [m for m in dict.fromkeys(names) if m in runs and runs[m].notna().any()]
 
 
@@ -170,6 +170,10 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
                 else:
                     ax.plot(lx, ly, "k--", label=text)
                 drawn.append(key)
+        measured = _critical_line(part, axis, metric) if numeric else None
+        if measured is not None:
+            mx, text = measured
+            ax.axvline(mx, color="C3", ls=":", label=text + (f" ({series}={_value(value)})" if series else ""))
     if numeric:
         _log_scale_if_wide(ax.set_xscale, done[axis])
     ax.set_xlabel(axis)
@@ -227,6 +231,26 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str) -> Path:
     return _save(fig, path)
 
 
+# The mirror kind whose constraint a structure metric counts (symrun.critical logs λ_c per kind).
+KIND_OF = {"sparsity": "rescaling", "rank": "rotation", "independent_fraction": "permutation",
+           "constraint_violation": "rescaling"}
+
+
+def _critical_line(runs: pd.DataFrame, axis: str, metric: str):
+    """(λ_c, label): the measured critical weight decay (symrun.critical) of the metric's mirror
+    kind — the largest over its mirrors, median over seeds — at the series' largest weight decay,
+    where the structure is most complete. At a fully symmetric point it is the closed-form
+    threshold (e.g. ‖Xᵀy/n‖∞ for the Hadamard model), so the two lines should meet there."""
+    column = f"critical_wd_max.{KIND_OF.get(metric, '')}"
+    if axis != "optim.weight_decay" or column not in runs:
+        return None
+    at = runs[axis].max()
+    value = runs.loc[runs[axis] == at, column].median()
+    if not np.isfinite(value):
+        return None
+    return float(value), f"λ_c measured (max over {KIND_OF[metric]} mirrors at λ = {at:.3g})"
+
+
 def _value(v) -> str:
     """A setting's value as the user wrote it: null for None/NaN, 4 rather than 4.0."""
     if v is None or (isinstance(v, float) and v != v):
@@ -275,7 +299,7 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, gr
     if model not in ("hadamard", "factorization", "mlp"):   # the models with a closed form (and small data)
         return None
     cfg = to_config(results.load_config_dict(sweep_dir, runs["run_id"].iloc[0]))
-    if cfg.model.offset_std > 0:          # symmetry removed: the closed forms do not apply
+    if cfg.symmetry.remove or cfg.constraint.name != "none":   # other objectives: the closed forms do not apply
         return None
     ds = data_mod.load(cfg.data)
     if ds.task != "regression":

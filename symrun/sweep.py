@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from symrun import data as data_mod
-from symrun import engine, models, results
+from symrun import engine, models, reparam, results
 from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, flatten, register_configs, to_config,
                            to_dict, total_steps)
 
@@ -133,7 +133,7 @@ def expand(args: list[str]) -> tuple[list[list[str]], list[str]]:
     if not grid:
         raise ConfigError("the grid is empty: a sweep axis has no values")
     # A swept group (model=a,b) shows in the tables as its option's name column (model.name).
-    column = lambda k: f"{k}.name" if k in ("model", "data") else k  # noqa: E731
+    column = lambda k: f"{k}.name" if k in ("model", "data", "constraint") else k  # noqa: E731
     return grid, [column(k) for k, swept in final.items() if swept]
 
 
@@ -177,7 +177,7 @@ def check_buildable(configs: list[Config]) -> None:
         if key not in seen:
             seen[key] = data_mod.load(cfg.data)
         ds = seen[key]
-        models.build(cfg.model, ds.in_dim, ds.out_dim)
+        reparam.build(cfg, models.build(cfg.model, ds.in_dim, ds.out_dim))   # also checks constraint=dcs
         if ds.task == "classification" and cfg.noise.label_std > 0:
             raise ConfigError("noise.label_std applies to regression; this data is classification (use noise.label_flip)")
         if ds.task == "regression" and cfg.noise.label_flip > 0:
@@ -186,6 +186,16 @@ def check_buildable(configs: list[Config]) -> None:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {len(ds.x)} training examples")
         if cfg.tasks.count > 1 and cfg.tasks.change == "labels" and ds.task != "classification":
             raise ConfigError("tasks.change=labels permutes class labels: it needs a classification task")
+
+
+def compose_one(args: list[str]) -> Config:
+    """One typed, validated and buildable config from overrides (no sweep syntax); nothing is written."""
+    with _hydra_context():
+        if any(o.is_sweep_override() for o in _parse(args)):
+            raise ConfigError("this command takes one configuration, not sweep syntax")
+        cfg = compose_all([args])[0]
+    check_buildable([cfg])
+    return cfg
 
 
 def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,

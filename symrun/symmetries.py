@@ -112,3 +112,114 @@ def constraint_norms(sym: Symmetry, params: Params) -> torch.Tensor:
         # ‖θᵢ − θⱼ‖ through cdist's matmul form: no (…, n(n−1)/2, g) tensor of differences.
         norms = torch.cdist(groups, groups)[..., i, j] / math.sqrt(2)
     return norms.reshape(norms.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Concrete mirrors: one O per run, as the pair of linear maps θ ↦ Oᵀθ and c ↦ Oc
+
+
+KINDS = {SignFlip: "rescaling", Swap: "permutation", Rotation: "rotation"}
+
+
+def kind(sym: Symmetry) -> str:
+    """The symmetry family of shared/science.md §3: rescaling | permutation | rotation."""
+    return KINDS[type(sym)]
+
+
+def scatter(neurons: NeuronSet, groups: torch.Tensor, like: Params) -> Params:
+    """Inverse of `gather`: (*lead, n, group_size) → the slot tensors (shaped as in `like`)."""
+    out, start = {}, 0
+    for slot in neurons.slots:
+        moved = like[slot.param].movedim(slot.axis, neurons.lead).shape      # (*lead, n, ...)
+        size = math.prod(moved[neurons.lead + 1:])
+        part = groups[..., start:start + size].reshape(moved)
+        out[slot.param] = part.movedim(neurons.lead, slot.axis)
+        start += size
+    return out
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """One mirror per run of a pack, O (P × k per run, orthonormal columns), given as maps:
+    `restrict(θ)` = Oᵀθ, (R, k); `embed(c)` = Oc, a full parameter dict (zeros off the block)."""
+
+    sym: Symmetry
+    restrict: callable
+    embed: callable
+    size: int                                     # k
+
+
+def reflect(mirror: Mirror, params: Params) -> Params:
+    """Rθ = θ − 2OOᵀθ. Allocates."""
+    moved = mirror.embed(mirror.restrict(params))
+    return {k: v - 2 * moved[k] for k, v in params.items()}
+
+
+def project(mirror: Mirror, params: Params) -> Params:
+    """(I − OOᵀ)θ: the nearest point of the mirror's constraint set Oᵀθ = 0. Allocates."""
+    moved = mirror.embed(mirror.restrict(params))
+    return {k: v - moved[k] for k, v in params.items()}
+
+
+def mirror_count(sym: Symmetry, params: Params) -> int:
+    """Number of mirrors `sym` declares per run (the columns of `constraint_norms`)."""
+    if isinstance(sym, Rotation):
+        return math.prod(params[sym.left].shape[1:-2]) * params[sym.left].shape[-1]
+    groups = gather(sym.neurons, params)
+    mid, n = math.prod(groups.shape[1:-2]), groups.shape[-2]
+    return mid * (n if isinstance(sym, SignFlip) else n * (n - 1) // 2)
+
+
+def select(sym: Symmetry, params: Params, index: torch.Tensor) -> Mirror:
+    """Run r's mirror number index[r] of `sym`, numbered as the columns of `constraint_norms`:
+    neurons (and members) in order; pairs i < j in row-major order; for a rotation, per block the
+    eigenvectors n of UᵀU + WWᵀ in ascending order of eigenvalue (the directions nearest to
+    their constraint). index: (R,) long."""
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    runs = torch.arange(index.shape[0], device=index.device)
+    if isinstance(sym, Rotation):
+        return _select_rotation(sym, params, index, zeros, runs)
+    groups = gather(sym.neurons, params)                                   # (R, *mid, n, g)
+    shape, n, g = groups.shape, groups.shape[-2], groups.shape[-1]
+    flat_shape = (shape[0], -1, g)                                          # (R, mid·n, g)
+    if isinstance(sym, SignFlip):
+        rows, weights = [index], [1.0]
+    else:
+        i, j = torch.triu_indices(n, n, offset=1, device=index.device)
+        block, pair = index // len(i), index % len(i)
+        rows, weights = [block * n + i[pair], block * n + j[pair]], [2 ** -0.5, -(2 ** -0.5)]
+
+    def restrict(p: Params) -> torch.Tensor:
+        flat = gather(sym.neurons, p).reshape(flat_shape)
+        return sum(wt * flat[runs, row] for row, wt in zip(rows, weights))   # (R, g)
+
+    def embed(c: torch.Tensor) -> Params:
+        flat = torch.zeros(shape[0], math.prod(shape[1:-1]), g, dtype=c.dtype, device=c.device)
+        for row, wt in zip(rows, weights):
+            flat[runs, row] = wt * c
+        return {**zeros, **scatter(sym.neurons, flat.reshape(shape), params)}
+
+    return Mirror(sym, restrict, embed, g)
+
+
+def _select_rotation(sym: Rotation, params: Params, index, zeros, runs) -> Mirror:
+    u, w = params[sym.left], params[sym.right]                             # (R, *mid, a, h), (R, *mid, h, b)
+    h, a, b = u.shape[-1], u.shape[-2], w.shape[-1]
+    uf, wf = u.reshape(u.shape[0], -1, a, h), w.reshape(w.shape[0], -1, h, b)
+    block, col = index // h, index % h
+    gram = uf[runs, block].double().mT @ uf[runs, block].double() + wf[runs, block].double() @ wf[runs, block].double().mT
+    n = torch.linalg.eigh(gram)[1][runs, :, col].to(u.dtype)               # (R, h) unit vectors
+
+    def restrict(p: Params) -> torch.Tensor:
+        pu = p[sym.left].reshape(uf.shape)[runs, block]                    # (R, a, h)
+        pw = p[sym.right].reshape(wf.shape)[runs, block]                   # (R, h, b)
+        return torch.cat([(pu @ n.unsqueeze(-1)).squeeze(-1), (n.unsqueeze(-2) @ pw).squeeze(-2)], dim=-1)
+
+    def embed(c: torch.Tensor) -> Params:
+        eu = torch.zeros(uf.shape, dtype=c.dtype, device=c.device)
+        ew = torch.zeros(wf.shape, dtype=c.dtype, device=c.device)
+        eu[runs, block] = c[:, :a, None] * n[:, None, :]                  # c_U nᵀ
+        ew[runs, block] = n[:, :, None] * c[:, None, a:]                  # n c_Wᵀ
+        return {**zeros, sym.left: eu.reshape(u.shape), sym.right: ew.reshape(w.shape)}
+
+    return Mirror(sym, restrict, embed, a + b)

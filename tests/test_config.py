@@ -46,7 +46,9 @@ def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
     needs = {"resnet_cifar": lambda: [f"data.root={write_fake_cifar(tmp_path / 'cifar')}", "data.batch_size=4",
                                       "optim.weight_decay=0,0.01"]}
     extra = needs[preset]() if preset in needs else []
-    plan = sweep.plan([f"experiment={preset}", "train.steps=3", "train.log_every=1", *extra], tmp_path)
+    # λ_c at the end on 32 examples: exercised for every preset, at a smoke test's cost.
+    plan = sweep.plan([f"experiment={preset}", "train.steps=3", "train.log_every=1", "metrics.critical_examples=32", *extra],
+                      tmp_path)
     assert len(plan.configs) > 1 and plan.swept, "a preset defines a grid"
     assert all(c.name == preset for c in plan.configs.values())
     plan_path = sweep.write_plan(plan)
@@ -137,3 +139,14 @@ def test_fast_composition_equals_a_full_hydra_composition_per_run(tmp_path):
         fast = sweep.compose_all(grid)
         full = [to_config(compose("config", overrides=overrides)) for overrides in grid]
     assert len(fast) == 8 and fast == full
+
+
+def test_a_config_saved_with_model_offset_std_still_loads():
+    """Run folders written before symmetry removal moved to symmetry.* stay readable."""
+    from symrun.config import to_config
+
+    old = {"model": {"name": "hadamard", "init_scale": 1.0, "offset_std": 0.3}, "data": {"name": "teacher"}}
+    cfg = to_config(old)
+    assert cfg.symmetry.remove is True and cfg.symmetry.remove_std == 0.3
+    plain = to_config({"model": {"name": "hadamard", "offset_std": 0.0}, "data": {"name": "teacher"}})
+    assert plain.symmetry.remove is False

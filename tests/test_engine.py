@@ -287,11 +287,12 @@ def test_label_noise_regression_std_and_classification_flips():
 
 
 # ---------------------------------------------------------------------------------------------
-# Symmetry removal: a fixed random offset b, θ_eff = θ + b, weight decay on θ (model.offset_std)
+# Symmetry removal: a fixed random offset b, θ_eff = θ + b, weight decay on θ (symmetry.remove)
 
 
 def _hadamard(wd, offset_std, seed=0):
-    c = Config(model=HadamardConfig(offset_std=offset_std), data=TeacherDataConfig(), seed=seed)
+    c = Config(model=HadamardConfig(), data=TeacherDataConfig(), seed=seed)
+    c.symmetry.remove, c.symmetry.remove_std = offset_std > 0, offset_std
     c.optim.lr, c.optim.weight_decay = 0.3, wd
     c.train.steps, c.train.log_every, c.train.dtype = 1500, 1500, "float64"
     return validate(c)
@@ -301,6 +302,9 @@ def test_offset_removes_the_sparsity_weight_decay_would_impose():
     (plain,), (offset,) = engine.train_pack([_hadamard(2.0, 0.0)]), engine.train_pack([_hadamard(2.0, 0.5)])
     assert plain.rows[-1]["sparsity"] == 1.0                 # λ = 2 > λ_max ≈ 0.95: every pair dead
     assert offset.rows[-1]["sparsity"] == 0.0                # with b the zero point is no longer a mirror's
+    coefficients = offset.state["u"] * offset.state["w"]    # the saved θ + b: no coefficient is exactly 0
+    assert coefficients.abs().min() > 1e-6                   # (a product of two N(0, σ²) draws may be small)
+    assert (plain.state["u"] * plain.state["w"]).abs().max() < 1e-12
     # θ decays to 0 under strong weight decay, so the network ends at b: ‖θ + b‖ ≈ ‖b‖ ≈ σ_b √(2d)
     expected = 0.5 * (2 * 20) ** 0.5
     assert offset.rows[-1]["weight_norm"] == pytest.approx(expected, rel=0.3)

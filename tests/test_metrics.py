@@ -237,13 +237,15 @@ def test_measure_hadamard():
            [0.0, 0.0, 0.0, 0.0, 0.0]])
     params = with_values(model, [0, 1, 2], u=u, w=w)
     m = metrics.measure(model, params, CFG, probe(5))
-    assert set(m) == {"weight_norm", "sparsity", "constraint_distance", "constraint_fraction", "balance"}
+    assert set(m) == {"weight_norm", "sparsity", "constraint_distance", "constraint_fraction",
+                      "constraint_fraction.rescaling", "balance"}
     for k in m:
         assert m[k].shape == (3,), k
     # run 1: pair norms (5, 0.004√2 ≈ 0.0057, 0, 0, 0); 0.0057 ≤ 1e-2 · 5 is dead by rtol,
     # but ‖Oᵀθ‖ = 0.0057 > constraint_atol 1e-3, so its mirror constraint does not hold.
     assert values(m["sparsity"]) == pytest.approx([2 / 5, 4 / 5, 1.0])
     assert values(m["constraint_fraction"]) == pytest.approx([2 / 5, 3 / 5, 1.0])
+    assert values(m["constraint_fraction.rescaling"]) == values(m["constraint_fraction"])   # the only kind
     # ‖Oᵀθ‖ of coordinate i = √(uᵢ² + wᵢ²)
     dist0 = (math.sqrt(1.25) + math.sqrt(5.0) + math.sqrt(10.0)) / 5
     dist1 = (5.0 + 0.004 * math.sqrt(2)) / 5
@@ -267,7 +269,7 @@ def test_measure_factorization_rank_two():
     W = torch.stack([B.T @ W0 @ C, B.T @ W1 @ C])
     m = metrics.measure(model, with_values(model, [0, 1], U=U, W=W), CFG, probe(4))
     assert set(m) == {"weight_norm", "rank", "effective_rank", "stable_rank", "constraint_distance",
-                      "constraint_fraction", "balance"}
+                      "constraint_fraction", "constraint_fraction.rotation", "balance"}
     assert "sparsity" not in m and "independent_fraction" not in m
     assert values(m["rank"]) == pytest.approx([2.0, 1.0])
     eff = math.exp(-(0.6 * math.log(0.6) + 0.4 * math.log(0.4)))          # p = (3/5, 2/5)
@@ -400,3 +402,22 @@ def test_neural_collapse_nc1_equals_the_explicit_pseudo_inverse_formula():
     nearest = torch.cdist(h, means).argmin(-1)
     expected_nc4 = (nearest != (h @ w.mT).argmax(-1)).double().mean(-1)
     torch.testing.assert_close(metrics.neural_collapse(h, y, w, c)["nc4"], expected_nc4)
+
+
+def test_constraint_summary_per_kind_on_a_tanh_mlp():
+    """Width 3, no bias, one run: neuron blocks (w_in (2), w_out (1)). Neuron 0 is dead, neurons 1
+    and 2 are identical. Sign flips (rescaling): ‖θ_k‖ = (0, √3, √3) → 1 of 3 holds. Swaps
+    (permutation): ‖θᵢ − θⱼ‖/√2 over pairs (0,1), (0,2), (1,2) = (√1.5, √1.5, 0) → 1 of 3 holds."""
+    model = build(MLPConfig(width=3, depth=1, bias=False, activation="tanh"), in_dim=2, out_dim=1)
+    w_in = t([[[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]]])              # (R=1, M=1, 3, 2)
+    w_out = t([[[[0.0, 1.0, 1.0]]]])                                # (1, 1, 1, 3)
+    params = {"layers.0.weight": w_in, "layers.1.weight": w_out}
+    m = metrics.measure(model, params, CFG, probe(2))
+    assert values(m["constraint_fraction.rescaling"]) == pytest.approx([1 / 3])
+    assert values(m["constraint_fraction.permutation"]) == pytest.approx([1 / 3])
+    assert values(m["constraint_fraction"]) == pytest.approx([2 / 6])
+    assert values(m["constraint_distance"]) == pytest.approx([(2 * math.sqrt(3) + 2 * math.sqrt(1.5)) / 6])
+    assert "constraint_fraction.rotation" not in m
+    relu = build(MLPConfig(width=3, depth=1, bias=False, activation="relu"), in_dim=2, out_dim=1)
+    m = metrics.measure(relu, params, CFG, probe(2))                # ReLU: permutation mirrors only
+    assert "constraint_fraction.rescaling" not in m and values(m["constraint_fraction.permutation"]) == pytest.approx([1 / 3])

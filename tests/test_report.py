@@ -87,3 +87,22 @@ def test_a_null_setting_is_its_own_series(tmp_path):
     rep = report.build(d)
     assert list(rep.summary["runs"]) == [1, 1, 1, 1]           # full batch (null) is not dropped
     assert rep.summary["data.batch_size"].isna().sum() == 2
+
+
+def test_measured_critical_weight_decay_is_drawn_from_the_largest_weight_decay(tmp_path):
+    """The dotted λ_c line: median over seeds of critical_wd_max of the metric's kind, at the
+    grid's largest λ. On the Hadamard model fully sparse there, it is the lasso's λ_max."""
+    from symrun import data, theory
+    from symrun.config import TeacherDataConfig
+
+    d = _sweep(tmp_path, "optim.weight_decay=0.01,3.0", "seed=0,1", "train.steps=2000", "optim.lr=0.3",
+               "metrics.critical_mirrors=20")
+    figures = report.build(d).figures
+    runs = results.read_csv(d / "runs.csv")
+    x, label = report._critical_line(runs, "optim.weight_decay", "sparsity")
+    ds = data.load(TeacherDataConfig())
+    assert x == pytest.approx(theory.lasso_threshold(ds.x, ds.y), rel=1e-5)
+    assert "rescaling" in label and "λ = 3" in label
+    assert report._critical_line(runs, "optim.weight_decay", "rank") is None     # no rotation mirrors here
+    assert report._critical_line(runs, "seed", "sparsity") is None
+    assert any(p.name == "phase_sparsity_vs_optim.weight_decay.png" for p in figures)

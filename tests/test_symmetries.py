@@ -13,7 +13,8 @@ import torch
 from symrun.config import EnsembleConfig, FactorizationConfig, HadamardConfig, MLPConfig
 from symrun.engine import loss_per_run
 from symrun.models import build
-from symrun.symmetries import Rotation, SignFlip, Swap, apply_mirror, constraint_norms, gather
+from symrun.symmetries import (Rotation, SignFlip, Swap, apply_mirror, constraint_norms, gather, kind, mirror_count,
+                               project, reflect, select)
 
 F64 = torch.float64
 SEEDS = [0, 1]                      # R = 2 runs
@@ -266,3 +267,43 @@ def test_constraint_norms_vanish_on_the_constraint_set(name, k):
     assert norms[~held].min() > 1e-3
     if isinstance(sym, SignFlip) and sym.neurons.lead == 1:
         assert float(norms[:, 1].abs().max()) <= 1e-12    # neuron 1 is the one zeroed
+
+
+# ---------------------------------------------------------------------------------------------
+# concrete mirrors (select / reflect / project) agree with apply_mirror and constraint_norms
+
+
+@pytest.mark.parametrize("name,k", CASES)
+def test_selected_mirror_matches_apply_mirror_and_constraint_norms(name, k):
+    model, params, _, _ = make(name)
+    sym = model.symmetries()[k]
+    norms = constraint_norms(sym, params)                               # (R, n_mirrors)
+    assert norms.shape[1] == mirror_count(sym, params)
+    for j in range(norms.shape[1]):
+        index = torch.tensor([j, norms.shape[1] - 1 - j])               # a different mirror per run
+        mirror = select(sym, params, index)
+        torch.testing.assert_close(mirror.restrict(params).norm(dim=-1), norms[torch.arange(2), index], rtol=1e-10, atol=1e-12)
+        on_set = project(mirror, params)
+        assert mirror.restrict(on_set).abs().max() < 1e-12
+        # the columns of O are orthonormal: ‖Oc‖ = ‖c‖ and Oᵀ(Oc) = c
+        c = torch.randn(2, mirror.size, generator=torch.Generator().manual_seed(j), dtype=F64)
+        embedded = mirror.embed(c)
+        torch.testing.assert_close(mirror.restrict(embedded), c, rtol=0, atol=1e-12)
+    if isinstance(sym, Rotation):
+        return
+    # for sign flips and swaps, reflect(select(j)) in a one-member model = apply_mirror(j)
+    single = {p: v[:1] for p, v in params.items()}
+    if sym.neurons.lead == 2 and gather(sym.neurons, single).shape[1] > 1:
+        return                                                          # apply_mirror acts on every member at once
+    for j, index in enumerate(mirror_indices(sym, single)):
+        reflected = reflect(select(sym, single, torch.tensor([j])), single)
+        expected = apply_mirror(sym, single, index)
+        for p in single:
+            torch.testing.assert_close(reflected[p], expected[p], rtol=0, atol=1e-12)
+
+
+def test_kinds_of_the_declared_mirrors():
+    assert {kind(s) for s in make("hadamard")[0].symmetries()} == {"rescaling"}
+    assert {kind(s) for s in make("factorization")[0].symmetries()} == {"rotation"}
+    assert {kind(s) for s in make("mlp_tanh")[0].symmetries()} == {"rescaling", "permutation"}
+    assert {kind(s) for s in make("mlp_relu")[0].symmetries()} == {"permutation"}    # ReLU: no sign flips
