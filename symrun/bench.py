@@ -302,9 +302,7 @@ def pack_scaling(device: torch.device, steps: int, sizes: list[int], peak: float
     flops = chain_flops([64, 128, 10], 64)
     rows = []
     for n in sizes:
-        seeds = max(1, n // 8)
-        cfgs = w1(seeds, steps, str(device)).configs if n >= 8 else w1(1, steps, str(device)).configs[:n]
-        cfgs = cfgs[:n]
+        cfgs = w1(max(1, n // 8), steps, str(device)).configs[:n]     # 8 weight decays × n/8 seeds
         t, mem = packed(cfgs, device)
         g = len(cfgs) * steps * flops / t / 1e9
         rows.append([str(len(cfgs)), f"{len(cfgs) / t:.2f}", f"{len(cfgs) * steps / t:.0f}", f"{g:.1f}",
