@@ -77,26 +77,31 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
 
     args, show = _wants_cfg(args)
     run_args, hydra_args = sweep.split_args(args)
+    where = sweep.sweep_dir_from(hydra_args)
     try:
-        plan = sweep.plan(run_args, outputs, sweep.sweep_dir_from(hydra_args), single=single,
-                          hydra_args=tuple(hydra_args))
+        plans = ([sweep.plan(run_args, outputs, where, single=True, hydra_args=tuple(hydra_args))] if single
+                 else sweep.plans(run_args, outputs, where, hydra_args=tuple(hydra_args)))
     except (ConfigError, DataError) as e:
         _fail(str(e))
     if show:
-        first = next(iter(plan.configs.values()))
-        console.print(OmegaConf.to_yaml(to_dict(first)), end="", highlight=False)
-        if plan.swept:
-            console.print(f"# grid: {len(plan.configs)} runs over {', '.join(plan.swept)}")
+        for plan in plans:
+            first = next(iter(plan.configs.values()))
+            console.print(OmegaConf.to_yaml(to_dict(first)), end="", highlight=False)
+            if plan.swept:
+                console.print(f"# grid: {len(plan.configs)} runs over {', '.join(plan.swept)}")
         return
     if single and any(a.startswith("experiment=") for a in run_args):
         err.print("note: symrun run trains the preset's base config only; symrun sweep runs its grid", soft_wrap=True)
-    with contextlib.ExitStack() as held:
-        try:   # the lock file is the first thing written, so check the location before it
-            results.check_writable(plan.sweep_dir)
-            held.enter_context(results.sweep_lock(plan.sweep_dir))
-        except results.OutputError as e:
-            _fail(str(e))
-        _launch(sweep.schedule(plan), hydra_args, single)
+    if len(plans) > 1:
+        console.print(f"suite of {len(plans)} sweeps → {plans[0].sweep_dir.parent}", highlight=False)
+    for plan in plans:
+        with contextlib.ExitStack() as held:
+            try:   # the lock file is the first thing written, so check the location before it
+                results.check_writable(plan.sweep_dir)
+                held.enter_context(results.sweep_lock(plan.sweep_dir))
+            except results.OutputError as e:
+                _fail(str(e))
+            _launch(sweep.schedule(plan), hydra_args, single)
 
 
 def _launch(plan: sweep.Plan, hydra_args: list[str], single: bool) -> None:
@@ -158,17 +163,17 @@ def _train(plan: sweep.Plan, plan_path: Path, hydra_args: list[str], single: boo
 
 
 @app.command()
-def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<name>/<id>).")) -> None:
+def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<name>/<id>), or a folder holding "
+                                                      "sweeps (a suite's).")) -> None:
     """Rebuild runs.csv/results.csv from the run folders, draw the phase diagrams, print a summary."""
     from symrun.config import ConfigError
     from symrun.data import DataError
 
-    if not (sweep_dir / "runs").is_dir():
-        _fail(f"{sweep_dir} is not a sweep folder (no runs/ inside)")
-    try:
-        _show_report(sweep_dir)
-    except (ConfigError, DataError) as e:
-        _fail(str(e))
+    for d in _sweeps(sweep_dir):
+        try:
+            _show_report(d)
+        except (ConfigError, DataError) as e:
+            _fail(str(e))
 
 
 def _show_report(sweep_dir: Path) -> None:

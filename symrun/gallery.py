@@ -42,28 +42,47 @@ def description(name: str) -> list[str]:
     return lines
 
 
-def run_preset(name: str, outputs: Path) -> tuple[Path, float]:
-    """Train a preset's whole grid in this process; (sweep folder, seconds)."""
+def run_preset(name: str, outputs: Path) -> tuple[list[Path], float]:
+    """Train a preset's whole grid (a suite: each member's) in this process; (sweep folders, seconds)."""
     start = time.perf_counter()
-    plan = sweep.plan([f"experiment={name}"], outputs)
-    path = sweep.write_plan(plan)
-    for i in range(len(plan.packs)):
-        sweep.run_pack(path, i)
-    return plan.sweep_dir, time.perf_counter() - start
+    dirs = []
+    for plan in sweep.plans([f"experiment={name}"], outputs):
+        path = sweep.write_plan(plan)
+        for i in range(len(plan.packs)):
+            sweep.run_pack(path, i)
+        dirs.append(plan.sweep_dir)
+    return dirs, time.perf_counter() - start
 
 
-def section(name: str, sweep_dir: Path, seconds: float, docs: Path) -> str:
-    rep = report.build(sweep_dir)
-    structure = {m for ms in report.PRIMARY.values() for m in ms}
+def section(name: str, sweep_dirs: Path | list[Path], seconds: float, docs: Path) -> str:
+    """A preset's section; a suite's holds one sub-section per member sweep."""
+    dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
     figures_dir = docs / "results" / name
     shutil.rmtree(figures_dir, ignore_errors=True)
     figures_dir.mkdir(parents=True)
     text = description(name)
     out = [f"## {name}", "", f"**{text[0]}**" if text else "", ""]
     out += [" ".join(ln for ln in text[1:] if ln), ""] if len(text) > 1 else []
+    reports = [report.build(d) for d in dirs]
+    counts: dict[str, int] = {}
+    for rep in reports:
+        for status, n in rep.status_counts.items():
+            counts[status] = counts.get(status, 0) + int(n)
     out += ["```bash", f"symrun sweep experiment={name}", "```", "",
-            f"{len(results.read_csv(sweep_dir / 'runs.csv'))} runs, {report.status_line(rep.status_counts)}; "
-            f"{seconds:.0f} s on this machine.", ""]
+            f"{sum(counts.values())} runs, {report.status_line(counts)}; {seconds:.0f} s on this machine.", ""]
+    for d, rep in zip(dirs, reports):
+        member = d.name if len(dirs) > 1 else None
+        if member:
+            out += [f"### {member}", ""]
+        out += _body(d, rep, figures_dir / member if member else figures_dir, f"{name}/{member}" if member else name)
+    return "\n".join(out)
+
+
+def _body(sweep_dir: Path, rep: report.Report, figures_dir: Path, link: str) -> list[str]:
+    """One sweep's agreement line, structure figures (copied under docs/) and summary table."""
+    structure = {m for ms in report.PRIMARY.values() for m in ms}
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    out = []
     agreement = report.theory_agreement(sweep_dir)
     if agreement:
         out += ["Against theory: " + "; ".join(agreement) + ".", ""]
@@ -71,9 +90,9 @@ def section(name: str, sweep_dir: Path, seconds: float, docs: Path) -> str:
         if (any(fig.name.startswith(f"phase_{m}_") or fig.name.startswith(f"heatmap_{m}_") for m in structure)
                 or fig.name in {f"tasks_{m}.png" for m in ("accuracy", "dead_units", "feature_effective_rank")}):
             shutil.copy2(fig, figures_dir / fig.name)
-            out += [f"![{fig.stem}](results/{name}/{fig.name})", ""]
+            out += [f"![{fig.stem}](results/{link}/{fig.name})", ""]
     out += [_markdown(rep.summary), ""]
-    return "\n".join(out)
+    return out
 
 
 def _markdown(summary: pd.DataFrame) -> str:
@@ -104,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     names = args.only or presets()
     sections = []
     for name in names:
-        sweep_dir, seconds = run_preset(name, args.outputs)
-        print(f"{name}: {seconds:.0f} s → {sweep_dir}", flush=True)
-        sections.append(section(name, sweep_dir, seconds, args.docs))
+        sweep_dirs, seconds = run_preset(name, args.outputs)
+        print(f"{name}: {seconds:.0f} s → {', '.join(map(str, sweep_dirs))}", flush=True)
+        sections.append(section(name, sweep_dirs, seconds, args.docs))
     header = ["# Results", "",
               "Every preset of `configs/experiment/`, run at its CPU-sized default by `make results`",
               "(`python -m symrun.gallery`), which writes this file. Each section: what the preset shows",

@@ -190,6 +190,8 @@ def check_buildable(configs: list[Config]) -> None:
 
 def compose_one(args: list[str]) -> Config:
     """One typed, validated and buildable config from overrides (no sweep syntax); nothing is written."""
+    if (suite := suite_of(args)) is not None:
+        raise ConfigError(f"experiment={suite[0]} is a suite of presets ({', '.join(suite[1])}), not one configuration")
     with _hydra_context():
         if any(o.is_sweep_override() for o in _parse(args)):
             raise ConfigError("this command takes one configuration, not sweep syntax")
@@ -198,10 +200,49 @@ def compose_one(args: list[str]) -> Config:
     return cfg
 
 
+def suite_of(args: list[str]) -> Optional[tuple[str, dict[str, list[str]]]]:
+    """(name, {member preset: its overrides}) when `experiment=` names a suite: a preset file
+    whose only key is `suite:`, mapping presets to the overrides each runs with. Else None."""
+    chosen = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
+    path = CONFIG_DIR / "experiment" / f"{chosen[-1]}.yaml" if chosen else None
+    if path is None or not path.is_file():
+        return None
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(raw, dict) or "suite" not in raw:
+        return None
+    members = raw["suite"]
+    ok = (set(raw) == {"suite"} and isinstance(members, dict) and members
+          and all(isinstance(v, list) and all(isinstance(o, str) for o in v) for v in members.values()))
+    if not ok:
+        raise ConfigError(f"{path}: a suite holds only `suite:`, a map of preset name → list of override strings")
+    for member in members:
+        if suite_of([f"experiment={member}"]) is not None or not (CONFIG_DIR / "experiment" / f"{member}.yaml").is_file():
+            raise ConfigError(f"{path}: suite member '{member}' is not an experiment preset")
+    return chosen[-1], members
+
+
+def plans(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,
+          hydra_args: tuple[str, ...] = ()) -> list[Plan]:
+    """The sweeps `symrun sweep ARGS` runs: one plan, or for a suite one per member preset, in
+    `<sweep folder>/<member>/` with the member's overrides and then ARGS (which win). Every
+    member is planned, so checked, before any of them is written."""
+    suite = suite_of(args)
+    if suite is None:
+        return [plan(args, outputs, sweep_dir, hydra_args=hydra_args)]
+    name, members = suite
+    parent = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
+    rest = [a for a in args if not a.startswith("experiment=")]
+    return [plan([f"experiment={member}", *overrides, f"name={name}/{member}", *rest], outputs, parent / member,
+                 hydra_args=hydra_args)
+            for member, overrides in members.items()]
+
+
 def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,
          single: bool = False, hydra_args: tuple[str, ...] = ()) -> Plan:
     """Everything a sweep will do, checked; nothing is written. `single`: exactly one run.
     `hydra_args` (launcher choice and settings) are checked here too, before any work."""
+    if (suite := suite_of(args)) is not None:
+        raise ConfigError(f"experiment={suite[0]} is a suite of presets ({', '.join(suite[1])}): run it with symrun sweep")
     with _hydra_context():
         grid, swept = expand(args) if not single else ([args], [])
         if single and any(o.is_sweep_override() for o in _parse(args)):

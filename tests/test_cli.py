@@ -158,7 +158,7 @@ def test_list_help_and_report(cli, tmp_path):
     for cmd in ["sweep", "run", "report", "list"]:
         assert "Usage" in cli(cmd, "--help").stdout
     missing = cli("report", str(tmp_path / "nowhere"), check=False)
-    assert missing.returncode != 0 and "not a sweep folder" in missing.stderr
+    assert missing.returncode != 0 and "no sweep folders" in missing.stderr
 
 
 @pytest.mark.parametrize("hydra_arg", ["hydra/launcher=nope", "hydra.launcher.n_jobs=2", "hydra.sweeper.params.seed=1,2"])

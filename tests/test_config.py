@@ -47,20 +47,21 @@ def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
                                       "optim.weight_decay=0,0.01"]}
     extra = needs[preset]() if preset in needs else []
     # λ_c at the end on 32 examples: exercised for every preset, at a smoke test's cost.
-    plan = sweep.plan([f"experiment={preset}", "train.steps=3", "train.log_every=1", "metrics.critical_examples=32", *extra],
-                      tmp_path)
-    assert len(plan.configs) > 1 and plan.swept, "a preset defines a grid"
-    assert all(c.name == preset for c in plan.configs.values())
-    plan_path = sweep.write_plan(plan)
-    for i in range(len(plan.packs)):
-        sweep.run_pack(plan_path, i)
-    from symrun import results
+    plans = sweep.plans([f"experiment={preset}", "train.steps=3", "train.log_every=1", "metrics.critical_examples=32",
+                         *extra], tmp_path)
+    for plan in plans:                     # a suite (symmetry_removal) is one sweep per member preset
+        assert len(plan.configs) > 1 and plan.swept, "a preset defines a grid"
+        assert all(c.name in (preset, f"{preset}/{plan.sweep_dir.name}") for c in plan.configs.values())
+        plan_path = sweep.write_plan(plan)
+        for i in range(len(plan.packs)):
+            sweep.run_pack(plan_path, i)
+        from symrun import results
 
-    runs, res = results.write_tables(plan.sweep_dir)
-    assert len(runs) == len(plan.configs)
-    assert set(runs["status"]) == {"finished"}
-    tasks = plan.configs[next(iter(plan.configs))].tasks.count     # a task sequence trains 3 steps per task
-    assert set(res["step"]) == set(range(3 * tasks + 1))
+        runs, res = results.write_tables(plan.sweep_dir)
+        assert len(runs) == len(plan.configs)
+        assert set(runs["status"]) == {"finished"}
+        tasks = plan.configs[next(iter(plan.configs))].tasks.count     # a task sequence trains 3 steps per task
+        assert set(res["step"]) == set(range(3 * tasks + 1))
 
 
 def test_preset_grid_and_command_line_combine(tmp_path):

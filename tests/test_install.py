@@ -34,8 +34,8 @@ def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
         "assert names, 'no presets in the wheel'\n"
         "for n in names:\n"
         "    extra = [f'data.root={sys.argv[3]}'] if n == 'resnet_cifar' else []   # data a user supplies\n"
-        "    plan = s.plan([f'experiment={n}', *extra], pathlib.Path(sys.argv[2]))\n"
-        "    assert len(plan.configs) > 1\n"
+        "    for plan in s.plans([f'experiment={n}', *extra], pathlib.Path(sys.argv[2])):   # a suite: several\n"
+        "        assert len(plan.configs) > 1\n"
         "print('ok', names)\n"
     )
     # Run from an empty folder with only the wheel's copy on the path: the checkout is not used.

@@ -177,6 +177,18 @@ def test_symmetry_removal_applies_to_any_model():
     assert math.isfinite(plain.rows[-1]["critical_wd_max.rotation"])
 
 
+@pytest.mark.parametrize("preset, wd, metric, plain_value, removed_value", [
+    ("dead_neurons", 0.85, "sparsity", 1.0, 0.0),                      # above λ_c every tanh neuron dies
+    ("permutation_homogeneity", 0.3, "independent_fraction", 0.0, 1.0),   # the ensemble's members merge
+])
+def test_symmetry_removal_keeps_neurons_alive_and_distinct(preset, wd, metric, plain_value, removed_value):
+    """The structure the plain run falls into at this λ (the presets' own settings) never forms with offsets."""
+    plain, removed = (sweep.compose_one([f"experiment={preset}", f"optim.weight_decay={wd}", "noise.label_std=0",
+                                         f"symmetry.remove={r}", "train.log_every=1000"]) for r in ("false", "true"))
+    out_plain, out_removed = train(plain, removed)
+    assert out_plain.rows[-1][metric] == plain_value and out_removed.rows[-1][metric] == removed_value
+
+
 def test_dcs_through_the_command_line_saves_parameters_that_satisfy_the_constraint(cli, tmp_path):
     cli("run", "model=linear", "constraint=dcs", "constraint.kind=sum_zero", "constraint.per=layer",
         "constraint.params=[w]", "data.n=100", "data.dim=10", "optim.lr=0.2", "optim.weight_decay=0.6",

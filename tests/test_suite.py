@@ -1,0 +1,84 @@
+"""Suites (experiment=symmetry_removal): one `symrun sweep` runs several presets, each its own sweep
+in <folder>/<preset>/, with the suite's overrides and then the command line's."""
+
+from __future__ import annotations
+
+import pytest
+
+from symrun import results, sweep
+from symrun.config import ConfigError
+
+MEMBERS = ["rescaling_sparsity", "dead_neurons", "rotation_low_rank", "permutation_homogeneity", "attention_rank"]
+SMALL = ["train.steps=4", "train.log_every=2", "metrics.critical_mirrors=0"]
+
+
+def test_symmetry_removal_is_every_phenomenon_with_and_without_offsets(tmp_path):
+    plans = sweep.plans(["experiment=symmetry_removal", *SMALL], tmp_path)
+    parent = plans[0].sweep_dir.parent
+    assert [p.sweep_dir for p in plans] == [parent / m for m in MEMBERS]
+    for p in plans:
+        assert "symmetry.remove" in p.swept and "optim.weight_decay" in p.swept
+        assert {c.symmetry.remove for c in p.configs.values()} == {False, True}
+        assert {c.name for c in p.configs.values()} == {f"symmetry_removal/{p.sweep_dir.name}"}
+        assert {c.train.steps for c in p.configs.values()} == {4}          # the command line wins over the suite
+    dead = next(p for p in plans if p.sweep_dir.name == "dead_neurons")
+    assert {c.noise.label_std for c in dead.configs.values()} == {0.0}   # the suite fixes the member's noise axis
+    assert not parent.exists(), "planning writes nothing"
+
+
+def test_command_line_axes_replace_the_suites_own(tmp_path):
+    plans = sweep.plans(["experiment=symmetry_removal", "symmetry.remove=true", "seed=3", *SMALL], tmp_path)
+    for p in plans:
+        assert {(c.symmetry.remove, c.seed) for c in p.configs.values()} == {(True, 3)}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.widht=3"], "unknown setting 'model.widht'"),       # checked in every member before any is written
+    (["optim.weight_decay=-1"], "optim.weight_decay must be >= 0"),
+])
+def test_a_bad_argument_fails_the_whole_suite_first(tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.plans(["experiment=symmetry_removal", *args], tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_suite_is_not_one_configuration(tmp_path):
+    with pytest.raises(ConfigError, match="is a suite of presets"):
+        sweep.plan(["experiment=symmetry_removal"], tmp_path, single=True)
+    with pytest.raises(ConfigError, match="not one configuration"):
+        sweep.compose_one(["experiment=symmetry_removal"])
+
+
+def test_a_malformed_suite_file_is_refused(tmp_path, monkeypatch):
+    bad = tmp_path / "configs"
+    (bad / "experiment").mkdir(parents=True)
+    (bad / "experiment" / "broken.yaml").write_text("suite:\n  no_such_preset: [seed=1]\n")
+    (bad / "experiment" / "mixed.yaml").write_text("suite:\n  dead_neurons: [seed=1]\nname: x\n")
+    monkeypatch.setattr(sweep, "CONFIG_DIR", bad)
+    with pytest.raises(ConfigError, match="'no_such_preset' is not an experiment preset"):
+        sweep.suite_of(["experiment=broken"])
+    with pytest.raises(ConfigError, match="holds only `suite:`"):
+        sweep.suite_of(["experiment=mixed"])
+    assert sweep.suite_of(["experiment=nothing_here"]) is None
+
+
+def test_suite_through_the_command_line_then_report_status_and_resume(cli, tmp_path):
+    cli("sweep", "experiment=symmetry_removal", "seed=0", *SMALL)
+    (parent,) = (tmp_path / "outputs" / "symmetry_removal").iterdir()
+    assert sorted(d.name for d in parent.iterdir()) == sorted(MEMBERS)
+    for member in MEMBERS:
+        runs = results.read_csv(parent / member / "runs.csv")
+        assert set(runs["status"]) == {"finished"} and set(runs["symmetry.remove"]) == {False, True}
+        assert any(f.name.endswith("_by_symmetry.remove.png") for f in (parent / member).glob("phase_*.png"))
+    status = cli("status", str(parent)).stdout
+    assert status.count(str(parent)) == len(MEMBERS)
+    report = cli("report", str(parent)).stdout
+    assert all(f"{parent / m}/runs.csv" in report.replace("\n", "") for m in MEMBERS)
+    again = cli("sweep", "experiment=symmetry_removal", "seed=0", *SMALL, f"hydra.sweep.dir={parent}").stdout
+    assert " ".join(again.split()).count("already finished") == len(MEMBERS)
+    assert sorted(d.name for d in parent.iterdir()) == sorted(MEMBERS)
+
+
+def test_suite_files_are_listed_with_the_presets(cli):
+    listing = " ".join(cli("list").stdout.split())
+    assert "symmetry_removal" in listing and "Symmetry removal: every symmetry" in listing
