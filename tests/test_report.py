@@ -77,6 +77,25 @@ def test_gallery_section_holds_command_agreement_figure_and_table(tmp_path, monk
     assert "| optim.weight_decay | runs | sparsity |" in text
 
 
+def test_gallery_section_of_a_suite_has_one_subsection_per_member(tmp_path, monkeypatch):
+    from symrun import gallery
+
+    plans = sweep.plans(["experiment=symmetry_removal", "train.steps=20", "train.log_every=10", "seed=0",
+                         "metrics.critical_mirrors=0"], tmp_path)[:2]
+    for plan in plans:
+        path = sweep.write_plan(plan)
+        for i in range(len(plan.packs)):
+            sweep.run_pack(path, i)
+    monkeypatch.setattr(gallery, "description", lambda name: ["What it shows."])
+    text = gallery.section("suite", [p.sweep_dir for p in plans], 1.0, tmp_path / "docs")
+    assert f"{sum(len(p.configs) for p in plans)} runs, " in text
+    for member in ("rescaling_sparsity", "dead_neurons"):
+        assert f"### {member}" in text
+        link = f"results/suite/{member}/phase_sparsity_vs_optim.weight_decay_by_symmetry.remove.png"
+        assert f"]({link})" in text and (tmp_path / "docs" / link).stat().st_size > 10_000
+    assert text.index("### rescaling_sparsity") < text.index("### dead_neurons")
+
+
 def test_settings_are_labelled_as_written():
     assert report._value(float("nan")) == "null" and report._value(None) == "null"
     assert report._value(4.0) == "4" and report._value(0.5) == "0.5" and report._value(False) == "False"
