@@ -40,7 +40,11 @@ class PackedOptimizer:
         a sum overflows only for steps of ~1e38, which diverge anyway). The common case, every run
         finite, is read back as one bool per step and then costs nothing more."""
         self.t += 1
-        steps = {k: self._direction(k, p, grads[k]) for k, p in params.items()}
+        # Gradients autograd returned in storage of their own are scratch: the decay term is
+        # added to them in place (a pass and an allocation saved). Two that share storage (a
+        # parameter reached through another's add or cat) are left alone.
+        owned = len({g.untyped_storage().data_ptr() for g in grads.values()}) == len(grads)
+        steps = {k: self._direction(k, p, grads[k], owned) for k, p in params.items()}
         updated = live.clone()
         for _, d in steps.values():
             updated &= d.flatten(1).sum(-1).isfinite()
@@ -59,14 +63,15 @@ class PackedOptimizer:
                 p.addcmul_(scale, d, value=-1)   # θ − lr·d in one pass
         return updated
 
-    def _direction(self, k: str, p: torch.Tensor, g: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _direction(self, k: str, p: torch.Tensor, g: torch.Tensor,
+                   owned: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(scale, d) with this step's θ_new = θ − scale·d (scale None: θ − d), advancing the
-        optimiser's state."""
+        optimiser's state. `owned`: g may be overwritten."""
         lr, wd, st = per_run(self.lr, p), per_run(self.wd, p), self.state[k]
         if self.name == "sgd":
             # One formula for every run, so a run's float path never depends on its pack-mates:
             # with μ = 0 the buffer is 0·buf + g exactly, i.e. plain SGD.
-            g = torch.addcmul(g, wd, p)                   # g + λθ in one pass
+            g = g.addcmul_(wd, p) if owned else torch.addcmul(g, wd, p)     # g + λθ in one pass
             if self.has_momentum:
                 if "buf" in st:
                     st["buf"].mul_(per_run(self.mom, p)).add_(g)
