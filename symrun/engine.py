@@ -276,13 +276,17 @@ class Recorder:
 
 
 def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe) -> dict[str, torch.Tensor]:
-    """Losses, accuracy and structure metrics of every run: {name: (R,)}."""
-    out = model.forward(params, x)
+    """Losses, accuracy and structure metrics of every run: {name: (R,)}. The penultimate
+    features of the forward passes here are handed to the metrics, which would otherwise
+    recompute them on the training set (neural collapse) and on the probe."""
+    out, features = model.forward_penultimate(params, x)
     row = {"train_loss": loss_per_run(out, y, task)}
     if task == "classification":
         row["train_accuracy"] = (out.argmax(-1) == y).double().flatten(1).mean(-1)
+    probe_source, probe_features = x, features
     if x_test is not None:
-        out_test = model.forward(params, x_test)
+        out_test, probe_features = model.forward_penultimate(params, x_test)
+        probe_source = x_test
         row["test_loss"] = loss_per_run(out_test, y_test, task)
         if task == "classification":
             row["accuracy"] = (out_test.argmax(-1) == y_test).double().flatten(1).mean(-1)
@@ -291,9 +295,16 @@ def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe)
     # gets NaN metrics: one bad run must not stop its whole pack.
     finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in params.values()]).all(0)   # (R,)
     finite &= row["train_loss"].isfinite() & metrics.weight_norm(params).pow(2).isfinite()
-    safe = {k: torch.where(per_run(finite, p), p, torch.zeros_like(p)) for k, p in params.items()}
+    every = bool(finite.all())             # the common case: nothing to zero
+    safe = params if every else {k: torch.where(per_run(finite, p), p, torch.zeros_like(p)) for k, p in params.items()}
+    clean = lambda f: f if f is None or every else tuple(torch.where(per_run(finite, t), t, 0.0) for t in f)  # noqa: E731
+    given = {}
+    if task == "classification" and features is not None:
+        given["train"] = clean(features)
+    n = len(probe)
+    if probe_features is not None and n <= len(probe_source) and torch.equal(probe, probe_source[:n]):
+        given["probe"] = clean((probe_features[0][:, :n], probe_features[1]))
     labelled = (x, y, int(out.shape[-1])) if task == "classification" else None
-    for k, v in metrics.measure(model, safe, cfg.metrics, probe, labelled).items():
+    for k, v in metrics.measure(model, safe, cfg.metrics, probe, labelled, given).items():
         row[k] = torch.where(finite, v, torch.full_like(v, float("nan")))
     return row
-

@@ -142,7 +142,9 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
     lam, u = torch.linalg.eigh(centred @ centred.mT)                             # (R, C), (R, C, C)
     keep = lam > p * torch.finfo(lam.dtype).eps * lam.amax(dim=-1, keepdim=True)
     dirs = centred.mT @ u / lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None, :]   # (R, p, C)
-    deviation = h @ dirs - (means @ dirs)[:, y]                                  # (R, N, C)
+    # the three projections of h (on Σ_B's directions, the class means, the classifier) as one GEMM
+    h_dirs, h_means, logits = (h @ torch.cat([dirs, means.mT, w.mT], dim=-1)).split(n_classes, dim=-1)
+    deviation = h_dirs - (means @ dirs)[:, y]                                    # (R, N, C)
     spread = deviation.pow(2).mean(dim=-2)                                       # v_kᵀ Σ_W v_k
     nc1 = torch.where(keep, spread * n_classes / lam.clamp_min(torch.finfo(lam.dtype).tiny), 0.0).sum(-1) / n_classes
     norms = centred.norm(dim=-1)                                                 # (R, C)
@@ -153,8 +155,7 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
     nc3 = (w / w.flatten(1).norm(dim=-1)[:, None, None] - centred / centred.flatten(1).norm(dim=-1)[:, None, None]
            ).pow(2).flatten(1).sum(-1)
     # nearest class mean: argmin_c ‖h − μ_c‖² = argmin_c ‖μ_c‖² − 2 h·μ_c
-    nearest = (means.pow(2).sum(-1)[:, None, :] - 2 * h @ means.mT).argmin(-1)   # (R, N)
-    logits = h @ w.mT
+    nearest = (means.pow(2).sum(-1)[:, None, :] - 2 * h_means).argmin(-1)      # (R, N)
     nc4 = (nearest != logits.argmax(-1)).double().mean(-1)
     return {"nc1": nc1, "nc2_equinorm": norms.std(-1) / norms.mean(-1), "nc2_equiangle": nc2_angle,
             "nc3": nc3, "nc4": nc4}
@@ -178,11 +179,15 @@ def constraint_summary(symmetries, params, atol: float) -> dict[str, torch.Tenso
 
 
 def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
-            labelled: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> dict[str, torch.Tensor]:
+            labelled: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+            given: dict | None = None) -> dict[str, torch.Tensor]:
     """Every structure metric that applies to `model`, each (R,). Inapplicable ones are absent.
     `probe` (B, d): inputs on which ensemble members' outputs are compared and real networks'
     activations are read (`model.probe_metrics`); `labelled`
-    (x, y, n_classes): the training set, for neural collapse of classifiers."""
+    (x, y, n_classes): the training set, for neural collapse of classifiers. `given`: the
+    model's penultimate(params, ·) on the probe ("probe") and the training set ("train") where
+    the caller already has them."""
+    given = given or {}
     out: dict[str, torch.Tensor] = {"weight_norm": weight_norm(params)}
     sets = model.neuron_sets()
     if sets:
@@ -213,14 +218,16 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
     pair = model.balance_pair(params)
     if pair is not None:
         out["balance"] = balance(*pair)
-    representation = model.penultimate(params, probe)
+    representation = given["probe"] if "probe" in given else model.penultimate(params, probe)
     if representation is not None:                     # the last hidden layer on the probe inputs
         features = representation[0]                                           # (R, B, width)
         out["dead_units"] = dead_units(features, cfg.activation_atol)
         s = singular_values(features)
         out["feature_rank"] = numerical_rank(s, cfg.rank_rtol, cfg.rank_atol)
         out["feature_effective_rank"] = effective_rank(s)
-    penultimate = model.penultimate(params, labelled[0]) if labelled is not None else None
+    penultimate = None
+    if labelled is not None:
+        penultimate = given["train"] if "train" in given else model.penultimate(params, labelled[0])
     if penultimate is not None:
         features, classifier = penultimate
         out.update(neural_collapse(features, labelled[1], classifier, labelled[2]))
