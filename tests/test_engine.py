@@ -366,3 +366,29 @@ def test_evaluation_reuses_its_forward_features_and_measures_what_a_fresh_pass_d
     for k, v in fresh.items():
         assert math.isnan(row_broken[k][1]), k
         torch.testing.assert_close(row_broken[k][[0, 2]], v[[0, 2]], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 2.5e-7), (torch.float64, 5e-16)])
+def test_cpu_tanh_is_torch_tanh_to_an_ulp_with_first_and_second_derivatives(dtype, bound):
+    """models.tanh (numpy's SIMD kernel on CPU) against the exact value, near 0 included, and its
+    gradient and Hessian-vector product against torch.tanh's (symrun.critical and symrun check
+    differentiate twice through it)."""
+    from symrun.models import tanh
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g, dtype=dtype) * 4, torch.logspace(-30, -1, 300, dtype=dtype),
+                   -torch.logspace(-30, 1.5, 300, dtype=dtype), torch.tensor([0.0, 20.0, -40.0], dtype=dtype)])
+    exact = torch.tanh(x.double())
+    rel = (tanh(x).double() - exact).abs() / exact.abs().clamp_min(1e-300)
+    assert rel.max() <= bound
+    v = torch.randn(x.shape, generator=g, dtype=dtype)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (d_ours,) = torch.autograd.grad(tanh(ours), ours, v, create_graph=True)
+    (d_ref,) = torch.autograd.grad(torch.tanh(ref), ref, v, create_graph=True)
+    # 1 − y² cancels where |y| → 1: an ulp of y is an absolute error of ~2 ulp(1)·|v| in v(1 − y²)
+    scale = v.abs().max().item()
+    torch.testing.assert_close(d_ours, d_ref, rtol=4 * bound, atol=4 * bound * scale)
+    (h_ours,) = torch.autograd.grad(d_ours, ours, v)
+    (h_ref,) = torch.autograd.grad(d_ref, ref, v)
+    torch.testing.assert_close(h_ours, h_ref, rtol=8 * bound, atol=8 * bound * scale**2)
+    assert torch.autograd.gradgradcheck(tanh, (torch.randn(6, dtype=torch.float64, requires_grad=True),))
