@@ -17,7 +17,7 @@ results go to the terminal and, with `--write`, into BENCHMARKS.md between marke
 (`<!-- bench:cpu -->`), leaving the rest of the file — the analysis, other devices' numbers — as
 it is.
 
-    python -m symrun.bench [--device cpu|cuda] [--steps 1000] [--quick] [--write] [--profile]
+    python -m symrun.bench [--device cpu|cuda] [--steps 1000] [--repeat 3] [--quick] [--write] [--profile]
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def run(device: torch.device, steps: int, quick: bool, naive_runs: int, profile: bool) -> str:
+def run(device: torch.device, steps: int, quick: bool, naive_runs: int, profile: bool, repeat: int = 1) -> str:
     """Every measurement; returns the markdown section (also printed as it goes)."""
     from rich.console import Console
 
@@ -272,10 +272,11 @@ def run(device: torch.device, steps: int, quick: bool, naive_runs: int, profile:
         kind = w.name.split(" — ")[0]
         if kind not in per_run:
             sample = w.configs[: min(naive_runs, len(w.configs))]
-            per_run[kind] = (naive(sample, device, w.naive_model, lean=False) / len(sample),
-                             naive(sample, device, w.naive_model, lean=True) / len(sample))
+            per_run[kind] = tuple(min(naive(sample, device, w.naive_model, lean=lean) for _ in range(repeat)) / len(sample)
+                                  for lean in (False, True))
         t_naive, t_lean = per_run[kind]
-        t_packed, mem = packed(w.configs, device)
+        timings = [packed(w.configs, device) for _ in range(repeat)]
+        t_packed, mem = min(t for t, _ in timings), max(m for _, m in timings)
         runs = len(w.configs)
         gflops = runs * steps * w.flops / t_packed / 1e9 if w.flops else float("nan")
         row = [w.name, str(runs), f"{1 / t_naive:.2f}", f"{1 / t_lean:.2f}", f"{runs / t_packed:.2f}",
@@ -287,13 +288,14 @@ def run(device: torch.device, steps: int, quick: bool, naive_runs: int, profile:
     for r in scaling:
         say("scaling: " + " | ".join(r))
     parts = [f"Machine: {machine(device)}. fp32 matmul peak measured in this run: **{peak:.0f} GFLOP/s**.",
-             f"{steps} steps per run; naive cost per run measured on {naive_runs} runs per workload.", "",
+             f"{steps} steps per run; naive cost per run measured on {naive_runs} runs per workload; "
+             f"each time the fastest of {repeat} repeat{'s' if repeat > 1 else ''}, both ways.", "",
              markdown_table(header, rows), "",
              f"Pack-size scaling (W1 model and data, {min(steps, 200)} steps, one pack of N runs):", "",
              markdown_table(["runs in the pack", "packed runs/s", "run-steps/s", "GFLOP/s", "of peak", "peak MiB"],
                             scaling)]
     if profile:
-        parts += ["", "Where a packed W1 step (256 runs) spends its time (torch profiler, self time):", "",
+        parts += ["", "Where a packed W1 step (256 runs) spends its time (torch profiler, self time, 20 training steps):", "",
                   profile_step(device)]
     return "\n".join(parts)
 
@@ -311,17 +313,20 @@ def pack_scaling(device: torch.device, steps: int, sizes: list[int], peak: float
 
 
 def profile_step(device: torch.device, steps: int = 30) -> str:
-    from torch.profiler import ProfilerActivity, profile
+    """Self time per op of W1 training steps at 256 runs: steps 5–24 of 30, so neither the
+    metric evaluation at step 0 nor the one at the end is in it."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from symrun.models import _NumpyTanh
 
     cfgs = w1(32, steps, str(device)).configs
-    for c in cfgs:
-        c.train.log_every = 10**9                          # no metric evaluation but the last step's
     dataset = data_mod.load(cfgs[0].data)
     engine.train_pack(cfgs[:8], dataset)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        engine.train_pack(cfgs, dataset)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    with profile(activities=acts, schedule=schedule(wait=2, warmup=2, active=steps - 10, repeat=1)) as prof:
+        engine.train_pack(cfgs, dataset, on_step=lambda n: prof.step())
+    # aten ops, and the CPU tanh, which runs in numpy under its autograd Function's name
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or e.key == _NumpyTanh.__name__]
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events)
     top = sorted(events, key=lambda e: -getattr(e, attr))[:12]
@@ -351,15 +356,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--naive-runs", type=int, default=16, help="runs the naive way is timed on, per workload")
+    parser.add_argument("--repeat", type=int, default=3, help="time each way this many times, keep the fastest")
     parser.add_argument("--quick", action="store_true", help="small grids: a smoke run, not a measurement")
     parser.add_argument("--profile", action="store_true", help="add a profile of one packed W1 step")
     parser.add_argument("--write", nargs="?", const="BENCHMARKS.md", default=None, metavar="FILE",
                         help="write the results into FILE's section for this device (default BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.naive_runs < 1:
-        parser.error("--steps and --naive-runs must be >= 1")
+    if min(args.steps, args.naive_runs, args.repeat) < 1:
+        parser.error("--steps, --naive-runs and --repeat must be >= 1")
     device = engine.resolve_device(args.device)
-    body = run(device, args.steps, args.quick, args.naive_runs, args.profile)
+    body = run(device, args.steps, args.quick, args.naive_runs, args.profile, args.repeat)
     if args.write:
         write_section(Path(args.write), device, body)
         print(f"wrote {args.write}")
