@@ -142,7 +142,7 @@ def _task_curves(sweep_dir: Path, ends: pd.DataFrame, axes: list[str], metric: s
         ax.grid(alpha=0.3)
     grid[0][0].set_ylabel(f"{metric} (end of task)")
     grid[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"{metric} task after task — {_title(sweep_dir)}", fontsize=10)
+    fig.suptitle(_headline(f"{metric} task after task", sweep_dir), fontsize=10)
     return _save(fig, sweep_dir / f"tasks_{metric}.png")
 
 
@@ -178,7 +178,7 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
         _log_scale_if_wide(ax.set_xscale, done[axis])
     ax.set_xlabel(axis)
     ax.set_ylabel(f"final {metric}")
-    ax.set_title(f"{metric} vs {axis} — {_title(sweep_dir)}", fontsize=10)
+    ax.set_title(_headline(f"{metric} vs {axis}", sweep_dir), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     suffix = f"_by_{series}" if series else ""
@@ -256,6 +256,12 @@ def _title(sweep_dir: Path) -> str:
     return (results.read_json(Path(sweep_dir) / "sweep.json") or {}).get("name") or Path(sweep_dir).parent.name
 
 
+def _headline(what: str, sweep_dir: Path) -> str:
+    """"what — sweep name", on two lines when one would not fit a figure's width."""
+    name = _title(sweep_dir)
+    return f"{what} — {name}" if len(what) + len(name) <= 60 else f"{what}\n{name}"
+
+
 def _value(v) -> str:
     """A setting's value as the user wrote it: null for None/NaN, 4 rather than 4.0."""
     if v is None or (isinstance(v, float) and v != v):
@@ -273,7 +279,7 @@ def _heatmap(sweep_dir: Path, done: pd.DataFrame, x: str, y: str, metric: str) -
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     fig.colorbar(image, ax=ax, label=f"final {metric} (mean over seeds)")
-    ax.set_title(f"{metric} — {_title(sweep_dir)}", fontsize=10)
+    ax.set_title(_headline(metric, sweep_dir), fontsize=10)
     return _save(fig, sweep_dir / f"heatmap_{metric}_{x}_vs_{y}.png")
 
 
