@@ -392,3 +392,25 @@ def test_cpu_tanh_is_torch_tanh_to_an_ulp_with_first_and_second_derivatives(dtyp
     (h_ref,) = torch.autograd.grad(d_ref, ref, v)
     torch.testing.assert_close(h_ours, h_ref, rtol=8 * bound, atol=8 * bound * scale**2)
     assert torch.autograd.gradgradcheck(tanh, (torch.randn(6, dtype=torch.float64, requires_grad=True),))
+
+
+def test_sgd_step_with_gradients_that_share_storage_updates_each_parameter_from_the_same_gradient():
+    """Autograd hands the same buffer to both inputs of an add: the decay of one parameter must not
+    be written into the gradient the other one reads (the in-place shortcut is for owned buffers)."""
+    from symrun.config import OptimConfig
+    from symrun.optim import PackedOptimizer
+
+    a, b = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    lr, wd = torch.tensor([0.1, 0.2]), torch.tensor([0.5, 1.0])
+    shared = torch.full((2, 3), 3.0)
+    opt = PackedOptimizer(OptimConfig(name="sgd"), {"a": a, "b": b}, lr, wd, torch.zeros(2))
+    opt.step({"a": a, "b": b}, {"a": shared, "b": shared}, torch.ones(2, dtype=torch.bool))
+    for p, start in ((a, 1.0), (b, 2.0)):
+        expected = start - lr[:, None] * (3.0 + wd[:, None] * start)
+        torch.testing.assert_close(p, expected.expand(2, 3))
+    assert torch.equal(shared, torch.full((2, 3), 3.0))
+    before = {"a": a.clone(), "b": b.clone()}                # separate buffers (the in-place path): same rule
+    opt.step({"a": a, "b": b}, {"a": torch.full((2, 3), 3.0), "b": torch.full((2, 3), 3.0)},
+             torch.ones(2, dtype=torch.bool))
+    for k, p in (("a", a), ("b", b)):
+        torch.testing.assert_close(p, before[k] - lr[:, None] * (3.0 + wd[:, None] * before[k]))
