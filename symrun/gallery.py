@@ -86,6 +86,9 @@ def _body(sweep_dir: Path, rep: report.Report, figures_dir: Path, link: str) -> 
     agreement = report.theory_agreement(sweep_dir)
     if agreement:
         out += ["Against theory: " + "; ".join(agreement) + ".", ""]
+    contrast = report.removal_contrast(sweep_dir)
+    if contrast:
+        out += ["Symmetry removal, the final value's range over the grid (means over seeds): " + "; ".join(contrast) + ".", ""]
     for fig in rep.figures:
         if (any(fig.name.startswith(f"phase_{m}_") or fig.name.startswith(f"heatmap_{m}_") for m in structure)
                 or fig.name in {f"tasks_{m}.png" for m in ("accuracy", "dead_units", "feature_effective_rank")}):

@@ -361,5 +361,31 @@ def theory_agreement(sweep_dir: Path) -> list[str]:
     return lines
 
 
+def removal_contrast(sweep_dir: Path) -> list[str]:
+    """For a sweep with `symmetry.remove` and one other axis: each structure metric's range over
+    that axis without and with the offsets (means over seeds), e.g. "rank: 0–10 without offsets,
+    9.5–10 with (14 values of optim.weight_decay)" — what symmetry removal changed, computed."""
+    sweep_dir = Path(sweep_dir)
+    runs = results.read_csv(sweep_dir / "runs.csv")
+    swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
+    done = runs[runs["status"] == results.FINISHED]
+    key = "symmetry.remove"
+    if done.empty or key not in done or done[key].nunique() != 2:
+        return []
+    others = [a for a in axes_of(runs, swept) if a != key]
+    if len(others) != 1:
+        return []
+    x = others[0]
+    models = done["model.name"].dropna().unique()
+    metrics = [m for model in models for m in PRIMARY.get(model, []) if m in done and done[m].notna().any()]
+    lines = []
+    for metric in dict.fromkeys(metrics):
+        means = done.groupby([key, x])[metric].mean()
+        ranges = [f"{means.loc[flag].min():.3g}–{means.loc[flag].max():.3g} {label}"
+                  for flag, label in ((False, "without offsets"), (True, "with"))]
+        lines.append(f"{metric}: {', '.join(ranges)} ({done[x].nunique()} values of {x})")
+    return lines
+
+
 def status_line(counts: dict[str, int]) -> Optional[str]:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else None

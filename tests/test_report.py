@@ -94,6 +94,21 @@ def test_gallery_section_of_a_suite_has_one_subsection_per_member(tmp_path, monk
         link = f"results/suite/{member}/phase_sparsity_vs_optim.weight_decay_by_symmetry.remove.png"
         assert f"]({link})" in text and (tmp_path / "docs" / link).stat().st_size > 10_000
     assert text.index("### rescaling_sparsity") < text.index("### dead_neurons")
+    assert text.count("Symmetry removal, the final value's range over the grid") == 2
+
+
+def test_removal_contrast_says_what_the_offsets_changed(tmp_path):
+    # above the lasso's λ_max (science.md §5.1) the plain Hadamard model is all zeros; with offsets nothing is
+    d = _sweep(tmp_path, "optim.weight_decay=0.3,2.0", "symmetry.remove=false,true", "optim.lr=0.3",
+               "train.steps=2000", "train.log_every=2000")
+    report.build(d)
+    (line,) = report.removal_contrast(d)
+    low, high = line.split(": ")[1].split(" without")[0].split("–")
+    assert 0 < float(low) < 1 and float(high) == 1
+    assert line.endswith("0–0 with (2 values of optim.weight_decay)")
+    plain = _sweep(tmp_path / "plain", "optim.weight_decay=0.3,2.0")
+    report.build(plain)
+    assert report.removal_contrast(plain) == []             # no removal axis: nothing to contrast
 
 
 def test_settings_are_labelled_as_written():
