@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from symrun.config import MetricsConfig
+from symrun.metrics import finite_runs, zero_runs
 from symrun.symmetries import Mirror, Symmetry, constraint_norms, kind, project, select
 
 Params = dict[str, torch.Tensor]
@@ -138,8 +139,8 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
         return {}
     x, y = x[: cfg.critical_examples], y[: cfg.critical_examples]
     raw = {k: v.detach().double() for k, v in raw.items()}
-    finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in raw.values()]).all(0) & alive  # (R,)
-    safe = {k: torch.where(finite.view(-1, *[1] * (p.dim() - 1)), p, torch.zeros_like(p)) for k, p in raw.items()}
+    finite = finite_runs(raw) & alive                                                         # (R,)
+    safe = {k: zero_runs(p, finite) for k, p in raw.items()}
     xd, yd = x.double(), (y if task == "classification" else y.double())
     loss_fn = lambda p: loss_per_run(model.forward(rp.network(p), xd), yd, task)  # noqa: E731
     # Runs are independent (a block-diagonal Hessian), so they go in chunks that bound memory.

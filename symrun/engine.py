@@ -138,8 +138,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     def task_data(k: int):
         t = data_mod.for_task(ds, tasks.change, first.data.seed, k)
         x_t, x_test_t = tensor(t.x), tensor(t.x_test)
-        probe_t = (x_test_t if x_test_t is not None else x_t)[: first.metrics.probe_size]
-        return x_t, tensor(t.y, ydt), x_test_t, tensor(t.y_test, ydt), probe_t
+        return x_t, tensor(t.y, ydt), x_test_t, tensor(t.y_test, ydt), probe_inputs(x_t, x_test_t, first)
 
     x, y, x_test, y_test, probe = task_data(0)
     model = models.build(first.model, ds.in_dim, ds.out_dim)
@@ -159,10 +158,11 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
 
     def log(step: int) -> None:
         with torch.no_grad():
-            row = evaluate(model, net(), first, ds.task, x, y, x_test, y_test, probe)
+            theta = net()
+            row = evaluate(model, theta, first, ds.task, x, y, x_test, y_test)
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
-            record(step, {**row, **rp.measure(net(), first.metrics)})
+            record(step, {**row, **rp.measure(theta, first.metrics)})
 
     # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any
     pack_state = ckpt_mod.PackState(params, opt, lr, order, noise, record, getattr(model, "stats", {}))
@@ -275,35 +275,39 @@ class Recorder:
                 outcome.status, outcome.diverged_at = "diverged", stopped_at[i]
 
 
-def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test, probe) -> dict[str, torch.Tensor]:
+def probe_inputs(x: torch.Tensor, x_test: Optional[torch.Tensor], cfg: Config) -> torch.Tensor:
+    """The inputs representation metrics and a run's figures are read on: the first
+    metrics.probe_size test inputs (training inputs when there is no test set)."""
+    return (x_test if x_test is not None else x)[: cfg.metrics.probe_size]
+
+
+def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test) -> dict[str, torch.Tensor]:
     """Losses, accuracy and structure metrics of every run: {name: (R,)}. The penultimate
     features of the forward passes here are handed to the metrics, which would otherwise
-    recompute them on the training set (neural collapse) and on the probe."""
+    recompute them on the training set (neural collapse) and on the probe (`probe_inputs`, the
+    first rows of the test set, else of the training set)."""
     out, features = model.forward_penultimate(params, x)
     row = {"train_loss": loss_per_run(out, y, task)}
     if task == "classification":
         row["train_accuracy"] = (out.argmax(-1) == y).double().flatten(1).mean(-1)
-    probe_source, probe_features = x, features
+    probe_features = features
     if x_test is not None:
         out_test, probe_features = model.forward_penultimate(params, x_test)
-        probe_source = x_test
         row["test_loss"] = loss_per_run(out_test, y_test, task)
         if task == "classification":
             row["accuracy"] = (out_test.argmax(-1) == y_test).double().flatten(1).mean(-1)
     # svd/eigh raise on non-finite input, so a run that diverged (its train_loss says so; a run
     # frozen at huge finite parameters would overflow its Gram matrices) is measured at zero and
     # gets NaN metrics: one bad run must not stop its whole pack.
-    finite = torch.stack([p.flatten(1).isfinite().all(-1) for p in params.values()]).all(0)   # (R,)
-    finite &= row["train_loss"].isfinite() & metrics.weight_norm(params).pow(2).isfinite()
-    every = bool(finite.all())             # the common case: nothing to zero
-    safe = params if every else {k: torch.where(per_run(finite, p), p, torch.zeros_like(p)) for k, p in params.items()}
-    clean = lambda f: f if f is None or every else tuple(torch.where(per_run(finite, t), t, 0.0) for t in f)  # noqa: E731
+    finite = metrics.finite_runs(params) & row["train_loss"].isfinite() & metrics.weight_norm(params).pow(2).isfinite()
+    zero = (lambda t: t) if bool(finite.all()) else (lambda t: metrics.zero_runs(t, finite))  # noqa: E731
+    safe = {k: zero(p) for k, p in params.items()}
+    probe = probe_inputs(x, x_test, cfg)
     given = {}
     if task == "classification" and features is not None:
-        given["train"] = clean(features)
-    n = len(probe)
-    if probe_features is not None and n <= len(probe_source) and torch.equal(probe, probe_source[:n]):
-        given["probe"] = clean((probe_features[0][:, :n], probe_features[1]))
+        given["train"] = tuple(map(zero, features))
+    if probe_features is not None:
+        given["probe"] = (zero(probe_features[0][:, : len(probe)]), zero(probe_features[1]))
     labelled = (x, y, int(out.shape[-1])) if task == "classification" else None
     for k, v in metrics.measure(model, safe, cfg.metrics, probe, labelled, given).items():
         row[k] = torch.where(finite, v, torch.full_like(v, float("nan")))

@@ -79,6 +79,17 @@ def mean_pairwise_distance(vectors: torch.Tensor) -> torch.Tensor:
     return normalized_distance(vectors)[..., i, j].mean(dim=-1)
 
 
+def finite_runs(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(R,) bool: the runs every one of whose parameters is finite."""
+    return torch.stack([p.flatten(1).isfinite().all(-1) for p in params.values()]).all(0)
+
+
+def zero_runs(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """t (R, ...) with the runs not in `keep` ((R,) bool) set to 0: a diverged run measured at 0
+    cannot make svd, eigh or a Hessian product raise for the whole pack."""
+    return torch.where(keep.view(-1, *[1] * (t.dim() - 1)), t, 0.0)
+
+
 def dead_units(h: torch.Tensor, atol: float) -> torch.Tensor:
     """Fraction of units whose activation is ≤ atol in magnitude on every input (with atol = 0: a
     ReLU unit that never fires, so no gradient reaches it; Lyle et al. 2023, Sokar et al. 2023).

@@ -222,10 +222,6 @@ class MLP(PackedModel):
                 out[f"layers.{l}.bias"] = ((m, fan_out), 0.0)
         return out
 
-    def hidden(self, params, x):
-        """Activations of the last hidden layer: (R, M, B, width) (a view of `_hidden_t`'s)."""
-        return self._hidden_t(params, x).mT
-
     def _hidden_t(self, params, x):
         """Activations of the last hidden layer, feature-major: (R, M, width, B)."""
         h = self._layer_t(params, 0, x)
@@ -254,28 +250,29 @@ class MLP(PackedModel):
             h = torch.matmul(w, x)
         return h if b is None else h + b.unsqueeze(-1)
 
-    def _outputs_t(self, params, x):
-        return self._layer_t(params, self.cfg.depth, self._hidden_t(params, x))   # (R, M, out, B)
+    def _readout(self, params, h_t):
+        """Each member's outputs from its last hidden layer (R, M, width, B): (R, M, B, out)."""
+        return self._layer_t(params, self.cfg.depth, h_t).mT
+
+    def _penultimate(self, params, h_t):
+        """(features (R, B, width), classifier (R, out, width)) of a single network (M = 1)."""
+        return h_t.mT[:, 0], params[f"layers.{self.cfg.depth}.weight"][:, 0]
 
     def member_outputs(self, params, x):
-        return self._outputs_t(params, x).mT                                 # (R, M, B, out)
+        return self._readout(params, self._hidden_t(params, x))
 
     def penultimate(self, params, x):
-        if self.members > 1:
-            return None
-        return self.hidden(params, x)[:, 0], params[f"layers.{self.cfg.depth}.weight"][:, 0]
+        return self._penultimate(params, self._hidden_t(params, x)) if self.members == 1 else None
 
     def forward(self, params, x):
         return self._average(self.member_outputs(params, x))
 
-    def _average(self, outputs):
-        return outputs[:, 0] if self.members == 1 else outputs.mean(dim=1)     # (R, B, out)
-
     def forward_penultimate(self, params, x):
         h = self._hidden_t(params, x)
-        out = self._average(self._layer_t(params, self.cfg.depth, h).mT)
-        last = params[f"layers.{self.cfg.depth}.weight"][:, 0]
-        return out, (None if self.members > 1 else (h.mT[:, 0], last))
+        return self._average(self._readout(params, h)), (self._penultimate(params, h) if self.members == 1 else None)
+
+    def _average(self, outputs):
+        return outputs[:, 0] if self.members == 1 else outputs.mean(dim=1)     # (R, B, out)
 
     def neuron_sets(self):
         sets = []

@@ -327,6 +327,14 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, gr
     return None
 
 
+def _tables(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """(runs.csv, its axes shortest first as `build` orders them, the finished runs)."""
+    runs = results.read_csv(Path(sweep_dir) / "runs.csv")
+    swept = (results.read_json(Path(sweep_dir) / "sweep.json") or {}).get("swept", [])
+    axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
+    return runs, axes, runs[runs["status"] == results.FINISHED]
+
+
 # Half a step of the metric: a mean within it of the closed form counts as landing on it.
 AGREEMENT_TOL = {"sparsity": 0.025, "rank": 0.5}
 
@@ -335,10 +343,7 @@ def theory_agreement(sweep_dir: Path) -> list[str]:
     """For each series of a weight-decay sweep with a closed form: how many grid points land on
     it, e.g. "sparsity: 16 of 16 weight decays on the lasso solution (|mean − theory| ≤ 0.025)"."""
     sweep_dir = Path(sweep_dir)
-    runs = results.read_csv(sweep_dir / "runs.csv")
-    swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
-    axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
-    done = runs[runs["status"] == results.FINISHED]
+    _, axes, done = _tables(sweep_dir)
     if not axes or axes[-1] != "optim.weight_decay" or len(axes) > 2 or done.empty:
         return []
     series = axes[0] if len(axes) == 2 else None
@@ -365,21 +370,16 @@ def removal_contrast(sweep_dir: Path) -> list[str]:
     """For a sweep with `symmetry.remove` and one other axis: each structure metric's range over
     that axis without and with the offsets (means over seeds), e.g. "rank: 0–10 without offsets,
     9.5–10 with (14 values of optim.weight_decay)" — what symmetry removal changed, computed."""
-    sweep_dir = Path(sweep_dir)
-    runs = results.read_csv(sweep_dir / "runs.csv")
-    swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
-    done = runs[runs["status"] == results.FINISHED]
+    _, axes, done = _tables(sweep_dir)
     key = "symmetry.remove"
     if done.empty or key not in done or done[key].nunique() != 2:
         return []
-    others = [a for a in axes_of(runs, swept) if a != key]
+    others = [a for a in axes if a != key]
     if len(others) != 1:
         return []
     x = others[0]
-    models = done["model.name"].dropna().unique()
-    metrics = [m for model in models for m in PRIMARY.get(model, []) if m in done and done[m].notna().any()]
     lines = []
-    for metric in dict.fromkeys(metrics):
+    for metric in [m for m in metrics_of(done) if m not in FIT]:      # the structure metrics
         means = done.groupby([key, x])[metric].mean()
         ranges = [f"{means.loc[flag].min():.3g}–{means.loc[flag].max():.3g} {label}"
                   for flag, label in ((False, "without offsets"), (True, "with"))]

@@ -43,6 +43,7 @@ import yaml
 from symrun.config import EXECUTION_KEYS, Config, default_values, flatten, to_dict
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
+PENDING = "pending"   # planned (config.yaml written) but never started: no status.json yet
 FLOAT_FORMAT = "%.17g"   # floats round-trip exactly through the CSVs
 MIN_FREE_BYTES = 64 * 2**20   # below this a sweep would likely die mid-write: refuse it up front
 LOCK_NAME = "sweep.lock"
@@ -289,9 +290,6 @@ def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     write_csv(Path(sweep_dir) / "runs.csv", runs)
     write_csv(Path(sweep_dir) / "results.csv", results)
     return runs, results
-
-
-PENDING = "pending"   # planned (config.yaml written) but never started: no status.json yet
 
 
 @dataclass

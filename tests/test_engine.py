@@ -348,21 +348,22 @@ def test_evaluation_reuses_its_forward_features_and_measures_what_a_fresh_pass_d
     from symrun import metrics, sweep
 
     model_args = ["model=mlp"] if members == 1 else ["model=ensemble", f"model.members={members}"]
-    cfg = sweep.compose_one([*model_args, "data=digits", "model.width=12"])
+    cfg = sweep.compose_one([*model_args, "data=digits", "model.width=12", "metrics.probe_size=100"])
     ds = data.load(cfg.data)
     x, y = torch.as_tensor(ds.x, dtype=torch.float32), torch.as_tensor(ds.y)
     xt, yt = torch.as_tensor(ds.x_test, dtype=torch.float32), torch.as_tensor(ds.y_test)
-    probe = xt[:100]
+    probe = xt[:100]                       # what evaluate reads representations on (probe_inputs)
+    assert torch.equal(engine.probe_inputs(x, xt, cfg), probe)
     model = build(cfg.model, ds.in_dim, ds.out_dim)
     params = {k: v.detach() for k, v in model.init_params([0, 1, 2], torch.device("cpu"), torch.float32).items()}
-    row = engine.evaluate(model, params, cfg, "classification", x, y, xt, yt, probe)
+    row = engine.evaluate(model, params, cfg, "classification", x, y, xt, yt)
     fresh = metrics.measure(model, params, cfg.metrics, probe, (x, y, ds.out_dim))
     assert {"feature_rank", "dead_units", "nc1", "nc4"} <= set(fresh) if members == 1 else "nc1" not in fresh
     for k, v in fresh.items():
         torch.testing.assert_close(row[k], v, rtol=1e-5, atol=1e-6, msg=k)
     broken = {k: v.clone() for k, v in params.items()}
     broken["layers.0.weight"][1, 0, 0, 0] = float("nan")
-    row_broken = engine.evaluate(model, broken, cfg, "classification", x, y, xt, yt, probe)
+    row_broken = engine.evaluate(model, broken, cfg, "classification", x, y, xt, yt)
     for k, v in fresh.items():
         assert math.isnan(row_broken[k][1]), k
         torch.testing.assert_close(row_broken[k][[0, 2]], v[[0, 2]], rtol=1e-5, atol=1e-6, msg=k)

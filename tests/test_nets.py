@@ -301,7 +301,7 @@ def test_per_head_rank_columns_match_numpy():
     with torch.no_grad():
         params["layers.1.query"][:, 1, :, 2:] = 0                          # head 1 of layer 1: rank 2
         m = engine.evaluate(model, params, Config(model=TransformerConfig(), data=TextDataConfig()),
-                            "classification", x, y, None, None, x)
+                            "classification", x, y, None, None)
     for l in range(2):
         for h in range(2):
             product = (params[f"layers.{l}.query"][:, h] @ params[f"layers.{l}.key"][:, h]).numpy()
