@@ -208,7 +208,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-STATES = ("finished", "running", "failed", "diverged", "pending")   # symrun.results' run states
 SWEEPS = typer.Argument(..., help="A sweep folder, or a folder holding sweeps (e.g. outputs).")
 
 
@@ -229,7 +228,7 @@ def status(where: Path = SWEEPS) -> None:
 
     states = [results.sweep_status(d) for d in _sweeps(where)]
     for st in states:
-        counts = ", ".join(f"{st.counts.get(s, 0)} {s}" for s in STATES)
+        counts = ", ".join(f"{n} {s}" for s, n in st.counts.items())   # every state, in results' order
         console.print(f"{st.sweep_dir}\n  {sum(st.counts.values())} runs: {counts}", highlight=False, soft_wrap=True)
         for reason, ids in st.reasons.items():
             shown = ", ".join(ids[:3]) + (f", +{len(ids) - 3} more" if len(ids) > 3 else "")
