@@ -26,6 +26,9 @@ from symrun.seeds import derive_seed, generator
 from symrun.optim import PackedOptimizer, per_run
 
 
+EVAL_CHUNK = 65536      # runs × training examples per metric evaluation pass (bounds its memory)
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' → cuda when available; asking for cuda without one is a ConfigError."""
     if name == "auto":
@@ -159,7 +162,12 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     def log(step: int) -> None:
         with torch.no_grad():
             theta = net()
-            row = evaluate(model, theta, first, ds.task, x, y, x_test, y_test)
+            # Runs are independent, so they are evaluated in chunks that bound the memory of the
+            # training-set passes (neural collapse holds every example's features, in float64).
+            chunk = max(1, EVAL_CHUNK // len(x))
+            parts = [evaluate(model, {k: v[i:i + chunk] for k, v in theta.items()}, first, ds.task, x, y, x_test, y_test)
+                     for i in range(0, len(cfgs), chunk)]
+            row = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
             record(step, {**row, **rp.measure(theta, first.metrics)})

@@ -184,6 +184,26 @@ def test_a_diverging_run_is_frozen_at_the_step_it_blew_up_and_isolated(name):
         assert_same_run(got, want)
 
 
+def _chunk_cases():
+    mlp_target, mlp_others = _mlp_digits_case(random.Random("chunks"))
+    good, bad = _divergence_case("factorization-momentum")
+    return {"mlp-digits (neural collapse)": (mlp_others[:5] + [mlp_target], data.load(mlp_target.data)),
+            "factorization with a diverging run": (good[:1] + [bad] + good[1:], data.load(bad.data))}
+
+
+@pytest.mark.parametrize("name", ["mlp-digits (neural collapse)", "factorization with a diverging run"])
+def test_metrics_evaluated_in_chunks_of_runs_equal_one_pass_over_the_pack(name, monkeypatch):
+    """A log step evaluates the runs in chunks (engine.EVAL_CHUNK bounds runs × examples); the
+    rows must not depend on the chunking, a diverged run included."""
+    pack, ds = _chunk_cases()[name]
+    whole = engine.train_pack(pack, ds)
+    monkeypatch.setattr(engine, "EVAL_CHUNK", 2 * len(ds.x))            # chunks of 2 runs
+    chunked = engine.train_pack(pack, ds)
+    assert len(pack) > 2 and [o.status for o in chunked] == [o.status for o in whole]
+    for got, want in zip(chunked, whole):
+        assert_same_run(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. the packed optimiser is torch.optim on each run
 
