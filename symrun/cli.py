@@ -94,72 +94,83 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
         err.print("note: symrun run trains the preset's base config only; symrun sweep runs its grid", soft_wrap=True)
     if len(plans) > 1:
         console.print(f"suite of {len(plans)} sweeps → {plans[0].sweep_dir.parent}", highlight=False)
-    for plan in plans:
-        with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as held:
+        for plan in plans:
             try:   # the lock file is the first thing written, so check the location before it
                 results.check_writable(plan.sweep_dir)
                 held.enter_context(results.sweep_lock(plan.sweep_dir))
             except results.OutputError as e:
                 _fail(str(e))
-            _launch(sweep.schedule(plan), hydra_args, single)
+        _launch([sweep.schedule(p) for p in plans], hydra_args, single)
 
 
-def _launch(plan: sweep.Plan, hydra_args: list[str], single: bool) -> None:
-    """Holding the sweep's lock: clear what a killed sweep left half-written, lay out, train, report."""
+def _launch(plans: list[sweep.Plan], hydra_args: list[str], single: bool) -> None:
+    """Holding the sweeps' locks: clear what a killed sweep left half-written, lay out, train
+    (a suite's members in one launch, so a cluster runs them at once), report."""
     from symrun import results, sweep
 
-    results.remove_stale_temps(plan.sweep_dir)
-    plan_path = sweep.write_plan(plan)
-    console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
-                  + (f", {len(plan.finished)} already finished" if plan.finished else "")
-                  + f" → {plan.sweep_dir}", highlight=False)
+    paths = []
+    for plan in plans:
+        results.remove_stale_temps(plan.sweep_dir)
+        paths.append(sweep.write_plan(plan))
+        console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
+                      + (f", {len(plan.finished)} already finished" if plan.finished else "")
+                      + f" → {plan.sweep_dir}", highlight=False)
+    suite = len(plans) > 1
+    where = plans[0].sweep_dir.parent if suite else plans[0].sweep_dir
+    launch_path = sweep.write_launch(where, list(zip(plans, paths))) if suite else paths[0]
     try:
-        _train(plan, plan_path, hydra_args, single)
+        _train(plans, launch_path, hydra_args, single)
     except Exception as e:  # noqa: BLE001
         if single or sweep.in_process(hydra_args):
             raise
         # A launcher gives up when a job dies without a result (killed, out of memory, node lost);
         # the runs that ended are on disk: tabulate them and say how to finish the rest.
-        _show_report(plan.sweep_dir)
+        for plan in plans:
+            _show_report(plan.sweep_dir)
         _fail(f"a job ended without a result ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-              f"other jobs may still run. See `symrun status {plan.sweep_dir}`; rerun with "
-              f"hydra.sweep.dir={plan.sweep_dir} to finish the sweep")
-    _show_report(plan.sweep_dir)
+              f"other jobs may still run. See `symrun status {where}`; rerun with "
+              f"hydra.sweep.dir={where} to finish the {'suite' if suite else 'sweep'}")
+    for plan in plans:
+        _show_report(plan.sweep_dir)
 
 
-def _train(plan: sweep.Plan, plan_path: Path, hydra_args: list[str], single: bool) -> None:
-    """Train the plan's packs under a progress bar: steps when they run in this process, ended
-    runs (from their status files) when a launcher runs them elsewhere."""
+def _train(plans: list[sweep.Plan], launch_path: Path, hydra_args: list[str], single: bool) -> None:
+    """Train every pack of the plans (written to `launch_path`) under a progress bar: steps when
+    they run in this process, ended runs (from their status files) when a launcher runs them
+    elsewhere."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from symrun import sweep
 
+    packs = sum(len(p.packs) for p in plans)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         if single or sweep.in_process(hydra_args):
-            task = progress.add_task("training steps (all packs)", total=plan.steps)
+            task = progress.add_task("training steps (all packs)", total=sum(p.steps for p in plans))
             on_step = lambda n: progress.advance(task, n)  # noqa: E731
             if single:
-                for i in range(len(plan.packs)):
-                    sweep.run_pack(plan_path, i, on_step=on_step)
+                for i in range(packs):
+                    sweep.run_pack(launch_path, i, on_step=on_step)
             else:
-                sweep.launch(plan, plan_path, hydra_args, on_step=on_step)
+                sweep.launch(launch_path, packs, hydra_args, on_step=on_step)
             return
-        task = progress.add_task("runs ended", total=sum(len(p) for p in plan.packs))
+        task = progress.add_task("runs ended", total=sum(len(pack) for p in plans for pack in p.packs))
+        ended = lambda: sum(sweep.runs_done(p) for p in plans)  # noqa: E731
         stop = threading.Event()
 
         def poll() -> None:
             while not stop.wait(1.0):
-                progress.update(task, completed=sweep.runs_done(plan))
+                progress.update(task, completed=ended())
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
         try:
-            sweep.launch(plan, plan_path, hydra_args)
+            sweep.launch(launch_path, packs, hydra_args)
         finally:
             stop.set()
             watcher.join()
-            progress.update(task, completed=sweep.runs_done(plan))
+            progress.update(task, completed=ended())
 
 
 @app.command()
@@ -236,7 +247,8 @@ def status(where: Path = SWEEPS) -> None:
     if any(st.counts.get(results.FAILED) or st.counts.get(results.RUNNING) or st.counts.get(results.PENDING)
            for st in states):
         console.print("To finish a sweep: rerun it with hydra.sweep.dir=<its folder> (finished runs are skipped, "
-                      "checkpointed packs resume). Logs: launches/<k>/packs/<i>/ and launches/<k>/.submitit/.",
+                      "checkpointed packs resume). Logs: launches/<k>/packs/<i>/ and launches/<k>/.submitit/ of the "
+                      "sweep (of the suite's folder, for a suite's members).",
                       highlight=False, soft_wrap=True)
 
 

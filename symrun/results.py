@@ -1,6 +1,8 @@
 """Where results live and how they are written and read back. Every output path is built here.
 
-    outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep (the suffix keeps same-second sweeps apart)
+    outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep (the suffix keeps same-second sweeps apart);
+                                                      a suite: one per member, <preset>/, and its
+                                                      launches/<k>/ (sweep.write_launch)
         sweep.json                                    swept keys and every launch into it (overrides, counts)
         launches/<k>/plan.json                        launch k's packs of run ids
         launches/<k>/packs/<i>/                       Hydra's folder for its job i (.hydra/, log)

@@ -4,6 +4,8 @@
 config, loads each distinct dataset once and builds each model shape once. `write_plan` then lays
 out the sweep folder and `launch` runs the packs as Hydra jobs (`pack=0,…,P−1` over the
 `pack_job` config), so `hydra/launcher=joblib|submitit_local|submitit_slurm` work unchanged.
+A suite's member sweeps are planned alike and launched together (`write_launch`): one multirun
+over every member's packs.
 Finished runs already in the folder are skipped: rerunning a sweep with
 `hydra.sweep.dir=<its folder>` completes it, and packs with a checkpoint (train.checkpoint_every)
 continue from it.
@@ -292,10 +294,27 @@ def write_plan(p: Plan) -> Path:
     return path
 
 
+def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
+    """One launch of several written plans (a suite's members, each with its plan from
+    `write_plan`): `<folder>/launches/<k>/plan.json` lists the plans and numbers their packs
+    0…P−1 across them, so one multirun — one job array on SLURM — runs every member's packs at
+    once. `run_pack` follows a pack to its member's plan. Returns the launch's path."""
+    launches = folder / "launches"
+    k = sum(d.name.isdigit() for d in launches.iterdir()) if launches.is_dir() else 0
+    packs = [[i, j] for i, (p, _) in enumerate(written) for j in range(len(p.packs))]
+    path = launches / str(k) / "plan.json"
+    results.write_json(path, {"plans": [str(pp.resolve()) for _, pp in written], "packs": packs})
+    return path
+
+
 def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None]] = None) -> dict:
-    """Train pack `index` of a written plan and record every run. Never raises for a run's failure:
-    a pack that fails marks its runs failed, with the error, and the sweep goes on."""
+    """Train pack `index` of a written plan (or launch, `write_launch`) and record every run. Never
+    raises for a run's failure: a pack that fails marks its runs failed, with the error, and the
+    sweep goes on."""
     written = results.read_json(Path(plan_path))
+    if "plans" in written:                        # a launch of several plans: the member's pack
+        member, local = written["packs"][index]
+        return {**run_pack(Path(written["plans"][member]), local, on_step), "plan": written["plans"][member]}
     sweep_dir = Path(written["sweep_dir"])
     ids = [rid for rid in written["packs"][index] if not results.is_finished(sweep_dir, rid)]
     if not ids:
@@ -338,13 +357,14 @@ def in_process(hydra_args: list[str]) -> bool:
     return not chosen or chosen[-1] == "basic"
 
 
-def launch(p: Plan, plan_path: Path, hydra_args: list[str], on_step: Optional[Callable[[int], None]] = None) -> None:
-    """Run every pack as a Hydra multirun job through the configured launcher (basic: in-process).
-    A launcher's error (a job that died without a result) is raised, not printed and exited on."""
+def launch(plan_path: Path, packs: int, hydra_args: list[str], on_step: Optional[Callable[[int], None]] = None) -> None:
+    """Run the `packs` packs of a written plan or launch as Hydra multirun jobs through the
+    configured launcher (basic: in-process); their Hydra folders go beside the plan. A launcher's
+    error (a job that died without a result) is raised, not printed and exited on."""
     global _ON_STEP
-    if not p.packs:
+    if not packs:
         return
-    argv = [f"plan='{plan_path.resolve()}'", f"pack={','.join(str(i) for i in range(len(p.packs)))}",
+    argv = [f"plan='{plan_path.resolve()}'", f"pack={','.join(str(i) for i in range(packs))}",
             f"hydra.sweep.dir='{plan_path.parent.resolve()}'", "hydra.sweep.subdir=packs/${hydra.job.num}",
             "hydra.job.name=symrun", *[a for a in hydra_args if not a.startswith("hydra.sweep.dir=")], "--multirun"]
     saved, _ON_STEP = sys.argv, on_step

@@ -65,6 +65,25 @@ def test_a_sweep_on_slurm_matches_the_same_sweep_run_locally(cli, tmp_path, slur
     assert set(results.read_csv(local / "runs.csv")["slurm_job_id"].isna()) == {True}
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_suites_members_run_at_once_as_one_job_array(cli, tmp_path, slurm_partition):
+    """experiment=symmetry_removal is five sweeps; on SLURM their packs are one array, submitted
+    together, not one array after another."""
+    cli("sweep", "experiment=symmetry_removal", "seed=0", "train.steps=4", "train.log_every=2",
+        "metrics.critical_mirrors=0", "hydra/launcher=slurm", f"hydra.launcher.partition={slurm_partition}",
+        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+        "hydra.launcher.timeout_min=10")
+    (parent,) = (tmp_path / "outputs" / "symmetry_removal").iterdir()
+    members = sorted(d for d in parent.iterdir() if (d / "sweep.json").is_file())
+    runs = pd.concat([results.read_csv(d / "runs.csv").assign(member=d.name) for d in members])
+    assert len(members) == 5 and set(runs["status"]) == {"finished"}
+    tasks = runs["slurm_job_id"].astype(str)
+    assert tasks.str.split("_").str[0].nunique() == 1, "one array for every member's packs"
+    assert tasks.str.split("_").str[1].astype(int).nunique() == len(results.read_json(parent / "launches" / "0" / "plan.json")["packs"])
+    assert (parent / "launches" / "0" / ".submitit").is_dir()
+
+
 def test_pack_size_changes_how_many_jobs_not_the_numbers(tmp_path):
     """Many small jobs or few large ones: a run's numbers do not depend on its pack (up to float64
     rounding: BLAS sums a (1, …) and a (4, …) batch in different orders)."""

@@ -65,7 +65,7 @@ def test_a_malformed_suite_file_is_refused(tmp_path, monkeypatch):
 def test_suite_through_the_command_line_then_report_status_and_resume(cli, tmp_path):
     cli("sweep", "experiment=symmetry_removal", "seed=0", *SMALL)
     (parent,) = (tmp_path / "outputs" / "symmetry_removal").iterdir()
-    assert sorted(d.name for d in parent.iterdir()) == sorted(MEMBERS)
+    assert sorted(d.name for d in parent.iterdir()) == sorted(MEMBERS + ["launches"])
     for member in MEMBERS:
         runs = results.read_csv(parent / member / "runs.csv")
         assert set(runs["status"]) == {"finished"} and set(runs["symmetry.remove"]) == {False, True}
@@ -76,7 +76,49 @@ def test_suite_through_the_command_line_then_report_status_and_resume(cli, tmp_p
     assert all(f"{parent / m}/runs.csv" in report.replace("\n", "") for m in MEMBERS)
     again = cli("sweep", "experiment=symmetry_removal", "seed=0", *SMALL, f"hydra.sweep.dir={parent}").stdout
     assert " ".join(again.split()).count("already finished") == len(MEMBERS)
-    assert sorted(d.name for d in parent.iterdir()) == sorted(MEMBERS)
+    assert sorted(d.name for d in parent.iterdir()) == sorted(MEMBERS + ["launches"])
+    assert sorted(d.name for d in (parent / "launches").iterdir()) == ["0", "1"]
+    assert results.read_json(parent / "launches" / "1" / "plan.json")["packs"] == []   # nothing left to train
+
+
+def _launch_of_the_suite(tmp_path):
+    plans = sweep.plans(["experiment=symmetry_removal", "seed=0", *SMALL], tmp_path)
+    written = [(p, sweep.write_plan(p)) for p in plans]
+    return plans, sweep.write_launch(plans[0].sweep_dir.parent, written)
+
+
+def test_one_launch_numbers_every_members_packs_and_each_job_trains_its_members_pack(tmp_path):
+    """A suite's members are launched together (one multirun, one job array on SLURM): job i of
+    the launch is one pack of one member, every member's pack exactly once."""
+    plans, path = _launch_of_the_suite(tmp_path)
+    launch = results.read_json(path)
+    assert path == plans[0].sweep_dir.parent / "launches" / "0" / "plan.json"
+    assert launch["plans"] == [str(p.sweep_dir.resolve() / "launches" / "0" / "plan.json") for p in plans]
+    assert launch["packs"] == [[m, j] for m, p in enumerate(plans) for j in range(len(p.packs))]
+    assert len(plans) == len(MEMBERS) and all(p.packs for p in plans)
+    done = [sweep.run_pack(path, i) for i in range(len(launch["packs"]))]
+    for (m, j), job in zip(launch["packs"], done):
+        assert job["plan"] == launch["plans"][m] and job["pack"] == j and job["runs"] == len(plans[m].packs[j])
+    for p in plans:
+        assert all(results.is_finished(p.sweep_dir, rid) for rid in p.configs), p.sweep_dir.name
+    # a second launch into the same suite gets the next number
+    assert sweep.write_launch(plans[0].sweep_dir.parent, []).parent.name == "1"
+
+
+@pytest.mark.slow
+def test_a_suite_through_an_out_of_process_launcher_runs_its_members_in_one_multirun(cli, tmp_path):
+    out = cli("sweep", "experiment=symmetry_removal", "seed=0", *SMALL, "hydra/launcher=joblib",
+              "hydra.launcher.n_jobs=2").stdout
+    (parent,) = (tmp_path / "outputs" / "symmetry_removal").iterdir()
+    launch = results.read_json(parent / "launches" / "0" / "plan.json")
+    assert {m for m, _ in launch["packs"]} == set(range(len(MEMBERS)))
+    # Hydra ran one job per pack of the launch, each in its folder beside the launch's plan
+    jobs = sorted((parent / "launches" / "0" / "packs").iterdir(), key=lambda d: int(d.name))
+    assert [d.name for d in jobs] == [str(i) for i in range(len(launch["packs"]))]
+    for member in MEMBERS:
+        runs = results.read_csv(parent / member / "runs.csv")
+        assert set(runs["status"]) == {"finished"}, member
+        assert f"{parent.relative_to(tmp_path) / member}/runs.csv" in out.replace("\n", "")   # its report
 
 
 def test_suite_files_are_listed_with_the_presets(cli):
