@@ -82,12 +82,15 @@ class StepNoise:
         self.label_gens = [generator(c.seed, "label-noise", device) if c.noise.label_std > 0 or c.noise.label_flip > 0
                            else None for c in cfgs]
         self.langevin_gens = [generator(c.seed, "langevin", device) if c.noise.temperature > 0 else None for c in cfgs]
+        # whether any run draws each kind (asked every step: not a Python pass over every run)
+        self.any_label = any(g is not None for g in self.label_gens)
+        self.any_langevin = any(g is not None for g in self.langevin_gens)
         self.device, self.dtype = device, dtype
 
     def labels(self, y: torch.Tensor, task: str, n_classes: Optional[int]) -> torch.Tensor:
         """Targets with this step's noise: regression y + σ_r ξ, classification labels flipped to a
         random other class with probability p_r. y: shared (B, ...) or per run (R, B, ...)."""
-        if all(g is None for g in self.label_gens):
+        if not self.any_label:
             return y
         r = len(self.label_gens)
         if y.dim() == (2 if task == "regression" else 1):    # shared targets → one copy per run
@@ -109,7 +112,7 @@ class StepNoise:
     @torch.no_grad()
     def langevin(self, params: dict[str, torch.Tensor], lr: torch.Tensor) -> None:
         """θ ← θ + √(2·lr·T)·ξ for the runs with T > 0 (one draw per run covering all its parameters)."""
-        if all(g is None for g in self.langevin_gens):
+        if not self.any_langevin:
             return
         sizes = [p[0].numel() for p in params.values()]
         xi = torch.zeros(len(self.langevin_gens), sum(sizes), device=self.device, dtype=self.dtype)
