@@ -3,8 +3,9 @@
 Every `train.checkpoint_every` steps the pack's state is written atomically (temporary file, then
 rename): the step, the stacked parameters and a model's running statistics (BatchNorm), the
 optimizer's buffers and step count, the per-run learning rates (zeroed for runs that diverged),
-every random stream (each run's minibatch order with its current epoch's permutation, label
-noise, Langevin noise) and the rows recorded so far.
+each run's minibatch order (its generator and the current epoch's permutation) and the rows
+recorded so far. Label and Langevin noise need nothing: a step's noise is a function of the
+run's seed and the step (engine.NoiseBlocks).
 A pack that is preempted, times out (SLURM requeues it through submitit's checkpoint protocol,
 which Hydra's submitit launcher implements) or is killed, and is then started again, loads it and
 takes the same float path an uninterrupted pack takes: the final numbers are identical, bit for bit.
@@ -28,9 +29,9 @@ from symrun.optim import PackedOptimizer
 from symrun.results import run_id, write_atomic
 
 if TYPE_CHECKING:   # engine imports this module
-    from symrun.engine import Recorder, StepNoise
+    from symrun.engine import Recorder
 
-FORMAT = 1
+FORMAT = 2          # 2: no noise generators (engine.NoiseBlocks is counter-based); a 1 is not resumed
 
 
 @dataclass
@@ -41,19 +42,17 @@ class PackState:
     opt: PackedOptimizer
     lr: torch.Tensor               # (R,), the optimizer's own: zeroed for runs that diverged
     order: Optional[BatchOrder]    # None: full batch
-    noise: StepNoise
     record: Recorder
     stats: dict[str, torch.Tensor]  # a model's running statistics (BatchNorm), (R, ...) each
 
 
-def _gens(gens: list[Optional[torch.Generator]]) -> list[Optional[torch.Tensor]]:
-    return [None if g is None else g.get_state() for g in gens]
+def _gens(gens: list[torch.Generator]) -> list[torch.Tensor]:
+    return [g.get_state() for g in gens]
 
 
-def _set_gens(gens: list[Optional[torch.Generator]], states: list[Optional[torch.Tensor]]) -> None:
-    for g, s in zip(gens, states):
-        if g is not None:
-            g.set_state(s)
+def _set_gens(gens: list[torch.Generator], states: list[torch.Tensor]) -> None:
+    for g, state in zip(gens, states):
+        g.set_state(state)
 
 
 def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
@@ -63,7 +62,6 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
     state = {
         "format": FORMAT, "step": step, "run_ids": [run_id(c) for c in cfgs],
         "params": s.params, "stats": s.stats, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
-        "label_gens": _gens(s.noise.label_gens), "langevin_gens": _gens(s.noise.langevin_gens),
         "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
         "alive": s.record.alive, "stopped_at": s.record.stopped_at,
     }
@@ -95,10 +93,8 @@ def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     s.opt.t, s.opt.state = state["opt_t"], state["opt_state"]
     if s.order is not None:
         s.order.perm, s.order.step_in_epoch = state["order"]["perm"], state["order"]["step_in_epoch"]
+        # generator states are CPU byte tensors whatever the generator's device
         _set_gens(s.order.generators, [g.cpu() for g in state["order"]["generators"]])
-    # Generator states are CPU byte tensors whatever the generator's device.
-    _set_gens(s.noise.label_gens, [None if g is None else g.cpu() for g in state["label_gens"]])
-    _set_gens(s.noise.langevin_gens, [None if g is None else g.cpu() for g in state["langevin_gens"]])
     for o, saved in zip(s.record.outcomes, state["outcomes"]):
         o.status, o.rows, o.diverged_at = saved["status"], saved["rows"], saved["diverged_at"]
     s.record.alive.copy_(state["alive"])

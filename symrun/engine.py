@@ -10,6 +10,8 @@ pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exac
 from __future__ import annotations
 
 import json
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -68,60 +70,120 @@ def loss_per_run(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     return (shift.exp().sum(dim=-1).log() - picked).flatten(1).mean(dim=-1)
 
 
-class StepNoise:
-    """Per-run label noise and Langevin noise, each from the run's own stream on the device.
+NOISE_BLOCK = 65536     # values per run and draw of noise: a draw covers up to NOISE_STEPS steps
+NOISE_STEPS = 64
 
-    A run draws only the noise its own config asks for, so its streams advance identically
-    whether it trains alone or beside other runs.
+
+class NoiseBlocks:
+    """One kind of per-step noise for the runs that draw it, counter-based at block granularity.
+
+    Steps (b·K, (b+1)·K] of a run form block b, drawn in one call from the generator of the
+    (seed, "<purpose>/<b>") stream; K = min(NOISE_STEPS, NOISE_BLOCK // values per step) depends
+    only on the run's own shapes. A step's noise is therefore a function of the run's seed and
+    the step alone: the same whichever runs share the pack and wherever a resumed pack restarts
+    (nothing to checkpoint), and a pack draws once per run every K steps, not every step."""
+
+    def __init__(self, seeds: list[int], purpose: str, shape: tuple[int, ...], uniform: bool,
+                 device: torch.device, dtype: torch.dtype):
+        self.seeds, self.purpose, self.shape, self.uniform = seeds, purpose, shape, uniform
+        self.k = max(1, min(NOISE_STEPS, NOISE_BLOCK // max(1, math.prod(shape))))
+        self.device, self.dtype = device, dtype
+        self.block, self.values = -1, None
+
+    def at(self, step: int) -> torch.Tensor:
+        """Step `step`'s (≥ 1) draws: standard normal, or uniform on [0, 1): (runs, *shape)."""
+        b, i = divmod(step - 1, self.k)
+        if b != self.block:
+            self.values = torch.empty(len(self.seeds), self.k, *self.shape, device=self.device, dtype=self.dtype)
+
+            def fill(rows: range) -> None:
+                for r in rows:
+                    g = generator(self.seeds[r], f"{self.purpose}/{b}", self.device)
+                    self.values[r].uniform_(generator=g) if self.uniform else self.values[r].normal_(generator=g)
+
+            # A generator fills on one core; large CPU blocks (Langevin noise of every weight) are
+            # split over torch's threads, each filling its own runs' rows: the values do not change.
+            n, threads = len(self.seeds), torch.get_num_threads()
+            if self.device.type == "cpu" and threads > 1 and self.values.numel() >= 2**20:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(fill, [range(t, n, threads) for t in range(threads)]))
+            else:
+                fill(range(n))
+            self.block = b
+        return self.values[:, i]
+
+
+class StepNoise:
+    """Per-run label noise and Langevin noise, each from the run's own streams (`NoiseBlocks`).
+
+    A run draws only the noise its own config asks for, and what it draws at a step depends on
+    its seed and that step alone, so it is the same whether it trains alone or beside other runs.
     """
 
     def __init__(self, cfgs: list[Config], device: torch.device, dtype: torch.dtype):
         self.label_std = torch.tensor([c.noise.label_std for c in cfgs], device=device, dtype=dtype)
-        self.flip = [c.noise.label_flip for c in cfgs]
+        self.flip = torch.tensor([c.noise.label_flip for c in cfgs], device=device, dtype=dtype)
         self.temperature = torch.tensor([c.noise.temperature for c in cfgs], device=device, dtype=dtype)
-        self.label_gens = [generator(c.seed, "label-noise", device) if c.noise.label_std > 0 or c.noise.label_flip > 0
-                           else None for c in cfgs]
-        self.langevin_gens = [generator(c.seed, "langevin", device) if c.noise.temperature > 0 else None for c in cfgs]
-        # whether any run draws each kind (asked every step: not a Python pass over every run)
-        self.any_label = any(g is not None for g in self.label_gens)
-        self.any_langevin = any(g is not None for g in self.langevin_gens)
+        self.seeds = [c.seed for c in cfgs]
+        # the runs that draw each kind, as indices (None: every run), and their streams, made at the first draw
+        self.label_runs = self._runs([c.noise.label_std > 0 or c.noise.label_flip > 0 for c in cfgs], device)
+        self.langevin_runs = self._runs([c.noise.temperature > 0 for c in cfgs], device)
+        self.label_blocks: Optional[NoiseBlocks] = None
+        self.langevin_blocks: Optional[NoiseBlocks] = None
         self.device, self.dtype = device, dtype
 
-    def labels(self, y: torch.Tensor, task: str, n_classes: Optional[int]) -> torch.Tensor:
-        """Targets with this step's noise: regression y + σ_r ξ, classification labels flipped to a
-        random other class with probability p_r. y: shared (B, ...) or per run (R, B, ...)."""
-        if not self.any_label:
+    @staticmethod
+    def _runs(draws: list[bool], device) -> Optional[torch.Tensor]:
+        if all(draws):
+            return None
+        return torch.tensor([i for i, d in enumerate(draws) if d], dtype=torch.long, device=device)
+
+    def _blocks(self, runs: Optional[torch.Tensor], purpose: str, shape, uniform: bool) -> NoiseBlocks:
+        seeds = self.seeds if runs is None else [self.seeds[i] for i in runs.tolist()]
+        return NoiseBlocks(seeds, purpose, tuple(shape), uniform, self.device, self.dtype)
+
+    def labels(self, y: torch.Tensor, task: str, n_classes: Optional[int], step: int) -> torch.Tensor:
+        """Targets with step `step`'s noise: regression y + σ_r ξ, classification labels flipped to
+        a random other class with probability p_r. y: shared (B, ...) or per run (R, B, ...)."""
+        runs = self.label_runs
+        if runs is not None and len(runs) == 0:
             return y
-        r = len(self.label_gens)
+        r = len(self.seeds)
         if y.dim() == (2 if task == "regression" else 1):    # shared targets → one copy per run
             y = y.expand(r, *y.shape)
+        shape = y.shape[1:] if task == "regression" else (2, *y.shape[1:])   # a flip's two uniforms
+        if self.label_blocks is None or self.label_blocks.shape != tuple(shape):
+            self.label_blocks = self._blocks(runs, "label-noise", shape, uniform=task != "regression")
+        u = self.label_blocks.at(step)
         if task == "regression":
-            xi = torch.zeros_like(y)
-            for i, g in enumerate(self.label_gens):
-                if g is not None:
-                    xi[i] = torch.randn(y.shape[1:], generator=g, device=self.device, dtype=self.dtype)
-            return y + per_run(self.label_std, y) * xi
-        y = y.clone()
-        for i, g in enumerate(self.label_gens):
-            if g is not None:
-                flip = torch.rand(y.shape[1:], generator=g, device=self.device) < self.flip[i]
-                shift = torch.randint(1, n_classes, y.shape[1:], generator=g, device=self.device)
-                y[i] = torch.where(flip, (y[i] + shift) % n_classes, y[i])
-        return y
+            if runs is None:
+                return y + per_run(self.label_std, y) * u
+            return y.index_add(0, runs, per_run(self.label_std[runs], u) * u)
+        mine = y if runs is None else y.index_select(0, runs)
+        flip = u[:, 0] < per_run(self.flip if runs is None else self.flip[runs], u[:, 0])
+        shift = 1 + (u[:, 1] * (n_classes - 1)).long().clamp_max(n_classes - 2)   # uniform on 1..C−1
+        noisy = torch.where(flip, (mine + shift) % n_classes, mine)
+        return noisy if runs is None else y.index_copy(0, runs, noisy)
 
     @torch.no_grad()
-    def langevin(self, params: dict[str, torch.Tensor], lr: torch.Tensor) -> None:
+    def langevin(self, params: dict[str, torch.Tensor], lr: torch.Tensor, step: int) -> None:
         """θ ← θ + √(2·lr·T)·ξ for the runs with T > 0 (one draw per run covering all its parameters)."""
-        if not self.any_langevin:
+        runs = self.langevin_runs
+        if runs is not None and len(runs) == 0:
             return
         sizes = [p[0].numel() for p in params.values()]
-        xi = torch.zeros(len(self.langevin_gens), sum(sizes), device=self.device, dtype=self.dtype)
-        for i, g in enumerate(self.langevin_gens):
-            if g is not None:
-                xi[i] = torch.randn(sum(sizes), generator=g, device=self.device, dtype=self.dtype)
-        scale = (2 * lr * self.temperature).sqrt().unsqueeze(-1)
-        for p, chunk in zip(params.values(), (scale * xi).split(sizes, dim=1)):
-            p.add_(chunk.view_as(p))
+        if self.langevin_blocks is None:
+            self.langevin_blocks = self._blocks(runs, "langevin", (sum(sizes),), uniform=False)
+        xi = self.langevin_blocks.at(step)                                    # (runs, Σ sizes)
+        scale = (2 * lr * self.temperature).sqrt()
+        if runs is not None:
+            scale = scale[runs]
+        for p, chunk in zip(params.values(), xi.split(sizes, dim=1)):
+            chunk = chunk.reshape(-1, *p.shape[1:])          # a view: each run's slice is contiguous
+            if runs is None:
+                p.addcmul_(per_run(scale, p), chunk)         # θ + scale·ξ in one pass
+            else:
+                p.index_add_(0, runs, per_run(scale, chunk) * chunk)
 
 
 def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
@@ -176,7 +238,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             record(step, {**row, **rp.measure(theta, first.metrics)})
 
     # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any
-    pack_state = ckpt_mod.PackState(params, opt, lr, order, noise, record, getattr(model, "stats", {}))
+    pack_state = ckpt_mod.PackState(params, opt, lr, order, record, getattr(model, "stats", {}))
     start = ckpt_mod.restore(checkpoint, cfgs, pack_state) if checkpoint is not None else 0
     steps, log_every, every = first.train.steps, first.train.log_every, first.train.checkpoint_every
     total = total_steps(first)
@@ -196,7 +258,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         else:
             idx = order.next()                  # (R, B)
             xb, yb = take(x, idx), take(y, idx)  # (R, B, d), (R, B[, o])
-        yb = noise.labels(yb, ds.task, ds.n_classes)
+        yb = noise.labels(yb, ds.task, ds.n_classes, step)
         loss = loss_per_run(model.forward(net(), xb), yb, ds.task)        # (R,)
         grads = torch.autograd.grad(loss.sum(), list(params.values()))
         # A run diverges at the step that produced a non-finite value: the parameters of step − 1
@@ -206,7 +268,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         record.check(step - 1, loss.isfinite())
         record.check(step, opt.step(params, dict(zip(params, grads)), record.alive))
         lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run
-        noise.langevin(params, lr)
+        noise.langevin(params, lr, step)
         if step % log_every == 0 or step % steps == 0:
             log(step)
             lr.masked_fill_(~record.alive, 0.0)

@@ -265,7 +265,7 @@ def test_langevin_noise_has_std_sqrt_2_lr_t_and_is_zero_at_t_zero():
     cfgs = _noise_configs(temperature=temperatures)
     shapes = {"a": (300, 100), "b": (40_000,)}
     params = {k: torch.zeros(len(cfgs), *s, dtype=torch.float64) for k, s in shapes.items()}
-    StepNoise(cfgs, CPU, torch.float64).langevin(params, torch.tensor(lrs, dtype=torch.float64))
+    StepNoise(cfgs, CPU, torch.float64).langevin(params, torch.tensor(lrs, dtype=torch.float64), step=1)
 
     n = sum(math.prod(s) for s in shapes.values())
     for i, (t, lr) in enumerate(zip(temperatures, lrs)):
@@ -282,7 +282,7 @@ def test_langevin_noise_has_std_sqrt_2_lr_t_and_is_zero_at_t_zero():
 
     # A run's noise comes from its own stream: the same draw when it is alone.
     alone = {k: torch.zeros(1, *s, dtype=torch.float64) for k, s in shapes.items()}
-    StepNoise(cfgs[2:3], CPU, torch.float64).langevin(alone, torch.tensor(lrs[2:3], dtype=torch.float64))
+    StepNoise(cfgs[2:3], CPU, torch.float64).langevin(alone, torch.tensor(lrs[2:3], dtype=torch.float64), step=1)
     assert all(torch.equal(alone[k][0], params[k][2]) for k in shapes)
 
 
@@ -290,20 +290,66 @@ def test_label_noise_regression_std_and_classification_flips():
     b = 50_000
     cfgs = _noise_configs(label_std=[0.5, 0.0], label_flip=[0.0, 0.0])
     y = torch.zeros(b, 1, dtype=torch.float64)                       # shared targets (B, o)
-    noisy = StepNoise(cfgs, CPU, torch.float64).labels(y, "regression", None)   # (R, B, o)
+    noisy = StepNoise(cfgs, CPU, torch.float64).labels(y, "regression", None, step=1)   # (R, B, o)
     assert noisy.shape == (2, b, 1)
     assert noisy[0].std().item() == pytest.approx(0.5, rel=0.02)
     assert torch.count_nonzero(noisy[1]) == 0
 
     cfgs = _noise_configs(label_std=[0.0, 0.0], label_flip=[0.3, 0.0])
     labels = torch.arange(b) % 10                                    # (B,)
-    flipped = StepNoise(cfgs, CPU, torch.float64).labels(labels, "classification", 10)
+    flipped = StepNoise(cfgs, CPU, torch.float64).labels(labels, "classification", 10, step=1)
     changed = flipped[0] != labels
     # A flip always goes to a *different* class, so the changed fraction is p itself (σ ≈ 0.002).
     assert changed.float().mean().item() == pytest.approx(0.3, abs=0.01)
     shift = (flipped[0][changed] - labels[changed]) % 10
     assert shift.min() >= 1 and torch.bincount(shift, minlength=10)[1:].min() > 0.8 * changed.sum() / 9
     assert torch.equal(flipped[1], labels)
+
+
+@pytest.mark.parametrize("kind", ["regression", "classification", "langevin"])
+def test_a_steps_noise_depends_on_the_run_and_the_step_only(kind):
+    """Noise is drawn K steps at a time (engine.NoiseBlocks) from streams named by the block: the
+    noise of step t is the same whether the steps before it were drawn or not (a resumed pack),
+    whichever runs share the pack, and it changes from step to step, within and across blocks."""
+    cfgs = _noise_configs(**({"temperature": [0.5, 0.0, 2.0]} if kind == "langevin" else
+                             {"label_std": [0.5, 0.0, 1.0]} if kind == "regression" else
+                             {"label_flip": [0.3, 0.0, 0.5]}))
+
+    def draw(pack, step, noise=None):
+        noise = noise or StepNoise(pack, CPU, torch.float64)
+        if kind == "langevin":
+            params = {"w": torch.zeros(len(pack), 30, 20, dtype=torch.float64)}
+            noise.langevin(params, torch.full((len(pack),), 0.1, dtype=torch.float64), step)
+            return params["w"]
+        if kind == "regression":
+            return noise.labels(torch.zeros(40, 2, dtype=torch.float64), "regression", None, step)
+        return noise.labels(torch.arange(400) % 10, "classification", 10, step)
+
+    through = StepNoise(cfgs, CPU, torch.float64)
+    k = 64 if kind != "langevin" else engine.NOISE_BLOCK // 600      # steps per block
+    steps = [1, 2, k, k + 1, 3 * k + 5]
+    seen = {t: draw(cfgs, t, through) for t in range(1, steps[-1] + 1)}
+    for t in steps:
+        fresh = draw(cfgs, t)
+        assert torch.equal(fresh, seen[t]), t                               # resumed at t
+        assert torch.equal(draw(cfgs[2:], t)[0], seen[t][2]), t            # alone
+        quiet = draw(cfgs[1:2], t)               # a pack that draws no noise keeps shared targets shared
+        assert torch.equal(seen[t][1], quiet[0] if quiet.dim() == seen[t].dim() else quiet)   # untouched
+    for a, b in zip(steps, steps[1:]):
+        assert not torch.equal(seen[a][0], seen[b][0]) and not torch.equal(seen[a][0], seen[a][2]), (a, b)
+
+
+def test_a_large_noise_block_filled_over_threads_equals_one_thread(monkeypatch):
+    """Big CPU blocks (Langevin noise of every weight) are filled by several threads, each run's
+    row from its own generator: the values are those one thread draws."""
+    def block():
+        return engine.NoiseBlocks(list(range(40)), "langevin", (30_000,), False, CPU, torch.float32)
+    assert block().k * 40 * 30_000 >= 2**20                           # large enough to be threaded
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    threaded = [block().at(t) for t in (1, 3)]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    serial = [block().at(t) for t in (1, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(threaded, serial))
 
 
 # ---------------------------------------------------------------------------------------------
