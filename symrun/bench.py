@@ -97,10 +97,14 @@ class HadamardNaive(nn.Module):
         return (x @ (self.u * self.w)).unsqueeze(-1)
 
 
-def w1(seeds: int, steps: int, device: str) -> Workload:
-    """The reference workload: 64-128-10 tanh MLP, digits, minibatch 64, SGD lr 0.05."""
+def w1(seeds: int, steps: int, device: str, label_flip: float = 0.0) -> Workload:
+    """The reference workload: 64-128-10 tanh MLP, digits, minibatch 64, SGD lr 0.05; with
+    `label_flip`, each step's labels flipped with that probability (gradient noise, both ways)."""
     cfgs = grid(MLPConfig(width=128, depth=1), DigitsDataConfig(batch_size=64), 0.05, WDS_8, seeds, steps, device)
-    return Workload(f"W1 mlp 64-128-10 tanh, digits, batch 64 — 8 wd × {seeds} seeds", cfgs,
+    for c in cfgs:
+        c.noise.label_flip = label_flip
+    noise = f", label flips p = {label_flip:g}" if label_flip else ""
+    return Workload(f"W1 mlp 64-128-10 tanh, digits, batch 64{noise} — 8 wd × {seeds} seeds", cfgs,
                     chain_flops([64, 128, 10], 64), mlp_naive, {"seeds": seeds})
 
 
@@ -139,6 +143,9 @@ def naive(configs: list[Config], device: torch.device, model_fn, lean: bool) -> 
         model = model_fn(cfg, ds.in_dim, ds.out_dim).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         for xb, yb in itertools.islice(_batches(x, y, cfg.data.batch_size, lean), cfg.train.steps):
+            if cfg.noise.label_flip > 0:     # as the engine does: a flip goes to another class
+                flip = torch.rand(yb.shape, device=device) < cfg.noise.label_flip
+                yb = torch.where(flip, (yb + torch.randint(1, ds.out_dim, yb.shape, device=device)) % ds.out_dim, yb)
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xb), yb).backward()
             opt.step()
@@ -264,7 +271,8 @@ def run(device: torch.device, steps: int, quick: bool, naive_runs: int, profile:
               "speed-up vs lean", "packed GFLOP/s", "of peak", "peak MiB"]
     rows = []
     seeds_list = [1, 4] if quick else [1, 4, 8, 32]
-    wls = [w1(s, steps, str(device)) for s in seeds_list] + other_workloads(steps, str(device))
+    wls = ([w1(s, steps, str(device)) for s in seeds_list] + [w1(seeds_list[-2], steps, str(device), label_flip=0.1)]
+           + other_workloads(steps, str(device)))
     per_run: dict[str, tuple[float, float]] = {}         # naive seconds per run, by workload kind
     packed(wls[0].configs[:2], device)                   # warm-up: allocator, kernels, data cache
     naive(wls[0].configs[:1], device, wls[0].naive_model, lean=False)

@@ -36,7 +36,7 @@ def test_quick_bench_writes_every_workload(tmp_path):
     out = tmp_path / "B.md"
     bench.main(["--quick", "--steps", "3", "--naive-runs", "1", "--write", str(out)])
     text = out.read_text()
-    for name in ("W1 mlp", "hadamard", "factorization", "Pack-size scaling", "fp32 matmul peak"):
+    for name in ("W1 mlp", "label flips p = 0.1", "hadamard", "factorization", "Pack-size scaling", "fp32 matmul peak"):
         assert name in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| W1")]
-    assert len(rows) == 2 and all("×" in r for r in rows)
+    assert len(rows) == 3 and all("×" in r for r in rows)        # 8 and 32 runs, 8 with label flips
