@@ -113,8 +113,10 @@ class Hadamard(PackedModel):
         return {"u": ((self.d,), self.std), "w": ((self.d,), self.std)}
 
     def forward(self, params, x):
-        s = (params["u"] * params["w"]).unsqueeze(-1)      # (R, d, 1)
-        return x @ s                                         # (R, B, 1)
+        s = params["u"] * params["w"]                        # (R, d)
+        if x.dim() == 2:        # a shared input (full batch): one GEMM for every run, not R broadcast ones
+            return (s @ x.T).unsqueeze(-1)                   # (R, B, 1)
+        return x @ s.unsqueeze(-1)                           # per-run minibatches (R, B, d) → (R, B, 1)
 
     def coefficients(self) -> NeuronSet:
         return NeuronSet("coef", (Slot("u", 1), Slot("w", 1)))
@@ -143,10 +145,17 @@ class Factorization(PackedModel):
         return {"U": ((self.o, self.h), s / math.sqrt(self.h)), "W": ((self.h, self.d), s / math.sqrt(self.d))}
 
     def forward(self, params, x):
-        z = x @ params["W"].transpose(-1, -2)                # (R, B, h)
+        w, u = params["W"], params["U"]                      # (R, h, d), (R, o, h)
+        if x.dim() == 2:        # a shared input (full batch): W x of every run as one GEMM, (R, h, B)
+            r, h, d = w.shape
+            z = (w.reshape(r * h, d) @ x.T).view(r, h, x.shape[0])
+            if self.cfg.residual:
+                z = z + x.T
+            return (u @ z).mT                                # (R, B, o)
+        z = x @ w.mT                                         # per-run minibatches (R, B, d) → (R, B, h)
         if self.cfg.residual:
             z = z + x
-        return z @ params["U"].transpose(-1, -2)             # (R, B, o)
+        return z @ u.mT                                      # (R, B, o)
 
     def symmetries(self):
         return [] if self.cfg.residual else [Rotation("U", "W")]

@@ -435,6 +435,23 @@ def test_evaluation_reuses_its_forward_features_and_measures_what_a_fresh_pass_d
         torch.testing.assert_close(row_broken[k][[0, 2]], v[[0, 2]], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("model_cfg", [HadamardConfig(), FactorizationConfig(hidden=6),
+                                       FactorizationConfig(hidden=8, residual=True), MLPConfig(width=7, depth=2)],
+                         ids=["hadamard", "factorization", "factorization-residual", "mlp"])
+def test_a_shared_input_gives_what_the_same_input_given_to_each_run_gives(model_cfg):
+    """Full batch, the input is shared, (B, d), and the models take it in one GEMM for every run;
+    per-run minibatches, (R, B, d), go through batched GEMMs. Outputs and gradients must agree."""
+    model = build(model_cfg, 8, 1 if isinstance(model_cfg, HadamardConfig) else 3)
+    params = model.init_params([0, 1, 2, 3], CPU, torch.float64)
+    x = torch.randn(11, 8, dtype=torch.float64)
+    shared, each = model.forward(params, x), model.forward(params, x.expand(4, 11, 8))
+    assert shared.shape == each.shape == (4, 11, model.forward(params, x[:1]).shape[-1])
+    torch.testing.assert_close(shared, each, rtol=1e-12, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(shared.pow(2).sum(), list(params.values())),
+                    torch.autograd.grad(each.pow(2).sum(), list(params.values()))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 2.5e-7), (torch.float64, 5e-16)])
 def test_cpu_tanh_is_torch_tanh_to_an_ulp_with_first_and_second_derivatives(dtype, bound):
     """models.tanh (numpy's SIMD kernel on CPU) against the exact value, near 0 included, and its
