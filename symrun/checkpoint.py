@@ -46,19 +46,10 @@ class PackState:
     stats: dict[str, torch.Tensor]  # a model's running statistics (BatchNorm), (R, ...) each
 
 
-def _gens(gens: list[torch.Generator]) -> list[torch.Tensor]:
-    return [g.get_state() for g in gens]
-
-
-def _set_gens(gens: list[torch.Generator], states: list[torch.Tensor]) -> None:
-    for g, state in zip(gens, states):
-        g.set_state(state)
-
-
 def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
     """Write the pack's state after `step` steps to `path`, atomically."""
     order = None if s.order is None else {"perm": s.order.perm, "step_in_epoch": s.order.step_in_epoch,
-                                          "generators": _gens(s.order.generators)}
+                                          "generators": [g.get_state() for g in s.order.generators]}
     state = {
         "format": FORMAT, "step": step, "run_ids": [run_id(c) for c in cfgs],
         "params": s.params, "stats": s.stats, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
@@ -94,7 +85,8 @@ def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     if s.order is not None:
         s.order.perm, s.order.step_in_epoch = state["order"]["perm"], state["order"]["step_in_epoch"]
         # generator states are CPU byte tensors whatever the generator's device
-        _set_gens(s.order.generators, [g.cpu() for g in state["order"]["generators"]])
+        for g, g_state in zip(s.order.generators, state["order"]["generators"]):
+            g.set_state(g_state.cpu())
     for o, saved in zip(s.record.outcomes, state["outcomes"]):
         o.status, o.rows, o.diverged_at = saved["status"], saved["rows"], saved["diverged_at"]
     s.record.alive.copy_(state["alive"])

@@ -64,6 +64,11 @@ def run_dir(sweep_dir: Path, run_id: str) -> Path:
     return Path(sweep_dir) / "runs" / run_id
 
 
+def launch_plan(folder: Path, k: int) -> Path:
+    """Launch k's plan in a sweep's (or a suite's) folder; Hydra's job folders go beside it."""
+    return Path(folder) / "launches" / str(k) / "plan.json"
+
+
 def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
     """Refuse an output location that cannot take a sweep's results, before any training.
 

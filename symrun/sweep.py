@@ -279,7 +279,6 @@ def write_plan(p: Plan) -> Path:
     launch's plan and each new run's config.yaml. Returns the plan's path."""
     previous = results.read_json(p.sweep_dir / "sweep.json") or {}
     launches = previous.get("launches", [])
-    launch_dir = p.sweep_dir / "launches" / str(len(launches))
     results.write_json(p.sweep_dir / "sweep.json", {
         "name": p.name,
         "swept": list(dict.fromkeys(previous.get("swept", []) + p.swept)),
@@ -289,7 +288,7 @@ def write_plan(p: Plan) -> Path:
     for rid, cfg in p.configs.items():
         if rid not in p.finished:           # a finished run's folder is never touched again
             results.save_config(p.sweep_dir, rid, cfg)
-    path = launch_dir / "plan.json"
+    path = results.launch_plan(p.sweep_dir, len(launches))
     results.write_json(path, {"sweep_dir": str(p.sweep_dir.resolve()), "packs": p.packs})
     return path
 
@@ -299,10 +298,10 @@ def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
     `write_plan`): `<folder>/launches/<k>/plan.json` lists the plans and numbers their packs
     0…P−1 across them, so one multirun — one job array on SLURM — runs every member's packs at
     once. `run_pack` follows a pack to its member's plan. Returns the launch's path."""
-    launches = folder / "launches"
+    launches = Path(folder) / "launches"     # a suite's folder has no sweep.json history: count
     k = sum(d.name.isdigit() for d in launches.iterdir()) if launches.is_dir() else 0
     packs = [[i, j] for i, (p, _) in enumerate(written) for j in range(len(p.packs))]
-    path = launches / str(k) / "plan.json"
+    path = results.launch_plan(folder, k)
     results.write_json(path, {"plans": [str(pp.resolve()) for _, pp in written], "packs": packs})
     return path
 
