@@ -330,11 +330,13 @@ class MetricsConfig:
     """At the end of a run, the critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) of up to this many
     mirrors per declared symmetry (those nearest their constraint); 0 = skip (symrun.critical)."""
     critical_block: int = 24
-    """Blocks Oᵀ∇²L O up to this size are built from Hessian-vector products and solved exactly;
-    larger ones by this many Lanczos steps."""
-    critical_examples: Optional[int] = 256
-    """The loss whose Hessian gives λ_c is taken on the first this many training examples
-    (null = all): exact for small data, an estimate that bounds the cost on large data."""
+    """Blocks Oᵀ∇²L O that Hessian-vector products build are solved exactly up to this size,
+    larger ones by this many Lanczos steps. Blocks a model gives in closed form (the hidden
+    neurons of mlp and ensemble) are always solved exactly."""
+    critical_examples: Optional[int] = 4096
+    """The loss whose Hessian gives λ_c is on every training example when there are at most this
+    many (exact), else on the first this many (an estimate that bounds the cost on large data);
+    null = always every example. Columns critical_wd_examples and critical_wd_exact say which."""
     probe_size: int = 256
     """Inputs (from the test set, else train) on which ensemble members' outputs and the last
     hidden layer's representation (dead_units, feature_rank) are measured."""

@@ -170,6 +170,14 @@ def mirror_count(sym: Symmetry, params: Params) -> int:
     return mid * (n if isinstance(sym, SignFlip) else n * (n - 1) // 2)
 
 
+def mirror_size(sym: Symmetry, params: Params) -> int:
+    """k, the columns of each of `sym`'s mirrors O: a neuron's group size; a + b for a rotation of
+    U (a × h) and W (h × b)."""
+    if isinstance(sym, Rotation):
+        return params[sym.left].shape[-2] + params[sym.right].shape[-1]
+    return gather(sym.neurons, params).shape[-1]
+
+
 def select(sym: Symmetry, params: Params, index: torch.Tensor) -> Mirror:
     """Run r's mirror number index[r] of `sym`, numbered as the columns of `constraint_norms`:
     neurons (and members) in order; pairs i < j in row-major order; for a rotation, per block the
