@@ -398,8 +398,10 @@ class Config:
     """auto | cpu | cuda (auto: cuda when available)."""
     name: str = "default"
     """Sweep label: results go to outputs/<name>/<timestamped id>/."""
-    pack_size: int = 256
-    """Most runs trained together as one batched model (bounds memory)."""
+    pack_size: Optional[int] = None
+    """Most runs trained together as one batched model; null = as many as fit in 2 GiB, from the
+    model's parameters and the activations a step saves (symrun.memory). Set it to cap packs,
+    e.g. to spread a grid over more cluster jobs."""
 
 
 # Settings that say *where/how* a run executes, not *what* it computes: left out of run ids.
@@ -532,7 +534,7 @@ def validate(cfg: Config) -> Config:
         (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = off), got {t.checkpoint_every}"),
         (t.dtype in ("float32", "float64"), f"train.dtype must be float32 or float64, got '{t.dtype}'"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got '{cfg.device}'"),
-        (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),
+        (cfg.pack_size is None or cfg.pack_size >= 1, f"pack_size must be >= 1 or null, got {cfg.pack_size}"),
         (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
         (cfg.symmetry.remove_std >= 0, f"symmetry.remove_std must be >= 0, got {cfg.symmetry.remove_std}"),
         (mt.critical_mirrors >= 0 and mt.critical_block >= 1 and (mt.critical_examples or 1) >= 1,

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from symrun import data as data_mod
-from symrun import engine, models, reparam, results
+from symrun import engine, memory, models, reparam, results
 from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, flatten, register_configs, to_config,
                            to_dict, total_steps)
 
@@ -269,7 +269,7 @@ def schedule(p: Plan) -> Plan:
             todo.setdefault(engine.pack_key(cfg), []).append(rid)
     packs = []
     for ids in todo.values():
-        size = p.configs[ids[0]].pack_size
+        size = memory.pack_size(p.configs[ids[0]])
         packs += [ids[i: i + size] for i in range(0, len(ids), size)]
     return dataclasses.replace(p, packs=packs, finished=finished)
 
