@@ -22,6 +22,7 @@ adding a new setting with a default renames no existing run).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import fcntl
 import hashlib
@@ -145,14 +146,45 @@ def checkpoint_path(sweep_dir: Path, run_ids: list[str]) -> Path:
     return Path(sweep_dir) / "checkpoints" / f"{digest}.pt"
 
 
+_deferred = False     # inside `one_sync`: the fsyncs are one syncfs at its end
+
+
 def write_atomic(path: Path, content: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "wb") as f:
         f.write(content.encode() if isinstance(content, str) else content)
         f.flush()
-        os.fsync(f.fileno())
+        if not _deferred:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def one_sync(folder: Path):
+    """The files written inside are made durable together when it ends, by one syncfs(2) of
+    `folder`'s filesystem, instead of an fsync each (~1 ms apiece here: 22,000 of them for a
+    4,352-run sweep). Write a completion marker after the block holding its run's files."""
+    global _deferred
+    outer, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = outer
+        if not outer:
+            sync_filesystem(Path(folder))
+
+
+def sync_filesystem(folder: Path) -> None:
+    """syncfs(2) on the filesystem holding `folder` (its dirty files and renames, at once);
+    os.sync() where the C library has no syncfs."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if getattr(ctypes.CDLL(None, use_errno=True), "syncfs", lambda _: -1)(fd) == 0:
+            return
+    finally:
+        os.close(fd)
+    os.sync()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -199,6 +231,23 @@ def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: O
               arrays: Optional[dict] = None, **info: Any) -> None:
     """A run's metrics, parameters and arrays (<name>.npy, for its figures), then its status
     (the completion marker) last."""
+    write_runs(sweep_dir, [(rid, state, rows, params, arrays, info)])
+
+
+def write_runs(sweep_dir: Path, runs: list[tuple[str, str, list[dict], Optional[dict], Optional[dict], dict]]) -> None:
+    """write_run for many runs, (rid, state, rows, params, arrays, info) each, with two syncs in
+    all: every run's files made durable together, then every status.json, so that no completion
+    marker reaches the disk before its run's files."""
+    with one_sync(sweep_dir):
+        for rid, _, rows, params, arrays, _ in runs:
+            _write_files(sweep_dir, rid, rows, params, arrays)
+    with one_sync(sweep_dir):
+        for rid, state, rows, _, _, info in runs:
+            final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+            write_status(sweep_dir, rid, state, final=final, **info)
+
+
+def _write_files(sweep_dir: Path, rid: str, rows: list[dict], params: Optional[dict], arrays: Optional[dict]) -> None:
     d = run_dir(sweep_dir, rid)
     write_csv(d / "metrics.csv", pd.DataFrame(rows))
     if params is not None:
@@ -209,8 +258,6 @@ def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: O
         buf = io.BytesIO()
         np.save(buf, array.numpy() if isinstance(array, torch.Tensor) else array, allow_pickle=False)
         write_atomic(d / f"{name}.npy", buf.getvalue())
-    final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
-    write_status(sweep_dir, rid, state, final=final, **info)
 
 
 class ParamsError(ValueError):

@@ -285,9 +285,10 @@ def write_plan(p: Plan) -> Path:
         "created": previous.get("created", results.now()),
         "launches": launches + [{"at": results.now(), "overrides": p.overrides, "runs": len(p.configs),
                                  "already_finished": len(p.finished), "packs": len(p.packs)}]})
-    for rid, cfg in p.configs.items():
-        if rid not in p.finished:           # a finished run's folder is never touched again
-            results.save_config(p.sweep_dir, rid, cfg)
+    with results.one_sync(p.sweep_dir):
+        for rid, cfg in p.configs.items():
+            if rid not in p.finished:           # a finished run's folder is never touched again
+                results.save_config(p.sweep_dir, rid, cfg)
     path = results.launch_plan(p.sweep_dir, len(launches))
     results.write_json(path, {"sweep_dir": str(p.sweep_dir.resolve()), "packs": p.packs})
     return path
@@ -321,22 +322,25 @@ def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None
     configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in ids]
     info = {"pack": index, "pack_size": len(ids), "started_at": results.now(),
             **results.provenance(str(engine.resolve_device(configs[0].device)))}
-    for rid in ids:
-        results.write_status(sweep_dir, rid, results.RUNNING, **info)
+    with results.one_sync(sweep_dir):
+        for rid in ids:
+            results.write_status(sweep_dir, rid, results.RUNNING, **info)
     start = time.perf_counter()
     ckpt = results.checkpoint_path(sweep_dir, ids)
     try:
         outcomes = engine.train_pack(configs, on_step=on_step, checkpoint=ckpt)
     except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
         error = f"{type(e).__name__}: {e}"
-        for rid in ids:
-            results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
-                                 finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
+        with results.one_sync(sweep_dir):
+            for rid in ids:
+                results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
+                                     finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
         return {"pack": index, "runs": len(ids), "failed": len(ids)}
     wall = time.perf_counter() - start
-    for rid, out in zip(ids, outcomes):
-        results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
-                          resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
+    results.write_runs(sweep_dir, [(rid, out.status, out.rows, out.state, out.arrays,
+                                    dict(diverged_at=out.diverged_at, resumed_from=out.resumed_from or None,
+                                         finished_at=results.now(), wall_time_s=wall, **info))
+                                   for rid, out in zip(ids, outcomes)])
     ckpt.unlink(missing_ok=True)         # every run is recorded: the checkpoint has served
     return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 

@@ -189,3 +189,26 @@ def test_a_params_file_that_is_not_a_state_dict_is_refused_without_running_it(tm
     assert not (tmp_path / "ran").exists(), "nothing was unpickled into code"
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(results.load_params(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_a_pack_is_written_with_two_syncs_and_every_status_after_every_file(tmp_path, monkeypatch):
+    """write_runs: no fsync per file; one syncfs after every run's metrics and parameters, one
+    after the statuses, so no completion marker can reach the disk before its run's files."""
+    events = []
+    monkeypatch.setattr(results.os, "fsync", lambda fd: events.append("fsync"))
+    real_sync = results.sync_filesystem
+    monkeypatch.setattr(results, "sync_filesystem", lambda folder: (events.append("sync"), real_sync(folder)))
+    real_write = results.write_atomic
+    monkeypatch.setattr(results, "write_atomic", lambda path, content: (events.append(Path(path).name), real_write(path, content)))
+    rows = [{"step": 0, "train_loss": 1.0}, {"step": 5, "train_loss": 0.5}]
+    runs = [(f"r{i}", results.FINISHED, rows, {"w": torch.ones(2) * i}, None, {"wall_time_s": 1.0}) for i in range(3)]
+    results.write_runs(tmp_path, runs)
+    files = ["metrics.csv", "params.pt"] * 3
+    assert events == files + ["sync"] + ["status.json"] * 3 + ["sync"]
+    for i in range(3):
+        assert results.status(tmp_path, f"r{i}") == {"run_id": f"r{i}", "status": "finished", "final": {"train_loss": 0.5},
+                                                     "wall_time_s": 1.0}
+        assert torch.equal(results.load_params(results.run_dir(tmp_path, f"r{i}") / "params.pt")["w"], torch.ones(2) * i)
+    events.clear()
+    results.write_json(tmp_path / "x.json", {})             # outside a batch: an fsync per file, as before
+    assert events == ["x.json", "fsync"]
