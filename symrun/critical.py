@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from symrun import memory
+from symrun import linalg, memory
 from symrun.config import MetricsConfig
 from symrun.metrics import finite_runs, zero_runs
 from symrun.symmetries import Mirror, Symmetry, constraint_norms, kind, mirror_size, project, select
@@ -88,7 +88,7 @@ def lanczos_min(matvec, runs: int, k: int, steps: int, dtype, device, seed: int 
     if betas:
         off = torch.diag_embed(torch.stack(betas, -1), offset=1)
         t = t + off + off.mT
-    return torch.linalg.eigvalsh(t)[..., 0]
+    return linalg.eigvalsh(t)[..., 0]
 
 
 def threshold(loss_fn: LossFn, mirror: Mirror, params: Params, block_size: int) -> torch.Tensor:
@@ -98,7 +98,7 @@ def threshold(loss_fn: LossFn, mirror: Mirror, params: Params, block_size: int) 
     runs = ref.shape[0]
     matvec = restricted_matvec(mirror, hvp_at(loss_fn, point))
     if mirror.size <= block_size:
-        lam_min = torch.linalg.eigvalsh(block(matvec, runs, mirror.size, ref.dtype, ref.device))[..., 0]
+        lam_min = linalg.eigvalsh(block(matvec, runs, mirror.size, ref.dtype, ref.device))[..., 0]
     else:
         lam_min = lanczos_min(matvec, runs, mirror.size, block_size, ref.dtype, ref.device)
     return -lam_min.detach()
@@ -137,7 +137,7 @@ def thresholds(loss_fn: LossFn, symmetries: list[Symmetry], params: Params, limi
     for sym in symmetries:
         order = nearest(sym, params, limit)
         blocks = closed_form(sym, params, order) if closed_form is not None else None
-        lam = -torch.linalg.eigvalsh(blocks)[..., 0] if blocks is not None else batched(loss_fn, sym, params, order, block_size)
+        lam = -linalg.eigvalsh(blocks)[..., 0] if blocks is not None else batched(loss_fn, sym, params, order, block_size)
         out.setdefault(kind(sym), []).append(lam)
     return {name: torch.cat(values, dim=1) for name, values in out.items()}
 
