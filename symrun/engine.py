@@ -9,6 +9,8 @@ pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exac
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from symrun import checkpoint as ckpt_mod
 from symrun import data as data_mod
 from symrun import critical, metrics, models, reparam
-from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
+from symrun.config import (ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_config, to_dict, total_steps,
+                           validate)
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed, generator
 from symrun.optim import PackedOptimizer, per_run
@@ -47,6 +50,37 @@ def pack_key(cfg: Config) -> str:
     alone = cfg.model.name in ALONE_MODELS
     shared = {k: v for k, v in flat.items() if (alone or k not in PER_RUN_KEYS) and k not in ("name", "pack_size")}
     return json.dumps(shared, sort_keys=True, default=str)
+
+
+def pack_configs(saved: list[dict]) -> list[Config]:
+    """Typed configs of a pack's runs from their saved dicts (config.yaml). The first goes through
+    config.to_config and its every check; the others, which may differ from it only in
+    PER_RUN_KEYS, are copies of it with those keys set, each validated again: a pack's configs
+    are composed once, not once per run (~7 ms apiece, 30 s for a 4,352-run pack). A run that
+    differs in anything else, or whose per-run value is not a number, goes through to_config."""
+    first = to_config(saved[0])
+    shared = {k: v for k, v in flatten(saved[0]).items() if k not in PER_RUN_KEYS}
+    out = [first]
+    for d in saved[1:]:
+        flat = flatten(d)
+        cfg = copy.deepcopy(first)
+        same = {k: v for k, v in flat.items() if k not in PER_RUN_KEYS} == shared
+        if not (same and all(k in flat and _set(cfg, k, flat[k]) for k in PER_RUN_KEYS)):
+            cfg = to_config(d)
+        out.append(validate(cfg))
+    return out
+
+
+def _set(cfg: Config, key: str, value) -> bool:
+    """Set dotted `key` of `cfg` to `value` if it has the schema's type (an int where an int is
+    due; an int or a float where a float is, as a float). False, untouched, otherwise."""
+    *path, name = key.split(".")
+    owner = functools.reduce(getattr, path, cfg)
+    due = type(getattr(owner, name))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (due is int and not isinstance(value, int)):
+        return False
+    setattr(owner, name, due(value))
+    return True
 
 
 @dataclass

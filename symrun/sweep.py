@@ -319,7 +319,7 @@ def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None
     ids = [rid for rid in written["packs"][index] if not results.is_finished(sweep_dir, rid)]
     if not ids:
         return {"pack": index, "runs": 0}
-    configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in ids]
+    configs = engine.pack_configs([results.load_config_dict(sweep_dir, rid) for rid in ids])
     info = {"pack": index, "pack_size": len(ids), "started_at": results.now(),
             **results.provenance(str(engine.resolve_device(configs[0].device)))}
     with results.one_sync(sweep_dir):
