@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import write_fake_cifar
-from symrun import sweep
+from symrun import config, sweep
 from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, ConfigError
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -151,3 +151,18 @@ def test_a_config_saved_with_model_offset_std_still_loads():
     assert cfg.symmetry.remove is True and cfg.symmetry.remove_std == 0.3
     plain = to_config({"model": {"name": "hadamard", "offset_std": 0.0}, "data": {"name": "teacher"}})
     assert plain.symmetry.remove is False
+
+
+def test_to_dict_is_dataclasses_asdict():
+    import dataclasses
+
+    from symrun.config import Config, DigitsDataConfig, EnsembleConfig, TeacherDataConfig, TextDataConfig, TransformerConfig
+
+    for model, data in ((EnsembleConfig(), TeacherDataConfig(teacher="mlp")), (TransformerConfig(), TextDataConfig()),
+                        (EnsembleConfig(members=3), DigitsDataConfig())):
+        cfg = Config(model=model, data=data)
+        cfg.constraint.params = ["layers.0.weight", "layers.1.bias"]
+        out = config.to_dict(cfg)
+        assert out == dataclasses.asdict(cfg) and isinstance(out["optim"]["betas"], type(cfg.optim.betas))
+        out["constraint"]["params"].append("x")                     # a copy, not the config's own list
+        assert cfg.constraint.params == ["layers.0.weight", "layers.1.bias"]
