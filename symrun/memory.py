@@ -17,6 +17,7 @@ from symrun.config import ALONE_MODELS, Config, to_dict
 
 PACK_BYTES = 2 * 2**30     # one pack's training: every run's state and one step's graph
 PASS_BYTES = 512 * 2**20   # one batched Hessian pass of λ_c (symrun.critical), all its virtual runs
+FALLBACK_PACK = 256        # runs per pack when a model's step cannot be measured
 
 
 def saved_bytes(fn: Callable[[], Any]) -> int:
@@ -47,7 +48,10 @@ def pack_size(cfg: Config) -> int:
         return cfg.pack_size
     if cfg.model.name in ALONE_MODELS:
         return 1
-    return max(1, PACK_BYTES // run_bytes(cfg))
+    try:
+        return max(1, PACK_BYTES // run_bytes(cfg))
+    except Exception:  # noqa: BLE001 — sizing is an estimate: a model that cannot take the probe
+        return FALLBACK_PACK  # step fails in its own pack, where the failure is recorded per run
 
 
 def run_bytes(cfg: Config) -> int:

@@ -36,3 +36,17 @@ def test_pack_size_is_the_users_cap_or_what_the_budget_holds(tmp_path, monkeypat
     one = memory.run_bytes(next(iter(sweep.plan(grid, tmp_path / "c").configs.values())))
     monkeypatch.setattr(memory, "PACK_BYTES", 3 * one + 1)
     assert sorted(len(p) for p in sweep.plan(grid, tmp_path / "d").packs) == [2, 3, 3]
+
+
+def test_a_model_whose_step_cannot_be_measured_gets_the_fallback_pack(monkeypatch):
+    from symrun.bench import w1
+
+    cfg = w1(1, 10, "cpu").configs[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a forward pass that fails")
+
+    monkeypatch.setattr(memory, "run_bytes", broken)
+    assert memory.pack_size(cfg) == memory.FALLBACK_PACK
+    cfg.pack_size = 7
+    assert memory.pack_size(cfg) == 7
