@@ -554,7 +554,7 @@ def validate(cfg: Config) -> Config:
         (cfg.pack_size is None or cfg.pack_size >= 1, f"pack_size must be >= 1 or null, got {cfg.pack_size}"),
         (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
         (cfg.symmetry.remove_std >= 0, f"symmetry.remove_std must be >= 0, got {cfg.symmetry.remove_std}"),
-        (mt.critical_mirrors >= 0 and mt.critical_block >= 1 and (mt.critical_examples or 1) >= 1,
+        (mt.critical_mirrors >= 0 and mt.critical_block >= 1 and (mt.critical_examples is None or mt.critical_examples >= 1),
          "metrics.critical_mirrors must be >= 0, metrics.critical_block and metrics.critical_examples >= 1"),
         (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),

@@ -108,6 +108,8 @@ def test_run_ids_are_stable_and_distinct(tmp_path):
     (["model=mlp", "data=digits", "noise.label_std=0.1"], "noise.label_std applies to regression"),
     (["data.rank=0"], "data.rank"),
     (["noise.temperature=inf"], "noise.temperature"),
+    (["metrics.critical_examples=0"], "metrics.critical_examples >= 1"),
+    (["pack_size=0"], "pack_size must be >= 1 or null"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     with pytest.raises(ConfigError) as err:
