@@ -10,11 +10,13 @@ Closed forms it reproduces (tests/test_critical.py): a dead tanh neuron, λ_c = 
 (x̃ = x, plus a 1 with a bias); a Hadamard coordinate, λ_c = |Xᵀr/n|ᵢ — the thresholds of
 symrun.theory in the same λ convention (half-MSE, penalty (λ/2)‖θ‖²).
 
-Oᵀ∇²L O is built from Hessian-vector products (double backward through one retained graph per
-θ₀) and solved exactly with eigh when its size k ≤ `block`; larger blocks get `block` steps of
-Lanczos with full reorthogonalisation, whose smallest Ritz value converges to λ_min from above.
-Everything is batched over the runs of a pack: the pack's loss is a sum of per-run losses, so
-the Hessian is block-diagonal across runs and one product serves every run.
+Where the model gives Oᵀ∇²L O in closed form (`mirror_blocks`: the hidden neurons of an MLP,
+symrun.curvature), it is solved whole with eigh. Otherwise it is built from Hessian-vector
+products (double backward through one retained graph) and solved exactly with eigh when its size
+k ≤ `block`; larger blocks get `block` steps of Lanczos with full reorthogonalisation, whose
+smallest Ritz value converges to λ_min from above. Everything is batched: the pack's loss is a
+sum of per-run losses, so the Hessian is block-diagonal across runs, and the M mirrors measured
+per run are M virtual runs of one pack (`batched`), so one product serves every run and mirror.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def run_bytes(cfg: Config) -> int:
 
     params = sum(math.prod(s) for s in rp.raw_shapes().values())
     label = (2 if task == "classification" else 1) * ys.numel()       # a step's draws, per run
-    noise = sum(min(engine.NOISE_STEPS, engine.NOISE_BLOCK // n) * n for n in (label, params))
+    noise = sum(max(1, min(engine.NOISE_STEPS, engine.NOISE_BLOCK // n)) * n for n in (label, params))   # K·n, as NoiseBlocks
     return (5 * params + noise) * (torch.finfo(dtype).bits // 8) + 2 * per_run_bytes(step)
 
 
