@@ -345,7 +345,7 @@ def list_cmd() -> None:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
 def bench(ctx: typer.Context) -> None:
-    """Time the packed engine against one nn.Module + torch.optim loop per run (`symrun bench --help`)."""
+    """Time `symrun sweep` against a plain loop and torch.func as whole processes, then the engine alone (`symrun bench --help`)."""
     from symrun import bench as bench_mod
     from symrun.config import ConfigError
 
