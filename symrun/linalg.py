@@ -10,12 +10,15 @@ threads, which also uses every core. Same values: each matrix goes through the s
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+# A forked child inherits the executors but not their threads: it must make its own.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def eigvalsh(a: torch.Tensor) -> torch.Tensor:

@@ -19,3 +19,15 @@ def test_spread_eigenvalues_and_vectors_equal_torch_linalg():
     one = a[0, 0]                                                             # a single matrix: as is
     torch.testing.assert_close(linalg.eigvalsh(one), torch.linalg.eigvalsh(one))
     torch.testing.assert_close(linalg.eigvalsh(a[:1, :1]), torch.linalg.eigvalsh(a[:1, :1]))
+
+
+def test_a_forked_child_gets_its_own_workers():
+    import multiprocessing
+
+    a = torch.randn(4, 3, 3, dtype=torch.float64)
+    a = a @ a.mT
+    linalg.eigvalsh(a)                                   # the parent's workers exist now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:                            # would wait forever on the parent's dead threads
+        values = pool.apply_async(linalg.eigvalsh, (a,)).get(timeout=60)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(a), rtol=1e-12, atol=1e-12)
