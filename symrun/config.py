@@ -1,9 +1,10 @@
 """Typed configuration: the single source of symrun's defaults and their meaning.
 
 Every setting a run has lives in one of the dataclasses below, with its default and a docstring.
-They are registered in Hydra's ConfigStore, so `model=mlp`, `data=digits`, `optim.lr=0.05` etc.
-compose against them and unknown keys are rejected by Hydra itself. YAML files in `configs/` only
-hold named deviations (the primary `config.yaml` and the experiment presets).
+They are registered in Hydra's ConfigStore (symrun.composition), so `model=mlp`, `data=digits`,
+`optim.lr=0.05` etc. compose against them and unknown keys are rejected by Hydra itself. YAML
+files only hold named deviations: the primary config (symrun/config.yaml) and, in `configs/`,
+the experiment and launcher presets.
 
 Only this module and the CLI/sweep edge touch OmegaConf; the library receives `Config` objects.
 """
@@ -33,11 +34,11 @@ def did_you_mean(name: str, valid) -> str:
 
 
 def _config_dir() -> Path:
-    # Installed from a wheel the configs ship as the subpackage symrun/configs; in a checkout
+    # Installed from a wheel the presets ship as the subpackage symrun/configs; in a checkout
     # (editable install) they stay at the top level beside the package.
     here = Path(__file__).resolve().parent
     for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / "experiment").is_dir():
             return candidate
     raise FileNotFoundError(f"symrun's configs/ not found next to {here}")
 
@@ -413,30 +414,6 @@ TASK_CHANGES = ("pixels", "labels")
 def total_steps(cfg: Config) -> int:
     """Steps a run trains in all: train.steps per task."""
     return cfg.train.steps * cfg.tasks.count
-
-
-def register_configs() -> None:
-    """Register the schema and the model/data group options in Hydra's ConfigStore (idempotent;
-    symrun.sweep calls it on import, so `symrun --help` never imports Hydra)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for name, cls in MODEL_OPTIONS.items():
-        cs.store(group="model", name=name, node=cls)
-    for name, cls in DATA_OPTIONS.items():
-        cs.store(group="data", name=name, node=cls)
-    for name in ("none", "dcs"):    # one schema, so every run's table has the same constraint.* keys
-        cs.store(group="constraint", name=name, node=ConstraintConfig(name=name))
-    cs.store(name="pack_job", node=PackJob)
-
-
-@dataclass
-class PackJob:
-    """The Hydra job a launcher runs: one pack of a planned sweep."""
-
-    plan: str = MISSING
-    pack: int = 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,12 @@ import json
 import pandas as pd
 import torch
 
-from symrun import engine, results, sweep
+from symrun import engine, job, results, sweep
 
 
 def _run_all(plan):
-    path = sweep.write_plan(plan)
-    for i in range(len(plan.packs)):
-        sweep.run_pack(path, i)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
     return results.write_tables(plan.sweep_dir)
 
 
