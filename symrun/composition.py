@@ -195,15 +195,20 @@ def has_interpolation(node: Any) -> bool:
 _CONVERTED: dict[tuple, Any] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _probe() -> DictConfig:
+    return OmegaConf.structured(Config)    # a typed config to convert values with, built once
+
+
 def per_run_value(key: str, value: Any) -> Any:
     """`value` converted to the type of per-run setting `key` exactly as OmegaConf converts an
-    override (0 → 0.0 for a float, '1e-3' → 0.001), or the error OmegaConf gives."""
+    override (0 → 0.0 for a float, '1e-3' → 0.001), or the error OmegaConf gives. Cached: a
+    grid has few distinct values per key."""
     cache_key = (key, type(value), value)
     if cache_key not in _CONVERTED:
-        probe = OmegaConf.structured(Config)
         try:
-            OmegaConf.update(probe, key, value, merge=True)
-            _CONVERTED[cache_key] = OmegaConf.select(probe, key)
+            OmegaConf.update(_probe(), key, value, merge=True)
+            _CONVERTED[cache_key] = OmegaConf.select(_probe(), key)
         except ValidationError as e:
             _CONVERTED[cache_key] = ConfigError(f"wrong type for {key}: {_first_line(e)}")
     converted = _CONVERTED[cache_key]
@@ -251,18 +256,25 @@ class Shape:
 
 
 def _is_config_error(e: Exception) -> bool:
+    """An error in what the user wrote (a setting, an override, a config file of theirs)."""
+    import yaml
     from hydra.errors import HydraException
 
-    return isinstance(e, (HydraException, OmegaConfBaseException, ConfigError, UserWarning))
+    return isinstance(e, (HydraException, OmegaConfBaseException, ConfigError, UserWarning, yaml.YAMLError))
 
 
 def explain(e: Exception) -> str:
-    """One line a user can act on from a Hydra/OmegaConf error: the setting and the type it wants,
-    and for a misspelt setting or group option the nearest valid name."""
+    """One line a user can act on from a Hydra, OmegaConf or YAML error: the setting and the type
+    it wants, and for a misspelt setting or group option the nearest valid name."""
+    import yaml
     from hydra.errors import MissingConfigException
 
     if isinstance(e, ConfigError):
         return str(e)
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark, where = e.problem_mark, e.context_mark
+        since = f" ({e.context} from line {where.line + 1})" if e.context and where is not None else ""
+        return f"{mark.name}, line {mark.line + 1}: not valid YAML: {e.problem}{since}"
     if isinstance(e, UserWarning) and (m := re.match(r"provider=.*, path=(.*) is not available", str(e))):
         return f"hydra.searchpath: {m[1]} is not a folder or an importable package"
     cause = e.__cause__ or e.__context__
@@ -277,6 +289,11 @@ def explain(e: Exception) -> str:
         return f"unknown setting '{m[1]}'" + did_you_mean(m[1], known_settings())
     if m := re.match(r"(?:Ambiguous value for argument|Sweep parameters) '([^']+)'", message):
         return f"one configuration takes no sweep syntax ({m[1]}); use symrun sweep for a grid"
+    # A config file of the user's with a key the schema lacks: "In 'experiment/x': ConfigKeyError
+    # raised while composing config:" and the key on a later line.
+    if (m := re.match(r"(In '[^']+'): \w+ raised while composing config", message)) and (
+            key := re.search(r"full_key: (\S+)", str(e))):
+        return f"{m[1]}: unknown setting '{key[1]}'" + did_you_mean(key[1], known_settings())
     return message
 
 

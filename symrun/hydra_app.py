@@ -31,6 +31,7 @@ def run(command: str, args: list[str], outputs: Optional[Path] = None, plan: boo
     run. Bad input (an override, a flag, a config folder, the data…) raises CommandError, with one
     line, before anything is written."""
     import hydra
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -45,7 +46,7 @@ def run(command: str, args: list[str], outputs: Optional[Path] = None, plan: boo
             hydra.main(version_base="1.3", config_path=str(composition.PRIMARY_DIR), config_name="config")(job.task)()
     except (launch.LaunchError, _FlagError, job.Refused) as e:
         raise CommandError(str(e)) from None
-    except (HydraException, OmegaConfBaseException, UserWarning) as e:
+    except (HydraException, OmegaConfBaseException, UserWarning, yaml.YAMLError) as e:
         raise CommandError(composition.explain(e)) from None
     except Exception as e:  # noqa: BLE001 — bad input found past Hydra; imported here, as torch comes with them
         from symrun.config import ConfigError

@@ -174,8 +174,12 @@ def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, float_precision="round_trip")
 
 
+# libyaml's emitter when PyYAML has it: the same text, ~4× faster (a sweep writes one config per run)
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
-    write_atomic(run_dir(sweep_dir, rid) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(run_dir(sweep_dir, rid) / "config.yaml", yaml.dump(to_dict(cfg), Dumper=_DUMPER, sort_keys=False))
 
 
 def load_config_dict(sweep_dir: Path, rid: str) -> dict:

@@ -90,6 +90,13 @@ def _csv(text):
     return lambda d: (d / "d.csv").write_text(text)
 
 
+def _preset(name, text):
+    def write(d):
+        (d / "cfg" / "experiment").mkdir(parents=True, exist_ok=True)
+        (d / "cfg" / "experiment" / f"{name}.yaml").write_text("# @package _global_\n" + text)
+    return write
+
+
 X, Y = np.random.default_rng(0).standard_normal((8, 4)), np.random.default_rng(1).standard_normal(8)
 X_NAN, Y_INF = X.copy(), Y.copy()
 X_NAN[0, 1], Y_INF[2] = np.nan, np.inf
@@ -127,6 +134,22 @@ BAD_INPUT = [
     (["sweep", *NPZ], "model=hadamard needs a single regression target", _npz(x=X, y=np.stack([Y, Y], 1))),
     (["sweep", *NPZ, "model=attention", "model.tokens=3"], "must divide the input dimension 4", _npz(x=X, y=Y)),
     (["sweep", *NPZ], "not a readable .npz", lambda d: (d / "d.npz").write_text("garbage")),
+    # through Hydra's flags and a user's config folder
+    (["sweep", "-cd", "cfg", "experiment=broken"], "cfg/experiment/broken.yaml, line 3: not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence from line 2)",
+     _preset("broken", "train: {steps: [1, 2\n")),
+    (["sweep", "-cd", "cfg", "experiment=typo"], "In 'experiment/typo': unknown setting 'train.stepz'; did you mean 'train.steps'?",
+     _preset("typo", "train: {stepz: 3}\n")),
+    (["sweep", "-cd", "cfg", "experiment=nope"], "unknown experiment option 'nope'", _preset("mine", "name: mine\n")),
+    (["sweep", "-cd", "cfg", "experiment=nope"], "dead_neurons, mine,", _preset("mine", "name: mine\n")),
+    (["sweep", "-cd", "nowhere"], "Additional config directory", None),
+    (["run", "hydra.searchpath=[file://nowhere]"], "hydra.searchpath: nowhere is not a folder", None),
+    (["run", "seed=0,1"], "one configuration takes no sweep syntax (seed=0,1); use symrun sweep", None),
+    (["run", "-m"], "symrun run takes one configuration; use symrun sweep", None),
+    (["run", "experiment=symmetry_removal"], "experiment=symmetry_removal is a suite of presets", None),
+    (["sweep", "experiment=rescaling_sparsity,dead_neurons"], "sweep one experiment preset at a time", None),
+    (["sweep", "--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus'", None),
+    (["sweep", "seed=0,1", "--plna"], "unrecognized arguments: --plna", None),
+    (["sweep", "optim.weight_decay=interval(0,1)"], "not intervals", None),
     pytest.param(["sweep", "device=cuda"], "no CUDA device", None,
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]
