@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from symrun.composition import Shape, drop_hydra, register_configs
-from symrun.config import ConfigError, Config, total_steps
+from symrun.config import Config, ConfigError, total_steps
 
 register_configs()
 
