@@ -94,8 +94,8 @@ def run_sweep(comp: Composer, launcher: Any, arguments: list[str], dry_run: bool
             written.append((p, sweep_mod.write_plan(p)))
         display().planned(plans)
         path = sweep_mod.write_launch(folder, written) if suite else written[0][1]
-        results.write_atomic(path.parent / "multirun.yaml", OmegaConf.to_yaml(comp.master))   # as Hydra's sweepers do
         k = int(path.parent.name)
+        results.write_atomic(results.launch_config(folder, k), OmegaConf.to_yaml(comp.master))   # as Hydra's sweepers do
         jobs = [sweep_mod.job_overrides(p, i, folder, k, p.sweep_dir.name if suite else None)
                 for p in plans for i in range(len(p.packs))]
         try:

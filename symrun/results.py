@@ -1,11 +1,14 @@
 """Where results live and how they are written and read back. Every output path is built here.
 
-    outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep (the suffix keeps same-second sweeps apart);
-                                                      a suite: one per member, <preset>/, and its
-                                                      launches/<k>/ (sweep.write_launch)
+    outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep: hydra.sweep.dir (the suffix keeps same-second
+                                                      sweeps apart); a suite: one per member, <preset>/,
+                                                      and its launches/<k>/ (sweep.write_launch)
         sweep.json                                    swept keys and every launch into it (overrides, counts)
         launches/<k>/plan.json                        launch k's packs of run ids
-        launches/<k>/packs/<i>/                       Hydra's folder for its job i (.hydra/, log)
+        launches/<k>/multirun.yaml                    the sweep's Hydra config for launch k
+        launches/<k>/packs/<i>/                       Hydra's folder for its job i: .hydra/ (the config of
+                                                      the pack's runs: symrun.job), symrun.log
+        .submitit/<job id>/                           submitit's scripts and logs (its launchers)
         runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time
         checkpoints/<hash of run ids>.pt              an unfinished pack's state (train.checkpoint_every)
         runs/<run_id>/config.yaml                     the resolved config
@@ -67,6 +70,16 @@ def run_dir(sweep_dir: Path, run_id: str) -> Path:
 def launch_plan(folder: Path, k: int) -> Path:
     """Launch k's plan in a sweep's (or a suite's) folder; Hydra's job folders go beside it."""
     return Path(folder) / "launches" / str(k) / "plan.json"
+
+
+def launch_config(folder: Path, k: int) -> Path:
+    """The sweep's Hydra config as launch k composed it (multirun.yaml, as Hydra's sweepers save it)."""
+    return launch_plan(folder, k).parent / "multirun.yaml"
+
+
+def job_subdir(k: int) -> str:
+    """hydra.sweep.subdir of launch k's jobs (Hydra fills in the job's number): packs/<i> beside its plan."""
+    return f"launches/{k}/packs/${{hydra.job.num}}"
 
 
 def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:

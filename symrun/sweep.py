@@ -298,7 +298,7 @@ def job_overrides(p: Plan, index: int, folder: Path, launch: int, member: Option
     varying = [k for k in PER_RUN_KEYS if len({_get(c, k) for c in runs}) > 1]
     out = [s.text for s in p.settings[p.packs[index][0]] if s.key not in varying]
     out += [f"hydra.sweep.dir={hydra_quoted(literal(os.path.abspath(folder)))}",
-            f"hydra.sweep.subdir=launches/{launch}/packs/${{hydra.job.num}}", f"+pack.index={index}"]
+            f"hydra.sweep.subdir={results.job_subdir(launch)}", f"+pack.index={index}"]
     out += [f"+pack.member={member}"] if member is not None else []
     out += [f"+pack.runs.{k}=[{','.join(_literal(_get(c, k)) for c in runs)}]" for k in varying]
     return out

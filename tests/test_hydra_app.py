@@ -20,7 +20,7 @@ def user_configs(root: Path) -> Path:
     """A folder of one's own configs: a preset over a data config of one's own, a launcher preset,
     a primary config, and a preset that replaces a built-in one of the same name."""
     folder = root / "mycfg"
-    for group in ("experiment", "data", "hydra/launcher"):
+    for group in ("experiment", "data", "model", "hydra/launcher"):
         (folder / group).mkdir(parents=True)
     (folder / "experiment" / "mine.yaml").write_text(
         "# @package _global_\n# My preset: sparsity of a small Hadamard model on my data.\n"
@@ -28,6 +28,7 @@ def user_configs(root: Path) -> Path:
         "name: mine\ntrain: {steps: 4, log_every: 2}\nmetrics: {critical_mirrors: 0}\n"
         "hydra:\n  sweeper:\n    params:\n      optim.weight_decay: 0,0.5\n      seed: 0,1\n")
     (folder / "data" / "small.yaml").write_text("defaults:\n  - teacher\n  - _self_\nn: 30\ndim: 6\nnonzero: 2\n")
+    (folder / "model" / "narrow.yaml").write_text("defaults:\n  - mlp\n  - _self_\nwidth: 3\n")
     (folder / "experiment" / "rescaling_sparsity.yaml").write_text(
         "# @package _global_\n# Replaces the built-in preset.\nname: replaced\n"
         "hydra:\n  sweeper:\n    params:\n      seed: 5,6,7\n")
@@ -64,9 +65,11 @@ def test_a_users_folder_adds_a_preset_and_a_data_config_swept_end_to_end(tmp_pat
     assert "experiment=mine" in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
     assert "#0 : experiment=mine +pack.index=0 +pack.runs." in out      # Hydra's log of the job
     listing = symrun(tmp_path, "list", *where).stdout
-    for name in ("mine", "small", "rescaling_sparsity", "two"):
+    for name in ("mine", "small", "narrow", "rescaling_sparsity", "two"):
         assert f"{name} ({folder})" in listing, name
     assert "My preset: sparsity of a small Hadamard model" in listing
+    checked = symrun(tmp_path, "check", "-cd", str(folder), "model=narrow", "data=small", "--mirrors", "1", "--json").stdout
+    assert '"model": "mlp"' in checked and '"ok": true' in checked
 
 
 def test_a_users_preset_replaces_the_built_in_one_of_that_name(tmp_path):
