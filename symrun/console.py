@@ -65,15 +65,15 @@ def _show_plan(p) -> None:
     console.print(f"  {len(p.configs)} runs over {', '.join(p.swept) or 'no swept keys'}; {len(p.finished)} already "
                   f"finished, {len(p.configs) - len(p.finished)} to train in {len(p.packs)} pack(s)", highlight=False)
     packs = Table(box=None, padding=(0, 2), title_justify="left")
-    for col in ("pack", "runs", "steps", "parameters/run", "state MiB"):
+    for col in ("pack", "runs", "steps", "parameters/run", "state"):
         packs.add_column(col, justify="right")
     pack_steps = run_steps = 0
     for i, pack in enumerate(p.packs):
         cfg = p.configs[pack[0]]
         steps, size = total_steps(cfg), p.parameters.get(p.groups.get(pack[0], ""), 0)
         # parameters, gradients and up to two optimizer buffers per run, at the run's dtype
-        mib = 4 * size * len(pack) * (8 if cfg.train.dtype == "float64" else 4) / 2**20
-        packs.add_row(str(i), str(len(pack)), str(steps), f"{size:,}", f"{mib:.1f}")
+        state = 4 * size * len(pack) * (8 if cfg.train.dtype == "float64" else 4)
+        packs.add_row(str(i), str(len(pack)), str(steps), f"{size:,}", _bytes(state))
         pack_steps, run_steps = pack_steps + steps, run_steps + steps * len(pack)
     if p.packs:
         console.print(packs)
@@ -91,6 +91,14 @@ def _show_plan(p) -> None:
     console.print(runs)
     if len(p.configs) > SHOWN_RUNS:
         console.print(f"  … and {len(p.configs) - SHOWN_RUNS} more runs", highlight=False)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 def _flat(cfg) -> dict:

@@ -148,3 +148,16 @@ def test_shell_completion_completes_commands_groups_and_keys(tmp_path):
     folder = user_configs(tmp_path)
     assert "experiment=mine" in query(f"symrun sweep -cd {folder} experiment=")
     assert "hydra/launcher=slurm" in query("symrun sweep hydra/launcher=")
+
+
+@pytest.mark.parametrize("text", ["plain/dir", "with space, and comma", "it's", "back\\slash", "ends\\", "a'b\\'c",
+                                  "${x}/y", "[not a list]"])
+def test_a_folder_name_reaches_hydra_as_written(text):
+    """--outputs DIR and a sweep's folder travel as Hydra overrides: quoted, with `${` kept literal."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from symrun.composition import hydra_quoted, literal
+
+    value = OverridesParser.create().parse_override(f"key={hydra_quoted(literal(text))}").value()
+    assert OmegaConf.create({"v": value}).v == text
