@@ -120,9 +120,9 @@ def _is_override(arg: str) -> bool:
 
 
 def _with_overrides(args: list[str], extra: list[str]) -> list[str]:
-    """`args` with `extra` overrides beside its own (argparse takes the overrides Hydra reads
-    only as one run of arguments, not split by a flag)."""
-    at = next((i for i, a in enumerate(args) if _is_override(a)), len(args))
+    """`args` with `extra` overrides beside its own, or first: argparse takes Hydra's overrides
+    only as one run of arguments, and a bare `--info` would take the next one as its value."""
+    at = next((i for i, a in enumerate(args) if _is_override(a)), 0)
     return args[:at] + extra + args[at:]
 
 

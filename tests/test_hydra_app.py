@@ -98,6 +98,7 @@ def test_hydra_flags_show_instead_of_running(tmp_path):
                                 "--cfg", "job").stdout
     assert str(folder) in symrun(tmp_path, "sweep", "-cd", str(folder), "--info", "searchpath").stdout
     assert "Defaults Tree" in symrun(tmp_path, "run", "--info", "defaults-tree").stdout
+    assert "Config search path" in symrun(tmp_path, "sweep", "--info").stdout        # bare: all
     assert "SymrunSweeper" in symrun(tmp_path, "run", "-i", "plugins").stdout
     assert symrun(tmp_path, "--version").stdout.strip() == f"symrun {__import__('symrun').__version__}"
     assert not (tmp_path / "outputs").exists()
