@@ -26,6 +26,7 @@ import torch
 from symrun.config import Config
 from symrun.data import BatchOrder
 from symrun.optim import PackedOptimizer
+from symrun.folder import read_bytes
 from symrun.results import run_id, write_atomic
 
 if TYPE_CHECKING:   # engine imports this module
@@ -58,18 +59,20 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_atomic(Path(path), buf.getvalue())
+    write_atomic(Path(path), buf.getvalue(), Path(path).parent.parent)   # the sweep folder (results.checkpoint_path)
 
 
 def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     """Load `path` into the live objects and return its step; 0 (nothing changed) when there is no
     checkpoint or it belongs to other runs (the run ids, hashes of the configs, must match)."""
     path = Path(path)
-    if not path.is_file():
+    try:   # never through a link inside the sweep folder
+        raw = read_bytes(path, path.parent.parent)
+    except FileNotFoundError:
         return 0
     device = s.lr.device
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 — atomic writes make this rare; say what to do
         raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to train the pack "
                            "from the start") from e

@@ -94,10 +94,12 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
         err.print("note: symrun run trains the preset's base config only; symrun sweep runs its grid", soft_wrap=True)
     if len(plans) > 1:
         console.print(f"suite of {len(plans)} sweeps → {plans[0].sweep_dir.parent}", highlight=False)
+    suite = plans[0].sweep_dir.parent if len(plans) > 1 else None
     with contextlib.ExitStack() as held:
         for plan in plans:
             try:   # the lock file is the first thing written, so check the location before it
                 results.check_writable(plan.sweep_dir)
+                results.check_folder(plan.sweep_dir, plan.configs, suite)
                 held.enter_context(results.sweep_lock(plan.sweep_dir))
             except results.OutputError as e:
                 _fail(str(e))

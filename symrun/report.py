@@ -8,6 +8,7 @@ exists (shared/science.md §5): the lasso for `hadamard`, singular-value soft-th
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from symrun import data as data_mod  # noqa: E402
-from symrun import results, theory  # noqa: E402
+from symrun import folder, results, theory  # noqa: E402
 from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, to_config  # noqa: E402
 
 # The structure each model family is about, first; then how well it fits.
@@ -143,7 +144,7 @@ def _task_curves(sweep_dir: Path, ends: pd.DataFrame, axes: list[str], metric: s
     grid[0][0].set_ylabel(f"{metric} (end of task)")
     grid[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(_headline(f"{metric} task after task", sweep_dir), fontsize=10)
-    return _save(fig, sweep_dir / f"tasks_{metric}.png")
+    return _save(fig, sweep_dir / f"tasks_{metric}.png", sweep_dir)
 
 
 def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, series: Optional[str]) -> Path:
@@ -182,7 +183,7 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     suffix = f"_by_{series}" if series else ""
-    return _save(fig, sweep_dir / f"phase_{metric}_vs_{axis}{suffix}.png")
+    return _save(fig, sweep_dir / f"phase_{metric}_vs_{axis}{suffix}.png", sweep_dir)
 
 
 CORRELATION_FIGSIZE, CORRELATION_DPI = (5.6, 4.8), 120   # a run's correlation figure: 672 × 576 pixels
@@ -190,12 +191,17 @@ CORRELATION_FIGSIZE, CORRELATION_DPI = (5.6, 4.8), 120   # a run's correlation f
 
 def run_figures(sweep_dir: Path) -> list[Path]:
     """Each run's own figures, drawn from the arrays it saved (redrawn when the array is newer):
-    runs/<id>/penultimate_correlation.png for model=resnet18."""
+    runs/<id>/penultimate_correlation.png for model=resnet18. Run folders that are links are
+    not entered."""
     figures = []
-    for array in sorted(Path(sweep_dir).glob("runs/*/penultimate_correlation.npy")):
+    for rid in results.run_ids(sweep_dir):
+        array = results.run_dir(sweep_dir, rid) / "penultimate_correlation.npy"
         png = array.with_suffix(".png")
-        if not png.is_file() or png.stat().st_mtime_ns < array.stat().st_mtime_ns:
-            _correlation_figure(np.load(array, allow_pickle=False), png, array.parent.name)
+        if folder.kind(array, sweep_dir) != "file":
+            continue
+        if folder.kind(png, sweep_dir) != "file" or png.stat().st_mtime_ns < array.stat().st_mtime_ns:
+            corr = np.load(io.BytesIO(folder.read_bytes(array, sweep_dir)), allow_pickle=False)
+            _correlation_figure(corr, png, rid, sweep_dir)
         figures.append(png)
     return figures
 
@@ -213,7 +219,7 @@ def cluster_order(corr: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(squareform(dist, checks=False), method="average"))
 
 
-def _correlation_figure(corr: np.ndarray, path: Path, run: str) -> Path:
+def _correlation_figure(corr: np.ndarray, path: Path, run: str, sweep_dir: Path) -> Path:
     """The correlation matrix of the penultimate features over the probe set, ordered by
     clustering (the paper's Fig. 1, right); features constant on the probe (NaN) are left out."""
     alive = ~np.isnan(np.diag(corr))
@@ -228,7 +234,7 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str) -> Path:
         ax.text(0.5, 0.5, "no feature varies on the probe set", ha="center", va="center")
     ax.set_xlabel("feature (clustering order)")
     ax.set_title(f"penultimate features: {alive.sum()} of {len(corr)} vary on the probe\n{run}", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, sweep_dir)
 
 
 # The mirror kind whose constraint a structure metric counts (symrun.critical logs λ_c per kind).
@@ -280,7 +286,7 @@ def _heatmap(sweep_dir: Path, done: pd.DataFrame, x: str, y: str, metric: str) -
     ax.set_ylabel(y)
     fig.colorbar(image, ax=ax, label=f"final {metric} (mean over seeds)")
     ax.set_title(_headline(metric, sweep_dir), fontsize=10)
-    return _save(fig, sweep_dir / f"heatmap_{metric}_{x}_vs_{y}.png")
+    return _save(fig, sweep_dir / f"heatmap_{metric}_{x}_vs_{y}.png", sweep_dir)
 
 
 def _log_scale_if_wide(set_scale, values: pd.Series) -> None:
@@ -292,12 +298,14 @@ def _log_scale_if_wide(set_scale, values: pd.Series) -> None:
             set_scale("log")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, sweep_dir: Path) -> Path:
+    """Render to memory, then write it into the sweep folder like every other file (symrun.folder:
+    a fresh temporary name, renamed over the target; no link is followed)."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    results.write_atomic(path, buf.getvalue(), sweep_dir)
     return path
 
 
@@ -329,7 +337,7 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, gr
 
 def _tables(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
     """(runs.csv, its axes shortest first as `build` orders them, the finished runs)."""
-    runs = results.read_csv(Path(sweep_dir) / "runs.csv")
+    runs = results.read_csv(io.StringIO(folder.read_text(Path(sweep_dir) / "runs.csv")))
     swept = (results.read_json(Path(sweep_dir) / "sweep.json") or {}).get("swept", [])
     axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
     return runs, axes, runs[runs["status"] == results.FINISHED]

@@ -14,7 +14,8 @@
                       <name>.npy, <name>.png          arrays a model saves for a run's own figures (resnet18)
                       status.json                     written last: finished | failed | diverged | running
 
-Each file is written to a temporary name and renamed, so a crash never leaves half a file.
+Every file is written and read through symrun.folder, which never follows a link inside a sweep
+folder; each is written to a temporary name and renamed, so a crash never leaves half a file.
 run_id = readable prefix + hash of the settings that differ from the defaults (open_lth style:
 adding a new setting with a default renames no existing run).
 """
@@ -42,17 +43,18 @@ import pandas as pd
 import torch
 import yaml
 
+from symrun import folder
 from symrun.config import EXECUTION_KEYS, Config, default_values, flatten, to_dict
+from symrun.folder import OutputError, read_bytes, write_atomic  # noqa: F401 — part of this module's API
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
 PENDING = "pending"   # planned (config.yaml written) but never started: no status.json yet
 FLOAT_FORMAT = "%.17g"   # floats round-trip exactly through the CSVs
 MIN_FREE_BYTES = 64 * 2**20   # below this a sweep would likely die mid-write: refuse it up front
 LOCK_NAME = "sweep.lock"
-
-
-class OutputError(OSError):
-    """The results location cannot be used (unwritable, full, or another sweep holds it); one line."""
+FOLDERS = ("runs", "checkpoints", "launches")     # what symrun makes inside a sweep folder
+# Hydra reads the launch folder's path as an override value: these would be read as syntax.
+HYDRA_SYNTAX = ("${", "'", '"', "\\")
 
 
 def new_sweep_dir(root: Path, name: str) -> Path:
@@ -64,9 +66,21 @@ def run_dir(sweep_dir: Path, run_id: str) -> Path:
     return Path(sweep_dir) / "runs" / run_id
 
 
-def launch_plan(folder: Path, k: int) -> Path:
+def launch_plan(folder_: Path, k: int) -> Path:
     """Launch k's plan in a sweep's (or a suite's) folder; Hydra's job folders go beside it."""
-    return Path(folder) / "launches" / str(k) / "plan.json"
+    return Path(folder_) / "launches" / str(k) / "plan.json"
+
+
+def write_launch_plan(root: Path, first: int, plan: dict) -> Path:
+    """Write `plan` as launch k's plan.json, k the first number ≥ `first` whose launch folder
+    does not exist yet: Hydra and submitit then write their job folders into a folder made here,
+    never into one a received sweep folder brought along. Returns its path."""
+    k = first
+    while folder.kind(launch_plan(root, k).parent, root) is not None:
+        k += 1
+    path = launch_plan(root, k)
+    write_json(path, plan, root=root)
+    return path
 
 
 def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
@@ -92,42 +106,71 @@ def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
                           f"on the disk of {existing}, symrun needs at least {min_free / 2**20:.0f} MiB")
 
 
+def check_folder(sweep_dir: Path, run_ids_, suite: Optional[Path] = None) -> None:
+    """Before a sweep writes into `sweep_dir` (a member of the `suite` folder, if given): refuse,
+    with one line, a folder whose names would lead a write elsewhere — a link at sweep.lock,
+    runs/, runs/<id>/ of a planned run, checkpoints/, launches/ or a suite's member folder — or
+    a path Hydra would read as syntax. Reads only."""
+    sweep_dir = Path(sweep_dir)
+    text = os.path.abspath(sweep_dir)
+    if any(s in text for s in HYDRA_SYNTAX):
+        raise OutputError(f"symrun cannot hand the folder {text} to Hydra: its path holds one of "
+                          f"{' '.join(HYDRA_SYNTAX)}, which Hydra reads as syntax; choose a plain path")
+    if suite is not None and folder.kind(sweep_dir, suite) == "link":
+        raise folder.link_error(sweep_dir)
+    if not sweep_dir.exists():
+        return
+    for name in (LOCK_NAME, *FOLDERS, *(f"runs/{rid}" for rid in run_ids_)):
+        what = folder.kind(sweep_dir / name, sweep_dir)
+        if what == "link":
+            raise folder.link_error(sweep_dir / name)
+        if what is not None and what != ("file" if name == LOCK_NAME else "dir"):
+            raise OutputError(f"{sweep_dir / name} is not a {'file' if name == LOCK_NAME else 'folder'}: "
+                              "remove it, or use another folder")
+
+
 @contextlib.contextmanager
 def sweep_lock(sweep_dir: Path):
     """Hold `sweep_dir`/sweep.lock exclusively while a sweep writes into the folder; a second sweep
     into the same folder is refused with OutputError. flock(2) locks belong to the open file, so
     the operating system releases them when the process dies, even by SIGKILL: no stale locks.
-    Only the top-level sweep process locks; launcher workers write their own runs' files."""
+    Only the top-level sweep process locks; launcher workers write their own runs' files.
+    The lock file is opened without following a link (a link would have its target truncated)."""
     path = Path(sweep_dir) / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
+    fd = folder.open_lock(path)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
         raise OutputError(f"another symrun sweep ({holder}) is writing to {sweep_dir}; wait for it to end "
                           "or choose another hydra.sweep.dir") from None
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n")
-        f.flush()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0)
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def run_ids(sweep_dir: Path) -> list[str]:
+    """The names under runs/ that are run folders (links in their place are not), sorted."""
+    try:
+        found = folder.entries(Path(sweep_dir) / "runs", sweep_dir)
+    except OutputError:
+        return []
+    return sorted(name for name, what in found.items() if what == "dir")
 
 
 def remove_stale_temps(sweep_dir: Path) -> list[Path]:
     """Delete temporary files a killed sweep left behind (write_atomic's `.<name>.<hex>.tmp`) in
-    the sweep folder and its run folders. Call it holding the sweep's lock."""
+    the sweep folder, its run folders and checkpoints/; links are never entered. Call it holding
+    the sweep's lock."""
     sweep_dir = Path(sweep_dir)
-    stale = [p for pattern in (".*.tmp", "runs/*/.*.tmp") for p in sweep_dir.glob(pattern)]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    runs = [run_dir(sweep_dir, rid) for rid in run_ids(sweep_dir)]
+    return folder.remove_temps(sweep_dir, [sweep_dir, sweep_dir / "checkpoints", *runs])
 
 
 def run_id(cfg: Config) -> str:
@@ -145,45 +188,41 @@ def checkpoint_path(sweep_dir: Path, run_ids: list[str]) -> Path:
     return Path(sweep_dir) / "checkpoints" / f"{digest}.pt"
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def remove_checkpoint(sweep_dir: Path, run_ids_: list[str]) -> None:
+    folder.remove(checkpoint_path(sweep_dir, run_ids_), sweep_dir)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+def write_json(path: Path, obj: Any, root: Optional[Path] = None) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n", root)
 
 
-def read_json(path: Path) -> Optional[dict]:
+def read_json(path: Path, root: Optional[Path] = None) -> Optional[dict]:
+    """The JSON in `path` inside `root` (default: its own folder), read without following a
+    link, or None when it is missing, unreadable or a link."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return json.loads(read_bytes(path, root))
+    except (FileNotFoundError, NotADirectoryError, OutputError, ValueError):
         return None
 
 
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    write_atomic(path, frame.to_csv(index=False, float_format=FLOAT_FORMAT))
+def write_csv(path: Path, frame: pd.DataFrame, root: Optional[Path] = None) -> None:
+    write_atomic(path, frame.to_csv(index=False, float_format=FLOAT_FORMAT), root)
 
 
-def read_csv(path: Path) -> pd.DataFrame:
+def read_csv(path: Path | io.StringIO) -> pd.DataFrame:
     return pd.read_csv(path, float_precision="round_trip")
 
 
 def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
-    write_atomic(run_dir(sweep_dir, rid) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(run_dir(sweep_dir, rid) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False), sweep_dir)
 
 
 def load_config_dict(sweep_dir: Path, rid: str) -> dict:
-    return yaml.safe_load((run_dir(sweep_dir, rid) / "config.yaml").read_text())
+    return yaml.safe_load(folder.read_text(run_dir(sweep_dir, rid) / "config.yaml", sweep_dir))
 
 
 def status(sweep_dir: Path, rid: str) -> Optional[dict]:
-    return read_json(run_dir(sweep_dir, rid) / "status.json")
+    return read_json(run_dir(sweep_dir, rid) / "status.json", sweep_dir)
 
 
 def is_finished(sweep_dir: Path, rid: str) -> bool:
@@ -192,7 +231,7 @@ def is_finished(sweep_dir: Path, rid: str) -> bool:
 
 
 def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
-    write_json(run_dir(sweep_dir, rid) / "status.json", {"run_id": rid, "status": state, **info})
+    write_json(run_dir(sweep_dir, rid) / "status.json", {"run_id": rid, "status": state, **info}, sweep_dir)
 
 
 def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
@@ -200,15 +239,15 @@ def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: O
     """A run's metrics, parameters and arrays (<name>.npy, for its figures), then its status
     (the completion marker) last."""
     d = run_dir(sweep_dir, rid)
-    write_csv(d / "metrics.csv", pd.DataFrame(rows))
+    write_csv(d / "metrics.csv", pd.DataFrame(rows), sweep_dir)
     if params is not None:
         buf = io.BytesIO()
         torch.save(params, buf)
-        write_atomic(d / "params.pt", buf.getvalue())
+        write_atomic(d / "params.pt", buf.getvalue(), sweep_dir)
     for name, array in (arrays or {}).items():
         buf = io.BytesIO()
         np.save(buf, array.numpy() if isinstance(array, torch.Tensor) else array, allow_pickle=False)
-        write_atomic(d / f"{name}.npy", buf.getvalue())
+        write_atomic(d / f"{name}.npy", buf.getvalue(), sweep_dir)
     final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
     write_status(sweep_dir, rid, state, final=final, **info)
 
@@ -268,18 +307,18 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     sweep_dir = Path(sweep_dir)
     swept = (read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
     run_rows, result_frames = [], []
-    for d in sorted((sweep_dir / "runs").glob("*/")):
-        st = read_json(d / "status.json")
+    for d in (run_dir(sweep_dir, rid) for rid in run_ids(sweep_dir)):   # never a link in a run's place
+        st = read_json(d / "status.json", sweep_dir)
         if st is None:
             continue
-        cfg = flatten(yaml.safe_load((d / "config.yaml").read_text()))
+        cfg = flatten(load_config_dict(sweep_dir, d.name))
         extra = {k: st.get(k) for k in ("wall_time_s", "pack", "pack_size", "torch", "git_commit",
                                         "git_dirty", "diverged_at", "resumed_from", "error", "started_at",
                                         "finished_at", "slurm_job_id")}
         extra["resolved_device"] = st.get("device")      # `device` stays the configured value
         run_rows.append({"run_id": st["run_id"], "status": st["status"], **cfg, **st.get("final", {}), **extra})
-        if (d / "metrics.csv").is_file() and st["status"] != RUNNING:
-            frame = read_csv(d / "metrics.csv")
+        if folder.kind(d / "metrics.csv", sweep_dir) == "file" and st["status"] != RUNNING:
+            frame = read_csv(io.StringIO(folder.read_text(d / "metrics.csv", sweep_dir)))
             for key in reversed(swept):
                 frame.insert(0, key, cfg.get(key))
             frame.insert(0, "run_id", st["run_id"])
@@ -294,8 +333,8 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs, results = collect(sweep_dir)
-    write_csv(Path(sweep_dir) / "runs.csv", runs)
-    write_csv(Path(sweep_dir) / "results.csv", results)
+    write_csv(Path(sweep_dir) / "runs.csv", runs, sweep_dir)
+    write_csv(Path(sweep_dir) / "results.csv", results, sweep_dir)
     return runs, results
 
 
@@ -310,18 +349,24 @@ class SweepStatus:
 
 
 def find_sweeps(root: Path) -> list[Path]:
-    """`root` itself when it is a sweep folder, else every sweep folder below it."""
+    """`root` itself when it is a sweep folder, else every sweep folder below it (links below
+    `root` are not followed)."""
     root = Path(root)
     if (root / "sweep.json").is_file():
         return [root]
-    return sorted(p.parent for p in root.rglob("sweep.json") if (p.parent / "runs").is_dir())
+    found = []
+    for here, dirs, files in os.walk(root):
+        if "sweep.json" in files and "runs" in dirs:
+            found.append(Path(here))
+            dirs.clear()                   # a sweep folder holds runs, not other sweeps
+    return sorted(found)
 
 
 def sweep_status(sweep_dir: Path) -> SweepStatus:
     counts = {s: 0 for s in (FINISHED, RUNNING, FAILED, DIVERGED, PENDING)}
     reasons: dict[str, list[str]] = {}
-    for d in sorted((Path(sweep_dir) / "runs").glob("*/")):
-        st = read_json(d / "status.json") or {"status": PENDING}
+    for d in (run_dir(sweep_dir, rid) for rid in run_ids(sweep_dir)):
+        st = read_json(d / "status.json", sweep_dir) or {"status": PENDING}
         counts[st["status"]] = counts.get(st["status"], 0) + 1
         if st["status"] == FAILED:
             reasons.setdefault(" ".join(str(st.get("error")).split()), []).append(d.name)

@@ -288,9 +288,8 @@ def write_plan(p: Plan) -> Path:
     for rid, cfg in p.configs.items():
         if rid not in p.finished:           # a finished run's folder is never touched again
             results.save_config(p.sweep_dir, rid, cfg)
-    path = results.launch_plan(p.sweep_dir, len(launches))
-    results.write_json(path, {"sweep_dir": str(p.sweep_dir.resolve()), "packs": p.packs})
-    return path
+    return results.write_launch_plan(p.sweep_dir, len(launches), {"sweep_dir": str(p.sweep_dir.resolve()),
+                                                                  "packs": p.packs})
 
 
 def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
@@ -298,12 +297,8 @@ def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
     `write_plan`): `<folder>/launches/<k>/plan.json` lists the plans and numbers their packs
     0…P−1 across them, so one multirun — one job array on SLURM — runs every member's packs at
     once. `run_pack` follows a pack to its member's plan. Returns the launch's path."""
-    launches = Path(folder) / "launches"     # a suite's folder has no sweep.json history: count
-    k = sum(d.name.isdigit() for d in launches.iterdir()) if launches.is_dir() else 0
     packs = [[i, j] for i, (p, _) in enumerate(written) for j in range(len(p.packs))]
-    path = results.launch_plan(folder, k)
-    results.write_json(path, {"plans": [str(pp.resolve()) for _, pp in written], "packs": packs})
-    return path
+    return results.write_launch_plan(Path(folder), 0, {"plans": [str(pp.resolve()) for _, pp in written], "packs": packs})
 
 
 def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None]] = None) -> dict:
@@ -337,7 +332,7 @@ def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None
     for rid, out in zip(ids, outcomes):
         results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
                           resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
-    ckpt.unlink(missing_ok=True)         # every run is recorded: the checkpoint has served
+    results.remove_checkpoint(sweep_dir, ids)     # every run is recorded: the checkpoint has served
     return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
 
