@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,10 +36,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from symrun import budget, engine, models, reparam, results
 from symrun import data as data_mod
-from symrun import engine, models, reparam, results
-from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, flatten, register_configs, to_config,
-                           to_dict, total_steps)
+from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, experiment_presets, flatten,
+                           register_configs, to_config, to_dict, total_steps)
 
 register_configs()
 
@@ -132,6 +133,8 @@ def expand(args: list[str]) -> tuple[list[list[str]], list[str]]:
         grid = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
     except HydraException as e:
         raise ConfigError(_first_line(e)) from None
+    except ValueError as e:        # range(0,1,0): Python's own range() refuses it while Hydra expands
+        raise ConfigError(f"a sweep axis cannot be expanded: {e}") from None
     if not grid:
         raise ConfigError("the grid is empty: a sweep axis has no values")
     # A swept group (model=a,b) shows in the tables as its option's name column (model.name).
@@ -171,15 +174,19 @@ def check_hydra_args(hydra_args: list[str]) -> None:
 
 
 def check_buildable(configs: list[Config]) -> None:
-    """Load every distinct dataset and build every distinct model once, before any work starts."""
+    """Load every distinct dataset and build every distinct model once, before any work starts,
+    and estimate each pack's memory (symrun.budget)."""
     seen: dict[str, data_mod.Dataset] = {}
+    per_pack = Counter(engine.pack_key(c) for c in configs)
     for cfg in configs:
-        engine.resolve_device(cfg.device)
+        device = engine.resolve_device(cfg.device)
         key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
         if key not in seen:
             seen[key] = data_mod.load(cfg.data)
         ds = seen[key]
-        reparam.build(cfg, models.build(cfg.model, ds.in_dim, ds.out_dim))   # also checks constraint=dcs
+        model = models.build(cfg.model, ds.in_dim, ds.out_dim)
+        reparam.build(cfg, model)   # also checks constraint=dcs
+        budget.check_pack(cfg, ds, model, min(cfg.pack_size, per_pack[engine.pack_key(cfg)]), device, engine.EVAL_CHUNK)
         if ds.task == "classification" and cfg.noise.label_std > 0:
             raise ConfigError("noise.label_std applies to regression; this data is classification (use noise.label_flip)")
         if ds.task == "regression" and cfg.noise.label_flip > 0:
@@ -206,6 +213,10 @@ def suite_of(args: list[str]) -> Optional[tuple[str, dict[str, list[str]]]]:
     """(name, {member preset: its overrides}) when `experiment=` names a suite: a preset file
     whose only key is `suite:`, mapping presets to the overrides each runs with. Else None."""
     chosen = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
+    presets = experiment_presets()
+    if chosen and "," not in chosen[-1] and chosen[-1] not in presets:   # never a file outside the presets
+        raise ConfigError(f"unknown experiment option '{chosen[-1]}'" + did_you_mean(chosen[-1], presets)
+                          + f" (options: {', '.join(presets)})")
     path = CONFIG_DIR / "experiment" / f"{chosen[-1]}.yaml" if chosen else None
     if path is None or not path.is_file():
         return None
