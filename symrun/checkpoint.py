@@ -32,7 +32,7 @@ from symrun.results import run_id, write_atomic
 if TYPE_CHECKING:   # engine imports this module
     from symrun.engine import Recorder
 
-FORMAT = 2          # 2: no noise generators (engine.NoiseBlocks is counter-based); a 1 is not resumed
+FORMAT = 3          # 3: with each run's parameters at its last row (engine.Recorder.kept); older ones are not resumed
 
 
 @dataclass
@@ -56,6 +56,7 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
         "params": s.params, "stats": s.stats, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
         "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
         "alive": s.record.alive, "stopped_at": s.record.stopped_at,
+        "kept": s.record.kept, "kept_stats": s.record.kept_stats,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -94,4 +95,5 @@ def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
         o.status, o.rows, o.diverged_at = saved["status"], saved["rows"], saved["diverged_at"]
     s.record.alive.copy_(state["alive"])
     s.record.stopped_at.copy_(state["stopped_at"])
+    s.record.kept, s.record.kept_stats = state["kept"], state["kept_stats"]
     return int(state["step"])

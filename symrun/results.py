@@ -237,9 +237,9 @@ def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
 def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
               arrays: Optional[dict] = None, **info: Any) -> None:
     """A run's metrics, parameters and arrays (<name>.npy, for its figures), then its status
-    (the completion marker) last."""
+    (the completion marker) last, with the last row's step and metrics."""
     d = run_dir(sweep_dir, rid)
-    write_csv(d / "metrics.csv", pd.DataFrame(rows), sweep_dir)
+    write_csv(d / "metrics.csv", pd.DataFrame(rows) if rows else pd.DataFrame(columns=["step"]), sweep_dir)
     if params is not None:
         buf = io.BytesIO()
         torch.save(params, buf)
@@ -249,7 +249,7 @@ def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: O
         np.save(buf, array.numpy() if isinstance(array, torch.Tensor) else array, allow_pickle=False)
         write_atomic(d / f"{name}.npy", buf.getvalue(), sweep_dir)
     final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
-    write_status(sweep_dir, rid, state, final=final, **info)
+    write_status(sweep_dir, rid, state, final=final, final_step=rows[-1]["step"] if rows else None, **info)
 
 
 class ParamsError(ValueError):
