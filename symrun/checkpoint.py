@@ -27,7 +27,7 @@ from symrun.config import Config
 from symrun.data import BatchOrder
 from symrun.optim import PackedOptimizer
 from symrun.folder import read_bytes
-from symrun.results import run_id, write_atomic
+from symrun.results import run_id, write_atomic, write_json
 
 if TYPE_CHECKING:   # engine imports this module
     from symrun.engine import Recorder
@@ -48,7 +48,9 @@ class PackState:
 
 
 def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
-    """Write the pack's state after `step` steps to `path`, atomically."""
+    """Write the pack's state after `step` steps to `path` (a sweep's checkpoints/<hash>.pt,
+    results.checkpoint_path), atomically, and its run ids beside it (<hash>.json), which a rerun
+    of the sweep reads to keep the pack together (sweep.schedule)."""
     order = None if s.order is None else {"perm": s.order.perm, "step_in_epoch": s.order.step_in_epoch,
                                           "generators": [g.get_state() for g in s.order.generators]}
     state = {
@@ -60,23 +62,27 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_atomic(Path(path), buf.getvalue(), Path(path).parent.parent)   # the sweep folder (results.checkpoint_path)
+    root = Path(path).parent.parent          # the sweep folder: no link inside it is followed
+    write_json(Path(path).with_suffix(".json"), {"run_ids": state["run_ids"]}, root)
+    write_atomic(Path(path), buf.getvalue(), root)
 
 
 def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     """Load `path` into the live objects and return its step; 0 (nothing changed) when there is no
     checkpoint or it belongs to other runs (the run ids, hashes of the configs, must match)."""
     path = Path(path)
-    try:   # never through a link inside the sweep folder
+    device = s.lr.device
+    try:
         raw = read_bytes(path, path.parent.parent)
     except FileNotFoundError:
         return 0
-    device = s.lr.device
     try:
         state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 — atomic writes make this rare; say what to do
         raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to train the pack "
                            "from the start") from e
+    if not isinstance(state, dict):
+        return 0
     if state.get("format") != FORMAT or state.get("run_ids") != [run_id(c) for c in cfgs]:
         return 0
     with torch.no_grad():

@@ -71,7 +71,7 @@ def run(ctx: typer.Context, outputs: Path = OUTPUTS) -> None:
 def _execute(args: list[str], outputs: Path, single: bool) -> None:
     from omegaconf import OmegaConf
 
-    from symrun import results, sweep
+    from symrun import records, results, sweep
     from symrun.config import ConfigError, to_dict
     from symrun.data import DataError
 
@@ -99,7 +99,7 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
         for plan in plans:
             try:   # the lock file is the first thing written, so check the location before it
                 results.check_writable(plan.sweep_dir)
-                results.check_folder(plan.sweep_dir, plan.configs, suite)
+                records.check_folder(plan.sweep_dir, plan.configs, suite)
                 held.enter_context(results.sweep_lock(plan.sweep_dir))
             except results.OutputError as e:
                 _fail(str(e))
@@ -109,11 +109,11 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
 def _launch(plans: list[sweep.Plan], hydra_args: list[str], single: bool) -> None:
     """Holding the sweeps' locks: clear what a killed sweep left half-written, lay out, train
     (a suite's members in one launch, so a cluster runs them at once), report."""
-    from symrun import results, sweep
+    from symrun import records, results, sweep
 
     paths = []
     for plan in plans:
-        results.remove_stale_temps(plan.sweep_dir)
+        records.remove_stale_temps(plan.sweep_dir)
         paths.append(sweep.write_plan(plan))
         console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
                       + (f", {len(plan.finished)} already finished" if plan.finished else "")
@@ -210,9 +210,16 @@ def _show_report(sweep_dir: Path) -> None:
     console.print(f"tables: {sweep_dir / 'runs.csv'}, {sweep_dir / 'results.csv'}", highlight=False)
     for fig in rep.figures:
         console.print(f"figure: {fig}", highlight=False)
-    failed = {s: n for s, n in rep.status_counts.items() if s != results.FINISHED}
+    _warn_damaged(rep.problems)
+    failed = {s: n for s, n in rep.status_counts.items() if s not in (results.FINISHED, results.DAMAGED)}
     if failed:
         err.print(f"[yellow]warning:[/yellow] {report_mod.status_line(failed)} (see runs/<run_id>/status.json)")
+
+
+def _warn_damaged(problems: list[str]) -> None:
+    """One line per file that cannot be read back (it names the file and what to do)."""
+    for line in problems:
+        err.print(f"[yellow]warning:[/yellow] {escape(' '.join(line.split()))}", highlight=False, soft_wrap=True)
 
 
 def _fmt(v) -> str:
@@ -225,9 +232,9 @@ SWEEPS = typer.Argument(..., help="A sweep folder, or a folder holding sweeps (e
 
 
 def _sweeps(where: Path) -> list[Path]:
-    from symrun import results
+    from symrun import tables
 
-    found = results.find_sweeps(where)
+    found = tables.find_sweeps(where)
     if not found:
         _fail(f"no sweep folders (with sweep.json and runs/) in {where}")
     return found
@@ -235,19 +242,19 @@ def _sweeps(where: Path) -> list[Path]:
 
 @app.command()
 def status(where: Path = SWEEPS) -> None:
-    """How many runs of each sweep are finished, running, failed, diverged or pending, from each
-    run's status.json, and why runs failed. Read-only; works while a sweep runs elsewhere."""
-    from symrun import results
+    """How many runs of each sweep are finished, running, interrupted (running, but their sweep
+    stopped), failed, diverged, pending or damaged (a file that cannot be read back), from each run's
+    folder, and why. Read-only; works while a sweep runs elsewhere."""
+    from symrun import results, tables
 
-    states = [results.sweep_status(d) for d in _sweeps(where)]
+    states = [tables.sweep_status(d) for d in _sweeps(where)]
     for st in states:
         counts = ", ".join(f"{n} {s}" for s, n in st.counts.items())   # every state, in results' order
         console.print(f"{st.sweep_dir}\n  {sum(st.counts.values())} runs: {counts}", highlight=False, soft_wrap=True)
         for reason, ids in st.reasons.items():
             shown = ", ".join(ids[:3]) + (f", +{len(ids) - 3} more" if len(ids) > 3 else "")
             console.print(f"  {len(ids)} {reason}  [{shown}]", highlight=False, markup=False, soft_wrap=True)
-    if any(st.counts.get(results.FAILED) or st.counts.get(results.RUNNING) or st.counts.get(results.PENDING)
-           for st in states):
+    if any(st.counts.get(s) for st in states for s in (results.FAILED, results.INTERRUPTED, results.PENDING)):
         console.print("To finish a sweep: rerun it with hydra.sweep.dir=<its folder> (finished runs are skipped, "
                       "checkpointed packs resume). Logs: launches/<k>/packs/<i>/ and launches/<k>/.submitit/ of the "
                       "sweep (of the suite's folder, for a suite's members).",
@@ -258,13 +265,17 @@ def status(where: Path = SWEEPS) -> None:
 def collect(where: Path = SWEEPS) -> None:
     """Rebuild runs.csv and results.csv of each sweep from its run folders (e.g. after a partly
     failed sweep or while one runs on a cluster)."""
-    from symrun import results
+    from symrun import results, tables
 
     for d in _sweeps(where):
-        runs, res = results.write_tables(d)
+        try:
+            runs, res = tables.write_tables(d)
+        except results.OutputError as e:
+            _fail(str(e))
         counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
         line = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no runs started"
         console.print(f"{d}: {line}; {len(res)} result rows → runs.csv, results.csv", highlight=False, soft_wrap=True)
+        _warn_damaged(tables.problems(d, runs))
 
 
 @app.command(context_settings=HYDRA_ARGS)

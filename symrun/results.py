@@ -1,23 +1,24 @@
-"""Where results live and how they are written and read back. Every output path is built here.
+"""Where results live and how they are written. Every output path is built here; symrun.records reads
+a run folder back and checks it, symrun.tables rebuilds the sweep's tables.
 
     outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep (the suffix keeps same-second sweeps apart);
                                                       a suite: one per member, <preset>/, and its
                                                       launches/<k>/ (sweep.write_launch)
         sweep.json                                    swept keys and every launch into it (overrides, counts)
-        launches/<k>/plan.json                        launch k's packs of run ids
+        launches/<k>/plan.json                        launch k's grid (run ids in grid order) and packs
         launches/<k>/packs/<i>/                       Hydra's folder for its job i (.hydra/, log)
-        runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time
-        checkpoints/<hash of run ids>.pt              an unfinished pack's state (train.checkpoint_every)
+        runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time (symrun.tables)
+        figures.json                                  the figures the last report drew (symrun.report)
+        checkpoints/<hash of run ids>.pt, .json       an unfinished pack's state (train.checkpoint_every), its run ids
         runs/<run_id>/config.yaml                     the resolved config
                       metrics.csv                     one row per logged step
-                      params.pt                       final parameters (torch.load(..., weights_only=True))
+                      params.pt                       the parameters of metrics.csv's last row
                       <name>.npy, <name>.png          arrays a model saves for a run's own figures (resnet18)
                       status.json                     written last: finished | failed | diverged | running
 
 Every file is written and read through symrun.folder, which never follows a link inside a sweep
-folder; each is written to a temporary name and renamed, so a crash never leaves half a file.
-run_id = readable prefix + hash of the settings that differ from the defaults (open_lth style:
-adding a new setting with a default renames no existing run).
+folder. run_id = readable prefix + hash of the settings that differ from the defaults (open_lth
+style: adding a new setting with a default renames no existing run).
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -48,8 +47,10 @@ from symrun.config import EXECUTION_KEYS, Config, default_values, flatten, to_di
 from symrun.folder import OutputError, read_bytes, write_atomic  # noqa: F401 — part of this module's API
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
-PENDING = "pending"   # planned (config.yaml written) but never started: no status.json yet
-FLOAT_FORMAT = "%.17g"   # floats round-trip exactly through the CSVs
+PENDING = "pending"           # planned (config.yaml written) but never started: no status.json yet
+INTERRUPTED = "interrupted"   # `running`, but no sweep holds the folder's lock any more (symrun.tables)
+DAMAGED = "damaged"           # a file of the run cannot be read back: see records.RunRecord.problem
+STATES = (FINISHED, FAILED, DIVERGED, RUNNING)    # what a status.json may say
 MIN_FREE_BYTES = 64 * 2**20   # below this a sweep would likely die mid-write: refuse it up front
 LOCK_NAME = "sweep.lock"
 FOLDERS = ("runs", "checkpoints", "launches")     # what symrun makes inside a sweep folder
@@ -83,6 +84,17 @@ def write_launch_plan(root: Path, first: int, plan: dict) -> Path:
     return path
 
 
+def launch_plans(root: Path) -> list[dict]:
+    """The plans of the launches into a sweep's (or suite's) folder that can be read, newest first."""
+    root = Path(root)
+    try:
+        found = folder.entries(root / "launches", root)
+    except OutputError:
+        return []
+    ks = sorted((int(n) for n, what in found.items() if n.isdigit() and what == "dir"), reverse=True)
+    return [p for p in (read_json(launch_plan(root, k), root) for k in ks) if isinstance(p, dict)]
+
+
 def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
     """Refuse an output location that cannot take a sweep's results, before any training.
 
@@ -104,29 +116,6 @@ def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
     if free < min_free:
         raise OutputError(f"not enough free disk space for results under {sweep_dir}: {free / 2**20:.1f} MiB free "
                           f"on the disk of {existing}, symrun needs at least {min_free / 2**20:.0f} MiB")
-
-
-def check_folder(sweep_dir: Path, run_ids_, suite: Optional[Path] = None) -> None:
-    """Before a sweep writes into `sweep_dir` (a member of the `suite` folder, if given): refuse,
-    with one line, a folder whose names would lead a write elsewhere — a link at sweep.lock,
-    runs/, runs/<id>/ of a planned run, checkpoints/, launches/ or a suite's member folder — or
-    a path Hydra would read as syntax. Reads only."""
-    sweep_dir = Path(sweep_dir)
-    text = os.path.abspath(sweep_dir)
-    if any(s in text for s in HYDRA_SYNTAX):
-        raise OutputError(f"symrun cannot hand the folder {text} to Hydra: its path holds one of "
-                          f"{' '.join(HYDRA_SYNTAX)}, which Hydra reads as syntax; choose a plain path")
-    if suite is not None and folder.kind(sweep_dir, suite) == "link":
-        raise folder.link_error(sweep_dir)
-    if not sweep_dir.exists():
-        return
-    for name in (LOCK_NAME, *FOLDERS, *(f"runs/{rid}" for rid in run_ids_)):
-        what = folder.kind(sweep_dir / name, sweep_dir)
-        if what == "link":
-            raise folder.link_error(sweep_dir / name)
-        if what is not None and what != ("file" if name == LOCK_NAME else "dir"):
-            raise OutputError(f"{sweep_dir / name} is not a {'file' if name == LOCK_NAME else 'folder'}: "
-                              "remove it, or use another folder")
 
 
 @contextlib.contextmanager
@@ -155,22 +144,34 @@ def sweep_lock(sweep_dir: Path):
         os.close(fd)
 
 
+def lock_held(sweep_dir: Path) -> bool:
+    """Whether a sweep holds `sweep_dir`'s lock now (tried with a shared, non-blocking flock that
+    is let go at once; a link or a missing lock file is no sweep)."""
+    path = Path(sweep_dir) / LOCK_NAME
+    if folder.kind(path, sweep_dir) != "file":
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def run_ids(sweep_dir: Path) -> list[str]:
-    """The names under runs/ that are run folders (links in their place are not), sorted."""
+    """The names under runs/ that are run folders (or links in their place, which read_run
+    reports as damaged), sorted."""
     try:
         found = folder.entries(Path(sweep_dir) / "runs", sweep_dir)
     except OutputError:
         return []
-    return sorted(name for name, what in found.items() if what == "dir")
-
-
-def remove_stale_temps(sweep_dir: Path) -> list[Path]:
-    """Delete temporary files a killed sweep left behind (write_atomic's `.<name>.<hex>.tmp`) in
-    the sweep folder, its run folders and checkpoints/; links are never entered. Call it holding
-    the sweep's lock."""
-    sweep_dir = Path(sweep_dir)
-    runs = [run_dir(sweep_dir, rid) for rid in run_ids(sweep_dir)]
-    return folder.remove_temps(sweep_dir, [sweep_dir, sweep_dir / "checkpoints", *runs])
+    return sorted(name for name, what in found.items() if what in ("dir", "link"))
 
 
 def run_id(cfg: Config) -> str:
@@ -181,36 +182,62 @@ def run_id(cfg: Config) -> str:
     return f"{cfg.model.name}-s{cfg.seed}-{digest}"
 
 
-def checkpoint_path(sweep_dir: Path, run_ids: list[str]) -> Path:
-    """Where the pack of exactly these runs keeps its checkpoint. Named by its runs, not by a
-    launch's pack number, so a rerun of the sweep (a new launch) finds it."""
-    digest = hashlib.sha256(json.dumps(list(run_ids)).encode()).hexdigest()[:16]
+def checkpoint_path(sweep_dir: Path, run_ids_: list[str]) -> Path:
+    """Where the pack of exactly these runs keeps its checkpoint (and, beside it as .json, their
+    ids). Named by its runs, not by a launch's pack number, so a rerun of the sweep finds it."""
+    digest = hashlib.sha256(json.dumps(list(run_ids_)).encode()).hexdigest()[:16]
     return Path(sweep_dir) / "checkpoints" / f"{digest}.pt"
 
 
 def remove_checkpoint(sweep_dir: Path, run_ids_: list[str]) -> None:
-    folder.remove(checkpoint_path(sweep_dir, run_ids_), sweep_dir)
+    path = checkpoint_path(sweep_dir, run_ids_)
+    for p in (path, path.with_suffix(".json")):
+        folder.remove(p, sweep_dir)
+
+
+def checkpointed_packs(sweep_dir: Path) -> list[list[str]]:
+    """The run ids of each pack with a checkpoint in the folder (from the .json beside each .pt)."""
+    sweep_dir = Path(sweep_dir)
+    try:
+        found = folder.entries(sweep_dir / "checkpoints", sweep_dir)
+    except OutputError:
+        return []
+    packs = []
+    for name in sorted(found):
+        sidecar = read_json(sweep_dir / "checkpoints" / name, sweep_dir) if name.endswith(".json") else None
+        ids = sidecar.get("run_ids") if isinstance(sidecar, dict) else None
+        if (isinstance(ids, list) and ids and all(isinstance(r, str) for r in ids)
+                and found.get(name.removesuffix(".json") + ".pt") == "file"
+                and checkpoint_path(sweep_dir, ids).name == name.removesuffix(".json") + ".pt"):
+            packs.append(ids)
+    return packs
 
 
 def write_json(path: Path, obj: Any, root: Optional[Path] = None) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n", root)
 
 
-def read_json(path: Path, root: Optional[Path] = None) -> Optional[dict]:
-    """The JSON in `path` inside `root` (default: its own folder), read without following a
-    link, or None when it is missing, unreadable or a link."""
+def read_json(path: Path, root: Optional[Path] = None) -> Any:
+    """The JSON in `path` (read without following a link), or None when it is missing or unreadable."""
     try:
         return json.loads(read_bytes(path, root))
-    except (FileNotFoundError, NotADirectoryError, OutputError, ValueError):
+    except (FileNotFoundError, OutputError, ValueError):
         return None
 
 
 def write_csv(path: Path, frame: pd.DataFrame, root: Optional[Path] = None) -> None:
-    write_atomic(path, frame.to_csv(index=False, float_format=FLOAT_FORMAT), root)
+    """Floats as pandas writes them by default: the shortest text that reads back to the same
+    number (0.1, not 0.10000000000000001)."""
+    write_atomic(path, frame.to_csv(index=False), root)
 
 
-def read_csv(path: Path | io.StringIO) -> pd.DataFrame:
-    return pd.read_csv(path, float_precision="round_trip")
+# pandas 3 reads floats exactly by default (and deprecates the option); pandas 2 needs to be asked.
+_EXACT = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+
+
+def read_csv(path: Path | io.StringIO, **kw) -> pd.DataFrame:
+    """A table symrun wrote, every float read back to the bit."""
+    return pd.read_csv(path, **_EXACT, **kw)
 
 
 def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
@@ -222,12 +249,8 @@ def load_config_dict(sweep_dir: Path, rid: str) -> dict:
 
 
 def status(sweep_dir: Path, rid: str) -> Optional[dict]:
+    """A run's status.json as written, or None (symrun.records.read_run checks it)."""
     return read_json(run_dir(sweep_dir, rid) / "status.json", sweep_dir)
-
-
-def is_finished(sweep_dir: Path, rid: str) -> bool:
-    st = status(sweep_dir, rid)
-    return st is not None and st.get("status") == FINISHED
 
 
 def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
@@ -237,7 +260,10 @@ def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
 def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
               arrays: Optional[dict] = None, **info: Any) -> None:
     """A run's metrics, parameters and arrays (<name>.npy, for its figures), then its status
-    (the completion marker) last, with the last row's step and metrics."""
+    (the completion marker) last, with the last row's step and metrics (which read_run checks
+    metrics.csv against: a truncated file is caught)."""
+    import numpy as np
+
     d = run_dir(sweep_dir, rid)
     write_csv(d / "metrics.csv", pd.DataFrame(rows) if rows else pd.DataFrame(columns=["step"]), sweep_dir)
     if params is not None:
@@ -300,76 +326,3 @@ def slurm_job_id() -> Optional[str]:
 
 def now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
-
-
-def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs, results) tables rebuilt from the run folders; runs that never started are absent."""
-    sweep_dir = Path(sweep_dir)
-    swept = (read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
-    run_rows, result_frames = [], []
-    for d in (run_dir(sweep_dir, rid) for rid in run_ids(sweep_dir)):   # never a link in a run's place
-        st = read_json(d / "status.json", sweep_dir)
-        if st is None:
-            continue
-        cfg = flatten(load_config_dict(sweep_dir, d.name))
-        extra = {k: st.get(k) for k in ("wall_time_s", "pack", "pack_size", "torch", "git_commit",
-                                        "git_dirty", "diverged_at", "resumed_from", "error", "started_at",
-                                        "finished_at", "slurm_job_id")}
-        extra["resolved_device"] = st.get("device")      # `device` stays the configured value
-        run_rows.append({"run_id": st["run_id"], "status": st["status"], **cfg, **st.get("final", {}), **extra})
-        if folder.kind(d / "metrics.csv", sweep_dir) == "file" and st["status"] != RUNNING:
-            frame = read_csv(io.StringIO(folder.read_text(d / "metrics.csv", sweep_dir)))
-            for key in reversed(swept):
-                frame.insert(0, key, cfg.get(key))
-            frame.insert(0, "run_id", st["run_id"])
-            result_frames.append(frame)
-    runs = pd.DataFrame(run_rows)
-    if not runs.empty:
-        front = ["run_id", "status"] + [k for k in swept if k in runs.columns]
-        runs = runs[front + [c for c in runs.columns if c not in front]]
-    results = pd.concat(result_frames, ignore_index=True) if result_frames else pd.DataFrame()
-    return runs, results
-
-
-def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    runs, results = collect(sweep_dir)
-    write_csv(Path(sweep_dir) / "runs.csv", runs, sweep_dir)
-    write_csv(Path(sweep_dir) / "results.csv", results, sweep_dir)
-    return runs, results
-
-
-@dataclass
-class SweepStatus:
-    """Where a sweep stands, from its runs' status.json files (the truth: a scheduler reports a
-    job whose Python raised as COMPLETED)."""
-
-    sweep_dir: Path
-    counts: dict[str, int]                 # finished | running | failed | diverged | pending → runs
-    reasons: dict[str, list[str]]          # one-line reason → the failed or diverged runs it ended
-
-
-def find_sweeps(root: Path) -> list[Path]:
-    """`root` itself when it is a sweep folder, else every sweep folder below it (links below
-    `root` are not followed)."""
-    root = Path(root)
-    if (root / "sweep.json").is_file():
-        return [root]
-    found = []
-    for here, dirs, files in os.walk(root):
-        if "sweep.json" in files and "runs" in dirs:
-            found.append(Path(here))
-            dirs.clear()                   # a sweep folder holds runs, not other sweeps
-    return sorted(found)
-
-
-def sweep_status(sweep_dir: Path) -> SweepStatus:
-    counts = {s: 0 for s in (FINISHED, RUNNING, FAILED, DIVERGED, PENDING)}
-    reasons: dict[str, list[str]] = {}
-    for d in (run_dir(sweep_dir, rid) for rid in run_ids(sweep_dir)):
-        st = read_json(d / "status.json", sweep_dir) or {"status": PENDING}
-        counts[st["status"]] = counts.get(st["status"], 0) + 1
-        if st["status"] == FAILED:
-            reasons.setdefault(" ".join(str(st.get("error")).split()), []).append(d.name)
-        elif st["status"] == DIVERGED:
-            reasons.setdefault("diverged: its loss or weights stopped being finite (see diverged_at)", []).append(d.name)
-    return SweepStatus(Path(sweep_dir), counts, reasons)

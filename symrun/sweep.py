@@ -36,7 +36,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from symrun import budget, engine, models, reparam, results
+from symrun import budget, engine, models, records, reparam, results, tables
 from symrun import data as data_mod
 from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, experiment_presets, flatten,
                            register_configs, to_config, to_dict, total_steps)
@@ -266,19 +266,28 @@ def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[P
     by_id = {results.run_id(c): c for c in configs}
     name = configs[0].name
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
+    tables.check_consistent(sweep_dir, by_id, swept)
     return schedule(Plan(sweep_dir, name, by_id, [], swept, list(args)))
 
 
 def schedule(p: Plan) -> Plan:
     """The plan with its finished runs and packs read afresh from its folder: runs finished there
-    are skipped, the rest grouped into packs by shape. Cheap; call it again once the sweep's lock
-    is held, so runs another sweep finished in between are not trained twice."""
-    finished = [rid for rid in p.configs if results.is_finished(p.sweep_dir, rid)]
+    are skipped, the rest grouped into packs by shape. A pack with a checkpoint, or one a kill
+    stopped while it wrote its runs, is kept as it was (records.unfinished_packs), so it resumes
+    from its checkpoint and ends bit for bit as it would have. Cheap; call it again once the
+    sweep's lock is held, so runs another sweep finished in between are not trained twice."""
+    finished = [rid for rid in p.configs if not records.needs_training(p.sweep_dir, rid)]
+    packs: list[list[str]] = []
+    taken: set[str] = set()
+    for ids in records.unfinished_packs(p.sweep_dir):
+        if (set(ids) <= set(p.configs) - taken and not set(ids) <= set(finished)
+                and len({engine.pack_key(p.configs[r]) for r in ids}) == 1):
+            packs.append(ids)
+            taken |= set(ids)
     todo: dict[str, list[str]] = {}
     for rid, cfg in p.configs.items():
-        if rid not in finished:
+        if rid not in finished and rid not in taken:
             todo.setdefault(engine.pack_key(cfg), []).append(rid)
-    packs = []
     for ids in todo.values():
         size = p.configs[ids[0]].pack_size
         packs += [ids[i: i + size] for i in range(0, len(ids), size)]
@@ -288,7 +297,7 @@ def schedule(p: Plan) -> Plan:
 def write_plan(p: Plan) -> Path:
     """Lay out the sweep folder: sweep.json (with this launch appended to its history), the
     launch's plan and each new run's config.yaml. Returns the plan's path."""
-    previous = results.read_json(p.sweep_dir / "sweep.json") or {}
+    previous = records.read_sweep(p.sweep_dir)[0]
     launches = previous.get("launches", [])
     results.write_json(p.sweep_dir / "sweep.json", {
         "name": p.name,
@@ -300,7 +309,7 @@ def write_plan(p: Plan) -> Path:
         if rid not in p.finished:           # a finished run's folder is never touched again
             results.save_config(p.sweep_dir, rid, cfg)
     return results.write_launch_plan(p.sweep_dir, len(launches), {"sweep_dir": str(p.sweep_dir.resolve()),
-                                                                  "packs": p.packs})
+                                                                  "grid": list(p.configs), "packs": p.packs})
 
 
 def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
@@ -315,36 +324,44 @@ def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
 def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train pack `index` of a written plan (or launch, `write_launch`) and record every run. Never
     raises for a run's failure: a pack that fails marks its runs failed, with the error, and the
-    sweep goes on."""
+    sweep goes on. The pack is trained whole, as planned, so each run's numbers are those of this
+    pack (float rounding depends on a pack's size), but runs of it already finished — a kill, or a
+    requeued job, after some were written — are never written again."""
     written = results.read_json(Path(plan_path))
     if "plans" in written:                        # a launch of several plans: the member's pack
         member, local = written["packs"][index]
         return {**run_pack(Path(written["plans"][member]), local, on_step), "plan": written["plans"][member]}
     sweep_dir = Path(written["sweep_dir"])
-    ids = [rid for rid in written["packs"][index] if not results.is_finished(sweep_dir, rid)]
-    if not ids:
+    planned = written["packs"][index]
+    todo = [rid for rid in planned if records.needs_training(sweep_dir, rid)]
+    if not todo:
         return {"pack": index, "runs": 0}
-    configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in ids]
-    info = {"pack": index, "pack_size": len(ids), "started_at": results.now(),
+    readable = all(records.read_run(sweep_dir, rid).config is not None for rid in planned)
+    trained = planned if readable else todo
+    configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in trained]
+    info = {"pack": index, "pack_runs": len(trained), "started_at": results.now(),
             **results.provenance(str(engine.resolve_device(configs[0].device)))}
-    for rid in ids:
+    for rid in todo:
         results.write_status(sweep_dir, rid, results.RUNNING, **info)
     start = time.perf_counter()
-    ckpt = results.checkpoint_path(sweep_dir, ids)
+    ckpt = results.checkpoint_path(sweep_dir, trained)
     try:
         outcomes = engine.train_pack(configs, on_step=on_step, checkpoint=ckpt)
+    except results.OutputError:
+        raise                            # the folder cannot be written (disk full): stop, resumable
     except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
         error = f"{type(e).__name__}: {e}"
-        for rid in ids:
+        for rid in todo:
             results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
                                  finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
-        return {"pack": index, "runs": len(ids), "failed": len(ids)}
+        return {"pack": index, "runs": len(todo), "failed": len(todo)}
     wall = time.perf_counter() - start
-    for rid, out in zip(ids, outcomes):
-        results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
-                          resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
-    results.remove_checkpoint(sweep_dir, ids)     # every run is recorded: the checkpoint has served
-    return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
+    for rid, out in zip(trained, outcomes):
+        if rid in todo:
+            results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
+                              resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
+    results.remove_checkpoint(sweep_dir, trained)       # every run is recorded: the checkpoint has served
+    return {"pack": index, "runs": len(todo), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
 
 # The Hydra job a launcher runs. A plain module-level function, so joblib and submitit pickle
@@ -392,7 +409,7 @@ def runs_done(p: Plan) -> int:
     """How many of the plan's runs have ended (any status but running) — for progress from afar."""
     ended = 0
     for rid in (r for pack in p.packs for r in pack):
-        st = results.status(p.sweep_dir, rid)
+        st = records.read_run(p.sweep_dir, rid).info
         ended += st is not None and st.get("status") != results.RUNNING
     return ended
 

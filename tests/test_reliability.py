@@ -21,7 +21,7 @@ GRID = ["model=hadamard", "data.n=40,50,60,70,80,90", "seed=0,1", "data.batch_si
         "noise.temperature=1e-4", "train.steps=2000", "train.log_every=500"]
 # Columns that say when, where and by what a run was trained, not what it computed.
 TIMING_AND_PROVENANCE = ["wall_time_s", "started_at", "finished_at", "torch", "git_commit", "git_dirty",
-                         "resolved_device"]
+                         "resolved_device", "pack_runs"]
 
 
 def _table(path: Path, drop=()) -> pd.DataFrame:

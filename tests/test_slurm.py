@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import assert_same_tables, sweep_dirs
-from symrun import results, sweep
+from symrun import results, sweep, tables
 
 SLURM_UP = Path(__file__).resolve().parent.parent / ".ci" / "slurm-up"
 GRID = ["model=hadamard,factorization", "seed=0,1", "optim.weight_decay=0,0.1", "train.steps=20", "train.log_every=5"]
@@ -102,7 +102,7 @@ def test_pack_size_changes_how_many_jobs_not_the_numbers(tmp_path):
         path = sweep.write_plan(plan)
         for i in range(len(plan.packs)):
             sweep.run_pack(path, i)
-        results.write_tables(plan.sweep_dir)
+        tables.write_tables(plan.sweep_dir)
     assert sizes == {1: [1] * 8, 3: [1, 1, 3, 3], 256: [4, 4]}
     (one,), (three,), (big,) = (sweep_dirs(tmp_path / str(k)) for k in (1, 3, 256))
     assert_same_tables(one, big, rtol=1e-9)

@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import engine, results, sweep
+from symrun import engine, results, sweep, tables
 
 
 def _run_all(plan):
     path = sweep.write_plan(plan)
     for i in range(len(plan.packs)):
         sweep.run_pack(path, i)
-    return results.write_tables(plan.sweep_dir)
+    return tables.write_tables(plan.sweep_dir)
 
 
 def test_a_failing_pack_is_recorded_and_the_other_packs_finish(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from symrun import folder, report, results, sweep
+from symrun import folder, records, report, results, sweep, tables
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 
@@ -71,7 +71,7 @@ def test_a_resume_refuses_a_lock_file_that_is_a_link(received, tmp_path, victim)
             pass
     plan = sweep.plan(GRID, tmp_path, sweep_dir=d)
     with pytest.raises(results.OutputError, match=r"sweep\.lock is a symbolic link"):
-        results.check_folder(d, plan.configs)
+        records.check_folder(d, plan.configs)
     assert _snapshot(victim) == before
 
 
@@ -88,7 +88,7 @@ def test_a_resume_refuses_a_link_where_it_would_write_and_writes_nothing_through
     where.symlink_to(victim / "dir", target_is_directory=True)
     before = _snapshot(victim)
     with pytest.raises(results.OutputError) as refused:
-        results.check_folder(d, plan.configs)
+        records.check_folder(d, plan.configs)
     assert str(refused.value).startswith(f"{where} is a symbolic link") and "\n" not in str(refused.value)
     # the writes themselves refuse it too, should anything call them without the check
     with pytest.raises(results.OutputError, match="is a symbolic link"):
@@ -101,7 +101,7 @@ def test_a_suite_member_that_is_a_link_is_refused(tmp_path, victim):
     suite.mkdir()
     (suite / "rescaling_sparsity").symlink_to(victim / "dir", target_is_directory=True)
     with pytest.raises(results.OutputError, match="rescaling_sparsity is a symbolic link"):
-        results.check_folder(suite / "rescaling_sparsity", [], suite=suite)
+        records.check_folder(suite / "rescaling_sparsity", [], suite=suite)
 
 
 def test_collect_and_status_read_nothing_through_a_link(received, tmp_path, victim):
@@ -114,10 +114,11 @@ def test_collect_and_status_read_nothing_through_a_link(received, tmp_path, vict
     (d / "runs" / other / "metrics.csv").unlink()
     (d / "runs" / other / "metrics.csv").symlink_to(victim / "secret.csv")       # one file of a run
     before = _snapshot(victim)
-    runs, res = results.write_tables(d)
-    assert rid not in set(runs["run_id"])
+    runs, res = tables.write_tables(d)
+    status = runs.set_index("run_id")["status"]
+    assert status[rid] == "damaged" and status[other] == "damaged"      # named, never read
     assert "0.123456789" not in (d / "results.csv").read_text() + (d / "runs.csv").read_text()
-    assert results.sweep_status(d).counts["finished"] == 1
+    assert tables.sweep_status(d).counts["damaged"] == 2
     assert _snapshot(victim) == before
 
 
@@ -132,7 +133,7 @@ def test_stale_temporaries_are_removed_without_following_links(received, tmp_pat
         p.write_text("half")
     (d / ".sweep.json.1234abcd.tmp").symlink_to(victim / ".bashrc")
     before = _snapshot(victim)
-    removed = results.remove_stale_temps(d)
+    removed = records.remove_stale_temps(d)
     assert sorted(removed) == sorted(stale + [d / ".sweep.json.1234abcd.tmp"])
     assert not any(p.exists() or p.is_symlink() for p in removed)
     assert _snapshot(victim) == before
@@ -171,8 +172,8 @@ def test_the_sweep_folder_itself_may_be_a_link_the_user_made(received, tmp_path)
     real = _copy(received, tmp_path)
     alias = tmp_path / "alias"
     alias.symlink_to(real, target_is_directory=True)
-    results.check_folder(alias, results.run_ids(real))
-    runs, _ = results.write_tables(alias)
+    records.check_folder(alias, results.run_ids(real))
+    runs, _ = tables.write_tables(alias)
     assert len(runs) == 2 and (real / "runs.csv").is_file()
 
 
