@@ -120,21 +120,75 @@ def _launch(plans: list[sweep.Plan], hydra_args: list[str], single: bool) -> Non
                       + f" → {plan.sweep_dir}", highlight=False)
     suite = len(plans) > 1
     where = plans[0].sweep_dir.parent if suite else plans[0].sweep_dir
+    what = "suite" if suite else "sweep"
     launch_path = sweep.write_launch(where, list(zip(plans, paths))) if suite else paths[0]
     try:
         _train(plans, launch_path, hydra_args, single)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the {what} in {where} stopped; runs that finished are kept. To resume it, run the "
+                  f"same command with hydra.sweep.dir={where}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001
+        if (full := _folder_error(e)) is not None:   # the folder cannot be written (a full disk): it stays resumable
+            _fail(f"{full} (then resume with hydra.sweep.dir={where})")
         if single or sweep.in_process(hydra_args):
             raise
+        if (refused := _submission_error(e)) is not None:
+            _fail(refused)
         # A launcher gives up when a job dies without a result (killed, out of memory, node lost);
         # the runs that ended are on disk: tabulate them and say how to finish the rest.
         for plan in plans:
             _show_report(plan.sweep_dir)
         _fail(f"a job ended without a result ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
               f"other jobs may still run. See `symrun status {where}`; rerun with "
-              f"hydra.sweep.dir={where} to finish the {'suite' if suite else 'sweep'}")
+              f"hydra.sweep.dir={where} to finish the {what}")
     for plan in plans:
-        _show_report(plan.sweep_dir)
+        try:
+            _show_report(plan.sweep_dir)
+        except results.OutputError as e:     # every run is recorded; only the tables or figures are missing
+            _fail(f"{e} (every run is recorded: then `symrun report {where}` writes the tables and figures)")
+    failed = sum(records.read_run(p.sweep_dir, rid).status == results.FAILED for p in plans for rid in p.configs)
+    if failed:
+        err.print(f"[bold red]error:[/bold red] {failed} of {sum(len(p.configs) for p in plans)} runs failed; "
+                  f"`symrun status {where}` says why. Fix the cause, then rerun with hydra.sweep.dir={where} to "
+                  "train them again", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _folder_error(e: BaseException) -> Optional[str]:
+    """One line when training stopped because the results could not be written: symrun's own
+    writes say so (OutputError); Hydra's job files fail with a bare OSError when the disk is full."""
+    import errno
+
+    from symrun import results
+
+    if isinstance(e, results.OutputError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk ({e.filename or 'writing the results'}): free some space"
+    return None
+
+
+# What a cluster's refusal (sbatch's message) is most likely about → the launcher key to change
+_REFUSALS = {"gres": "gpus_per_node", "gpu": "gpus_per_node", "partition": "partition", "memory": "mem_gb",
+             "time limit": "timeout_min", "cpu": "cpus_per_task", "qos": "qos", "account": "account"}
+
+
+def _submission_error(e: BaseException) -> Optional[str]:
+    """One line when a launcher failed because the scheduler refused the submission (sbatch
+    exited with an error: nothing was submitted), naming its message and the key to change."""
+    import subprocess
+
+    seen = e
+    while seen is not None and not (isinstance(seen, subprocess.CalledProcessError) and "sbatch" in str(seen.cmd)):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    message = " ".join(str(seen.stderr or seen.output or seen).split())
+    keys = list(dict.fromkeys(k for word, k in _REFUSALS.items() if word in message.lower()))
+    keys = keys or ["partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min"]
+    return (f"the cluster refused the jobs, nothing was submitted: {message}. Change the launcher's settings "
+            f"({', '.join('hydra.launcher.' + k for k in keys)}) on the command line and run again")
 
 
 def _train(plans: list[sweep.Plan], launch_path: Path, hydra_args: list[str], single: bool) -> None:
@@ -182,10 +236,12 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
     from symrun.config import ConfigError
     from symrun.data import DataError
 
+    from symrun.folder import OutputError
+
     for d in _sweeps(sweep_dir):
         try:
             _show_report(d)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, OutputError) as e:
             _fail(str(e))
 
 
