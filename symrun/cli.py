@@ -147,7 +147,8 @@ def _launch(plans: list[sweep.Plan], hydra_args: list[str], single: bool) -> Non
             _show_report(plan.sweep_dir)
         except results.OutputError as e:     # every run is recorded; only the tables or figures are missing
             _fail(f"{e} (every run is recorded: then `symrun report {where}` writes the tables and figures)")
-    failed = sum(records.read_run(p.sweep_dir, rid).status == results.FAILED for p in plans for rid in p.configs)
+    failed = sum(records.read_run(p.sweep_dir, rid, config=False).status == results.FAILED
+                 for p in plans for rid in p.configs)
     if failed:
         err.print(f"[bold red]error:[/bold red] {failed} of {sum(len(p.configs) for p in plans)} runs failed; "
                   f"`symrun status {where}` says why. Fix the cause, then rerun with hydra.sweep.dir={where} to "
@@ -235,7 +236,6 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
     """Rebuild runs.csv/results.csv from the run folders, draw the phase diagrams, print a summary."""
     from symrun.config import ConfigError
     from symrun.data import DataError
-
     from symrun.folder import OutputError
 
     for d in _sweeps(sweep_dir):

@@ -46,9 +46,9 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
-def experiment_presets() -> list[str]:
-    """The names `experiment=` takes: the files of configs/experiment/ (nothing outside it)."""
-    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+def experiment_presets(config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The names `experiment=` takes: the files of <config_dir>/experiment/ (nothing outside it)."""
+    return sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
 
 # ---------------------------------------------------------------------------------------------
 # model=

@@ -71,7 +71,10 @@ def _opened(root: Path, folders: tuple[str, ...], create: bool) -> Iterator[int]
     otherwise). A link or a file on the way raises OutputError naming it."""
     if create:
         os.makedirs(root, exist_ok=True)
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError:     # the root's path runs through a file: there is no such folder
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(root)) from None
     try:
         for i, name in enumerate(folders):
             if create:

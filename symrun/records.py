@@ -44,15 +44,16 @@ def _damaged(path: Path, what: str) -> str:
             "to train that run again")
 
 
-def read_run(sweep_dir: Path, rid: str, metrics: bool = False) -> RunRecord:
-    """Read runs/<rid>/ without following a link and check what it holds. A file that cannot be
-    read back (empty, not the right kind of content, truncated, a link) makes the run DAMAGED with
-    a one-line `problem` (`info` is kept when status.json itself is sound); nothing is repaired."""
+def read_run(sweep_dir: Path, rid: str, metrics: bool = False, config: bool = True) -> RunRecord:
+    """Read runs/<rid>/ without following a link and check what it holds (config.yaml unless
+    `config` is false, metrics.csv when `metrics`). A file that cannot be read back (empty, not the
+    right kind of content, truncated, a link) makes the run DAMAGED with a one-line `problem`
+    (`info` is kept when status.json itself is sound); nothing is repaired."""
     sweep_dir, d = Path(sweep_dir), run_dir(sweep_dir, rid)
     if folder.kind(d, sweep_dir) == "link":
         return RunRecord(rid, DAMAGED, problem=str(folder.link_error(d)))
     info, problem = _read_status(sweep_dir, d / "status.json", rid)
-    config, config_problem = _read_config(sweep_dir, d / "config.yaml")
+    config, config_problem = _read_config(sweep_dir, d / "config.yaml") if config else (None, None)
     if problem is not None:
         return RunRecord(rid, DAMAGED, config=config, problem=problem)
     if info is None:       # never started; a folder without config.yaml yet was cut short while planned
@@ -132,10 +133,10 @@ def _read_metrics(sweep_dir: Path, path: Path, info: dict) -> tuple[Optional[pd.
         frame = read_csv(io.StringIO(raw))
     except (ValueError, pd.errors.ParserError):
         return None, _damaged(path, "not a table")
-    final, step = info.get("final", {}), info.get("final_step", -1)
-    last = frame.iloc[-1].to_dict() if len(frame) else {}
-    if "step" not in frame.columns or (step != -1 and (last.get("step") if len(frame) else None) != step) \
-            or not all(_same(last.get(k), v) for k, v in final.items()):
+    last = frame.iloc[-1].to_dict() if len(frame) else {"step": None}     # no row: not finite at step 0
+    step_ok = "final_step" not in info or last.get("step") == info["final_step"]   # older status.json: unchecked
+    values_ok = all(_same(last.get(k), v) for k, v in info.get("final", {}).items())
+    if "step" not in frame.columns or not step_ok or not values_ok:
         return None, _damaged(path, "its rows do not end with the final row status.json records")
     return frame, None
 
@@ -148,7 +149,7 @@ def _same(a, b) -> bool:
 
 def is_finished(sweep_dir: Path, rid: str) -> bool:
     """Whether the run's status.json says finished (whatever the state of its other files)."""
-    info = read_run(sweep_dir, rid).info
+    info = read_run(sweep_dir, rid, config=False).info
     return info is not None and info["status"] == FINISHED
 
 
@@ -156,12 +157,11 @@ def needs_training(sweep_dir: Path, rid: str) -> bool:
     """Whether a sweep trains this run: its status.json is missing or says it did not finish.
     A finished run, or one whose status.json cannot be read (it may be a finished one), is never
     trained again: its files are replaced only when the user deletes its folder."""
-    record = read_run(sweep_dir, rid)
+    record = read_run(sweep_dir, rid, config=False)
     return record.status == PENDING or (record.info is not None and record.info["status"] != FINISHED)
 
 
-
-def check_folder(sweep_dir: Path, run_ids, suite: Optional[Path] = None) -> None:
+def check_folder(sweep_dir: Path, planned, suite: Optional[Path] = None) -> None:
     """Before a sweep writes into `sweep_dir` (a member of the `suite` folder, if given): refuse,
     with one line, a folder whose files would lead a write elsewhere or replace what cannot be
     read back — a link at any name symrun writes (sweep.lock, runs/, runs/<id>/ of a planned run,
@@ -177,7 +177,7 @@ def check_folder(sweep_dir: Path, run_ids, suite: Optional[Path] = None) -> None
         raise folder.link_error(sweep_dir)
     if not sweep_dir.exists():
         return
-    for name in (LOCK_NAME, *FOLDERS, *(f"runs/{rid}" for rid in run_ids)):
+    for name in (LOCK_NAME, *FOLDERS, *(f"runs/{rid}" for rid in planned)):
         what = folder.kind(sweep_dir / name, sweep_dir)
         if what == "link":
             raise folder.link_error(sweep_dir / name)
@@ -187,11 +187,10 @@ def check_folder(sweep_dir: Path, run_ids, suite: Optional[Path] = None) -> None
     problem = read_sweep(sweep_dir)[1]
     if problem is not None:
         raise OutputError(problem)
-    for rid in run_ids:
-        record = read_run(sweep_dir, rid)
+    for rid in planned:
+        record = read_run(sweep_dir, rid, config=False)
         if record.status == DAMAGED and record.info is None:     # finished or not, nobody can tell
             raise OutputError(record.problem)
-
 
 
 def remove_stale_temps(sweep_dir: Path) -> list[Path]:

@@ -213,8 +213,8 @@ def suite_of(args: list[str]) -> Optional[tuple[str, dict[str, list[str]]]]:
     """(name, {member preset: its overrides}) when `experiment=` names a suite: a preset file
     whose only key is `suite:`, mapping presets to the overrides each runs with. Else None."""
     chosen = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
-    presets = experiment_presets()
-    if chosen and "," not in chosen[-1] and chosen[-1] not in presets:   # never a file outside the presets
+    presets = experiment_presets(CONFIG_DIR)
+    if chosen and ("/" in chosen[-1] or chosen[-1].startswith(".")):   # never a file outside the presets
         raise ConfigError(f"unknown experiment option '{chosen[-1]}'" + did_you_mean(chosen[-1], presets)
                           + f" (options: {', '.join(presets)})")
     path = CONFIG_DIR / "experiment" / f"{chosen[-1]}.yaml" if chosen else None
@@ -229,7 +229,7 @@ def suite_of(args: list[str]) -> Optional[tuple[str, dict[str, list[str]]]]:
     if not ok:
         raise ConfigError(f"{path}: a suite holds only `suite:`, a map of preset name → list of override strings")
     for member in members:
-        if suite_of([f"experiment={member}"]) is not None or not (CONFIG_DIR / "experiment" / f"{member}.yaml").is_file():
+        if member not in presets or suite_of([f"experiment={member}"]) is not None:
             raise ConfigError(f"{path}: suite member '{member}' is not an experiment preset")
     return chosen[-1], members
 
@@ -409,7 +409,7 @@ def runs_done(p: Plan) -> int:
     """How many of the plan's runs have ended (any status but running) — for progress from afar."""
     ended = 0
     for rid in (r for pack in p.packs for r in pack):
-        st = records.read_run(p.sweep_dir, rid).info
+        st = records.read_run(p.sweep_dir, rid, config=False).info
         ended += st is not None and st.get("status") != results.RUNNING
     return ended
 

@@ -62,7 +62,7 @@ def test_a_diverged_run_is_recorded_and_its_pack_mates_finish(tmp_path):
 def test_tables_rebuild_from_run_folders_and_floats_round_trip(tmp_path):
     plan = sweep.plan(["optim.weight_decay=0.1,0.30000000000000004", "train.steps=2", "train.log_every=1"], tmp_path)
     runs, _ = _run_all(plan)
-    back = pd.read_csv(plan.sweep_dir / "runs.csv", float_precision="round_trip")
+    back = results.read_csv(plan.sweep_dir / "runs.csv")
     assert sorted(back["optim.weight_decay"]) == [0.1, 0.30000000000000004]
     finals = {r: json.loads((results.run_dir(plan.sweep_dir, r) / "status.json").read_text())["final"]["train_loss"]
               for r in back["run_id"]}
