@@ -81,7 +81,7 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
     try:
         plans = ([sweep.plan(run_args, outputs, where, single=True, hydra_args=tuple(hydra_args))] if single
                  else sweep.plans(run_args, outputs, where, hydra_args=tuple(hydra_args)))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, results.OutputError) as e:
         _fail(str(e))
     if show:
         for plan in plans:
@@ -310,6 +310,7 @@ def status(where: Path = SWEEPS) -> None:
         for reason, ids in st.reasons.items():
             shown = ", ".join(ids[:3]) + (f", +{len(ids) - 3} more" if len(ids) > 3 else "")
             console.print(f"  {len(ids)} {reason}  [{shown}]", highlight=False, markup=False, soft_wrap=True)
+        _warn_damaged(st.problems)
     if any(st.counts.get(s) for st in states for s in (results.FAILED, results.INTERRUPTED, results.PENDING)):
         console.print("To finish a sweep: rerun it with hydra.sweep.dir=<its folder> (finished runs are skipped, "
                       "checkpointed packs resume). Logs: launches/<k>/packs/<i>/ and launches/<k>/.submitit/ of the "

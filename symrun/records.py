@@ -50,8 +50,11 @@ def read_run(sweep_dir: Path, rid: str, metrics: bool = False, config: bool = Tr
     right kind of content, truncated, a link) makes the run DAMAGED with a one-line `problem`
     (`info` is kept when status.json itself is sound); nothing is repaired."""
     sweep_dir, d = Path(sweep_dir), run_dir(sweep_dir, rid)
-    if folder.kind(d, sweep_dir) == "link":
-        return RunRecord(rid, DAMAGED, problem=str(folder.link_error(d)))
+    try:
+        if folder.kind(d, sweep_dir) == "link":
+            return RunRecord(rid, DAMAGED, problem=str(folder.link_error(d)))
+    except OutputError as e:                   # runs/ itself is a link, or a file
+        return RunRecord(rid, DAMAGED, problem=str(e))
     info, problem = _read_status(sweep_dir, d / "status.json", rid)
     config, config_problem = _read_config(sweep_dir, d / "config.yaml") if config else (None, None)
     if problem is not None:
@@ -78,6 +81,18 @@ def read_sweep(sweep_dir: Path) -> tuple[dict, Optional[str]]:
         return {}, (f"{path} is damaged: restore it, or delete it to start the folder's history afresh "
                     "(its runs are kept; until then the tables do not know which keys were swept)")
     return info, None
+
+
+def folder_problems(sweep_dir: Path) -> list[str]:
+    """One line for each part of the folder itself that cannot be read back: a damaged sweep.json,
+    a runs/ that is a link (its runs are not read) or not a folder."""
+    found = [read_sweep(sweep_dir)[1]]
+    what = folder.kind(Path(sweep_dir) / "runs", sweep_dir)
+    if what == "link":
+        found.append(str(folder.link_error(Path(sweep_dir) / "runs")))
+    elif what not in (None, "dir"):
+        found.append(f"{Path(sweep_dir) / 'runs'} is not a folder: its runs cannot be read")
+    return [line for line in found if line]
 
 
 def _read_status(sweep_dir: Path, path: Path, rid: str) -> tuple[Optional[dict], Optional[str]]:

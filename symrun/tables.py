@@ -9,7 +9,7 @@ Runs whose files cannot be read back are rows with status `damaged` and the reas
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -86,10 +86,10 @@ def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def problems(sweep_dir: Path, runs: pd.DataFrame) -> list[str]:
-    """One line per file of the folder that cannot be read back: sweep.json, and each damaged run's."""
-    sweep_problem = records.read_sweep(sweep_dir)[1]
+    """One line per part of the folder that cannot be read back: sweep.json or runs/ (a link),
+    and each damaged run's file."""
     damaged = runs.loc[runs["status"] == DAMAGED, "error"].tolist() if {"status", "error"} <= set(runs) else []
-    return ([sweep_problem] if sweep_problem else []) + damaged
+    return records.folder_problems(sweep_dir) + damaged
 
 
 @dataclass
@@ -100,6 +100,7 @@ class SweepStatus:
     sweep_dir: Path
     counts: dict[str, int]                 # finished | running | interrupted | failed | diverged | pending | damaged
     reasons: dict[str, list[str]]          # one-line reason → the runs it concerns
+    problems: list[str] = field(default_factory=list)   # the folder's own: records.folder_problems
 
 
 def find_sweeps(root: Path) -> list[Path]:
@@ -132,7 +133,7 @@ def sweep_status(sweep_dir: Path) -> SweepStatus:
             reasons.setdefault("diverged: its loss or weights stopped being finite (see diverged_at)", []).append(rid)
         elif state == DAMAGED:
             reasons.setdefault(record.problem, []).append(rid)
-    return SweepStatus(Path(sweep_dir), counts, reasons)
+    return SweepStatus(Path(sweep_dir), counts, reasons, records.folder_problems(sweep_dir))
 
 
 def check_consistent(sweep_dir: Path, configs: dict[str, Config], swept: list[str]) -> None:

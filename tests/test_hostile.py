@@ -56,6 +56,12 @@ def _link(name: str, to: str):
     return plant
 
 
+def _runs_link(work, home, received):
+    """runs/ itself a link to a folder of the user's (the received runs moved there)."""
+    shutil.move(work / "D" / "runs", home / "dir" / "runs")
+    (work / "D" / "runs").symlink_to(home / "dir" / "runs", target_is_directory=True)
+
+
 def _new_run_link(work, home, received):
     """runs/<id> of a run the resumed grid adds, as a link to the user's folder."""
     plan = sweep.plan([*GRID, "seed=0,1"], work, sweep_dir=work / "D")
@@ -137,6 +143,10 @@ CASES = {
                                               _and(_received, _interrupted)),
     "sweep.lock a link": Case(["sweep", *GRID, "hydra.sweep.dir=D"], 2, ["D/sweep.lock is a symbolic link"],
                               _and(_received, _link("sweep.lock", ".bashrc"))),
+    "runs/ a link, on resume": Case(["sweep", *GRID, "hydra.sweep.dir=D"], 2, ["D/runs is a symbolic link"],
+                                    _and(_received, _runs_link)),
+    "runs/ a link, on status": Case(["status", "D"], 0, ["0 runs", "warning: D/runs is a symbolic link"],
+                                    _and(_received, _runs_link)),
     "runs/<id> a link": Case(["sweep", *GRID, "seed=0,1", "hydra.sweep.dir=D"], 2, ["is a symbolic link"],
                              _and(_received, _new_run_link)),
     "a report with a link at a figure's temporary name": Case(
