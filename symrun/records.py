@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from symrun import folder, results
-from symrun.config import flatten
+from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, flatten
 from symrun.folder import OutputError, read_bytes
 from symrun.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, HYDRA_SYNTAX, LOCK_NAME, PENDING, STATES,
                             checkpoint_path, checkpointed_packs, read_csv, read_json, remove_checkpoint, run_dir,
@@ -128,7 +128,26 @@ def _read_config(sweep_dir: Path, path: Path) -> tuple[Optional[dict], Optional[
         return None, _damaged(path, "not valid YAML")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("data"), dict):
         return None, _damaged(path, "not a run's config: no model and data sections")
-    return flatten(cfg), None
+    model, data = cfg["model"].get("name"), cfg["data"].get("name")
+    if model not in MODEL_OPTIONS or data not in DATA_OPTIONS:
+        return None, _damaged(path, f"unknown model {model!r} or data {data!r}")
+    flat, defaults = flatten(cfg), default_values(MODEL_OPTIONS[model], DATA_OPTIONS[data])
+    wrong = [k for k, v in flat.items() if k in defaults and not _same_kind(v, defaults[k])]
+    if wrong:
+        return None, _damaged(path, f"{wrong[0]}: {flat[wrong[0]]!r} is not a value of its type")
+    return flat, None
+
+
+def _same_kind(value, default) -> bool:
+    """Whether a saved setting has its default's type (the tables compare and sort them); a
+    setting whose default is null may hold any value."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    return isinstance(value, type(default))
 
 
 def _read_metrics(sweep_dir: Path, path: Path, info: dict) -> tuple[Optional[pd.DataFrame], Optional[str]]:

@@ -1,6 +1,7 @@
 """Damaged run files: `status`, `collect`, `report` and a resumed sweep name each one in a line
 that says what to do, never with a traceback, and never replace a finished run's files."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,10 @@ DAMAGE = {   # file → (how it is damaged, what the line says)
                                   "is damaged (its rows do not end with the final row status.json records)"),
     "config.yaml garbage": ("config.yaml", lambda p: p.write_text("model: [\n"), "is damaged (not valid YAML)"),
     "config.yaml missing": ("config.yaml", lambda p: p.unlink(), "is damaged (missing)"),
+    "config.yaml of an unknown model": ("config.yaml", lambda p: p.write_text(p.read_text().replace(
+        "name: hadamard", "name: bogus")), "is damaged (unknown model 'bogus'"),
+    "config.yaml with a value of the wrong type": ("config.yaml", lambda p: p.write_text(re.sub(
+        r"weight_decay: .*", "weight_decay: abc", p.read_text())), "is damaged (optim.weight_decay: 'abc' is not a"),
 }
 
 
