@@ -71,7 +71,7 @@ def run(ctx: typer.Context, outputs: Path = OUTPUTS) -> None:
 def _execute(args: list[str], outputs: Path, single: bool) -> None:
     from omegaconf import OmegaConf
 
-    from symrun import results, sweep
+    from symrun import records, results, sweep
     from symrun.config import ConfigError, to_dict
     from symrun.data import DataError
 
@@ -81,7 +81,7 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
     try:
         plans = ([sweep.plan(run_args, outputs, where, single=True, hydra_args=tuple(hydra_args))] if single
                  else sweep.plans(run_args, outputs, where, hydra_args=tuple(hydra_args)))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, results.OutputError) as e:
         _fail(str(e))
     if show:
         for plan in plans:
@@ -94,10 +94,12 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
         err.print("note: symrun run trains the preset's base config only; symrun sweep runs its grid", soft_wrap=True)
     if len(plans) > 1:
         console.print(f"suite of {len(plans)} sweeps → {plans[0].sweep_dir.parent}", highlight=False)
+    suite = plans[0].sweep_dir.parent if len(plans) > 1 else None
     with contextlib.ExitStack() as held:
         for plan in plans:
             try:   # the lock file is the first thing written, so check the location before it
                 results.check_writable(plan.sweep_dir)
+                records.check_folder(plan.sweep_dir, plan.configs, suite)
                 held.enter_context(results.sweep_lock(plan.sweep_dir))
             except results.OutputError as e:
                 _fail(str(e))
@@ -107,32 +109,87 @@ def _execute(args: list[str], outputs: Path, single: bool) -> None:
 def _launch(plans: list[sweep.Plan], hydra_args: list[str], single: bool) -> None:
     """Holding the sweeps' locks: clear what a killed sweep left half-written, lay out, train
     (a suite's members in one launch, so a cluster runs them at once), report."""
-    from symrun import results, sweep
+    from symrun import records, results, sweep
 
     paths = []
     for plan in plans:
-        results.remove_stale_temps(plan.sweep_dir)
+        records.remove_stale_temps(plan.sweep_dir)
         paths.append(sweep.write_plan(plan))
         console.print(f"[bold]{plan.name}[/bold]: {len(plan.configs)} runs in {len(plan.packs)} pack(s)"
                       + (f", {len(plan.finished)} already finished" if plan.finished else "")
                       + f" → {plan.sweep_dir}", highlight=False)
     suite = len(plans) > 1
     where = plans[0].sweep_dir.parent if suite else plans[0].sweep_dir
+    what = "suite" if suite else "sweep"
     launch_path = sweep.write_launch(where, list(zip(plans, paths))) if suite else paths[0]
     try:
         _train(plans, launch_path, hydra_args, single)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the {what} in {where} stopped; runs that finished are kept. To resume it, run the "
+                  f"same command with hydra.sweep.dir={where}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001
+        if (full := _folder_error(e)) is not None:   # the folder cannot be written (a full disk): it stays resumable
+            _fail(f"{full} (then resume with hydra.sweep.dir={where})")
         if single or sweep.in_process(hydra_args):
             raise
+        if (refused := _submission_error(e)) is not None:
+            _fail(refused)
         # A launcher gives up when a job dies without a result (killed, out of memory, node lost);
         # the runs that ended are on disk: tabulate them and say how to finish the rest.
         for plan in plans:
             _show_report(plan.sweep_dir)
         _fail(f"a job ended without a result ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
               f"other jobs may still run. See `symrun status {where}`; rerun with "
-              f"hydra.sweep.dir={where} to finish the {'suite' if suite else 'sweep'}")
+              f"hydra.sweep.dir={where} to finish the {what}")
     for plan in plans:
-        _show_report(plan.sweep_dir)
+        try:
+            _show_report(plan.sweep_dir)
+        except results.OutputError as e:     # every run is recorded; only the tables or figures are missing
+            _fail(f"{e} (every run is recorded: then `symrun report {where}` writes the tables and figures)")
+    failed = sum(records.read_run(p.sweep_dir, rid, config=False).status == results.FAILED
+                 for p in plans for rid in p.configs)
+    if failed:
+        err.print(f"[bold red]error:[/bold red] {failed} of {sum(len(p.configs) for p in plans)} runs failed; "
+                  f"`symrun status {where}` says why. Fix the cause, then rerun with hydra.sweep.dir={where} to "
+                  "train them again", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _folder_error(e: BaseException) -> Optional[str]:
+    """One line when training stopped because the results could not be written: symrun's own
+    writes say so (OutputError); Hydra's job files fail with a bare OSError when the disk is full."""
+    import errno
+
+    from symrun import results
+
+    if isinstance(e, results.OutputError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk ({e.filename or 'writing the results'}): free some space"
+    return None
+
+
+# What a cluster's refusal (sbatch's message) is most likely about → the launcher key to change
+_REFUSALS = {"gres": "gpus_per_node", "gpu": "gpus_per_node", "partition": "partition", "memory": "mem_gb",
+             "time limit": "timeout_min", "cpu": "cpus_per_task", "qos": "qos", "account": "account"}
+
+
+def _submission_error(e: BaseException) -> Optional[str]:
+    """One line when a launcher failed because the scheduler refused the submission (sbatch
+    exited with an error: nothing was submitted), naming its message and the key to change."""
+    import subprocess
+
+    seen = e
+    while seen is not None and not (isinstance(seen, subprocess.CalledProcessError) and "sbatch" in str(seen.cmd)):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    message = " ".join(str(seen.stderr or seen.output or seen).split())
+    keys = list(dict.fromkeys(k for word, k in _REFUSALS.items() if word in message.lower()))
+    keys = keys or ["partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min"]
+    return (f"the cluster refused the jobs, nothing was submitted: {message}. Change the launcher's settings "
+            f"({', '.join('hydra.launcher.' + k for k in keys)}) on the command line and run again")
 
 
 def _train(plans: list[sweep.Plan], launch_path: Path, hydra_args: list[str], single: bool) -> None:
@@ -179,11 +236,12 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
     """Rebuild runs.csv/results.csv from the run folders, draw the phase diagrams, print a summary."""
     from symrun.config import ConfigError
     from symrun.data import DataError
+    from symrun.folder import OutputError
 
     for d in _sweeps(sweep_dir):
         try:
             _show_report(d)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, OutputError) as e:
             _fail(str(e))
 
 
@@ -208,9 +266,16 @@ def _show_report(sweep_dir: Path) -> None:
     console.print(f"tables: {sweep_dir / 'runs.csv'}, {sweep_dir / 'results.csv'}", highlight=False)
     for fig in rep.figures:
         console.print(f"figure: {fig}", highlight=False)
-    failed = {s: n for s, n in rep.status_counts.items() if s != results.FINISHED}
+    _warn_damaged(rep.problems)
+    failed = {s: n for s, n in rep.status_counts.items() if s not in (results.FINISHED, results.DAMAGED)}
     if failed:
         err.print(f"[yellow]warning:[/yellow] {report_mod.status_line(failed)} (see runs/<run_id>/status.json)")
+
+
+def _warn_damaged(problems: list[str]) -> None:
+    """One line per file that cannot be read back (it names the file and what to do)."""
+    for line in problems:
+        err.print(f"[yellow]warning:[/yellow] {escape(' '.join(line.split()))}", highlight=False, soft_wrap=True)
 
 
 def _fmt(v) -> str:
@@ -223,9 +288,9 @@ SWEEPS = typer.Argument(..., help="A sweep folder, or a folder holding sweeps (e
 
 
 def _sweeps(where: Path) -> list[Path]:
-    from symrun import results
+    from symrun import tables
 
-    found = results.find_sweeps(where)
+    found = tables.find_sweeps(where)
     if not found:
         _fail(f"no sweep folders (with sweep.json and runs/) in {where}")
     return found
@@ -233,19 +298,20 @@ def _sweeps(where: Path) -> list[Path]:
 
 @app.command()
 def status(where: Path = SWEEPS) -> None:
-    """How many runs of each sweep are finished, running, failed, diverged or pending, from each
-    run's status.json, and why runs failed. Read-only; works while a sweep runs elsewhere."""
-    from symrun import results
+    """How many runs of each sweep are finished, running, interrupted (running, but their sweep
+    stopped), failed, diverged, pending or damaged (a file that cannot be read back), from each run's
+    folder, and why. Read-only; works while a sweep runs elsewhere."""
+    from symrun import results, tables
 
-    states = [results.sweep_status(d) for d in _sweeps(where)]
+    states = [tables.sweep_status(d) for d in _sweeps(where)]
     for st in states:
         counts = ", ".join(f"{n} {s}" for s, n in st.counts.items())   # every state, in results' order
         console.print(f"{st.sweep_dir}\n  {sum(st.counts.values())} runs: {counts}", highlight=False, soft_wrap=True)
         for reason, ids in st.reasons.items():
             shown = ", ".join(ids[:3]) + (f", +{len(ids) - 3} more" if len(ids) > 3 else "")
             console.print(f"  {len(ids)} {reason}  [{shown}]", highlight=False, markup=False, soft_wrap=True)
-    if any(st.counts.get(results.FAILED) or st.counts.get(results.RUNNING) or st.counts.get(results.PENDING)
-           for st in states):
+        _warn_damaged(st.problems)
+    if any(st.counts.get(s) for st in states for s in (results.FAILED, results.INTERRUPTED, results.PENDING)):
         console.print("To finish a sweep: rerun it with hydra.sweep.dir=<its folder> (finished runs are skipped, "
                       "checkpointed packs resume). Logs: launches/<k>/packs/<i>/ and launches/<k>/.submitit/ of the "
                       "sweep (of the suite's folder, for a suite's members).",
@@ -256,13 +322,17 @@ def status(where: Path = SWEEPS) -> None:
 def collect(where: Path = SWEEPS) -> None:
     """Rebuild runs.csv and results.csv of each sweep from its run folders (e.g. after a partly
     failed sweep or while one runs on a cluster)."""
-    from symrun import results
+    from symrun import results, tables
 
     for d in _sweeps(where):
-        runs, res = results.write_tables(d)
+        try:
+            runs, res = tables.write_tables(d)
+        except results.OutputError as e:
+            _fail(str(e))
         counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
         line = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no runs started"
         console.print(f"{d}: {line}; {len(res)} result rows → runs.csv, results.csv", highlight=False, soft_wrap=True)
+        _warn_damaged(tables.problems(d, runs))
 
 
 @app.command(context_settings=HYDRA_ARGS)

@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,10 +36,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from symrun import budget, engine, models, records, reparam, results, tables
 from symrun import data as data_mod
-from symrun import engine, models, reparam, results
-from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, flatten, register_configs, to_config,
-                           to_dict, total_steps)
+from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, experiment_presets, flatten,
+                           register_configs, to_config, to_dict, total_steps)
 
 register_configs()
 
@@ -132,6 +133,8 @@ def expand(args: list[str]) -> tuple[list[list[str]], list[str]]:
         grid = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
     except HydraException as e:
         raise ConfigError(_first_line(e)) from None
+    except ValueError as e:        # range(0,1,0): Python's own range() refuses it while Hydra expands
+        raise ConfigError(f"a sweep axis cannot be expanded: {e}") from None
     if not grid:
         raise ConfigError("the grid is empty: a sweep axis has no values")
     # A swept group (model=a,b) shows in the tables as its option's name column (model.name).
@@ -171,15 +174,19 @@ def check_hydra_args(hydra_args: list[str]) -> None:
 
 
 def check_buildable(configs: list[Config]) -> None:
-    """Load every distinct dataset and build every distinct model once, before any work starts."""
+    """Load every distinct dataset and build every distinct model once, before any work starts,
+    and estimate each pack's memory (symrun.budget)."""
     seen: dict[str, data_mod.Dataset] = {}
+    per_pack = Counter(engine.pack_key(c) for c in configs)
     for cfg in configs:
-        engine.resolve_device(cfg.device)
+        device = engine.resolve_device(cfg.device)
         key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
         if key not in seen:
             seen[key] = data_mod.load(cfg.data)
         ds = seen[key]
-        reparam.build(cfg, models.build(cfg.model, ds.in_dim, ds.out_dim))   # also checks constraint=dcs
+        model = models.build(cfg.model, ds.in_dim, ds.out_dim)
+        reparam.build(cfg, model)   # also checks constraint=dcs
+        budget.check_pack(cfg, ds, model, min(cfg.pack_size, per_pack[engine.pack_key(cfg)]), device, engine.EVAL_CHUNK)
         if ds.task == "classification" and cfg.noise.label_std > 0:
             raise ConfigError("noise.label_std applies to regression; this data is classification (use noise.label_flip)")
         if ds.task == "regression" and cfg.noise.label_flip > 0:
@@ -206,6 +213,10 @@ def suite_of(args: list[str]) -> Optional[tuple[str, dict[str, list[str]]]]:
     """(name, {member preset: its overrides}) when `experiment=` names a suite: a preset file
     whose only key is `suite:`, mapping presets to the overrides each runs with. Else None."""
     chosen = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
+    presets = experiment_presets(CONFIG_DIR)
+    if chosen and ("/" in chosen[-1] or chosen[-1].startswith(".")):   # never a file outside the presets
+        raise ConfigError(f"unknown experiment option '{chosen[-1]}'" + did_you_mean(chosen[-1], presets)
+                          + f" (options: {', '.join(presets)})")
     path = CONFIG_DIR / "experiment" / f"{chosen[-1]}.yaml" if chosen else None
     if path is None or not path.is_file():
         return None
@@ -218,7 +229,7 @@ def suite_of(args: list[str]) -> Optional[tuple[str, dict[str, list[str]]]]:
     if not ok:
         raise ConfigError(f"{path}: a suite holds only `suite:`, a map of preset name → list of override strings")
     for member in members:
-        if suite_of([f"experiment={member}"]) is not None or not (CONFIG_DIR / "experiment" / f"{member}.yaml").is_file():
+        if member not in presets or suite_of([f"experiment={member}"]) is not None:
             raise ConfigError(f"{path}: suite member '{member}' is not an experiment preset")
     return chosen[-1], members
 
@@ -255,19 +266,28 @@ def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[P
     by_id = {results.run_id(c): c for c in configs}
     name = configs[0].name
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
+    tables.check_consistent(sweep_dir, by_id, swept)
     return schedule(Plan(sweep_dir, name, by_id, [], swept, list(args)))
 
 
 def schedule(p: Plan) -> Plan:
     """The plan with its finished runs and packs read afresh from its folder: runs finished there
-    are skipped, the rest grouped into packs by shape. Cheap; call it again once the sweep's lock
-    is held, so runs another sweep finished in between are not trained twice."""
-    finished = [rid for rid in p.configs if results.is_finished(p.sweep_dir, rid)]
+    are skipped, the rest grouped into packs by shape. A pack with a checkpoint, or one a kill
+    stopped while it wrote its runs, is kept as it was (records.unfinished_packs), so it resumes
+    from its checkpoint and ends bit for bit as it would have. Cheap; call it again once the
+    sweep's lock is held, so runs another sweep finished in between are not trained twice."""
+    finished = [rid for rid in p.configs if not records.needs_training(p.sweep_dir, rid)]
+    packs: list[list[str]] = []
+    taken: set[str] = set()
+    for ids in records.unfinished_packs(p.sweep_dir):
+        if (set(ids) <= set(p.configs) - taken and not set(ids) <= set(finished)
+                and len({engine.pack_key(p.configs[r]) for r in ids}) == 1):
+            packs.append(ids)
+            taken |= set(ids)
     todo: dict[str, list[str]] = {}
     for rid, cfg in p.configs.items():
-        if rid not in finished:
+        if rid not in finished and rid not in taken:
             todo.setdefault(engine.pack_key(cfg), []).append(rid)
-    packs = []
     for ids in todo.values():
         size = p.configs[ids[0]].pack_size
         packs += [ids[i: i + size] for i in range(0, len(ids), size)]
@@ -277,7 +297,7 @@ def schedule(p: Plan) -> Plan:
 def write_plan(p: Plan) -> Path:
     """Lay out the sweep folder: sweep.json (with this launch appended to its history), the
     launch's plan and each new run's config.yaml. Returns the plan's path."""
-    previous = results.read_json(p.sweep_dir / "sweep.json") or {}
+    previous = records.read_sweep(p.sweep_dir)[0]
     launches = previous.get("launches", [])
     results.write_json(p.sweep_dir / "sweep.json", {
         "name": p.name,
@@ -288,9 +308,8 @@ def write_plan(p: Plan) -> Path:
     for rid, cfg in p.configs.items():
         if rid not in p.finished:           # a finished run's folder is never touched again
             results.save_config(p.sweep_dir, rid, cfg)
-    path = results.launch_plan(p.sweep_dir, len(launches))
-    results.write_json(path, {"sweep_dir": str(p.sweep_dir.resolve()), "packs": p.packs})
-    return path
+    return results.write_launch_plan(p.sweep_dir, len(launches), {"sweep_dir": str(p.sweep_dir.resolve()),
+                                                                  "grid": list(p.configs), "packs": p.packs})
 
 
 def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
@@ -298,47 +317,51 @@ def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
     `write_plan`): `<folder>/launches/<k>/plan.json` lists the plans and numbers their packs
     0…P−1 across them, so one multirun — one job array on SLURM — runs every member's packs at
     once. `run_pack` follows a pack to its member's plan. Returns the launch's path."""
-    launches = Path(folder) / "launches"     # a suite's folder has no sweep.json history: count
-    k = sum(d.name.isdigit() for d in launches.iterdir()) if launches.is_dir() else 0
     packs = [[i, j] for i, (p, _) in enumerate(written) for j in range(len(p.packs))]
-    path = results.launch_plan(folder, k)
-    results.write_json(path, {"plans": [str(pp.resolve()) for _, pp in written], "packs": packs})
-    return path
+    return results.write_launch_plan(Path(folder), 0, {"plans": [str(pp.resolve()) for _, pp in written], "packs": packs})
 
 
 def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train pack `index` of a written plan (or launch, `write_launch`) and record every run. Never
     raises for a run's failure: a pack that fails marks its runs failed, with the error, and the
-    sweep goes on."""
+    sweep goes on. The pack is trained whole, as planned, so each run's numbers are those of this
+    pack (float rounding depends on a pack's size), but runs of it already finished — a kill, or a
+    requeued job, after some were written — are never written again."""
     written = results.read_json(Path(plan_path))
     if "plans" in written:                        # a launch of several plans: the member's pack
         member, local = written["packs"][index]
         return {**run_pack(Path(written["plans"][member]), local, on_step), "plan": written["plans"][member]}
     sweep_dir = Path(written["sweep_dir"])
-    ids = [rid for rid in written["packs"][index] if not results.is_finished(sweep_dir, rid)]
-    if not ids:
+    planned = written["packs"][index]
+    todo = [rid for rid in planned if records.needs_training(sweep_dir, rid)]
+    if not todo:
         return {"pack": index, "runs": 0}
-    configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in ids]
-    info = {"pack": index, "pack_size": len(ids), "started_at": results.now(),
+    readable = all(records.read_run(sweep_dir, rid).config is not None for rid in planned)
+    trained = planned if readable else todo
+    configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in trained]
+    info = {"pack": index, "pack_runs": len(trained), "started_at": results.now(),
             **results.provenance(str(engine.resolve_device(configs[0].device)))}
-    for rid in ids:
+    for rid in todo:
         results.write_status(sweep_dir, rid, results.RUNNING, **info)
     start = time.perf_counter()
-    ckpt = results.checkpoint_path(sweep_dir, ids)
+    ckpt = results.checkpoint_path(sweep_dir, trained)
     try:
         outcomes = engine.train_pack(configs, on_step=on_step, checkpoint=ckpt)
+    except results.OutputError:
+        raise                            # the folder cannot be written (disk full): stop, resumable
     except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
         error = f"{type(e).__name__}: {e}"
-        for rid in ids:
+        for rid in todo:
             results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
                                  finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
-        return {"pack": index, "runs": len(ids), "failed": len(ids)}
+        return {"pack": index, "runs": len(todo), "failed": len(todo)}
     wall = time.perf_counter() - start
-    for rid, out in zip(ids, outcomes):
-        results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
-                          resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
-    ckpt.unlink(missing_ok=True)         # every run is recorded: the checkpoint has served
-    return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
+    for rid, out in zip(trained, outcomes):
+        if rid in todo:
+            results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
+                              resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
+    results.remove_checkpoint(sweep_dir, trained)       # every run is recorded: the checkpoint has served
+    return {"pack": index, "runs": len(todo), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
 
 # The Hydra job a launcher runs. A plain module-level function, so joblib and submitit pickle
@@ -386,7 +409,7 @@ def runs_done(p: Plan) -> int:
     """How many of the plan's runs have ended (any status but running) — for progress from afar."""
     ended = 0
     for rid in (r for pack in p.packs for r in pack):
-        st = results.status(p.sweep_dir, rid)
+        st = records.read_run(p.sweep_dir, rid, config=False).info
         ended += st is not None and st.get("status") != results.RUNNING
     return ended
 

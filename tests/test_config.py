@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import write_fake_cifar
-from symrun import sweep
+from symrun import sweep, tables
 from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, ConfigError
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -55,9 +55,7 @@ def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
         plan_path = sweep.write_plan(plan)
         for i in range(len(plan.packs)):
             sweep.run_pack(plan_path, i)
-        from symrun import results
-
-        runs, res = results.write_tables(plan.sweep_dir)
+        runs, res = tables.write_tables(plan.sweep_dir)
         assert len(runs) == len(plan.configs)
         assert set(runs["status"]) == {"finished"}
         tasks = plan.configs[next(iter(plan.configs))].tasks.count     # a task sequence trains 3 steps per task
