@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
+from rich.markup import escape
 
-from symrun.console import console, error
+from symrun.console import console, err, error, warn_damaged
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Experiments on how loss symmetries shape what networks learn. A sweep's grid is "
@@ -70,11 +71,12 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
     from symrun.config import ConfigError
     from symrun.console import show_report
     from symrun.data import DataError
+    from symrun.folder import OutputError
 
     for d in _sweeps(sweep_dir):
         try:
             show_report(d)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, OutputError) as e:
             _fail(str(e))
 
 
@@ -82,9 +84,9 @@ SWEEPS = typer.Argument(..., help="A sweep folder, or a folder holding sweeps (e
 
 
 def _sweeps(where: Path) -> list[Path]:
-    from symrun import results
+    from symrun import tables
 
-    found = results.find_sweeps(where)
+    found = tables.find_sweeps(where)
     if not found:
         _fail(f"no sweep folders (with sweep.json and runs/) in {where}")
     return found
@@ -92,19 +94,20 @@ def _sweeps(where: Path) -> list[Path]:
 
 @app.command()
 def status(where: Path = SWEEPS) -> None:
-    """How many runs of each sweep are finished, running, failed, diverged or pending, from each
-    run's status.json, and why runs failed. Read-only; works while a sweep runs elsewhere."""
-    from symrun import results
+    """How many runs of each sweep are finished, running, interrupted (running, but their sweep
+    stopped), failed, diverged, pending or damaged (a file that cannot be read back), from each run's
+    folder, and why. Read-only; works while a sweep runs elsewhere."""
+    from symrun import results, tables
 
-    states = [results.sweep_status(d) for d in _sweeps(where)]
+    states = [tables.sweep_status(d) for d in _sweeps(where)]
     for st in states:
         counts = ", ".join(f"{n} {s}" for s, n in st.counts.items())   # every state, in results' order
         console.print(f"{st.sweep_dir}\n  {sum(st.counts.values())} runs: {counts}", highlight=False, soft_wrap=True)
         for reason, ids in st.reasons.items():
             shown = ", ".join(ids[:3]) + (f", +{len(ids) - 3} more" if len(ids) > 3 else "")
             console.print(f"  {len(ids)} {reason}  [{shown}]", highlight=False, markup=False, soft_wrap=True)
-    if any(st.counts.get(results.FAILED) or st.counts.get(results.RUNNING) or st.counts.get(results.PENDING)
-           for st in states):
+        warn_damaged(st.problems)
+    if any(st.counts.get(s) for st in states for s in (results.FAILED, results.INTERRUPTED, results.PENDING)):
         console.print("To finish a sweep: rerun it with hydra.sweep.dir=<its folder> (finished runs are skipped, "
                       "checkpointed packs resume). Logs: launches/<k>/packs/<i>/ and .submitit/ of the sweep "
                       "(of the suite's folder, for a suite's members).",
@@ -115,13 +118,17 @@ def status(where: Path = SWEEPS) -> None:
 def collect(where: Path = SWEEPS) -> None:
     """Rebuild runs.csv and results.csv of each sweep from its run folders (e.g. after a partly
     failed sweep or while one runs on a cluster)."""
-    from symrun import results
+    from symrun import results, tables
 
     for d in _sweeps(where):
-        runs, res = results.write_tables(d)
+        try:
+            runs, res = tables.write_tables(d)
+        except results.OutputError as e:
+            _fail(str(e))
         counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
         line = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no runs started"
         console.print(f"{d}: {line}; {len(res)} result rows → runs.csv, results.csv", highlight=False, soft_wrap=True)
+        warn_damaged(tables.problems(d, runs))
 
 
 @app.command(context_settings=OVERRIDES)
@@ -207,7 +214,11 @@ def _hydra(command: str, args: list[str], outputs: Optional[Path], plan: bool) -
     try:
         hydra_app.run(command, args, outputs, plan)
     except hydra_app.CommandError as e:
-        _fail(str(e))
+        if e.code == 130:         # interrupted: the line says so, and how to resume
+            err.print(escape(" ".join(str(e).split())), highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        error(str(e))
+        raise typer.Exit(e.code) from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -44,6 +45,7 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
+
 
 # ---------------------------------------------------------------------------------------------
 # model=
@@ -211,8 +213,8 @@ class FileDataConfig(DataConfig):
 
     name: str = "file"
     path: str = MISSING
-    target: Optional[List[str]] = None
-    """CSV only: the target column(s); every other column is a feature."""
+    target: Any = None
+    """CSV only: the target column(s), a name or a list of names; every other column is a feature."""
     test_fraction: float = 0.0
     """Held-out fraction when the file has no x_test/y_test (0 = no test set)."""
 
@@ -396,7 +398,8 @@ class Config:
     device: str = "auto"
     """auto | cpu | cuda (auto: cuda when available)."""
     name: str = "default"
-    """Sweep label: results go to outputs/<name>/<timestamped id>/."""
+    """Sweep label: results go to outputs/<name>/<timestamped id>/ (letters, digits, . _ -; a suite's
+    members are <suite>/<member>)."""
     pack_size: int = 256
     """Most runs trained together as one batched model (bounds memory)."""
 
@@ -495,6 +498,7 @@ def validate(cfg: Config) -> Config:
         (o.name in ("sgd", "adam", "adamw"), f"optim.name must be sgd, adam or adamw, got '{o.name}'"),
         (o.momentum == 0 or o.name == "sgd", "optim.momentum applies to sgd only (adam uses optim.betas)"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
+        (o.eps > 0, f"optim.eps must be a positive number, got {o.eps}"),
         (0 <= n.label_std < math.inf, f"noise.label_std must be a number >= 0, got {n.label_std}"),
         (0 <= n.label_flip <= 1, f"noise.label_flip must be in [0, 1], got {n.label_flip}"),
         (0 <= n.temperature < math.inf, f"noise.temperature must be a number >= 0, got {n.temperature}"),
@@ -575,6 +579,12 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, FileDataConfig):
         checks.append((Path(d.path).expanduser().is_file(), f"data.path does not exist or is not a file: {d.path}"))
     checks += _constraint_checks(cfg)
+    if isinstance(d, FileDataConfig):
+        checks.append(_target_check(d))
+    # No setting means anything at inf or NaN (one that would diverge at once, or allocate forever)
+    infinite = [k for k, v in flatten(to_dict(cfg)).items() if isinstance(v, float) and not math.isfinite(v)]
+    checks.append((not infinite, f"{infinite[0]} must be a finite number, got {_get(cfg, infinite[0])}" if infinite else ""))
+    checks.append(_name_check(cfg.name))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -586,6 +596,29 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, Cifar10DataConfig):
         d.root = str(Path(d.root).expanduser().resolve())
     return cfg
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    return functools.reduce(getattr, dotted.split("."), cfg)
+
+
+NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def _name_check(name: str) -> tuple[bool, str]:
+    """`name` becomes folders under --outputs: relative, plain parts (a suite's is suite/member)."""
+    parts = name.split("/")
+    ok = 1 <= len(parts) <= 2 and all(NAME_PART.fullmatch(p) and p != ".." for p in parts)
+    return ok, (f"name must be a plain folder name (letters, digits, '.', '_', '-'; at most 100 characters), "
+                f"got {name[:60]!r}{'…' if len(name) > 60 else ''}")
+
+
+def _target_check(d: FileDataConfig) -> tuple[bool, str]:
+    """data.target: a column name or a list of them; stored as a list."""
+    if isinstance(d.target, str):
+        d.target = [d.target]
+    ok = d.target is None or (isinstance(d.target, list) and d.target and all(isinstance(t, str) for t in d.target))
+    return bool(ok), f"data.target must be a column name or a list of column names, got {d.target!r}"
 
 
 def _constraint_checks(cfg: Config) -> list[tuple[bool, str]]:

@@ -129,9 +129,16 @@ def show_report(sweep_dir: Path) -> None:
     console.print(f"tables: {sweep_dir / 'runs.csv'}, {sweep_dir / 'results.csv'}", highlight=False)
     for fig in rep.figures:
         console.print(f"figure: {fig}", highlight=False)
-    failed = {s: n for s, n in rep.status_counts.items() if s != results.FINISHED}
+    warn_damaged(rep.problems)
+    failed = {s: n for s, n in rep.status_counts.items() if s not in (results.FINISHED, results.DAMAGED)}
     if failed:
         err.print(f"[yellow]warning:[/yellow] {report_mod.status_line(failed)} (see runs/<run_id>/status.json)")
+
+
+def warn_damaged(problems: list[str]) -> None:
+    """One line per file that cannot be read back (it names the file and what to do)."""
+    for line in problems:
+        err.print(f"[yellow]warning:[/yellow] {escape(' '.join(line.split()))}", highlight=False, soft_wrap=True)
 
 
 def _fmt(v) -> str:

@@ -236,6 +236,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
             record(step, {**row, **rp.measure(theta, first.metrics)})
+            record.keep(params, getattr(model, "stats", {}))
 
     # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any
     pack_state = ckpt_mod.PackState(params, opt, lr, order, record, getattr(model, "stats", {}))
@@ -284,14 +285,14 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     final = net()
     with torch.no_grad():
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures
+        kept = rp.network(record.kept) if not bool(record.alive.all()) else final
     for i, outcome in enumerate(record.outcomes):
-        state = model.run_state(final, i)
-        # A diverged run keeps its frozen parameters: finite, unless one finite step overflowed.
-        if outcome.status == "finished" or all(t.isfinite().all() for t in state.values()):
-            outcome.state = state
         if outcome.status == "finished":
+            outcome.state = model.run_state(final, i)
             outcome.arrays = {k: v[i].cpu() for k, v in arrays.items()}
             outcome.rows[-1].update({k: float(v[i]) for k, v in thresholds.items()})
+        elif outcome.rows:   # diverged: the parameters of its last row, which is its row in runs.csv
+            outcome.state = {**model.run_state(kept, i), **{k: v[i].cpu().clone() for k, v in record.kept_stats.items()}}
     return record.outcomes
 
 
@@ -324,12 +325,29 @@ class Recorder:
     """Each run's logged rows and whether it is still alive. A run stops at step t when the
     parameters after t steps have a non-finite loss (the training step's, or at a log step the
     train_loss or weight_norm) or when the update of step t is non-finite (`check`, every step,
-    on the device). It is marked diverged at t; its rows end with the last finite ones."""
+    on the device). It is marked diverged at t; its rows end with the last finite ones, and
+    `kept` holds each run's trained parameters (and running statistics) at its last row, so a
+    diverged run's saved parameters are the ones its last row describes."""
 
     def __init__(self, runs: int, device: torch.device):
         self.outcomes = [RunOutcome("finished") for _ in range(runs)]
         self.alive = torch.ones(runs, dtype=torch.bool, device=device)
         self.stopped_at = torch.full((runs,), -1, dtype=torch.long, device=device)
+        self.kept: dict[str, torch.Tensor] = {}          # (R, ...) each, as the trained parameters
+        self.kept_stats: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def keep(self, params: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+        """After a row is logged: copy the live runs' parameters and statistics (a stopped run
+        keeps those of its last row)."""
+        for kept, live in ((self.kept, params), (self.kept_stats, stats)):
+            for k, t in live.items():
+                if k not in kept:
+                    kept[k] = t.detach().clone()
+                elif bool(self.alive.all()):
+                    kept[k].copy_(t)
+                else:
+                    kept[k].copy_(torch.where(per_run(self.alive, t), t, kept[k]))
 
     def check(self, step: int, ok: torch.Tensor) -> None:
         """Runs alive but not `ok` ((R,) bool) stop at `step`."""

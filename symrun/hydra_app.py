@@ -23,7 +23,13 @@ COMMANDS = ("sweep", "run", "report", "status", "collect", "check", "list", "ben
 
 
 class CommandError(ValueError):
-    """Bad input to `symrun sweep|run`; the message is one line."""
+    """Why `symrun sweep|run` stopped, in one line, and its exit status: 2 for bad input or a
+    sweep that could not go on (the line starts with `error:`), 1 when runs failed, 130 when
+    the user interrupted it (the line says so itself)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
 
 
 def run(command: str, args: list[str], outputs: Optional[Path] = None, plan: bool = False) -> None:
@@ -44,6 +50,10 @@ def run(command: str, args: list[str], outputs: Optional[Path] = None, plan: boo
     try:
         with _hydra_errors_raise(), composition.strict_searchpath():
             hydra.main(version_base="1.3", config_path=str(composition.PRIMARY_DIR), config_name="config")(job.task)()
+    except launch.Interrupted as e:
+        raise CommandError(str(e), code=130) from None
+    except launch.RunsFailed as e:
+        raise CommandError(str(e), code=1) from None
     except (launch.LaunchError, _FlagError, job.Refused) as e:
         raise CommandError(str(e)) from None
     except (HydraException, OmegaConfBaseException, UserWarning, yaml.YAMLError) as e:
@@ -71,6 +81,7 @@ def argv(command: str, args: list[str], outputs: Optional[Path] = None, plan: bo
     showing = any(a.split("=", 1)[0] in SHOWING for a in args)
     if not sweeping and any(a in ("-m", "--multirun") for a in args):
         raise CommandError("symrun run takes one configuration; use symrun sweep for a grid")
+    _refuse_paths(args)
     try:
         args, extra = composition.presets_last(args)
     except HydraException as e:
@@ -87,6 +98,22 @@ def argv(command: str, args: list[str], outputs: Optional[Path] = None, plan: bo
     if sweeping and not showing and not any(a in ("-m", "--multirun") for a in args):
         args.append("--multirun")
     return args
+
+
+GROUPS = ("model", "data", "constraint", "experiment")
+
+
+def _refuse_paths(args: list[str]) -> None:
+    """A group option is a config's name in its group's folders, never a path: Hydra would load
+    `experiment=../../x` from outside every config folder."""
+    for a in args:
+        if not _is_override(a):
+            continue
+        key, _, value = a.partition("=")
+        key = key.lstrip("+~")
+        if (key in GROUPS or "/" in key) and ("/" in value or value.startswith(".")):
+            raise CommandError(f"unknown {key} option '{value}': an option is the name of a config in the {key} "
+                               "group's folders, not a path")
 
 
 class _FlagError(ValueError):

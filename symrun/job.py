@@ -84,38 +84,45 @@ def _in(folder: str) -> Iterator[None]:
 def run_pack(sweep_dir: Path, index: int, configs: list[Config],
              on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train pack `index` of the sweep in `sweep_dir` — these runs' configs, planned there — and
-    record every run. Runs already finished are skipped. Never raises for a run's failure: a pack
-    that fails marks its runs failed, with the error, and the sweep goes on."""
-    from symrun import engine, results
+    record every run. Never raises for a run's failure: a pack that fails marks its runs failed,
+    with the error, and the sweep goes on. The pack is trained whole, as planned, so each run's
+    numbers are those of this pack (float rounding depends on a pack's size), but runs of it
+    already finished — a kill, or a requeued job, after some were written — are never written
+    again. A folder that cannot be written (a full disk) raises OutputError: the sweep stops,
+    resumable."""
+    from symrun import engine, folder, records, results
 
     sweep_dir = Path(sweep_dir)
-    todo = [(rid, c) for rid, c in ((results.run_id(c), c) for c in configs) if not results.is_finished(sweep_dir, rid)]
-    for rid, _ in todo:      # the planner wrote each run's config.yaml: a run it did not plan is a bug
-        if not (results.run_dir(sweep_dir, rid) / "config.yaml").is_file():
+    ids = [results.run_id(c) for c in configs]
+    for rid in ids:          # the planner wrote each run's config.yaml: a run it did not plan is a bug
+        if folder.kind(results.run_dir(sweep_dir, rid) / "config.yaml", sweep_dir) != "file":
             raise RuntimeError(f"pack {index} holds run {rid}, which was not planned in {sweep_dir}")
+    todo = [rid for rid in ids if records.needs_training(sweep_dir, rid)]
     if not todo:
         return {"pack": index, "runs": 0}
-    ids, configs = [rid for rid, _ in todo], [c for _, c in todo]
-    info = {"pack": index, "pack_size": len(ids), "started_at": results.now(),
+    info = {"pack": index, "pack_runs": len(ids), "started_at": results.now(),
             **results.provenance(str(engine.resolve_device(configs[0].device)))}
-    for rid in ids:
+    for rid in todo:
         results.write_status(sweep_dir, rid, results.RUNNING, **info)
     start = time.perf_counter()
     ckpt = results.checkpoint_path(sweep_dir, ids)
     try:
         outcomes = engine.train_pack(configs, on_step=on_step, checkpoint=ckpt)
+    except results.OutputError:
+        raise                            # the folder cannot be written (disk full): stop, resumable
     except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
         error = f"{type(e).__name__}: {e}"
-        for rid in ids:
+        for rid in todo:
             results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
                                  finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
-        return {"pack": index, "runs": len(ids), "failed": len(ids)}
+        return {"pack": index, "runs": len(todo), "failed": len(todo)}
     wall = time.perf_counter() - start
     for rid, out in zip(ids, outcomes):
-        results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
-                          resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
-    ckpt.unlink(missing_ok=True)         # every run is recorded: the checkpoint has served
-    return {"pack": index, "runs": len(ids), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
+        if rid in todo:
+            results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
+                              resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
+    results.remove_checkpoint(sweep_dir, ids)       # every run is recorded: the checkpoint has served
+    return {"pack": index, "runs": len(todo), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
 
 def run_plan(plan, on_step: Optional[Callable[[int], None]] = None) -> list[dict]:
@@ -131,7 +138,7 @@ def run_one(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from symrun import launch, results, sweep
+    from symrun import launch, records, results, sweep, tables
 
     hc = HydraConfig.get()
     folder = Path(hc.runtime.output_dir)
@@ -140,7 +147,7 @@ def run_one(cfg: DictConfig) -> dict:
         if hc.mode != RunMode.RUN:     # symrun run checked it before Hydra wrote anything (RunChecks)
             sweep.check_shape(config)
     rid = results.run_id(config)
-    results.remove_stale_temps(folder)
+    records.remove_stale_temps(folder)
     plan = sweep.schedule(sweep.Plan(folder, config.name, {rid: config}, [], [], list(hc.overrides.task)))
     sweep.write_plan(plan)
     shown = launch.display()
@@ -148,9 +155,15 @@ def run_one(cfg: DictConfig) -> dict:
     if plan.packs:
         with shown.training(total_steps(config), "training steps") as advance:
             run_pack(folder, 0, [config], on_step=advance)
-    results.write_tables(folder)
+    tables.write_tables(folder)
     shown.report(folder)
-    return (results.status(folder, rid) or {}).get("final", {})
+    info = records.read_run(folder, rid, config=False).info or {}
+    if info.get("status") == results.FAILED:
+        from symrun import launch as launch_mod
+
+        raise launch_mod.RunsFailed(f"the run failed; `symrun status {folder}` says why. Fix the cause, then rerun "
+                                    f"with hydra.run.dir={folder} to train it again")
+    return info.get("final", {})
 
 
 class Refused(BaseException):

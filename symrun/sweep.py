@@ -29,8 +29,8 @@ from typing import Any, Optional
 
 from hydra.core.override_parser.types import Transformer
 
+from symrun import budget, engine, models, records, reparam, results, tables
 from symrun import data as data_mod
-from symrun import engine, models, reparam, results
 from symrun.composition import Composer, Shape, composer, drop_hydra, hydra_quoted, literal
 from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, to_config, to_dict, total_steps
 
@@ -156,7 +156,10 @@ def expand(comp: Composer, params: dict[str, str], arguments: list[str]) -> tupl
             if not o.is_discrete_sweep():
                 raise ConfigError(f"{o.input_line}: symrun sweeps lists and ranges of values, not intervals")
             # text and value from one pass: shuffle(…) draws a new order on every pass
-            pairs = [(f"{element}={Transformer.str(v)}", v) for v in o.sweep_iterator()]
+            try:
+                pairs = [(f"{element}={Transformer.str(v)}", v) for v in o.sweep_iterator()]
+            except ValueError as e:     # range(0,1,0): Python's own range() refuses it while Hydra expands
+                raise ConfigError(f"a sweep axis cannot be expanded: {e}") from None
         else:
             pairs = [(o.input_line, o.value())]
         # A per-run value is set on a copy of its shape's config, unless another override of the
@@ -181,6 +184,7 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
     axes, swept = expand(comp, params, arguments)
     shapes: dict[tuple[str, ...], tuple[Shape, str, str]] = {}    # overrides → (shape, data's task, pack group)
     parameters: dict[str, int] = {}                                  # pack group → parameters per run
+    built: dict[str, tuple] = {}                                     # pack group → (config, data, model)
     datasets: dict[str, data_mod.Dataset] = {}
     configs: dict[str, Config] = {}
     settings: dict[str, tuple[Setting, ...]] = {}
@@ -189,9 +193,10 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
         key = tuple(s.text for s in point if not s.per_run)
         if key not in shapes:
             shape = Shape(drop_hydra(comp.compose(list(key))))
-            task, size = check_shape(shape.config, datasets)
-            shapes[key] = shape, task, _group(shape.config)
-            parameters[shapes[key][2]] = size
+            ds, model = build(shape.config, datasets)
+            shapes[key] = shape, ds.task, _group(shape.config)
+            parameters[shapes[key][2]] = sum(math.prod(s) for s, _ in model.shapes().values())
+            built[shapes[key][2]] = shape.config, ds, model
         shape, task, group = shapes[key]
         cfg = shape.run({s.key: s.value for s in point if s.per_run})
         check_noise(cfg, task)
@@ -200,9 +205,24 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
         # An interpolation may carry a per-run value into any setting: such runs are grouped by their own.
         groups[rid] = rid if cfg.model.name in ALONE_MODELS else _group(cfg) if shape.interpolated else group
         parameters.setdefault(groups[rid], parameters[group])
+        built.setdefault(groups[rid], built[group])
+    _check_memory(configs, groups, built)
+    tables.check_consistent(Path(sweep_dir), configs, swept)
     name = next(iter(configs.values())).name
     return schedule(Plan(Path(sweep_dir), name, configs, [], swept, list(arguments), settings=settings, groups=groups,
                          parameters=parameters))
+
+
+def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dict[str, tuple]) -> None:
+    """Refuse, before any work, a pack that cannot fit in memory (symrun.budget): each group's
+    largest pack, min(pack_size, its runs)."""
+    runs: dict[str, int] = {}
+    for rid in configs:
+        runs[groups[rid]] = runs.get(groups[rid], 0) + 1
+    for group, count in runs.items():
+        cfg, ds, model = built[group]
+        budget.check_pack(cfg, ds, model, min(cfg.pack_size, count), engine.resolve_device(cfg.device),
+                          engine.EVAL_CHUNK)
 
 
 def _group(cfg: Config) -> str:
@@ -215,6 +235,12 @@ def check_shape(cfg: Config, datasets: Optional[dict] = None) -> tuple[str, int]
     """Load the config's dataset (once per distinct one in `datasets`) and build its model, and
     check what depends on the data, before any work starts. Returns the data's task and the
     model's parameters per run."""
+    ds, model = build(cfg, datasets)
+    return ds.task, sum(math.prod(shape) for shape, _ in model.shapes().values())
+
+
+def build(cfg: Config, datasets: Optional[dict] = None):
+    """(dataset, packed model) of a config, checked as `check_shape` says."""
     engine.resolve_device(cfg.device)
     datasets = {} if datasets is None else datasets
     key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
@@ -228,7 +254,7 @@ def check_shape(cfg: Config, datasets: Optional[dict] = None) -> tuple[str, int]
     if cfg.tasks.count > 1 and cfg.tasks.change == "labels" and ds.task != "classification":
         raise ConfigError("tasks.change=labels permutes class labels: it needs a classification task")
     check_noise(cfg, ds.task)
-    return ds.task, sum(math.prod(shape) for shape, _ in model.shapes().values())
+    return ds, model
 
 
 def check_noise(cfg: Config, task: str) -> None:
@@ -240,15 +266,23 @@ def check_noise(cfg: Config, task: str) -> None:
 
 def schedule(p: Plan) -> Plan:
     """The plan with its finished runs and packs read afresh from its folder: runs finished there
-    are skipped, the rest grouped into packs. Cheap; call it again once the sweep's lock is held,
-    so runs another sweep finished in between are not trained twice."""
-    finished = [rid for rid in p.configs if results.is_finished(p.sweep_dir, rid)]
+    are skipped, the rest grouped into packs. A pack with a checkpoint, or one a kill stopped
+    while it wrote its runs, is kept as it was (records.unfinished_packs), so it resumes from its
+    checkpoint and ends bit for bit as it would have. Cheap; call it again once the sweep's lock
+    is held, so runs another sweep finished in between are not trained twice."""
+    finished = [rid for rid in p.configs if not records.needs_training(p.sweep_dir, rid)]
     done = set(finished)
+    group = lambda rid: p.groups.get(rid) or engine.pack_key(p.configs[rid])  # noqa: E731
+    packs: list[list[str]] = []
+    taken: set[str] = set()
+    for ids in records.unfinished_packs(p.sweep_dir):
+        if set(ids) <= set(p.configs) - taken and not set(ids) <= done and len({group(r) for r in ids}) == 1:
+            packs.append(ids)
+            taken |= set(ids)
     todo: dict[str, list[str]] = {}
     for rid in p.configs:
-        if rid not in done:
-            todo.setdefault(p.groups.get(rid) or engine.pack_key(p.configs[rid]), []).append(rid)
-    packs = []
+        if rid not in done and rid not in taken:
+            todo.setdefault(group(rid), []).append(rid)
     for ids in todo.values():
         size = p.configs[ids[0]].pack_size
         packs += [ids[i: i + size] for i in range(0, len(ids), size)]
@@ -258,7 +292,7 @@ def schedule(p: Plan) -> Plan:
 def write_plan(p: Plan) -> Path:
     """Lay out the sweep folder: sweep.json (with this launch appended to its history), the
     launch's plan and each new run's config.yaml. Returns the plan's path."""
-    previous = results.read_json(p.sweep_dir / "sweep.json") or {}
+    previous = records.read_sweep(p.sweep_dir)[0]
     launches = previous.get("launches", [])
     results.write_json(p.sweep_dir / "sweep.json", {
         "name": p.name,
@@ -270,9 +304,8 @@ def write_plan(p: Plan) -> Path:
     for rid, cfg in p.configs.items():
         if rid not in finished:             # a finished run's folder is never touched again
             results.save_config(p.sweep_dir, rid, cfg)
-    path = results.launch_plan(p.sweep_dir, len(launches))
-    results.write_json(path, {"sweep_dir": os.path.abspath(p.sweep_dir), "packs": p.packs})
-    return path
+    return results.write_launch_plan(p.sweep_dir, len(launches), {"sweep_dir": os.path.abspath(p.sweep_dir),
+                                                                  "grid": list(p.configs), "packs": p.packs})
 
 
 def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
@@ -280,12 +313,9 @@ def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
     `write_plan`): `<folder>/launches/<k>/plan.json` lists the plans and numbers their packs
     0…P−1 across them, so one multirun — one job array on SLURM — runs every member's packs at
     once. Returns the launch's path."""
-    launches = Path(folder) / "launches"     # a suite's folder has no sweep.json history: count
-    k = sum(d.name.isdigit() for d in launches.iterdir()) if launches.is_dir() else 0
     packs = [[i, j] for i, (p, _) in enumerate(written) for j in range(len(p.packs))]
-    path = results.launch_plan(folder, k)
-    results.write_json(path, {"plans": [os.path.abspath(pp) for _, pp in written], "packs": packs})
-    return path
+    return results.write_launch_plan(Path(folder), 0, {"plans": [os.path.abspath(pp) for _, pp in written],
+                                                       "packs": packs})
 
 
 def job_overrides(p: Plan, index: int, folder: Path, launch: int, member: Optional[str] = None) -> list[str]:

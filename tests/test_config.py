@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import write_fake_cifar
-from symrun import job, sweep
+from symrun import job, sweep, tables
 from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, ConfigError
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -54,9 +54,7 @@ def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
         assert all(c.name in (preset, f"{preset}/{plan.sweep_dir.name}") for c in plan.configs.values())
         sweep.write_plan(plan)
         job.run_plan(plan)
-        from symrun import results
-
-        runs, res = results.write_tables(plan.sweep_dir)
+        runs, res = tables.write_tables(plan.sweep_dir)
         assert len(runs) == len(plan.configs)
         assert set(runs["status"]) == {"finished"}
         tasks = plan.configs[next(iter(plan.configs))].tasks.count     # a task sequence trains 3 steps per task

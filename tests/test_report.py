@@ -1,5 +1,7 @@
 """Report: figure layout by the grid's shape, and a summary that agrees with the runs table."""
 
+import shutil
+
 import matplotlib.image as mpimg
 import pytest
 
@@ -41,10 +43,14 @@ def test_summary_pools_seeds_per_grid_point(tmp_path):
 
 
 def test_runs_differing_outside_the_swept_keys_are_not_pooled(tmp_path):
+    # A resume refuses such a mix (tables.check_consistent); a folder put together by hand from
+    # two sweeps' run folders still must not pool runs of different settings.
     d = _sweep(tmp_path, "optim.weight_decay=0,0.5")
-    plan = sweep.plan(["optim.weight_decay=0,0.5", "train.steps=40", "train.log_every=10"], tmp_path, sweep_dir=d)
-    sweep.write_plan(plan)
-    job.run_plan(plan)
+    other = sweep.plan(["optim.weight_decay=0,0.5", "train.steps=40", "train.log_every=10"], tmp_path / "other")
+    sweep.write_plan(other)
+    job.run_plan(other)
+    for run in (other.sweep_dir / "runs").iterdir():
+        shutil.copytree(run, d / "runs" / run.name)
     rep = report.build(d)
     assert len(rep.summary) == 4 and set(rep.summary["runs"]) == {1}
     assert {"optim.weight_decay", "train.steps"} <= set(rep.summary.columns)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from symrun import results, sweep
+from symrun import records, results, sweep
 from symrun.config import ConfigError
 
 MEMBERS = ["rescaling_sparsity", "dead_neurons", "rotation_low_rank", "permutation_homogeneity", "attention_rank"]
@@ -109,7 +109,7 @@ def test_one_launch_numbers_every_members_packs_and_each_job_trains_its_members_
             assert configs == [p.configs[rid] for rid in p.packs[j]]
             assert job.task(drop_hydra(cfg))["runs"] == len(p.packs[j])
     for p in plans:
-        assert all(results.is_finished(p.sweep_dir, rid) for rid in p.configs), p.sweep_dir.name
+        assert all(records.is_finished(p.sweep_dir, rid) for rid in p.configs), p.sweep_dir.name
     # a second launch into the same suite gets the next number
     assert sweep.write_launch(tmp_path / "suite", []).parent.name == "1"
 
