@@ -26,12 +26,13 @@ import torch
 from symrun.config import Config
 from symrun.data import BatchOrder
 from symrun.optim import PackedOptimizer
-from symrun.results import run_id, write_atomic
+from symrun.folder import read_bytes
+from symrun.results import run_id, write_atomic, write_json
 
 if TYPE_CHECKING:   # engine imports this module
     from symrun.engine import Recorder
 
-FORMAT = 2          # 2: no noise generators (engine.NoiseBlocks is counter-based); a 1 is not resumed
+FORMAT = 3          # 3: with each run's parameters at its last row (engine.Recorder.kept); older ones are not resumed
 
 
 @dataclass
@@ -47,7 +48,9 @@ class PackState:
 
 
 def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
-    """Write the pack's state after `step` steps to `path`, atomically."""
+    """Write the pack's state after `step` steps to `path` (a sweep's checkpoints/<hash>.pt,
+    results.checkpoint_path), atomically, and its run ids beside it (<hash>.json), which a rerun
+    of the sweep reads to keep the pack together (sweep.schedule)."""
     order = None if s.order is None else {"perm": s.order.perm, "step_in_epoch": s.order.step_in_epoch,
                                           "generators": [g.get_state() for g in s.order.generators]}
     state = {
@@ -55,24 +58,31 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
         "params": s.params, "stats": s.stats, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
         "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
         "alive": s.record.alive, "stopped_at": s.record.stopped_at,
+        "kept": s.record.kept, "kept_stats": s.record.kept_stats,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_atomic(Path(path), buf.getvalue())
+    root = Path(path).parent.parent          # the sweep folder: no link inside it is followed
+    write_json(Path(path).with_suffix(".json"), {"run_ids": state["run_ids"]}, root)
+    write_atomic(Path(path), buf.getvalue(), root)
 
 
 def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
     """Load `path` into the live objects and return its step; 0 (nothing changed) when there is no
     checkpoint or it belongs to other runs (the run ids, hashes of the configs, must match)."""
     path = Path(path)
-    if not path.is_file():
-        return 0
     device = s.lr.device
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        raw = read_bytes(path, path.parent.parent)
+    except FileNotFoundError:
+        return 0
+    try:
+        state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 — atomic writes make this rare; say what to do
         raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to train the pack "
                            "from the start") from e
+    if not isinstance(state, dict):
+        return 0
     if state.get("format") != FORMAT or state.get("run_ids") != [run_id(c) for c in cfgs]:
         return 0
     with torch.no_grad():
@@ -91,4 +101,5 @@ def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
         o.status, o.rows, o.diverged_at = saved["status"], saved["rows"], saved["diverged_at"]
     s.record.alive.copy_(state["alive"])
     s.record.stopped_at.copy_(state["stopped_at"])
+    s.record.kept, s.record.kept_stats = state["kept"], state["kept_stats"]
     return int(state["step"])

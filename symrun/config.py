@@ -1,9 +1,10 @@
 """Typed configuration: the single source of symrun's defaults and their meaning.
 
 Every setting a run has lives in one of the dataclasses below, with its default and a docstring.
-They are registered in Hydra's ConfigStore, so `model=mlp`, `data=digits`, `optim.lr=0.05` etc.
-compose against them and unknown keys are rejected by Hydra itself. YAML files in `configs/` only
-hold named deviations (the primary `config.yaml` and the experiment presets).
+They are registered in Hydra's ConfigStore (symrun.composition), so `model=mlp`, `data=digits`,
+`optim.lr=0.05` etc. compose against them and unknown keys are rejected by Hydra itself. YAML
+files only hold named deviations: the primary config (symrun/config.yaml) and, in `configs/`,
+the experiment and launcher presets.
 
 Only this module and the CLI/sweep edge touch OmegaConf; the library receives `Config` objects.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -33,16 +35,17 @@ def did_you_mean(name: str, valid) -> str:
 
 
 def _config_dir() -> Path:
-    # Installed from a wheel the configs ship as the subpackage symrun/configs; in a checkout
+    # Installed from a wheel the presets ship as the subpackage symrun/configs; in a checkout
     # (editable install) they stay at the top level beside the package.
     here = Path(__file__).resolve().parent
     for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / "experiment").is_dir():
             return candidate
     raise FileNotFoundError(f"symrun's configs/ not found next to {here}")
 
 
 CONFIG_DIR = _config_dir()
+
 
 # ---------------------------------------------------------------------------------------------
 # model=
@@ -210,8 +213,8 @@ class FileDataConfig(DataConfig):
 
     name: str = "file"
     path: str = MISSING
-    target: Optional[List[str]] = None
-    """CSV only: the target column(s); every other column is a feature."""
+    target: Any = None
+    """CSV only: the target column(s), a name or a list of names; every other column is a feature."""
     test_fraction: float = 0.0
     """Held-out fraction when the file has no x_test/y_test (0 = no test set)."""
 
@@ -397,7 +400,8 @@ class Config:
     device: str = "auto"
     """auto | cpu | cuda (auto: cuda when available)."""
     name: str = "default"
-    """Sweep label: results go to outputs/<name>/<timestamped id>/."""
+    """Sweep label: results go to outputs/<name>/<timestamped id>/ (letters, digits, . _ -; a suite's
+    members are <suite>/<member>)."""
     pack_size: Optional[int] = None
     """Most runs trained together as one batched model; null = as many as fit in 2 GiB, from the
     model's parameters and the activations a step saves (symrun.memory). Set it to cap packs,
@@ -417,30 +421,6 @@ TASK_CHANGES = ("pixels", "labels")
 def total_steps(cfg: Config) -> int:
     """Steps a run trains in all: train.steps per task."""
     return cfg.train.steps * cfg.tasks.count
-
-
-def register_configs() -> None:
-    """Register the schema and the model/data group options in Hydra's ConfigStore (idempotent;
-    symrun.sweep calls it on import, so `symrun --help` never imports Hydra)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for name, cls in MODEL_OPTIONS.items():
-        cs.store(group="model", name=name, node=cls)
-    for name, cls in DATA_OPTIONS.items():
-        cs.store(group="data", name=name, node=cls)
-    for name in ("none", "dcs"):    # one schema, so every run's table has the same constraint.* keys
-        cs.store(group="constraint", name=name, node=ConstraintConfig(name=name))
-    cs.store(name="pack_job", node=PackJob)
-
-
-@dataclass
-class PackJob:
-    """The Hydra job a launcher runs: one pack of a planned sweep."""
-
-    plan: str = MISSING
-    pack: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,6 +519,7 @@ def validate(cfg: Config) -> Config:
         (o.name in ("sgd", "adam", "adamw"), f"optim.name must be sgd, adam or adamw, got '{o.name}'"),
         (o.momentum == 0 or o.name == "sgd", "optim.momentum applies to sgd only (adam uses optim.betas)"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
+        (o.eps > 0, f"optim.eps must be a positive number, got {o.eps}"),
         (0 <= n.label_std < math.inf, f"noise.label_std must be a number >= 0, got {n.label_std}"),
         (0 <= n.label_flip <= 1, f"noise.label_flip must be in [0, 1], got {n.label_flip}"),
         (0 <= n.temperature < math.inf, f"noise.temperature must be a number >= 0, got {n.temperature}"),
@@ -619,6 +600,12 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, FileDataConfig):
         checks.append((Path(d.path).expanduser().is_file(), f"data.path does not exist or is not a file: {d.path}"))
     checks += _constraint_checks(cfg)
+    if isinstance(d, FileDataConfig):
+        checks.append(_target_check(d))
+    # No setting means anything at inf or NaN (one that would diverge at once, or allocate forever)
+    infinite = [k for k, v in flatten(to_dict(cfg)).items() if isinstance(v, float) and not math.isfinite(v)]
+    checks.append((not infinite, f"{infinite[0]} must be a finite number, got {_get(cfg, infinite[0])}" if infinite else ""))
+    checks.append(_name_check(cfg.name))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -630,6 +617,29 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, Cifar10DataConfig):
         d.root = str(Path(d.root).expanduser().resolve())
     return cfg
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    return functools.reduce(getattr, dotted.split("."), cfg)
+
+
+NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def _name_check(name: str) -> tuple[bool, str]:
+    """`name` becomes folders under --outputs: relative, plain parts (a suite's is suite/member)."""
+    parts = name.split("/")
+    ok = 1 <= len(parts) <= 2 and all(NAME_PART.fullmatch(p) and p != ".." for p in parts)
+    return ok, (f"name must be a plain folder name (letters, digits, '.', '_', '-'; at most 100 characters), "
+                f"got {name[:60]!r}{'…' if len(name) > 60 else ''}")
+
+
+def _target_check(d: FileDataConfig) -> tuple[bool, str]:
+    """data.target: a column name or a list of them; stored as a list."""
+    if isinstance(d.target, str):
+        d.target = [d.target]
+    ok = d.target is None or (isinstance(d.target, list) and d.target and all(isinstance(t, str) for t in d.target))
+    return bool(ok), f"data.target must be a column name or a list of column names, got {d.target!r}"
 
 
 def _constraint_checks(cfg: Config) -> list[tuple[bool, str]]:

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from symrun import budget
 from symrun.config import Cifar10DataConfig, DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig, TextDataConfig
 from symrun.seeds import derive_seed, generator
 
@@ -82,8 +83,11 @@ def for_task(ds: Dataset, change: str, data_seed: int, task: int) -> Dataset:
 
 
 def _teacher(cfg: TeacherDataConfig) -> Dataset:
-    rng = np.random.default_rng(derive_seed(cfg.seed, "teacher"))
     n_all, d, o = cfg.n + cfg.n_test, cfg.dim, cfg.out_dim
+    # x, the targets and their copies in float64 (and whitening's d × d matrices), before any is made
+    budget.check(8 * (3 * n_all * (d + o) + (3 * d * d if cfg.whiten else 0)),
+                 f"the teacher's data ({n_all} rows of data.dim={d})", "lower data.dim, data.n or data.n_test")
+    rng = np.random.default_rng(derive_seed(cfg.seed, "teacher"))
     x = rng.standard_normal((n_all, d))
     if cfg.teacher == "sparse_linear":
         beta = np.zeros((d, o))
@@ -118,7 +122,10 @@ def _read_file(path: Path, target: Optional[list[str]]):
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
+                _check_npz(path, z)
                 arrays = {k: z[k] for k in z.files}
+        except DataError:
+            raise
         except Exception as e:  # zip/format errors come in many types
             raise DataError(f"{path}: not a readable .npz file ({e})") from None
         if "x" not in arrays or "y" not in arrays:
@@ -144,9 +151,24 @@ def _read_file(path: Path, target: Optional[list[str]]):
         bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
         if bad or features.shape[1] == 0:
             raise DataError(f"{path}: feature columns must be numeric (non-numeric: {bad})" if bad else f"{path}: no feature columns")
-        y = frame[list(target)].to_numpy()
-        return features.to_numpy(dtype=np.float64), (y[:, 0] if len(target) == 1 else y), None, None
+        y = frame[list(target)].to_numpy(copy=True)      # copies: pandas' own arrays may be read-only
+        return features.to_numpy(dtype=np.float64, copy=True), (y[:, 0] if len(target) == 1 else y), None, None
     raise DataError(f"{path}: data=file reads .npz or .csv, got '{path.suffix or 'no extension'}'")
+
+
+def _check_npz(path: Path, z) -> None:
+    """Each array's dtype and size from its header, before any is read: numbers only, and no
+    more than the memory there is (a few bytes of a compressed file can claim terabytes)."""
+    need = 0
+    for name in z.files:
+        with z.zip.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(f))
+        if name in ("x", "y", "x_test", "y_test") and dtype.kind not in "biuf":
+            raise DataError(f"{path}: array '{name}' holds {dtype} values, not numbers")
+        need += 3 * int(np.prod(shape, dtype=np.float64)) * 8     # read, then converted to float64
+    budget.check(need, f"the arrays of {path}", "use a smaller data file")
 
 
 def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) -> Dataset:
@@ -160,9 +182,9 @@ def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) ->
         x_test = _as_2d(x_test, "x_test")
         if x_test.shape[1] != x.shape[1] or len(y_test) != len(x_test):
             raise DataError(f"x_test/y_test shapes {x_test.shape}/{np.shape(y_test)} do not match x {x.shape}")
-    if not np.issubdtype(np.asarray(y).dtype, np.number):
-        raise DataError("y must be numeric")
     for name, a in (("y", y), ("y_test", y_test)):
+        if a is not None and np.asarray(a).dtype.kind not in "biuf":
+            raise DataError(f"{name} must be numeric")
         if a is not None and not np.isfinite(np.asarray(a, dtype=np.float64)).all():
             raise DataError(f"{name} contains NaN or infinite values")
     if task == "auto":
@@ -185,11 +207,16 @@ def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) ->
 
 
 def _as_2d(a, name: str) -> np.ndarray:
+    if np.asarray(a).dtype.kind not in "biuf":
+        raise DataError(f"{name} must hold numbers, got {np.asarray(a).dtype} values")
     a = np.asarray(a, dtype=np.float64)
     a = a.reshape(len(a), -1) if a.ndim != 2 else a
     if not np.isfinite(a).all():
         raise DataError(f"{name} contains NaN or infinite values")
     return a
+
+
+SPARSE_CLASSES = 100   # above this many outputs, most of them for labels that never occur is refused
 
 
 def _labels(y, name: str) -> np.ndarray:
@@ -199,6 +226,12 @@ def _labels(y, name: str) -> np.ndarray:
     y = y.reshape(-1)
     if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0:
         raise DataError(f"{name}: classification labels must be non-negative integers")
+    # One output per label 0..max: labels {0, 10000} would make 10001 outputs, and neural
+    # collapse's class × class matrices gigabytes, for two classes.
+    distinct, classes = len(np.unique(y)), int(y.max()) + 1
+    if classes > SPARSE_CLASSES and classes > 2 * distinct:
+        raise DataError(f"{name}: classification labels must be numbered 0..C−1: they go up to {classes - 1} but "
+                        f"only {distinct} distinct labels occur; renumber them 0..{distinct - 1}")
     return y.astype(np.int64)
 
 

@@ -9,8 +9,6 @@ pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exac
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -19,13 +17,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from symrun import checkpoint as ckpt_mod
 from symrun import data as data_mod
 from symrun import critical, metrics, models, reparam
-from symrun.config import (ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_config, to_dict, total_steps,
-                           validate)
+from symrun.config import (ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps)
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed, generator
 from symrun.optim import PackedOptimizer, per_run
@@ -50,37 +46,6 @@ def pack_key(cfg: Config) -> str:
     alone = cfg.model.name in ALONE_MODELS
     shared = {k: v for k, v in flat.items() if (alone or k not in PER_RUN_KEYS) and k not in ("name", "pack_size")}
     return json.dumps(shared, sort_keys=True, default=str)
-
-
-def pack_configs(saved: list[dict]) -> list[Config]:
-    """Typed configs of a pack's runs from their saved dicts (config.yaml). The first goes through
-    config.to_config and its every check; the others, which may differ from it only in
-    PER_RUN_KEYS, are copies of it with those keys set, each validated again: a pack's configs
-    are composed once, not once per run (~7 ms apiece, 30 s for a 4,352-run pack). A run that
-    differs in anything else, or whose per-run value is not a number, goes through to_config."""
-    first = to_config(saved[0])
-    shared = {k: v for k, v in flatten(saved[0]).items() if k not in PER_RUN_KEYS}
-    out = [first]
-    for d in saved[1:]:
-        flat = flatten(d)
-        cfg = copy.deepcopy(first)
-        same = {k: v for k, v in flat.items() if k not in PER_RUN_KEYS} == shared
-        if not (same and all(k in flat and _set(cfg, k, flat[k]) for k in PER_RUN_KEYS)):
-            cfg = to_config(d)
-        out.append(validate(cfg))
-    return out
-
-
-def _set(cfg: Config, key: str, value) -> bool:
-    """Set dotted `key` of `cfg` to `value` if it has the schema's type (an int where an int is
-    due; an int or a float where a float is, as a float). False, untouched, otherwise."""
-    *path, name = key.split(".")
-    owner = functools.reduce(getattr, path, cfg)
-    due = type(getattr(owner, name))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (due is int and not isinstance(value, int)):
-        return False
-    setattr(owner, name, due(value))
-    return True
 
 
 @dataclass
@@ -270,6 +235,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
             record(step, {**row, **rp.measure(theta, first.metrics)})
+            record.keep(params, getattr(model, "stats", {}))
 
     # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any
     pack_state = ckpt_mod.PackState(params, opt, lr, order, record, getattr(model, "stats", {}))
@@ -318,14 +284,14 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     final = net()
     with torch.no_grad():
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures
+        kept = rp.network(record.kept) if not bool(record.alive.all()) else final
     for i, outcome in enumerate(record.outcomes):
-        state = model.run_state(final, i)
-        # A diverged run keeps its frozen parameters: finite, unless one finite step overflowed.
-        if outcome.status == "finished" or all(t.isfinite().all() for t in state.values()):
-            outcome.state = state
         if outcome.status == "finished":
+            outcome.state = model.run_state(final, i)
             outcome.arrays = {k: v[i].cpu() for k, v in arrays.items()}
             outcome.rows[-1].update({k: float(v[i]) for k, v in thresholds.items()})
+        elif outcome.rows:   # diverged: the parameters of its last row, which is its row in runs.csv
+            outcome.state = {**model.run_state(kept, i), **{k: v[i].cpu().clone() for k, v in record.kept_stats.items()}}
     return record.outcomes
 
 
@@ -358,12 +324,29 @@ class Recorder:
     """Each run's logged rows and whether it is still alive. A run stops at step t when the
     parameters after t steps have a non-finite loss (the training step's, or at a log step the
     train_loss or weight_norm) or when the update of step t is non-finite (`check`, every step,
-    on the device). It is marked diverged at t; its rows end with the last finite ones."""
+    on the device). It is marked diverged at t; its rows end with the last finite ones, and
+    `kept` holds each run's trained parameters (and running statistics) at its last row, so a
+    diverged run's saved parameters are the ones its last row describes."""
 
     def __init__(self, runs: int, device: torch.device):
         self.outcomes = [RunOutcome("finished") for _ in range(runs)]
         self.alive = torch.ones(runs, dtype=torch.bool, device=device)
         self.stopped_at = torch.full((runs,), -1, dtype=torch.long, device=device)
+        self.kept: dict[str, torch.Tensor] = {}          # (R, ...) each, as the trained parameters
+        self.kept_stats: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def keep(self, params: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+        """After a row is logged: copy the live runs' parameters and statistics (a stopped run
+        keeps those of its last row)."""
+        for kept, live in ((self.kept, params), (self.kept_stats, stats)):
+            for k, t in live.items():
+                if k not in kept:
+                    kept[k] = t.detach().clone()
+                elif bool(self.alive.all()):
+                    kept[k].copy_(t)
+                else:
+                    kept[k].copy_(torch.where(per_run(self.alive, t), t, kept[k]))
 
     def check(self, step: int, ok: torch.Tensor) -> None:
         """Runs alive but not `ok` ((R,) bool) stop at `step`."""

@@ -8,7 +8,9 @@ exists (shared/science.md §5): the lasso for `hadamard`, singular-value soft-th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +22,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from symrun import data as data_mod  # noqa: E402
-from symrun import results, theory  # noqa: E402
-from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, to_config  # noqa: E402
+from symrun import folder, records, results, tables, theory  # noqa: E402
+from symrun.config import DATA_OPTIONS, EXECUTION_KEYS, MODEL_OPTIONS, ConfigError, default_values, to_config  # noqa: E402
 
 # The structure each model family is about, first; then how well it fits.
 PRIMARY = {
@@ -42,18 +44,20 @@ class Report:
     figures: list[Path]
     summary: pd.DataFrame          # one row per grid point (seeds pooled)
     status_counts: dict[str, int]
+    problems: list[str] = field(default_factory=list)   # one line per file that cannot be read back
 
 
 def axes_of(runs: pd.DataFrame, swept: list[str]) -> list[str]:
     """Settings that vary across the table's runs, seeds excluded (seeds are pooled): the swept
-    keys first, then any other setting that differs (e.g. after resuming with other settings),
-    so runs that differ in anything but the seed are never pooled."""
+    keys first, then any other setting that differs, so runs that differ in anything but the
+    seed are never pooled. Execution keys (pack_size, device, name, train.checkpoint_every) say
+    how runs were trained, not what: they are never axes."""
     per_option = [set(default_values(MODEL_OPTIONS[m], DATA_OPTIONS[d]))
                   for (m, d), _ in runs.groupby(["model.name", "data.name"])]
     settings, shared = set().union(*per_option), set.intersection(*per_option)
     # null is a value of a setting every run has (data.batch_size=null: full batch); a key only
     # some models have is empty for the others, which is not a difference.
-    varying = [k for k in runs.columns if k in settings and k != "seed"
+    varying = [k for k in runs.columns if k in settings and k != "seed" and k not in EXECUTION_KEYS
                and runs[k].nunique(dropna=k not in shared) > 1]
     return [k for k in swept if k in varying] + [k for k in varying if k not in swept]
 
@@ -82,30 +86,57 @@ SERIES_MAX = 4   # a second axis with at most this many values is drawn as one l
 
 
 def build(sweep_dir: Path) -> Report:
-    """Rebuild the tables, draw the phase diagrams, summarise. Figures go next to the tables.
+    """Rebuild the tables, draw the phase diagrams, summarise. Figures go next to the tables;
+    figures an earlier report drew that this one does not (another grid) are removed.
 
     One swept axis (seeds pooled): a line with mean ± std. Two: one line per value of the
     shorter axis when it has at most SERIES_MAX values, else a heatmap of the mean."""
     sweep_dir = Path(sweep_dir)
-    runs, table = results.write_tables(sweep_dir)
-    if runs.empty:
-        return Report([], pd.DataFrame(), {})
-    swept = (results.read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
+    runs, table = tables.write_tables(sweep_dir)
+    counts = runs["status"].value_counts().to_dict()
+    found = tables.problems(sweep_dir, runs)
+    runs = runs[runs["status"] != results.DAMAGED]
+    swept = records.read_sweep(sweep_dir)[0].get("swept", [])
+    figures = run_figures(sweep_dir) + (_draw(sweep_dir, runs, table, swept) if not runs.empty else [])
+    _forget_stale_figures(sweep_dir, figures)
+    summary = summarize(runs, swept) if not runs.empty else pd.DataFrame()
+    return Report(figures, summary, counts, found)
+
+
+def _draw(sweep_dir: Path, runs: pd.DataFrame, table: pd.DataFrame, swept: list[str]) -> list[Path]:
     axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
     done = runs[runs["status"] == results.FINISHED]
-    figures = run_figures(sweep_dir)
+    figures = []
     if "task" in table and not done.empty:      # a task sequence: per-task curves come first
         ends = task_ends(table, runs, axes)
         figures += [_task_curves(sweep_dir, ends, axes, m) for m in TASK_METRICS if m in ends and ends[m].notna().any()]
     if done.empty or not 1 <= len(axes) <= 2:   # more axes: the summary table, no figure
-        return Report(figures, summarize(runs, swept), runs["status"].value_counts().to_dict())
+        return figures
     x, other = axes[-1], (axes[0] if len(axes) == 2 else None)
     for metric in metrics_of(runs):
         if other is not None and done[other].nunique() > SERIES_MAX:
             figures.append(_heatmap(sweep_dir, done, x, other, metric))
         else:
             figures.append(_phase_diagram(sweep_dir, done, x, metric, other))
-    return Report(figures, summarize(runs, swept), runs["status"].value_counts().to_dict())
+    return figures
+
+
+MANIFEST = "figures.json"     # the sweep-level figures the last report drew
+DRAWN = re.compile(r"(phase|heatmap|tasks)_[^/]*\.png")   # what a report names them: anything else is not ours
+
+
+def _forget_stale_figures(sweep_dir: Path, figures: list[Path]) -> None:
+    """Remove the sweep-level figures the previous report listed and this one did not draw, and
+    list this one's. Only names a report gives its figures are removed, and only in the folder
+    itself (a manifest from elsewhere cannot name ../anything)."""
+    drawn = sorted(p.name for p in figures if p.parent == sweep_dir)
+    previous = results.read_json(sweep_dir / MANIFEST, sweep_dir)
+    listed = previous.get("figures", []) if isinstance(previous, dict) else []
+    for name in listed:
+        if isinstance(name, str) and DRAWN.fullmatch(name) and name not in drawn:
+            folder.remove(sweep_dir / name, sweep_dir)
+    if drawn or listed:
+        results.write_json(sweep_dir / MANIFEST, {"figures": drawn}, sweep_dir)
 
 
 # Loss of plasticity: what each task ends with, task after task
@@ -143,7 +174,7 @@ def _task_curves(sweep_dir: Path, ends: pd.DataFrame, axes: list[str], metric: s
     grid[0][0].set_ylabel(f"{metric} (end of task)")
     grid[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(_headline(f"{metric} task after task", sweep_dir), fontsize=10)
-    return _save(fig, sweep_dir / f"tasks_{metric}.png")
+    return _save(fig, sweep_dir / f"tasks_{metric}.png", sweep_dir)
 
 
 def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, series: Optional[str]) -> Path:
@@ -182,7 +213,7 @@ def _phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     suffix = f"_by_{series}" if series else ""
-    return _save(fig, sweep_dir / f"phase_{metric}_vs_{axis}{suffix}.png")
+    return _save(fig, sweep_dir / f"phase_{metric}_vs_{axis}{suffix}.png", sweep_dir)
 
 
 CORRELATION_FIGSIZE, CORRELATION_DPI = (5.6, 4.8), 120   # a run's correlation figure: 672 × 576 pixels
@@ -190,12 +221,17 @@ CORRELATION_FIGSIZE, CORRELATION_DPI = (5.6, 4.8), 120   # a run's correlation f
 
 def run_figures(sweep_dir: Path) -> list[Path]:
     """Each run's own figures, drawn from the arrays it saved (redrawn when the array is newer):
-    runs/<id>/penultimate_correlation.png for model=resnet18."""
+    runs/<id>/penultimate_correlation.png for model=resnet18. Run folders that are links are
+    not entered."""
     figures = []
-    for array in sorted(Path(sweep_dir).glob("runs/*/penultimate_correlation.npy")):
+    for rid in results.run_ids(sweep_dir):
+        array = results.run_dir(sweep_dir, rid) / "penultimate_correlation.npy"
         png = array.with_suffix(".png")
-        if not png.is_file() or png.stat().st_mtime_ns < array.stat().st_mtime_ns:
-            _correlation_figure(np.load(array, allow_pickle=False), png, array.parent.name)
+        if folder.kind(array, sweep_dir) != "file":
+            continue
+        if folder.kind(png, sweep_dir) != "file" or png.stat().st_mtime_ns < array.stat().st_mtime_ns:
+            corr = np.load(io.BytesIO(folder.read_bytes(array, sweep_dir)), allow_pickle=False)
+            _correlation_figure(corr, png, rid, sweep_dir)
         figures.append(png)
     return figures
 
@@ -213,7 +249,7 @@ def cluster_order(corr: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(squareform(dist, checks=False), method="average"))
 
 
-def _correlation_figure(corr: np.ndarray, path: Path, run: str) -> Path:
+def _correlation_figure(corr: np.ndarray, path: Path, run: str, sweep_dir: Path) -> Path:
     """The correlation matrix of the penultimate features over the probe set, ordered by
     clustering (the paper's Fig. 1, right); features constant on the probe (NaN) are left out."""
     alive = ~np.isnan(np.diag(corr))
@@ -228,7 +264,7 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str) -> Path:
         ax.text(0.5, 0.5, "no feature varies on the probe set", ha="center", va="center")
     ax.set_xlabel("feature (clustering order)")
     ax.set_title(f"penultimate features: {alive.sum()} of {len(corr)} vary on the probe\n{run}", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, sweep_dir)
 
 
 # The mirror kind whose constraint a structure metric counts (symrun.critical logs λ_c per kind).
@@ -253,7 +289,7 @@ def _critical_line(runs: pd.DataFrame, axis: str, metric: str):
 
 def _title(sweep_dir: Path) -> str:
     """The sweep's name (a suite member's is suite/preset), for figure titles."""
-    return (results.read_json(Path(sweep_dir) / "sweep.json") or {}).get("name") or Path(sweep_dir).parent.name
+    return records.read_sweep(sweep_dir)[0].get("name") or Path(sweep_dir).parent.name
 
 
 def _headline(what: str, sweep_dir: Path) -> str:
@@ -280,7 +316,7 @@ def _heatmap(sweep_dir: Path, done: pd.DataFrame, x: str, y: str, metric: str) -
     ax.set_ylabel(y)
     fig.colorbar(image, ax=ax, label=f"final {metric} (mean over seeds)")
     ax.set_title(_headline(metric, sweep_dir), fontsize=10)
-    return _save(fig, sweep_dir / f"heatmap_{metric}_{x}_vs_{y}.png")
+    return _save(fig, sweep_dir / f"heatmap_{metric}_{x}_vs_{y}.png", sweep_dir)
 
 
 def _log_scale_if_wide(set_scale, values: pd.Series) -> None:
@@ -292,12 +328,13 @@ def _log_scale_if_wide(set_scale, values: pd.Series) -> None:
             set_scale("log")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, sweep_dir: Path) -> Path:
+    """Render to memory, then write it into the sweep folder like every other file (symrun.folder)."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    results.write_atomic(path, buf.getvalue(), sweep_dir)
     return path
 
 
@@ -309,10 +346,13 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, gr
     model = runs["model.name"].iloc[0]
     if model not in ("hadamard", "factorization", "mlp"):   # the models with a closed form (and small data)
         return None
-    cfg = to_config(results.load_config_dict(sweep_dir, runs["run_id"].iloc[0]))
-    if cfg.symmetry.remove or cfg.constraint.name != "none":   # other objectives: the closed forms do not apply
+    try:   # a received folder's data may not be on this machine: then there is no line to draw
+        cfg = to_config(results.load_config_dict(sweep_dir, runs["run_id"].iloc[0]))
+        if cfg.symmetry.remove or cfg.constraint.name != "none":   # other objectives: the closed forms do not apply
+            return None
+        ds = data_mod.load(cfg.data)
+    except (ConfigError, data_mod.DataError, OSError):
         return None
-    ds = data_mod.load(cfg.data)
     if ds.task != "regression":
         return None
     lo, hi = runs[axis].min(), runs[axis].max()
@@ -329,8 +369,11 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, gr
 
 def _tables(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
     """(runs.csv, its axes shortest first as `build` orders them, the finished runs)."""
-    runs = results.read_csv(Path(sweep_dir) / "runs.csv")
-    swept = (results.read_json(Path(sweep_dir) / "sweep.json") or {}).get("swept", [])
+    runs = results.read_csv(io.StringIO(folder.read_text(Path(sweep_dir) / "runs.csv")))
+    runs = runs[runs["status"] != results.DAMAGED]
+    swept = records.read_sweep(sweep_dir)[0].get("swept", [])
+    if runs.empty:
+        return runs, [], runs
     axes = sorted(axes_of(runs, swept), key=lambda k: runs[k].nunique())
     return runs, axes, runs[runs["status"] == results.FINISHED]
 

@@ -1,28 +1,32 @@
-"""Where results live and how they are written and read back. Every output path is built here.
+"""Where results live and how they are written. Every output path is built here; symrun.records reads
+a run folder back and checks it, symrun.tables rebuilds the sweep's tables.
 
-    outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep (the suffix keeps same-second sweeps apart);
-                                                      a suite: one per member, <preset>/, and its
-                                                      launches/<k>/ (sweep.write_launch)
+    outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep: hydra.sweep.dir (the suffix keeps same-second
+                                                      sweeps apart); a suite: one per member, <preset>/,
+                                                      and its launches/<k>/ (sweep.write_launch)
         sweep.json                                    swept keys and every launch into it (overrides, counts)
-        launches/<k>/plan.json                        launch k's packs of run ids
-        launches/<k>/packs/<i>/                       Hydra's folder for its job i (.hydra/, log)
-        runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time
-        checkpoints/<hash of run ids>.pt              an unfinished pack's state (train.checkpoint_every)
+        launches/<k>/plan.json                        launch k's grid (run ids in grid order) and packs
+        launches/<k>/multirun.yaml                    the sweep's Hydra config for launch k
+        launches/<k>/packs/<i>/                       Hydra's folder for its job i: .hydra/ (the config of
+                                                      the pack's runs: symrun.job), symrun.log
+        .submitit/<job id>/                           submitit's scripts and logs (its launchers)
+        runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time (symrun.tables)
+        figures.json                                  the figures the last report drew (symrun.report)
+        checkpoints/<hash of run ids>.pt, .json       an unfinished pack's state (train.checkpoint_every), its run ids
         runs/<run_id>/config.yaml                     the resolved config
                       metrics.csv                     one row per logged step
-                      params.pt                       final parameters (torch.load(..., weights_only=True))
+                      params.pt                       the parameters of metrics.csv's last row
                       <name>.npy, <name>.png          arrays a model saves for a run's own figures (resnet18)
                       status.json                     written last: finished | failed | diverged | running
 
-Each file is written to a temporary name and renamed, so a crash never leaves half a file.
-run_id = readable prefix + hash of the settings that differ from the defaults (open_lth style:
-adding a new setting with a default renames no existing run).
+Every file is written and read through symrun.folder, which never follows a link inside a sweep
+folder. run_id = readable prefix + hash of the settings that differ from the defaults (open_lth
+style: adding a new setting with a default renames no existing run).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import fcntl
 import hashlib
@@ -34,30 +38,25 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
 
+from symrun import folder
 from symrun.config import EXECUTION_KEYS, Config, default_values, flatten, to_dict
+from symrun.folder import OutputError, one_sync, read_bytes, write_atomic  # noqa: F401 — part of this module's API
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
-PENDING = "pending"   # planned (config.yaml written) but never started: no status.json yet
-FLOAT_FORMAT = "%.17g"   # floats round-trip exactly through the CSVs
+PENDING = "pending"           # planned (config.yaml written) but never started: no status.json yet
+INTERRUPTED = "interrupted"   # `running`, but no sweep holds the folder's lock any more (symrun.tables)
+DAMAGED = "damaged"           # a file of the run cannot be read back: see records.RunRecord.problem
+STATES = (FINISHED, FAILED, DIVERGED, RUNNING)    # what a status.json may say
 MIN_FREE_BYTES = 64 * 2**20   # below this a sweep would likely die mid-write: refuse it up front
 LOCK_NAME = "sweep.lock"
-# libyaml's C parser and emitter where PyYAML has them (the same safe YAML): a run's config.yaml
-# reads in 0.36 ms instead of 2.6 and writes in 0.4 instead of 1.4 — per run, three times a sweep
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-class OutputError(OSError):
-    """The results location cannot be used (unwritable, full, or another sweep holds it); one line."""
+FOLDERS = ("runs", "checkpoints", "launches")     # what symrun makes inside a sweep folder
 
 
 def new_sweep_dir(root: Path, name: str) -> Path:
@@ -69,9 +68,42 @@ def run_dir(sweep_dir: Path, run_id: str) -> Path:
     return Path(sweep_dir) / "runs" / run_id
 
 
-def launch_plan(folder: Path, k: int) -> Path:
+def launch_plan(folder_: Path, k: int) -> Path:
     """Launch k's plan in a sweep's (or a suite's) folder; Hydra's job folders go beside it."""
-    return Path(folder) / "launches" / str(k) / "plan.json"
+    return Path(folder_) / "launches" / str(k) / "plan.json"
+
+
+def write_launch_plan(root: Path, first: int, plan: dict) -> Path:
+    """Write `plan` as launch k's plan.json, k the first number ≥ `first` whose launch folder
+    does not exist yet: Hydra and submitit then write their job folders into a folder made here,
+    never into one a received sweep folder brought along. Returns its path."""
+    k = first
+    while folder.kind(launch_plan(root, k).parent, root) is not None:
+        k += 1
+    path = launch_plan(root, k)
+    write_json(path, plan, root=root)
+    return path
+
+
+def launch_plans(root: Path) -> list[dict]:
+    """The plans of the launches into a sweep's (or suite's) folder that can be read, newest first."""
+    root = Path(root)
+    try:
+        found = folder.entries(root / "launches", root)
+    except OutputError:
+        return []
+    ks = sorted((int(n) for n, what in found.items() if n.isdigit() and what == "dir"), reverse=True)
+    return [p for p in (read_json(launch_plan(root, k), root) for k in ks) if isinstance(p, dict)]
+
+
+def launch_config(folder_: Path, k: int) -> Path:
+    """The sweep's Hydra config as launch k composed it (multirun.yaml, as Hydra's sweepers save it)."""
+    return launch_plan(folder_, k).parent / "multirun.yaml"
+
+
+def job_subdir(k: int) -> str:
+    """hydra.sweep.subdir of launch k's jobs (Hydra fills in the job's number): packs/<i> beside its plan."""
+    return f"launches/{k}/packs/${{hydra.job.num}}"
 
 
 def check_writable(sweep_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
@@ -102,37 +134,55 @@ def sweep_lock(sweep_dir: Path):
     """Hold `sweep_dir`/sweep.lock exclusively while a sweep writes into the folder; a second sweep
     into the same folder is refused with OutputError. flock(2) locks belong to the open file, so
     the operating system releases them when the process dies, even by SIGKILL: no stale locks.
-    Only the top-level sweep process locks; launcher workers write their own runs' files."""
+    Only the top-level sweep process locks; launcher workers write their own runs' files.
+    The lock file is opened without following a link (a link would have its target truncated)."""
     path = Path(sweep_dir) / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
+    fd = folder.open_lock(path)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
         raise OutputError(f"another symrun sweep ({holder}) is writing to {sweep_dir}; wait for it to end "
                           "or choose another hydra.sweep.dir") from None
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n")
-        f.flush()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0)
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
-def remove_stale_temps(sweep_dir: Path) -> list[Path]:
-    """Delete temporary files a killed sweep left behind (write_atomic's `.<name>.<hex>.tmp`) in
-    the sweep folder and its run folders. Call it holding the sweep's lock."""
-    sweep_dir = Path(sweep_dir)
-    stale = [p for pattern in (".*.tmp", "runs/*/.*.tmp") for p in sweep_dir.glob(pattern)]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+def lock_held(sweep_dir: Path) -> bool:
+    """Whether a sweep holds `sweep_dir`'s lock now (tried with a shared, non-blocking flock that
+    is let go at once; a link or a missing lock file is no sweep)."""
+    path = Path(sweep_dir) / LOCK_NAME
+    if folder.kind(path, sweep_dir) != "file":
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def run_ids(sweep_dir: Path) -> list[str]:
+    """The names under runs/ that are run folders (or links in their place, which read_run
+    reports as damaged), sorted."""
+    try:
+        found = folder.entries(Path(sweep_dir) / "runs", sweep_dir)
+    except OutputError:
+        return []
+    return sorted(name for name, what in found.items() if what in ("dir", "link"))
 
 
 def run_id(cfg: Config) -> str:
@@ -143,98 +193,93 @@ def run_id(cfg: Config) -> str:
     return f"{cfg.model.name}-s{cfg.seed}-{digest}"
 
 
-def checkpoint_path(sweep_dir: Path, run_ids: list[str]) -> Path:
-    """Where the pack of exactly these runs keeps its checkpoint. Named by its runs, not by a
-    launch's pack number, so a rerun of the sweep (a new launch) finds it."""
-    digest = hashlib.sha256(json.dumps(list(run_ids)).encode()).hexdigest()[:16]
+def checkpoint_path(sweep_dir: Path, run_ids_: list[str]) -> Path:
+    """Where the pack of exactly these runs keeps its checkpoint (and, beside it as .json, their
+    ids). Named by its runs, not by a launch's pack number, so a rerun of the sweep finds it."""
+    digest = hashlib.sha256(json.dumps(list(run_ids_)).encode()).hexdigest()[:16]
     return Path(sweep_dir) / "checkpoints" / f"{digest}.pt"
 
 
-_deferred = False     # inside `one_sync`: the fsyncs are one syncfs at its end
+def remove_checkpoint(sweep_dir: Path, run_ids_: list[str]) -> None:
+    path = checkpoint_path(sweep_dir, run_ids_)
+    for p in (path, path.with_suffix(".json")):
+        folder.remove(p, sweep_dir)
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        if not _deferred:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def one_sync(folder: Path):
-    """The files written inside are made durable together when it ends, by one syncfs(2) of
-    `folder`'s filesystem, instead of an fsync each (~1 ms apiece here: 22,000 of them for a
-    4,352-run sweep). Write a completion marker after the block holding its run's files."""
-    global _deferred
-    outer, _deferred = _deferred, True
+def checkpointed_packs(sweep_dir: Path) -> list[list[str]]:
+    """The run ids of each pack with a checkpoint in the folder (from the .json beside each .pt)."""
+    sweep_dir = Path(sweep_dir)
     try:
-        yield
-    finally:
-        _deferred = outer
-        if not outer:
-            sync_filesystem(Path(folder))
+        found = folder.entries(sweep_dir / "checkpoints", sweep_dir)
+    except OutputError:
+        return []
+    packs = []
+    for name in sorted(found):
+        sidecar = read_json(sweep_dir / "checkpoints" / name, sweep_dir) if name.endswith(".json") else None
+        ids = sidecar.get("run_ids") if isinstance(sidecar, dict) else None
+        if (isinstance(ids, list) and ids and all(isinstance(r, str) for r in ids)
+                and found.get(name.removesuffix(".json") + ".pt") == "file"
+                and checkpoint_path(sweep_dir, ids).name == name.removesuffix(".json") + ".pt"):
+            packs.append(ids)
+    return packs
 
 
-def sync_filesystem(folder: Path) -> None:
-    """syncfs(2) on the filesystem holding `folder` (its dirty files and renames, at once);
-    os.sync() where the C library has no syncfs."""
-    fd = os.open(folder, os.O_RDONLY)
+def write_json(path: Path, obj: Any, root: Optional[Path] = None) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n", root)
+
+
+def read_json(path: Path, root: Optional[Path] = None) -> Any:
+    """The JSON in `path` (read without following a link), or None when it is missing or unreadable."""
     try:
-        if getattr(ctypes.CDLL(None, use_errno=True), "syncfs", lambda _: -1)(fd) == 0:
-            return
-    finally:
-        os.close(fd)
-    os.sync()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return json.loads(read_bytes(path, root))
+    except (FileNotFoundError, OutputError, ValueError):
         return None
 
 
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    write_atomic(path, frame.to_csv(index=False, float_format=FLOAT_FORMAT))
+def write_csv(path: Path, frame: pd.DataFrame, root: Optional[Path] = None) -> None:
+    """Floats as pandas writes them by default: the shortest text that reads back to the same
+    number (0.1, not 0.10000000000000001)."""
+    write_atomic(path, frame.to_csv(index=False), root)
 
 
-def read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, float_precision="round_trip")
+# pandas 3 reads floats exactly by default (and deprecates the option); pandas 2 needs to be asked.
+_EXACT = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+
+
+def read_csv(path: Path | io.StringIO, **kw) -> pd.DataFrame:
+    """A table symrun wrote, every float read back to the bit."""
+    return pd.read_csv(path, **_EXACT, **kw)
+
+
+# libyaml's C parser and emitter where PyYAML has them (the same safe YAML, the same text): a run's
+# config.yaml reads in 0.36 ms instead of 2.6 and writes ~4× faster — per run, several times a sweep
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
-    write_atomic(run_dir(sweep_dir, rid) / "config.yaml", yaml.dump(to_dict(cfg), sort_keys=False, Dumper=YAML_DUMPER))
+    write_atomic(run_dir(sweep_dir, rid) / "config.yaml", yaml.dump(to_dict(cfg), Dumper=YAML_DUMPER, sort_keys=False),
+                 sweep_dir)
 
 
 def load_config_dict(sweep_dir: Path, rid: str) -> dict:
-    return yaml.load((run_dir(sweep_dir, rid) / "config.yaml").read_text(), Loader=YAML_LOADER)
+    return yaml.load(folder.read_text(run_dir(sweep_dir, rid) / "config.yaml", sweep_dir), Loader=YAML_LOADER)
 
 
 def status(sweep_dir: Path, rid: str) -> Optional[dict]:
-    return read_json(run_dir(sweep_dir, rid) / "status.json")
-
-
-def is_finished(sweep_dir: Path, rid: str) -> bool:
-    st = status(sweep_dir, rid)
-    return st is not None and st.get("status") == FINISHED
+    """A run's status.json as written, or None (symrun.records.read_run checks it)."""
+    return read_json(run_dir(sweep_dir, rid) / "status.json", sweep_dir)
 
 
 def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
-    write_json(run_dir(sweep_dir, rid) / "status.json", {"run_id": rid, "status": state, **info})
+    write_json(run_dir(sweep_dir, rid) / "status.json", {"run_id": rid, "status": state, **info}, sweep_dir)
 
 
 def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
               arrays: Optional[dict] = None, **info: Any) -> None:
     """A run's metrics, parameters and arrays (<name>.npy, for its figures), then its status
-    (the completion marker) last."""
+    (the completion marker) last, with the last row's step and metrics (which read_run checks
+    metrics.csv against: a truncated file is caught)."""
     write_runs(sweep_dir, [(rid, state, rows, params, arrays, info)])
 
 
@@ -248,20 +293,22 @@ def write_runs(sweep_dir: Path, runs: list[tuple[str, str, list[dict], Optional[
     with one_sync(sweep_dir):
         for rid, state, rows, _, _, info in runs:
             final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
-            write_status(sweep_dir, rid, state, final=final, **info)
+            write_status(sweep_dir, rid, state, final=final, final_step=rows[-1]["step"] if rows else None, **info)
 
 
 def _write_files(sweep_dir: Path, rid: str, rows: list[dict], params: Optional[dict], arrays: Optional[dict]) -> None:
+    import numpy as np
+
     d = run_dir(sweep_dir, rid)
-    write_csv(d / "metrics.csv", pd.DataFrame(rows))
+    write_csv(d / "metrics.csv", pd.DataFrame(rows) if rows else pd.DataFrame(columns=["step"]), sweep_dir)
     if params is not None:
         buf = io.BytesIO()
         torch.save(params, buf)
-        write_atomic(d / "params.pt", buf.getvalue())
+        write_atomic(d / "params.pt", buf.getvalue(), sweep_dir)
     for name, array in (arrays or {}).items():
         buf = io.BytesIO()
         np.save(buf, array.numpy() if isinstance(array, torch.Tensor) else array, allow_pickle=False)
-        write_atomic(d / f"{name}.npy", buf.getvalue())
+        write_atomic(d / f"{name}.npy", buf.getvalue(), sweep_dir)
 
 
 class ParamsError(ValueError):
@@ -312,70 +359,3 @@ def slurm_job_id() -> Optional[str]:
 
 def now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
-
-
-def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs, results) tables rebuilt from the run folders; runs that never started are absent."""
-    sweep_dir = Path(sweep_dir)
-    swept = (read_json(sweep_dir / "sweep.json") or {}).get("swept", [])
-    run_rows, result_frames = [], []
-    for d in sorted((sweep_dir / "runs").glob("*/")):
-        st = read_json(d / "status.json")
-        if st is None:
-            continue
-        cfg = flatten(yaml.load((d / "config.yaml").read_text(), Loader=YAML_LOADER))
-        extra = {k: st.get(k) for k in ("wall_time_s", "pack", "pack_size", "torch", "git_commit",
-                                        "git_dirty", "diverged_at", "resumed_from", "error", "started_at",
-                                        "finished_at", "slurm_job_id")}
-        extra["resolved_device"] = st.get("device")      # `device` stays the configured value
-        run_rows.append({"run_id": st["run_id"], "status": st["status"], **cfg, **st.get("final", {}), **extra})
-        if (d / "metrics.csv").is_file() and st["status"] != RUNNING:
-            frame = read_csv(d / "metrics.csv")
-            for key in reversed(swept):
-                frame.insert(0, key, cfg.get(key))
-            frame.insert(0, "run_id", st["run_id"])
-            result_frames.append(frame)
-    runs = pd.DataFrame(run_rows)
-    if not runs.empty:
-        front = ["run_id", "status"] + [k for k in swept if k in runs.columns]
-        runs = runs[front + [c for c in runs.columns if c not in front]]
-    results = pd.concat(result_frames, ignore_index=True) if result_frames else pd.DataFrame()
-    return runs, results
-
-
-def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    runs, results = collect(sweep_dir)
-    write_csv(Path(sweep_dir) / "runs.csv", runs)
-    write_csv(Path(sweep_dir) / "results.csv", results)
-    return runs, results
-
-
-@dataclass
-class SweepStatus:
-    """Where a sweep stands, from its runs' status.json files (the truth: a scheduler reports a
-    job whose Python raised as COMPLETED)."""
-
-    sweep_dir: Path
-    counts: dict[str, int]                 # finished | running | failed | diverged | pending → runs
-    reasons: dict[str, list[str]]          # one-line reason → the failed or diverged runs it ended
-
-
-def find_sweeps(root: Path) -> list[Path]:
-    """`root` itself when it is a sweep folder, else every sweep folder below it."""
-    root = Path(root)
-    if (root / "sweep.json").is_file():
-        return [root]
-    return sorted(p.parent for p in root.rglob("sweep.json") if (p.parent / "runs").is_dir())
-
-
-def sweep_status(sweep_dir: Path) -> SweepStatus:
-    counts = {s: 0 for s in (FINISHED, RUNNING, FAILED, DIVERGED, PENDING)}
-    reasons: dict[str, list[str]] = {}
-    for d in sorted((Path(sweep_dir) / "runs").glob("*/")):
-        st = read_json(d / "status.json") or {"status": PENDING}
-        counts[st["status"]] = counts.get(st["status"], 0) + 1
-        if st["status"] == FAILED:
-            reasons.setdefault(" ".join(str(st.get("error")).split()), []).append(d.name)
-        elif st["status"] == DIVERGED:
-            reasons.setdefault("diverged: its loss or weights stopped being finite (see diverged_at)", []).append(d.name)
-    return SweepStatus(Path(sweep_dir), counts, reasons)

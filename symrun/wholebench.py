@@ -66,18 +66,18 @@ def hadamard(steps: int, seeds: int = 256, lean_runs: int = 64) -> Grid:
 # (file name, function name); "training steps" is train_pack without its evaluations and λ_c;
 # what no phase claims (interpreter start-up, imports, the CLI, Hydra's launcher) is the rest.
 PHASES: list[tuple[str, list[tuple[str, str]]]] = [
-    ("planning: compose and check every config, load data, size packs", [("sweep.py", "plans"), ("sweep.py", "schedule")]),
+    ("planning: compose and check every config, load data, size packs",
+     [("sweep.py", "sweeper_plans")]),
     ("writing the plan (a config.yaml per run)", [("sweep.py", "write_plan")]),
-    ("the pack job reading its configs back", [("sweep.py", "run_pack")]),
+    ("the pack job building its configs", [("job.py", "pack_configs")]),
     ("training steps", [("engine.py", "train_pack")]),
     ("metrics at step 0 and at the end", [("engine.py", "log")]),
     ("critical weight decay λ_c", [("critical.py", "at_end")]),
     ("writing the runs' files", [("results.py", "write_runs")]),
-    ("tables and figures", [("cli.py", "_show_report")]),
+    ("tables and figures", [("console.py", "show_report")]),
 ]
 # a phase whose functions run inside another's: subtracted from the outer one
-INSIDE = {"the pack job reading its configs back": ["training steps", "writing the runs' files"],
-          "training steps": ["metrics at step 0 and at the end", "critical weight decay λ_c"]}
+INSIDE = {"training steps": ["metrics at step 0 and at the end", "critical weight decay λ_c"]}
 
 
 def phases(profile: Path) -> dict[str, float]:

@@ -70,7 +70,7 @@ def write_fake_cifar(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
 
 # Columns of runs.csv that say when, where and how a run executed, not what it computed.
 PROVENANCE = {"wall_time_s", "started_at", "finished_at", "git_commit", "git_dirty", "torch", "resolved_device",
-              "pack", "pack_size", "slurm_job_id", "resumed_from", "train.checkpoint_every"}
+              "pack", "pack_runs", "pack_size", "slurm_job_id", "resumed_from", "train.checkpoint_every"}
 
 
 def assert_same_tables(a: Path, b: Path, rtol: float = 0.0) -> None:
@@ -78,9 +78,10 @@ def assert_same_tables(a: Path, b: Path, rtol: float = 0.0) -> None:
     value for value, or to `rtol` (packs of other sizes round differently in BLAS)."""
     import pandas as pd
 
+    from symrun.results import read_csv
+
     for table in ("runs.csv", "results.csv"):
-        ta = pd.read_csv(Path(a) / table, float_precision="round_trip")
-        tb = pd.read_csv(Path(b) / table, float_precision="round_trip")
+        ta, tb = read_csv(Path(a) / table), read_csv(Path(b) / table)
         assert set(ta.columns) == set(tb.columns), table
         keep = [c for c in tb.columns if c not in PROVENANCE]
         key = ["run_id", "step"] if table == "results.csv" else ["run_id"]

@@ -7,12 +7,10 @@ forward pass, or from the noise formulas themselves, never from stored symrun ou
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -501,34 +499,3 @@ def test_sgd_step_with_gradients_that_share_storage_updates_each_parameter_from_
              torch.ones(2, dtype=torch.bool))
     for k, p in (("a", a), ("b", b)):
         torch.testing.assert_close(p, before[k] - lr[:, None] * (3.0 + wd[:, None] * before[k]))
-
-
-def test_pack_configs_equal_one_composition_per_run():
-    """engine.pack_configs composes a pack's first config and sets the others' per-run keys: the
-    same typed configs as config.to_config of each, and to_config's error for a bad value."""
-    import yaml
-
-    from symrun.config import ConfigError, to_config, to_dict
-
-    base = Config(model=MLPConfig(width=4), data=TeacherDataConfig(teacher="mlp", n=30))
-    cfgs = []
-    for i, (lr, wd, flip) in enumerate([(0.1, 0.0, 0.0), (0.05, 1e-3, 0.0), (0.2, 0.3, 0.0)]):
-        c = copy.deepcopy(base)
-        c.seed, c.optim.lr, c.optim.weight_decay, c.noise.temperature, c.tasks.shrink = i, lr, wd, 1e-4 * i, 1 - 0.1 * i
-        cfgs.append(validate(c))
-    saved = [yaml.safe_load(yaml.safe_dump(to_dict(c), sort_keys=False)) for c in cfgs]
-    saved[1]["optim"]["momentum"] = 0                              # an int where a float is due: 0.0
-    saved[2]["model"]["width"] = 5                                 # not a per-run key: composed on its own
-    got, expected = engine.pack_configs(saved), [to_config(d) for d in saved]
-    assert got == expected and got[1].optim.momentum == 0.0 and isinstance(got[1].optim.momentum, float)
-    assert got[2].model.width == 5 and got[0].model.width == 4
-    for section, key, bad in (("optim", "lr", "abc"), (None, "seed", 1.5), ("noise", "label_std", True)):
-        broken = copy.deepcopy(saved)
-        (broken[1] if section is None else broken[1][section])[key] = bad
-        with pytest.raises(ConfigError):
-            to_config(broken[1])
-        with pytest.raises(ConfigError):
-            engine.pack_configs(broken)
-    text = copy.deepcopy(saved)
-    text[1]["optim"]["lr"] = "0.5"                                 # a string to_config reads as 0.5
-    assert engine.pack_configs(text)[1] == to_config(text[1])

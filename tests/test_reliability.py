@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import results
+from symrun import folder, results
 
 # Six packs (data.n sets the shapes) of two runs each, with minibatches and both kinds of noise,
 # so every random stream a run has is exercised; each pack takes about a second.
@@ -21,7 +21,7 @@ GRID = ["model=hadamard", "data.n=40,50,60,70,80,90", "seed=0,1", "data.batch_si
         "noise.temperature=1e-4", "train.steps=2000", "train.log_every=500"]
 # Columns that say when, where and by what a run was trained, not what it computed.
 TIMING_AND_PROVENANCE = ["wall_time_s", "started_at", "finished_at", "torch", "git_commit", "git_dirty",
-                         "resolved_device"]
+                         "resolved_device", "pack_runs"]
 
 
 def _table(path: Path, drop=()) -> pd.DataFrame:
@@ -77,10 +77,13 @@ def test_a_killed_sweep_resumes_training_only_unfinished_runs(tmp_path, referenc
         stale.write_text("half a row,")
 
     resumed = _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={d}")
-    assert f"12 runs in {(12 - len(finished)) // 2} pack(s), {len(finished)} already finished" in resumed.stdout
-    # Only the unfinished runs were planned and trained; the finished ones' files are untouched.
+    # The packs with an unfinished run are trained again, as they were (one the kill stopped after
+    # it wrote some of its runs, whole: the same numbers), and the finished runs' files are untouched.
+    first = json.loads((d / "launches" / "0" / "plan.json").read_text())["packs"]
+    expected = [pack for pack in first if not set(pack) <= finished]
+    assert f"12 runs in {len(expected)} pack(s), {len(finished)} already finished" in resumed.stdout
     plan = json.loads((d / "launches" / "1" / "plan.json").read_text())
-    assert sorted(r for pack in plan["packs"] for r in pack) == sorted(set(_statuses(reference)) - finished)
+    assert sorted(map(sorted, plan["packs"])) == sorted(map(sorted, expected))
     assert {p: p.read_bytes() for p in kept} == kept
     # The tables hold each run once and equal the uninterrupted sweep's (the pack a run trained
     # in depends on the launch, so its number is left out too); nothing half-written remains.
@@ -191,15 +194,82 @@ def test_a_params_file_that_is_not_a_state_dict_is_refused_without_running_it(tm
     assert torch.equal(results.load_params(tmp_path / "ok.pt")["w"], torch.ones(2))
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (as root); skipped, saying why, where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({(mounted.stderr or mounted.stdout).strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_disk_that_fills_mid_sweep_leaves_a_resumable_folder(tmp_path, small_disk, monkeypatch):
+    """A real ENOSPC: the disk fills while packs write their runs; one error line says how to go
+    on, no file is left half-written, and once there is space the resumed sweep ends with the
+    tables of an uninterrupted one."""
+    from typer.testing import CliRunner
+
+    from symrun import cli as cli_mod
+
+    grid = ["model=hadamard", "data.n=40,50,60,70", "seed=0,1", "data.batch_size=20", "noise.label_std=0.1",
+            "train.steps=100", "train.log_every=50"]
+    sweep = lambda d: CliRunner().invoke(cli_mod.app, ["sweep", *grid, f"hydra.sweep.dir={d}"])  # noqa: E731
+    monkeypatch.chdir(tmp_path)
+    assert sweep(tmp_path / "reference").exit_code == 0
+    real = results.check_writable        # the up-front check wants 64 MiB free; this disk is smaller
+    monkeypatch.setattr(results, "check_writable", lambda d, min_free=0: real(d, 0))
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(4 * 2**20 - 150_000))                 # about 150 kB stay free
+    d = small_disk / "sweep"
+    stopped = sweep(d)
+    errors = [ln for ln in stopped.stderr.splitlines() if ln.strip()]
+    assert stopped.exit_code == 2 and len(errors) == 1, stopped.output
+    assert errors[0].startswith("error: no space left on the disk") and f"hydra.sweep.dir={d}" in errors[0]
+    assert 0 < sum(s == "finished" for s in _statuses(d).values()) < 8, "the disk filled part-way"
+    assert not list(d.rglob("*.tmp")), "a failed write leaves no temporary file"
+    filler.unlink()
+    resumed = sweep(d)
+    assert resumed.exit_code == 0, resumed.output
+    drop = TIMING_AND_PROVENANCE + ["pack"]
+    pd.testing.assert_frame_equal(_table(d / "runs.csv", drop), _table(tmp_path / "reference" / "runs.csv", drop))
+    pd.testing.assert_frame_equal(_table(d / "results.csv"), _table(tmp_path / "reference" / "results.csv"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_with_exit_130_a_line_on_resuming_and_its_runs_interrupted(tmp_path):
+    d = tmp_path / "sweep"
+    child = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *GRID, f"hydra.sweep.dir={d}"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    deadline = time.monotonic() + 120
+    while "running" not in _statuses(d).values():
+        assert time.monotonic() < deadline and child.poll() is None, "the sweep never started a pack"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert [ln for ln in stderr.splitlines() if ln.strip()][-1].startswith(f"interrupted: the sweep in {d} stopped")
+    assert f"hydra.sweep.dir={d}" in stderr and "Traceback" not in stderr
+    status = _symrun(tmp_path, "status", str(d)).stdout
+    assert "0 running" in status and "interrupted" in status.split("runs:")[1].split(",")[2]
+    _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={d}")
+    assert set(_statuses(d).values()) == {"finished"}
+
+
 def test_a_pack_is_written_with_two_syncs_and_every_status_after_every_file(tmp_path, monkeypatch):
     """write_runs: no fsync per file; one syncfs after every run's metrics and parameters, one
     after the statuses, so no completion marker can reach the disk before its run's files."""
     events = []
-    monkeypatch.setattr(results.os, "fsync", lambda fd: events.append("fsync"))
-    real_sync = results.sync_filesystem
-    monkeypatch.setattr(results, "sync_filesystem", lambda folder: (events.append("sync"), real_sync(folder)))
+    monkeypatch.setattr(folder.os, "fsync", lambda fd: events.append("fsync"))
+    real_sync = folder.sync_filesystem
+    monkeypatch.setattr(folder, "sync_filesystem", lambda where: (events.append("sync"), real_sync(where)))
     real_write = results.write_atomic
-    monkeypatch.setattr(results, "write_atomic", lambda path, content: (events.append(Path(path).name), real_write(path, content)))
+    monkeypatch.setattr(results, "write_atomic",
+                        lambda path, content, root=None: (events.append(Path(path).name), real_write(path, content, root)))
     rows = [{"step": 0, "train_loss": 1.0}, {"step": 5, "train_loss": 0.5}]
     runs = [(f"r{i}", results.FINISHED, rows, {"w": torch.ones(2) * i}, None, {"wall_time_s": 1.0}) for i in range(3)]
     results.write_runs(tmp_path, runs)
@@ -207,7 +277,7 @@ def test_a_pack_is_written_with_two_syncs_and_every_status_after_every_file(tmp_
     assert events == files + ["sync"] + ["status.json"] * 3 + ["sync"]
     for i in range(3):
         assert results.status(tmp_path, f"r{i}") == {"run_id": f"r{i}", "status": "finished", "final": {"train_loss": 0.5},
-                                                     "wall_time_s": 1.0}
+                                                     "final_step": 5, "wall_time_s": 1.0}
         assert torch.equal(results.load_params(results.run_dir(tmp_path, f"r{i}") / "params.pt")["w"], torch.ones(2) * i)
     events.clear()
     results.write_json(tmp_path / "x.json", {})             # outside a batch: an fsync per file, as before

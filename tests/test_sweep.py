@@ -3,16 +3,16 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 
-from symrun import engine, results, sweep
+from symrun import engine, job, results, sweep, tables
 
 
 def _run_all(plan):
-    path = sweep.write_plan(plan)
-    for i in range(len(plan.packs)):
-        sweep.run_pack(path, i)
-    return results.write_tables(plan.sweep_dir)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
+    return tables.write_tables(plan.sweep_dir)
 
 
 def test_a_failing_pack_is_recorded_and_the_other_packs_finish(tmp_path, monkeypatch):
@@ -61,9 +61,33 @@ def test_a_diverged_run_is_recorded_and_its_pack_mates_finish(tmp_path):
 def test_tables_rebuild_from_run_folders_and_floats_round_trip(tmp_path):
     plan = sweep.plan(["optim.weight_decay=0.1,0.30000000000000004", "train.steps=2", "train.log_every=1"], tmp_path)
     runs, _ = _run_all(plan)
-    back = pd.read_csv(plan.sweep_dir / "runs.csv", float_precision="round_trip")
+    back = results.read_csv(plan.sweep_dir / "runs.csv")
     assert sorted(back["optim.weight_decay"]) == [0.1, 0.30000000000000004]
     finals = {r: json.loads((results.run_dir(plan.sweep_dir, r) / "status.json").read_text())["final"]["train_loss"]
               for r in back["run_id"]}
     assert all(back.set_index("run_id")["train_loss"][r] == v for r, v in finals.items())
     assert not list(plan.sweep_dir.rglob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_a_diverged_runs_row_and_parameters_describe_the_same_step(tmp_path):
+    # lr=2.5 diverges at step 8 (tests/test_engine.py: the step that produced a non-finite value);
+    # its rows are steps 0, 3, 6, and the parameters it saves are those of step 6, not 7
+    plan = sweep.plan(["optim.lr=0.1,2.5", "train.steps=20", "train.log_every=3"], tmp_path)
+    runs, _ = _run_all(plan)
+    bad = runs.set_index("optim.lr").loc[2.5]
+    assert bad["status"] == "diverged" and bad["diverged_at"] == 8
+    d = results.run_dir(plan.sweep_dir, bad["run_id"])
+    st = json.loads((d / "status.json").read_text())
+    rows = pd.read_csv(d / "metrics.csv")
+    assert st["final_step"] == rows["step"].iloc[-1] == 6 and bad["train_loss"] == rows["train_loss"].iloc[-1]
+    # params.pt holds the parameters of that row: their weight norm is the row's
+    params = results.load_params(d / "params.pt")
+    norm = torch.sqrt(sum((p.double() ** 2).sum() for p in params.values())).item()
+    assert norm == pytest.approx(bad["weight_norm"], rel=1e-6)
+    # a run with no finite row at all (it overflows at step 0): recorded, with no parameters
+    plan = sweep.plan(["model.init_scale=1,1e30", "train.steps=20", "train.log_every=10"], tmp_path / "e")
+    runs, _ = _run_all(plan)
+    bad = runs.set_index("model.init_scale").loc[1e30]
+    assert bad["status"] == "diverged" and bad["diverged_at"] == 0
+    assert not (results.run_dir(plan.sweep_dir, bad["run_id"]) / "params.pt").exists()
+    assert (results.run_dir(plan.sweep_dir, bad["run_id"]) / "metrics.csv").read_text() == "step\n"

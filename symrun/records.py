@@ -1,0 +1,248 @@
+"""A run folder read back and checked: what state a run is in, and whether its files can be trusted.
+
+A run's files are written atomically (symrun.folder), so a crash never leaves half of one; a
+file that still cannot be read back was damaged afterwards (a disk error, a hand edit, a copy cut
+short) or is a link in a folder received from elsewhere. Such a run is `damaged`, with one line
+that names the file and says what to do; nothing here repairs, replaces or retrains anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import yaml
+
+from symrun import folder, results
+from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, flatten
+from symrun.folder import OutputError, read_bytes
+from symrun.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES,
+                            checkpoint_path, checkpointed_packs, read_csv, read_json, remove_checkpoint, run_dir,
+                            run_ids, YAML_LOADER)
+
+
+@dataclass
+class RunRecord:
+    """A run folder as read back: its state, status.json, config and (when asked) metrics."""
+
+    run_id: str
+    status: str                              # STATES, PENDING, or DAMAGED
+    info: Optional[dict] = None              # status.json; None when missing or damaged
+    config: Optional[dict] = None            # config.yaml, flattened; None when missing or damaged
+    metrics: Optional[pd.DataFrame] = None   # metrics.csv (finished and diverged runs, when asked)
+    problem: Optional[str] = None            # DAMAGED: one line naming the file and what to do
+
+
+def _damaged(path: Path, what: str) -> str:
+    return (f"{path} is damaged ({what}): restore it from a copy, or delete the folder {path.parent} "
+            "to train that run again")
+
+
+def read_run(sweep_dir: Path, rid: str, metrics: bool = False, config: bool = True) -> RunRecord:
+    """Read runs/<rid>/ without following a link and check what it holds (config.yaml unless
+    `config` is false, metrics.csv when `metrics`). A file that cannot be read back (empty, not the
+    right kind of content, truncated, a link) makes the run DAMAGED with a one-line `problem`
+    (`info` is kept when status.json itself is sound); nothing is repaired."""
+    sweep_dir, d = Path(sweep_dir), run_dir(sweep_dir, rid)
+    try:
+        if folder.kind(d, sweep_dir) == "link":
+            return RunRecord(rid, DAMAGED, problem=str(folder.link_error(d)))
+    except OutputError as e:                   # runs/ itself is a link, or a file
+        return RunRecord(rid, DAMAGED, problem=str(e))
+    info, problem = _read_status(sweep_dir, d / "status.json", rid)
+    config, config_problem = _read_config(sweep_dir, d / "config.yaml") if config else (None, None)
+    if problem is not None:
+        return RunRecord(rid, DAMAGED, config=config, problem=problem)
+    if info is None:       # never started; a folder without config.yaml yet was cut short while planned
+        return RunRecord(rid, PENDING, config=config)
+    if config_problem is not None:
+        return RunRecord(rid, DAMAGED, info, problem=config_problem)
+    record = RunRecord(rid, info["status"], info, config)
+    if metrics and record.status in (FINISHED, DIVERGED):
+        record.metrics, problem = _read_metrics(sweep_dir, d / "metrics.csv", info)
+        if problem is not None:
+            return RunRecord(rid, DAMAGED, info, config, problem=problem)
+    return record
+
+
+def read_sweep(sweep_dir: Path) -> tuple[dict, Optional[str]]:
+    """sweep.json as a dict ({} when missing) and, when it cannot be read back, the problem."""
+    path = Path(sweep_dir) / "sweep.json"
+    if folder.kind(path, sweep_dir) is None:
+        return {}, None
+    info = read_json(path, sweep_dir)
+    if not isinstance(info, dict) or not isinstance(info.get("swept", []), list):
+        return {}, (f"{path} is damaged: restore it, or delete it to start the folder's history afresh "
+                    "(its runs are kept; until then the tables do not know which keys were swept)")
+    return info, None
+
+
+def folder_problems(sweep_dir: Path) -> list[str]:
+    """One line for each part of the folder itself that cannot be read back: a damaged sweep.json,
+    a runs/ that is a link (its runs are not read) or not a folder."""
+    found = [read_sweep(sweep_dir)[1]]
+    what = folder.kind(Path(sweep_dir) / "runs", sweep_dir)
+    if what == "link":
+        found.append(str(folder.link_error(Path(sweep_dir) / "runs")))
+    elif what not in (None, "dir"):
+        found.append(f"{Path(sweep_dir) / 'runs'} is not a folder: its runs cannot be read")
+    return [line for line in found if line]
+
+
+def _read_status(sweep_dir: Path, path: Path, rid: str) -> tuple[Optional[dict], Optional[str]]:
+    try:
+        raw = read_bytes(path, sweep_dir)
+    except FileNotFoundError:
+        return None, None
+    except OutputError as e:
+        return None, str(e)
+    try:
+        st = json.loads(raw)
+    except ValueError:
+        return None, _damaged(path, "empty" if not raw.strip() else "not valid JSON")
+    if not isinstance(st, dict):
+        kind = {type(None): "null", list: "a list", str: "a string", bool: "a boolean"}.get(type(st), "a number")
+        return None, _damaged(path, f"it holds {kind}, not a run's status")
+    if st.get("run_id") != rid:
+        return None, _damaged(path, "no run_id" if "run_id" not in st else f"its run_id is {st['run_id']!r}")
+    if st.get("status") not in STATES or not isinstance(st.get("final", {}), dict):
+        return None, _damaged(path, f"unknown status {st.get('status')!r}" if st.get("status") not in STATES
+                              else "its final metrics are not a mapping")
+    return st, None
+
+
+def _read_config(sweep_dir: Path, path: Path) -> tuple[Optional[dict], Optional[str]]:
+    try:
+        cfg = yaml.load(read_bytes(path, sweep_dir), Loader=YAML_LOADER)
+    except FileNotFoundError:
+        return None, _damaged(path, "missing")
+    except OutputError as e:
+        return None, str(e)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None, _damaged(path, "not valid YAML")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("data"), dict):
+        return None, _damaged(path, "not a run's config: no model and data sections")
+    model, data = cfg["model"].get("name"), cfg["data"].get("name")
+    if model not in MODEL_OPTIONS or data not in DATA_OPTIONS:
+        return None, _damaged(path, f"unknown model {model!r} or data {data!r}")
+    flat, defaults = flatten(cfg), default_values(MODEL_OPTIONS[model], DATA_OPTIONS[data])
+    wrong = [k for k, v in flat.items() if k in defaults and not _same_kind(v, defaults[k])]
+    if wrong:
+        return None, _damaged(path, f"{wrong[0]}: {flat[wrong[0]]!r} is not a value of its type")
+    return flat, None
+
+
+def _same_kind(value, default) -> bool:
+    """Whether a saved setting has its default's type (the tables compare and sort them); a
+    setting whose default is null may hold any value."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    return isinstance(value, type(default))
+
+
+def _read_metrics(sweep_dir: Path, path: Path, info: dict) -> tuple[Optional[pd.DataFrame], Optional[str]]:
+    """metrics.csv, checked against status.json: it must end with a whole line, have a step
+    column, and end with the row status.json names as final (a file cut at a line break too)."""
+    try:
+        raw = read_bytes(path, sweep_dir).decode("utf-8")
+    except FileNotFoundError:
+        return None, _damaged(path, "missing")
+    except OutputError as e:
+        return None, str(e)
+    except UnicodeDecodeError:
+        return None, _damaged(path, "not text")
+    if not raw.endswith("\n"):
+        return None, _damaged(path, "empty" if not raw else "its last line is cut short")
+    try:
+        frame = read_csv(io.StringIO(raw))
+    except (ValueError, pd.errors.ParserError):
+        return None, _damaged(path, "not a table")
+    last = frame.iloc[-1].to_dict() if len(frame) else {"step": None}     # no row: not finite at step 0
+    step_ok = "final_step" not in info or last.get("step") == info["final_step"]   # older status.json: unchecked
+    values_ok = all(_same(last.get(k), v) for k, v in info.get("final", {}).items())
+    if "step" not in frame.columns or not step_ok or not values_ok:
+        return None, _damaged(path, "its rows do not end with the final row status.json records")
+    return frame, None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def is_finished(sweep_dir: Path, rid: str) -> bool:
+    """Whether the run's status.json says finished (whatever the state of its other files)."""
+    info = read_run(sweep_dir, rid, config=False).info
+    return info is not None and info["status"] == FINISHED
+
+
+def needs_training(sweep_dir: Path, rid: str) -> bool:
+    """Whether a sweep trains this run: its status.json is missing or says it did not finish.
+    A finished run, or one whose status.json cannot be read (it may be a finished one), is never
+    trained again: its files are replaced only when the user deletes its folder."""
+    record = read_run(sweep_dir, rid, config=False)
+    return record.status == PENDING or (record.info is not None and record.info["status"] != FINISHED)
+
+
+def check_folder(sweep_dir: Path, planned, suite: Optional[Path] = None) -> None:
+    """Before a sweep writes into `sweep_dir` (a member of the `suite` folder, if given): refuse,
+    with one line, a folder whose files would lead a write elsewhere or replace what cannot be
+    read back — a link at any name symrun writes (sweep.lock, runs/, runs/<id>/ of a planned run,
+    checkpoints/, launches/, a suite's member folder), a damaged sweep.json, or a planned run whose
+    status.json is damaged (it may be a finished run: retraining would replace its files). Reads
+    only."""
+    sweep_dir = Path(sweep_dir)
+    if suite is not None and folder.kind(sweep_dir, suite) == "link":
+        raise folder.link_error(sweep_dir)
+    if not sweep_dir.exists():
+        return
+    for name in (LOCK_NAME, *FOLDERS, *(f"runs/{rid}" for rid in planned)):
+        what = folder.kind(sweep_dir / name, sweep_dir)
+        if what == "link":
+            raise folder.link_error(sweep_dir / name)
+        if what is not None and what != ("file" if name == LOCK_NAME else "dir"):
+            raise OutputError(f"{sweep_dir / name} is not a {'file' if name == LOCK_NAME else 'folder'}: "
+                              "remove it, or use another folder")
+    problem = read_sweep(sweep_dir)[1]
+    if problem is not None:
+        raise OutputError(problem)
+    for rid in planned:
+        record = read_run(sweep_dir, rid, config=False)
+        if record.status == DAMAGED and record.info is None:     # finished or not, nobody can tell
+            raise OutputError(record.problem)
+
+
+def remove_stale_temps(sweep_dir: Path) -> list[Path]:
+    """Delete what a killed sweep left behind: write_atomic's temporary files in the sweep folder,
+    its run folders and checkpoints/, and checkpoints of packs whose runs all finished since.
+    Links are never entered. Call it holding the sweep's lock."""
+    sweep_dir = Path(sweep_dir)
+    runs = [sweep_dir / "runs" / rid for rid in run_ids(sweep_dir)]
+    stale = folder.remove_temps(sweep_dir, [sweep_dir, sweep_dir / "checkpoints", *runs])
+    for ids in checkpointed_packs(sweep_dir):
+        if all(is_finished(sweep_dir, rid) for rid in ids):
+            remove_checkpoint(sweep_dir, ids)
+            stale.append(checkpoint_path(sweep_dir, ids))
+    return stale
+
+
+def unfinished_packs(sweep_dir: Path) -> list[list[str]]:
+    """Packs to train again as they were, not regrouped: those with a checkpoint, and those of the
+    folder's last launch that ended part-way (some runs written, then a kill). Trained whole again
+    (sweep.run_pack writes only the runs not finished), they give the numbers an uninterrupted
+    pack gives, bit for bit: a run's float rounding depends on the size of its pack."""
+    last = next(iter(results.launch_plans(sweep_dir)), {})
+    packs = [ids for ids in last.get("packs", []) if isinstance(ids, list) and all(isinstance(r, str) for r in ids)]
+    done = {rid for ids in packs for rid in ids if is_finished(sweep_dir, rid)}
+    partial = [ids for ids in packs if done & set(ids) and not set(ids) <= done]
+    return checkpointed_packs(sweep_dir) + partial

@@ -1,0 +1,52 @@
+"""How much a run's numbers depend on the size of its pack: only through float rounding, within
+the tolerance README's "Pack size" states.
+
+Each run draws from its own streams, so the same run takes the same steps in any pack; but BLAS
+picks its blocking, and so its summation order, by a matrix product's shape, and a pack of R runs
+multiplies (R, …) stacks. Bit-for-bit equality would need one product per run (the packed
+engine's speed-up gone), so it is not promised; this tolerance is, for packs of 1, 2 and 3 runs
+against the same runs in a pack of 4, in float32 and float64. (A resumed or requeued pack is
+trained again as it was, so those are bit for bit: tests/test_resume.py.)"""
+
+import numpy as np
+import pytest
+
+from symrun import engine, sweep
+
+# |a − b| ≤ RTOL·|b| + ATOL, for every logged metric and every final parameter (README "Pack size")
+TOLERANCE = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}
+
+WORKLOADS = {   # the critical weight decay (the costly Hessian at a run's end) is measured on hadamard
+    "hadamard-full-batch": ["model=hadamard", "optim.weight_decay=0.01,0.03,0.1,0.3"],
+    "mlp-digits-minibatch-label-flips": ["model=mlp", "data=digits", "model.width=16", "data.batch_size=64",
+                                         "optim.weight_decay=0,1e-4,1e-3,1e-2", "noise.label_flip=0.1",
+                                         "metrics.critical_mirrors=0"],
+    "factorization-label-noise": ["model=factorization", "data.teacher=low_rank", "data.out_dim=8", "data.batch_size=50",
+                                  "optim.weight_decay=0,0.05,0.1,0.2", "noise.label_std=0.1", "metrics.critical_mirrors=0"],
+}
+
+
+def _configs(args):
+    with sweep._hydra_context():
+        return sweep.compose_all(sweep.expand(args)[0])
+
+
+@pytest.mark.parametrize("dtype", sorted(TOLERANCE))
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_packs_of_other_sizes_agree_within_the_stated_tolerance(workload, dtype):
+    cfgs = _configs([*WORKLOADS[workload], "train.steps=150", "train.log_every=50", f"train.dtype={dtype}",
+                     "device=cpu"])
+    whole = engine.train_pack(cfgs)
+    rtol, atol = TOLERANCE[dtype]
+    for size in (1, 2, 3):
+        parts = [o for i in range(0, len(cfgs), size) for o in engine.train_pack(cfgs[i:i + size])]
+        for got, want in zip(parts, whole):
+            assert got.status == want.status == "finished"
+            assert [r["step"] for r in got.rows] == [r["step"] for r in want.rows]
+            for a, b in zip(got.rows, want.rows):
+                assert a.keys() == b.keys()
+                for k in a:
+                    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=f"{k}, pack of {size}")
+            for k in want.state:
+                np.testing.assert_allclose(got.state[k].double().numpy(), want.state[k].double().numpy(), rtol=rtol,
+                                           atol=atol, err_msg=f"parameter {k}, pack of {size}")
