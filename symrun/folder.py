@@ -58,7 +58,7 @@ def _error(e: OSError, path: Path, verb: str) -> OutputError:
 def names(path: Path, root: Path) -> tuple[str, ...]:
     """The names leading from `root` to `path`, read lexically (no link is resolved)."""
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-    parts = () if rel == "." else Path(rel).parts
+    parts = () if rel == "." else tuple(rel.split(os.sep))
     if parts[:1] == ("..",):
         raise OutputError(f"{path} is not inside {root}")
     return parts
@@ -106,26 +106,59 @@ def write_atomic(path: Path, content: str | bytes, root: Optional[Path] = None) 
     leaves the old file, if any, untouched."""
     path = Path(path)
     *folders, name = names(path, path.parent if root is None else root)
-    data = content.encode() if isinstance(content, str) else content
     try:
         with _opened(path.parent if root is None else Path(root), tuple(folders), create=True) as fd:
-            tmp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-            out = os.open(tmp, _NEW, 0o666, dir_fd=fd)
-            try:
-                with os.fdopen(out, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    if not _deferred:
-                        os.fsync(f.fileno())
-                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=fd)
-                raise
+            _write_at(fd, name, content, path)
     except OutputError:
         raise
     except OSError as e:
         raise _error(e, path, "write") from None
+
+
+def _write_at(fd: int, name: str, content: str | bytes, path: Path) -> None:
+    """write_atomic's temporary file and rename, in the open folder `fd` (`path`: for errors)."""
+    data = content.encode() if isinstance(content, str) else content
+    tmp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        out = os.open(tmp, _NEW, 0o666, dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+                f.flush()
+                if not _deferred:
+                    os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+    except OSError as e:
+        raise _error(e, path, "write") from None
+
+
+class Opened:
+    """A folder inside a sweep folder, opened once as write_atomic opens it (each folder on the
+    way with O_NOFOLLOW), for several files: a run's files cost one walk from the root, not one
+    each (a 4,608-run sweep writes ~23,000 files)."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def write_atomic(self, name: str, content: str | bytes) -> None:
+        _write_at(self.fd, name, content, self.path / name)
+
+
+@contextlib.contextmanager
+def opened(path: Path, root: Path) -> Iterator[Opened]:
+    """The folder `path` inside `root`, made as needed, for write_atomic by name."""
+    with contextlib.ExitStack() as stack:
+        try:
+            fd = stack.enter_context(_opened(Path(root), names(path, root), create=True))
+        except OutputError:
+            raise
+        except OSError as e:
+            raise _error(e, Path(path), "write") from None
+        yield Opened(fd, Path(path))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 `task` is the task function every launcher runs — in this process (Hydra's basic launcher), a
 joblib worker or a SLURM node. A pack job's config (its `.hydra/config.yaml`) is the shape its
 runs share plus `pack`: the pack's number, the suite member it belongs to, and under `pack.runs`
-one list per per-run setting that varies, one value per run (symrun.sweep.job_overrides). Its
+one string per per-run setting that varies, its comma-separated values, one per run
+(symrun.sweep.job_overrides). Its
 runs' configs are rebuilt from it as the planner built them — set on copies, not recomposed, not
 read back from the run folders. A job without `pack` is one run: `symrun run` (its folder is
 hydra.run.dir) or a job of another sweeper (`hydra/sweeper=basic`: its job folder).
@@ -66,8 +67,16 @@ def _columns(tree: dict, prefix: str = "") -> dict[str, list]:
         if isinstance(v, dict):
             out.update(_columns(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[f"{prefix}{k}"] = values_of(v)
     return out
+
+
+def values_of(text: Any) -> list:
+    """The values of one per-run setting in a pack job's config: `'0,1'` → [0, 1], `'0.1,nan'`
+    → [0.1, nan] (floats as repr, exact). A list (a job config written by hand) is taken as is."""
+    if isinstance(text, list):
+        return text
+    return [int(v) if v.lstrip("-").isdigit() else float(v) for v in str(text).split(",")]
 
 
 @contextlib.contextmanager
@@ -97,7 +106,7 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
     for rid in ids:          # the planner wrote each run's config.yaml: a run it did not plan is a bug
         if folder.kind(results.run_dir(sweep_dir, rid) / "config.yaml", sweep_dir) != "file":
             raise RuntimeError(f"pack {index} holds run {rid}, which was not planned in {sweep_dir}")
-    todo = [rid for rid in ids if records.needs_training(sweep_dir, rid)]
+    todo = records.needing_training(sweep_dir, ids)
     if not todo:
         return {"pack": index, "runs": 0}
     info = {"pack": index, "pack_runs": len(ids), "started_at": results.now(),

@@ -239,9 +239,7 @@ def _polling(count: Callable[[], int], advance: Callable[[int], None]) -> Iterat
 
 def runs_done(p: Plan, since: str) -> int:
     """How many of the plan's runs have ended since `since` (results.now()) — progress from afar."""
-    from symrun import results
-
-    from symrun import records
+    from symrun import records, results
 
     ended = 0
     for rid in (r for pack in p.packs for r in pack):

@@ -270,7 +270,8 @@ def schedule(p: Plan) -> Plan:
     while it wrote its runs, is kept as it was (records.unfinished_packs), so it resumes from its
     checkpoint and ends bit for bit as it would have. Cheap; call it again once the sweep's lock
     is held, so runs another sweep finished in between are not trained twice."""
-    finished = [rid for rid in p.configs if not records.needs_training(p.sweep_dir, rid)]
+    waiting = set(records.needing_training(p.sweep_dir, p.configs))
+    finished = [rid for rid in p.configs if rid not in waiting]
     done = set(finished)
     group = lambda rid: p.groups.get(rid) or engine.pack_key(p.configs[rid])  # noqa: E731
     packs: list[list[str]] = []
@@ -324,14 +325,16 @@ def job_overrides(p: Plan, index: int, folder: Path, launch: int, member: Option
     per-run settings that vary within the pack; its folder, `folder`/launches/<launch>/packs/<job
     number> (`folder` as the sweep resolved it: a job's own `name` or clock may differ); and
     `+pack.*`: its number, the suite member it belongs to, and `+pack.runs.<key>=[…]`, one value
-    per run for each per-run setting that varies (symrun.job.pack_configs reads them)."""
+    per run for each per-run setting that varies, as one string (`'0.1,0.2'`; symrun.job.pack_configs
+    reads them). One string, not a list: Hydra's override parser takes time quadratic in a list's
+    length (4 s for a pack of 4,608 runs), and linear in a string's."""
     runs = [p.configs[rid] for rid in p.packs[index]]
     varying = [k for k in PER_RUN_KEYS if len({_get(c, k) for c in runs}) > 1]
     out = [s.text for s in p.settings[p.packs[index][0]] if s.key not in varying]
     out += [f"hydra.sweep.dir={hydra_quoted(literal(os.path.abspath(folder)))}",
             f"hydra.sweep.subdir={results.job_subdir(launch)}", f"+pack.index={index}"]
     out += [f"+pack.member={member}"] if member is not None else []
-    out += [f"+pack.runs.{k}=[{','.join(_literal(_get(c, k)) for c in runs)}]" for k in varying]
+    out += [f"+pack.runs.{k}='{','.join(_literal(_get(c, k)) for c in runs)}'" for k in varying]
     return out
 
 
@@ -342,5 +345,5 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def _literal(value: Any) -> str:
-    """A per-run value as Hydra's override grammar reads it back (floats as repr: exact)."""
+    """A per-run value as symrun.job.values_of reads it back (floats as repr: exact)."""
     return repr(float(value)) if isinstance(value, float) else str(int(value))

@@ -49,8 +49,8 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     swept = records.read_sweep(sweep_dir)[0].get("swept", [])
     run_rows, result_frames = [], []
     held = results.lock_held(sweep_dir)
-    for rid in _ordered(sweep_dir):
-        record = records.read_run(sweep_dir, rid, metrics=True)
+    for record in records.read_runs(sweep_dir, _ordered(sweep_dir)):
+        rid = record.run_id
         if record.status == PENDING:
             continue
         if record.status == RUNNING and not held:
@@ -123,8 +123,8 @@ def sweep_status(sweep_dir: Path) -> SweepStatus:
     counts = {s: 0 for s in (FINISHED, RUNNING, INTERRUPTED, FAILED, DIVERGED, PENDING, DAMAGED)}
     reasons: dict[str, list[str]] = {}
     held = results.lock_held(sweep_dir)
-    for rid in results.run_ids(sweep_dir):
-        record = records.read_run(sweep_dir, rid, metrics=True)
+    for record in records.read_runs(sweep_dir, results.run_ids(sweep_dir)):
+        rid = record.run_id
         state = INTERRUPTED if record.status == RUNNING and not held else record.status
         counts[state] += 1
         if state == FAILED:

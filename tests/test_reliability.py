@@ -267,9 +267,9 @@ def test_a_pack_is_written_with_two_syncs_and_every_status_after_every_file(tmp_
     monkeypatch.setattr(folder.os, "fsync", lambda fd: events.append("fsync"))
     real_sync = folder.sync_filesystem
     monkeypatch.setattr(folder, "sync_filesystem", lambda where: (events.append("sync"), real_sync(where)))
-    real_write = results.write_atomic
-    monkeypatch.setattr(results, "write_atomic",
-                        lambda path, content, root=None: (events.append(Path(path).name), real_write(path, content, root)))
+    real_write = folder._write_at           # every atomic write, a run folder's opened once included
+    monkeypatch.setattr(folder, "_write_at",
+                        lambda fd, name, content, path: (events.append(name), real_write(fd, name, content, path)))
     rows = [{"step": 0, "train_loss": 1.0}, {"step": 5, "train_loss": 0.5}]
     runs = [(f"r{i}", results.FINISHED, rows, {"w": torch.ones(2) * i}, None, {"wall_time_s": 1.0}) for i in range(3)]
     results.write_runs(tmp_path, runs)

@@ -48,16 +48,18 @@ def test_extending_a_sweep_gives_the_tables_and_figures_of_the_whole_grid_swept_
 
 
 def _interrupt_after_first_write(monkeypatch):
-    """A kill while a pack writes its runs: the first run is written, then the process dies."""
-    real, calls = results.write_run, []
+    """A kill while a pack writes its runs: the first run is recorded (its status.json, the
+    completion marker, written last), then the process dies."""
+    real, calls = results.write_status, []
 
-    def write_run(*args, **kw):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(args[1])
-        return real(*args, **kw)
+    def write_status(sweep_dir, rid, state, **info):
+        if state != results.RUNNING:
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(rid)
+        return real(sweep_dir, rid, state, **info)
 
-    monkeypatch.setattr(results, "write_run", write_run)
+    monkeypatch.setattr(results, "write_status", write_status)
     return calls
 
 
