@@ -147,13 +147,22 @@ class Opened:
     def write_atomic(self, name: str, content: str | bytes) -> None:
         _write_at(self.fd, name, content, self.path / name)
 
+    def read_bytes(self, name: str) -> bytes:
+        return _read_at(self.fd, name, self.path / name)
+
 
 @contextlib.contextmanager
-def opened(path: Path, root: Path) -> Iterator[Opened]:
-    """The folder `path` inside `root`, made as needed, for write_atomic by name."""
+def opened(path: Path, root: Path, create: bool = True) -> Iterator[Opened]:
+    """The folder `path` inside `root`, made as needed when `create`, for write_atomic and
+    read_bytes by name. Not `create`: FileNotFoundError when it is missing; OutputError when it,
+    or a folder on its way, is a link."""
     with contextlib.ExitStack() as stack:
         try:
-            fd = stack.enter_context(_opened(Path(root), names(path, root), create=True))
+            fd = stack.enter_context(_opened(Path(root), names(path, root), create=create))
+        except FileNotFoundError:
+            if create:
+                raise _error(OSError(errno.ENOENT, "no such folder"), Path(path), "write") from None
+            raise
         except OutputError:
             raise
         except OSError as e:
@@ -197,16 +206,20 @@ def read_bytes(path: Path, root: Optional[Path] = None) -> bytes:
     path = Path(path)
     *folders, name = names(path, path.parent if root is None else root)
     with _opened(path.parent if root is None else Path(root), tuple(folders), create=False) as fd:
-        try:
-            handle = os.open(name, _READ, dir_fd=fd)
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise _error(e, path, "read") from None
-        with os.fdopen(handle, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise OutputError(f"{path} is not a regular file")
-            return f.read()
+        return _read_at(fd, name, path)
+
+
+def _read_at(fd: int, name: str, path: Path) -> bytes:
+    try:
+        handle = os.open(name, _READ, dir_fd=fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _error(e, path, "read") from None
+    with os.fdopen(handle, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OutputError(f"{path} is not a regular file")
+        return f.read()
 
 
 def read_text(path: Path, root: Optional[Path] = None) -> str:

@@ -8,6 +8,7 @@ that names the file and says what to do; nothing here repairs, replaces or retra
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -21,7 +22,7 @@ import yaml
 
 from symrun import folder, results
 from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, flatten
-from symrun.folder import OutputError, read_bytes
+from symrun.folder import OutputError
 from symrun.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES,
                             checkpoint_path, checkpointed_packs, read_csv, read_json, remove_checkpoint, run_dir,
                             run_ids)
@@ -49,26 +50,40 @@ def read_run(sweep_dir: Path, rid: str, metrics: bool = False, config: bool = Tr
     `config` is false, metrics.csv when `metrics`). A file that cannot be read back (empty, not the
     right kind of content, truncated, a link) makes the run DAMAGED with a one-line `problem`
     (`info` is kept when status.json itself is sound); nothing is repaired."""
+    return _read_run(sweep_dir, rid, "parsed" if metrics else None, config)[0]
+
+
+def _read_run(sweep_dir: Path, rid: str, metrics: Optional[str], config: bool) -> tuple[RunRecord, Optional[str]]:
+    """read_run, through one opening of the run's folder; `metrics` "raw": (the record, the text
+    of its metrics.csv, unchecked, when its status says there is one)."""
     sweep_dir, d = Path(sweep_dir), run_dir(sweep_dir, rid)
-    try:
-        if folder.kind(d, sweep_dir) == "link":
-            return RunRecord(rid, DAMAGED, problem=str(folder.link_error(d)))
-    except OutputError as e:                   # runs/ itself is a link, or a file
-        return RunRecord(rid, DAMAGED, problem=str(e))
-    info, problem = _read_status(sweep_dir, d / "status.json", rid)
-    config, config_problem = _read_config(sweep_dir, d / "config.yaml") if config else (None, None)
-    if problem is not None:
-        return RunRecord(rid, DAMAGED, config=config, problem=problem)
-    if info is None:       # never started; a folder without config.yaml yet was cut short while planned
-        return RunRecord(rid, PENDING, config=config)
-    if config_problem is not None:
-        return RunRecord(rid, DAMAGED, info, problem=config_problem)
-    record = RunRecord(rid, info["status"], info, config)
-    if metrics and record.status in (FINISHED, DIVERGED):
-        record.metrics, problem = _read_metrics(sweep_dir, d / "metrics.csv", info)
+    with contextlib.ExitStack() as stack:
+        try:
+            run = stack.enter_context(folder.opened(d, sweep_dir, create=False))
+        except FileNotFoundError:
+            return RunRecord(rid, PENDING), None
+        except OutputError as e:                   # the run's folder, or runs/, is a link or a file
+            return RunRecord(rid, DAMAGED, problem=str(e)), None
+        info, problem = _read_status(run, rid)
+        cfg, config_problem = _read_config(run) if config else (None, None)
         if problem is not None:
-            return RunRecord(rid, DAMAGED, info, config, problem=problem)
-    return record
+            return RunRecord(rid, DAMAGED, config=cfg, problem=problem), None
+        if info is None:       # never started; a folder without config.yaml yet was cut short while planned
+            return RunRecord(rid, PENDING, config=cfg), None
+        if config_problem is not None:
+            return RunRecord(rid, DAMAGED, info, problem=config_problem), None
+        record = RunRecord(rid, info["status"], info, cfg)
+        if metrics is None or record.status not in (FINISHED, DIVERGED):
+            return record, None
+        if metrics == "raw":
+            try:
+                return record, run.read_bytes("metrics.csv").decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                return record, None                       # read_run names the problem
+        record.metrics, problem = _read_metrics(run, info)
+        if problem is not None:
+            return RunRecord(rid, DAMAGED, info, cfg, problem=problem), None
+        return record, None
 
 
 def read_sweep(sweep_dir: Path) -> tuple[dict, Optional[str]]:
@@ -95,9 +110,10 @@ def folder_problems(sweep_dir: Path) -> list[str]:
     return [line for line in found if line]
 
 
-def _read_status(sweep_dir: Path, path: Path, rid: str) -> tuple[Optional[dict], Optional[str]]:
+def _read_status(run: folder.Opened, rid: str) -> tuple[Optional[dict], Optional[str]]:
+    path = run.path / "status.json"
     try:
-        raw = read_bytes(path, sweep_dir)
+        raw = run.read_bytes(path.name)
     except FileNotFoundError:
         return None, None
     except OutputError as e:
@@ -117,9 +133,10 @@ def _read_status(sweep_dir: Path, path: Path, rid: str) -> tuple[Optional[dict],
     return st, None
 
 
-def _read_config(sweep_dir: Path, path: Path) -> tuple[Optional[dict], Optional[str]]:
+def _read_config(run: folder.Opened) -> tuple[Optional[dict], Optional[str]]:
+    path = run.path / "config.yaml"
     try:
-        cfg = results.parse_config(path, read_bytes(path, sweep_dir))
+        cfg = results.parse_config(path, run.read_bytes(path.name))
     except FileNotFoundError:
         return None, _damaged(path, "missing")
     except OutputError as e:
@@ -150,11 +167,12 @@ def _same_kind(value, default) -> bool:
     return isinstance(value, type(default))
 
 
-def _read_metrics(sweep_dir: Path, path: Path, info: dict) -> tuple[Optional[pd.DataFrame], Optional[str]]:
+def _read_metrics(run: folder.Opened, info: dict) -> tuple[Optional[pd.DataFrame], Optional[str]]:
     """metrics.csv, checked against status.json: it must end with a whole line, have a step
     column, and end with the row status.json names as final (a file cut at a line break too)."""
+    path = run.path / "metrics.csv"
     try:
-        raw = read_bytes(path, sweep_dir).decode("utf-8")
+        raw = run.read_bytes(path.name).decode("utf-8")
     except FileNotFoundError:
         return None, _damaged(path, "missing")
     except OutputError as e:
@@ -187,16 +205,13 @@ def read_runs(sweep_dir: Path, rids: list[str]) -> list[RunRecord]:
     line instead of one each (~0.5 ms a run of parser start-up). A group that does not parse
     whole, and a file with a quote in it, go one file at a time, through read_run's checks."""
     sweep_dir = Path(sweep_dir)
-    records = [read_run(sweep_dir, rid) for rid in rids]
+    read = [_read_run(sweep_dir, rid, "raw", True) for rid in rids]
+    records = [record for record, _ in read]
     groups: dict[str, list[tuple[int, str]]] = {}
-    for i, record in enumerate(records):
+    for i, (record, raw) in enumerate(read):
         if record.status not in (FINISHED, DIVERGED):
             continue
-        path = run_dir(sweep_dir, record.run_id) / "metrics.csv"
-        try:
-            raw = read_bytes(path, sweep_dir).decode("utf-8")
-        except (OSError, OutputError, UnicodeDecodeError):
-            raw = ""                               # read_run below names the problem
+        raw = raw or ""                            # unreadable: read_run below names the problem
         header, _, body = raw.partition("\n")
         if body and raw.endswith("\n") and '"' not in raw and "\n\n" not in raw and "__run" not in header:
             groups.setdefault(header, []).append((i, body))
