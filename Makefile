@@ -25,7 +25,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## bench: packed vs one-model-per-run training, same workloads, same process → BENCHMARKS.md
+## bench: symrun sweep vs a plain loop and torch.func (whole processes), then the engine alone → BENCHMARKS.md
 bench: install
 	$(BIN)/python -m symrun.bench --profile --write BENCHMARKS.md
 

@@ -1,23 +1,28 @@
-"""`make bench` / `symrun bench`: the packed engine against the naive way, in one process.
+"""`make bench` / `symrun bench`: symrun against the ways a PyTorch user trains the same grid.
 
-The naive way is how a Hydra multirun job trains each run: a plain `nn.Module`,
-`torch.optim.SGD(weight_decay=...)` and a standard loop over a shuffling `DataLoader` (epochs,
-last partial batch dropped — the same sampling the packed engine uses). A second naive variant
-("lean") draws each minibatch with one index tensor instead of a DataLoader: the strictest
-baseline for the same arithmetic. Each run of a grid costs the naive way the same (same model,
-data and steps), so the naive cost per run is measured on `--naive-runs` runs and the grid's
-naive time is that times the grid's size; the packed engine trains the whole grid. The packed
-time includes the engine's metric evaluation at the first and last step, which the naive loops
-do not do, so the ratio is conservative.
+The headline (symrun.wholebench) times the user's command as a whole process — `symrun sweep`
+with its start-up, planning, training, default metrics (λ_c included), tables and figures —
+against, each as its own process with the same Python, a lean loop per run and PyTorch's
+torch.func ensembling recipe (symrun.baselines), on W1 at 256 runs and on a Hadamard grid of
+4,352 runs, with a cProfile of the sweep's process by phase.
 
-Reported per workload: runs per second, the speed-up (packed / naive runs per second), achieved
-matmul GFLOP/s (forward and backward matmuls of the model, the same count for both ways), that as
-a fraction of this machine's fp32 matmul peak measured in the same run, and peak memory. The
-results go to the terminal and, with `--write`, into BENCHMARKS.md between markers for the device
-(`<!-- bench:cpu -->`), leaving the rest of the file — the analysis, other devices' numbers — as
-it is.
+Below it, the engine alone, in this process: the naive way is how a Hydra multirun job trains
+each run: a plain `nn.Module`, `torch.optim.SGD(weight_decay=...)` and a standard loop over a
+shuffling `DataLoader` (epochs, last partial batch dropped — the same sampling the packed engine
+uses). A second naive variant ("lean") draws each minibatch with one index tensor instead of a
+DataLoader. Each run of a grid costs the naive way the same (same model, data and steps), so the
+naive cost per run is measured on `--naive-runs` runs and the grid's naive time is that times the
+grid's size; the packed engine trains the whole grid, including its metric evaluation at the
+first and last step, which the naive loops do not do.
 
-    python -m symrun.bench [--device cpu|cuda] [--steps 1000] [--repeat 3] [--quick] [--write] [--profile]
+Reported per engine workload: runs per second, the speed-up (packed / naive runs per second),
+achieved matmul GFLOP/s (forward and backward matmuls of the model, the same count for both
+ways), that as a fraction of this machine's fp32 matmul peak measured in the same run, and peak
+memory. The results go to the terminal and, with `--write`, into BENCHMARKS.md between markers for
+the device (`<!-- bench:cpu -->`), leaving the rest of the file — the analysis, other devices'
+numbers — as it is.
+
+    python -m symrun.bench [--device cpu|cuda] [--steps N] [--repeat 3] [--quick] [--write] [--profile] [--engine-only]
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from symrun import data as data_mod
-from symrun import engine
+from symrun import engine, wholebench
 from symrun.config import (Config, DigitsDataConfig, FactorizationConfig, HadamardConfig, MLPConfig,
                            TeacherDataConfig, validate)
 
@@ -259,12 +264,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def run(device: torch.device, steps: int, quick: bool, naive_runs: int, profile: bool, repeat: int = 1) -> str:
-    """Every measurement; returns the markdown section (also printed as it goes)."""
+def run(device: torch.device, steps: Optional[int], quick: bool, naive_runs: int, profile: bool, repeat: int = 1,
+        whole: bool = True) -> str:
+    """Every measurement; returns the markdown section (also printed as it goes). `steps`: of
+    every workload (None: the whole-process grids' own, 1000 and 500, and 1000 for the engine's)."""
     from rich.console import Console
 
     console = Console()
     say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+    head = []
+    if whole:
+        head = ["### The user's command, as a whole process", "", wholebench.run(str(device), quick, steps, repeat, say),
+                "", "### The engine alone, in one process", ""]
+    steps = steps or 1000
     peak = matmul_peak(device)
     say(f"[bold]{machine(device)}[/bold]; fp32 matmul peak {peak:.0f} GFLOP/s")
     header = ["workload", "runs", "naive runs/s", "naive (lean) runs/s", "packed runs/s", "speed-up",
@@ -295,7 +307,8 @@ def run(device: torch.device, steps: int, quick: bool, naive_runs: int, profile:
     scaling = pack_scaling(device, min(steps, 200), [1, 4, 16, 64] if quick else [1, 4, 16, 64, 256, 1024], peak, repeat)
     for r in scaling:
         say("scaling: " + " | ".join(r))
-    parts = [f"Machine: {machine(device)}. fp32 matmul peak measured in this run: **{peak:.0f} GFLOP/s**.",
+    parts = [f"Machine: {machine(device)}.", "", *head,
+             f"fp32 matmul peak measured in this run: **{peak:.0f} GFLOP/s**.",
              f"{steps} steps per run; naive cost per run measured on {naive_runs} runs per workload; "
              f"each time the fastest of {repeat} repeat{'s' if repeat > 1 else ''}, both ways.", "",
              markdown_table(header, rows), "",
@@ -364,18 +377,20 @@ def write_section(path: Path, device: torch.device, body: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="symrun bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps of every workload (default: 1000 for W1 and the engine, 500 for the Hadamard grid)")
     parser.add_argument("--naive-runs", type=int, default=16, help="runs the naive way is timed on, per workload")
     parser.add_argument("--repeat", type=int, default=3, help="time each way this many times, keep the fastest")
     parser.add_argument("--quick", action="store_true", help="small grids: a smoke run, not a measurement")
     parser.add_argument("--profile", action="store_true", help="add a profile of one packed W1 step")
     parser.add_argument("--write", nargs="?", const="BENCHMARKS.md", default=None, metavar="FILE",
                         help="write the results into FILE's section for this device (default BENCHMARKS.md)")
+    parser.add_argument("--engine-only", action="store_true", help="skip the whole-process comparison")
     args = parser.parse_args(argv)
-    if min(args.steps, args.naive_runs, args.repeat) < 1:
+    if min(args.steps or 1, args.naive_runs, args.repeat) < 1:
         parser.error("--steps, --naive-runs and --repeat must be >= 1")
     device = engine.resolve_device(args.device)
-    body = run(device, args.steps, args.quick, args.naive_runs, args.profile, args.repeat)
+    body = run(device, args.steps, args.quick, args.naive_runs, args.profile, args.repeat, whole=not args.engine_only)
     if args.write:
         write_section(Path(args.write), device, body)
         print(f"wrote {args.write}")

@@ -1,9 +1,10 @@
 """Typed configuration: the single source of symrun's defaults and their meaning.
 
 Every setting a run has lives in one of the dataclasses below, with its default and a docstring.
-They are registered in Hydra's ConfigStore, so `model=mlp`, `data=digits`, `optim.lr=0.05` etc.
-compose against them and unknown keys are rejected by Hydra itself. YAML files in `configs/` only
-hold named deviations (the primary `config.yaml` and the experiment presets).
+They are registered in Hydra's ConfigStore (symrun.composition), so `model=mlp`, `data=digits`,
+`optim.lr=0.05` etc. compose against them and unknown keys are rejected by Hydra itself. YAML
+files only hold named deviations: the primary config (symrun/config.yaml) and, in `configs/`,
+the experiment and launcher presets.
 
 Only this module and the CLI/sweep edge touch OmegaConf; the library receives `Config` objects.
 """
@@ -34,21 +35,17 @@ def did_you_mean(name: str, valid) -> str:
 
 
 def _config_dir() -> Path:
-    # Installed from a wheel the configs ship as the subpackage symrun/configs; in a checkout
+    # Installed from a wheel the presets ship as the subpackage symrun/configs; in a checkout
     # (editable install) they stay at the top level beside the package.
     here = Path(__file__).resolve().parent
     for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / "experiment").is_dir():
             return candidate
     raise FileNotFoundError(f"symrun's configs/ not found next to {here}")
 
 
 CONFIG_DIR = _config_dir()
 
-
-def experiment_presets(config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The names `experiment=` takes: the files of <config_dir>/experiment/ (nothing outside it)."""
-    return sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
 
 # ---------------------------------------------------------------------------------------------
 # model=
@@ -336,11 +333,13 @@ class MetricsConfig:
     """At the end of a run, the critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) of up to this many
     mirrors per declared symmetry (those nearest their constraint); 0 = skip (symrun.critical)."""
     critical_block: int = 24
-    """Blocks Oᵀ∇²L O up to this size are built from Hessian-vector products and solved exactly;
-    larger ones by this many Lanczos steps."""
-    critical_examples: Optional[int] = 256
-    """The loss whose Hessian gives λ_c is taken on the first this many training examples
-    (null = all): exact for small data, an estimate that bounds the cost on large data."""
+    """Blocks Oᵀ∇²L O that Hessian-vector products build are solved exactly up to this size,
+    larger ones by this many Lanczos steps. Blocks a model gives in closed form (the hidden
+    neurons of mlp and ensemble) are always solved exactly."""
+    critical_examples: Optional[int] = 4096
+    """The loss whose Hessian gives λ_c is on every training example when there are at most this
+    many (exact), else on the first this many (an estimate that bounds the cost on large data);
+    null = always every example. Columns critical_wd_examples and critical_wd_exact say which."""
     probe_size: int = 256
     """Inputs (from the test set, else train) on which ensemble members' outputs and the last
     hidden layer's representation (dead_units, feature_rank) are measured."""
@@ -403,8 +402,10 @@ class Config:
     name: str = "default"
     """Sweep label: results go to outputs/<name>/<timestamped id>/ (letters, digits, . _ -; a suite's
     members are <suite>/<member>)."""
-    pack_size: int = 256
-    """Most runs trained together as one batched model (bounds memory)."""
+    pack_size: Optional[int] = None
+    """Most runs trained together as one batched model; null = as many as fit in 2 GiB, from the
+    model's parameters and the activations a step saves (symrun.memory). Set it to cap packs,
+    e.g. to spread a grid over more cluster jobs."""
 
 
 # Settings that say *where/how* a run executes, not *what* it computes: left out of run ids.
@@ -420,30 +421,6 @@ TASK_CHANGES = ("pixels", "labels")
 def total_steps(cfg: Config) -> int:
     """Steps a run trains in all: train.steps per task."""
     return cfg.train.steps * cfg.tasks.count
-
-
-def register_configs() -> None:
-    """Register the schema and the model/data group options in Hydra's ConfigStore (idempotent;
-    symrun.sweep calls it on import, so `symrun --help` never imports Hydra)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for name, cls in MODEL_OPTIONS.items():
-        cs.store(group="model", name=name, node=cls)
-    for name, cls in DATA_OPTIONS.items():
-        cs.store(group="data", name=name, node=cls)
-    for name in ("none", "dcs"):    # one schema, so every run's table has the same constraint.* keys
-        cs.store(group="constraint", name=name, node=ConstraintConfig(name=name))
-    cs.store(name="pack_job", node=PackJob)
-
-
-@dataclass
-class PackJob:
-    """The Hydra job a launcher runs: one pack of a planned sweep."""
-
-    plan: str = MISSING
-    pack: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,8 +476,25 @@ def default_values(model_cls: type, data_cls: type) -> dict[str, Any]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict of a Config (for YAML, hashing and tables)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a Config (for YAML, hashing and tables), as dataclasses.asdict gives
+    it; written out because asdict deep-copies every leaf (0.1 ms a config, and a sweep asks for
+    one per run several times: run ids, pack keys, the data key, YAML)."""
+    return {name: _plain(getattr(cfg, name)) for name in _field_names(type(cfg))}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(type(v), "__dataclass_fields__"):
+        return to_dict(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -538,10 +532,10 @@ def validate(cfg: Config) -> Config:
         (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = off), got {t.checkpoint_every}"),
         (t.dtype in ("float32", "float64"), f"train.dtype must be float32 or float64, got '{t.dtype}'"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got '{cfg.device}'"),
-        (cfg.pack_size >= 1, f"pack_size must be >= 1, got {cfg.pack_size}"),
+        (cfg.pack_size is None or cfg.pack_size >= 1, f"pack_size must be >= 1 or null, got {cfg.pack_size}"),
         (m.init_scale >= 0, f"model.init_scale must be >= 0, got {m.init_scale}"),
         (cfg.symmetry.remove_std >= 0, f"symmetry.remove_std must be >= 0, got {cfg.symmetry.remove_std}"),
-        (mt.critical_mirrors >= 0 and mt.critical_block >= 1 and (mt.critical_examples or 1) >= 1,
+        (mt.critical_mirrors >= 0 and mt.critical_block >= 1 and (mt.critical_examples is None or mt.critical_examples >= 1),
          "metrics.critical_mirrors must be >= 0, metrics.critical_block and metrics.critical_examples >= 1"),
         (d.batch_size is None or d.batch_size >= 1, f"data.batch_size must be >= 1 or null, got {d.batch_size}"),
         (d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got '{d.task}'"),

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from symrun import checkpoint as ckpt_mod
 from symrun import data as data_mod
 from symrun import critical, metrics, models, reparam
-from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
+from symrun.config import (ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps)
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed, generator
 from symrun.optim import PackedOptimizer, per_run

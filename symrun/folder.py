@@ -58,7 +58,7 @@ def _error(e: OSError, path: Path, verb: str) -> OutputError:
 def names(path: Path, root: Path) -> tuple[str, ...]:
     """The names leading from `root` to `path`, read lexically (no link is resolved)."""
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-    parts = () if rel == "." else Path(rel).parts
+    parts = () if rel == "." else tuple(rel.split(os.sep))
     if parts[:1] == ("..",):
         raise OutputError(f"{path} is not inside {root}")
     return parts
@@ -96,31 +96,107 @@ def _opened(root: Path, folders: tuple[str, ...], create: bool) -> Iterator[int]
         os.close(fd)
 
 
+_deferred = False     # inside `one_sync`: the fsyncs are one syncfs at its end
+
+
 def write_atomic(path: Path, content: str | bytes, root: Optional[Path] = None) -> None:
     """Write `content` to `path` inside `root` (default: its own folder): to a fresh temporary
-    name in the same folder, flushed to disk, then renamed over `path` (see the module docstring).
-    Folders on the way are made as needed. A failure leaves the old file, if any, untouched."""
+    name in the same folder, flushed to disk (at the end of an enclosing `one_sync`), then renamed
+    over `path` (see the module docstring). Folders on the way are made as needed. A failure
+    leaves the old file, if any, untouched."""
     path = Path(path)
     *folders, name = names(path, path.parent if root is None else root)
-    data = content.encode() if isinstance(content, str) else content
     try:
         with _opened(path.parent if root is None else Path(root), tuple(folders), create=True) as fd:
-            tmp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-            out = os.open(tmp, _NEW, 0o666, dir_fd=fd)
-            try:
-                with os.fdopen(out, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=fd)
-                raise
+            _write_at(fd, name, content, path)
     except OutputError:
         raise
     except OSError as e:
         raise _error(e, path, "write") from None
+
+
+def _write_at(fd: int, name: str, content: str | bytes, path: Path) -> None:
+    """write_atomic's temporary file and rename, in the open folder `fd` (`path`: for errors)."""
+    data = content.encode() if isinstance(content, str) else content
+    tmp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        out = os.open(tmp, _NEW, 0o666, dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+                f.flush()
+                if not _deferred:
+                    os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+    except OSError as e:
+        raise _error(e, path, "write") from None
+
+
+class Opened:
+    """A folder inside a sweep folder, opened once as write_atomic opens it (each folder on the
+    way with O_NOFOLLOW), for several files: a run's files cost one walk from the root, not one
+    each (a 4,608-run sweep writes ~23,000 files)."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def write_atomic(self, name: str, content: str | bytes) -> None:
+        _write_at(self.fd, name, content, self.path / name)
+
+    def read_bytes(self, name: str) -> bytes:
+        return _read_at(self.fd, name, self.path / name)
+
+
+@contextlib.contextmanager
+def opened(path: Path, root: Path, create: bool = True) -> Iterator[Opened]:
+    """The folder `path` inside `root`, made as needed when `create`, for write_atomic and
+    read_bytes by name. Not `create`: FileNotFoundError when it is missing; OutputError when it,
+    or a folder on its way, is a link."""
+    with contextlib.ExitStack() as stack:
+        try:
+            fd = stack.enter_context(_opened(Path(root), names(path, root), create=create))
+        except FileNotFoundError:
+            if create:
+                raise _error(OSError(errno.ENOENT, "no such folder"), Path(path), "write") from None
+            raise
+        except OutputError:
+            raise
+        except OSError as e:
+            raise _error(e, Path(path), "write") from None
+        yield Opened(fd, Path(path))
+
+
+@contextlib.contextmanager
+def one_sync(where: Path) -> Iterator[None]:
+    """The files written inside are made durable together when it ends, by one syncfs(2) of
+    `where`'s filesystem, instead of an fsync each (~1 ms apiece here: 22,000 of them for a
+    4,352-run sweep). Write a completion marker after the block holding its run's files."""
+    global _deferred
+    outer, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = outer
+        if not outer:
+            sync_filesystem(Path(where))
+
+
+def sync_filesystem(where: Path) -> None:
+    """syncfs(2) on the filesystem holding the folder `where` (its dirty files and renames, at
+    once); os.sync() where the C library has no syncfs."""
+    import ctypes
+
+    fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if getattr(ctypes.CDLL(None, use_errno=True), "syncfs", lambda _: -1)(fd) == 0:
+            return
+    finally:
+        os.close(fd)
+    os.sync()
 
 
 def read_bytes(path: Path, root: Optional[Path] = None) -> bytes:
@@ -130,16 +206,20 @@ def read_bytes(path: Path, root: Optional[Path] = None) -> bytes:
     path = Path(path)
     *folders, name = names(path, path.parent if root is None else root)
     with _opened(path.parent if root is None else Path(root), tuple(folders), create=False) as fd:
-        try:
-            handle = os.open(name, _READ, dir_fd=fd)
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise _error(e, path, "read") from None
-        with os.fdopen(handle, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise OutputError(f"{path} is not a regular file")
-            return f.read()
+        return _read_at(fd, name, path)
+
+
+def _read_at(fd: int, name: str, path: Path) -> bytes:
+    try:
+        handle = os.open(name, _READ, dir_fd=fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _error(e, path, "read") from None
+    with os.fdopen(handle, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OutputError(f"{path} is not a regular file")
+        return f.read()
 
 
 def read_text(path: Path, root: Optional[Path] = None) -> str:

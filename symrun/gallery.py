@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from symrun import report, results, sweep
+from symrun import job, report, results, sweep
 from symrun.config import CONFIG_DIR
 
 # Narrative order; presets not listed follow alphabetically.
@@ -47,9 +47,8 @@ def run_preset(name: str, outputs: Path) -> tuple[list[Path], float]:
     start = time.perf_counter()
     dirs = []
     for plan in sweep.plans([f"experiment={name}"], outputs):
-        path = sweep.write_plan(plan)
-        for i in range(len(plan.packs)):
-            sweep.run_pack(path, i)
+        sweep.write_plan(plan)
+        job.run_plan(plan)
         dirs.append(plan.sweep_dir)
     return dirs, time.perf_counter() - start
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from symrun import linalg
 from symrun.config import MetricsConfig
 from symrun.symmetries import constraint_norms, gather, kind
 
@@ -116,7 +117,7 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
     are round-off of an exact zero and are returned as 0 — far below any rank_rtol in use."""
     a = a.double()
     gram = a @ a.mT if a.shape[-2] <= a.shape[-1] else a.mT @ a
-    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+    s = linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
     return torch.where(s > GRAM_RESOLUTION * s[..., :1], s, torch.zeros_like(s))
 
 
@@ -150,7 +151,7 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
     # and v_kᵀ Σ_W v_k is the variance of the within-class deviations projected on v_k. This never
     # forms the (R, N, p) deviations or a p × p pseudo-inverse (the old route cost seconds per log
     # step at 256 runs × 1797 samples). Directions with λ_k ≤ p·eps·max λ are dropped, as pinv does.
-    lam, u = torch.linalg.eigh(centred @ centred.mT)                             # (R, C), (R, C, C)
+    lam, u = linalg.eigh(centred @ centred.mT)                             # (R, C), (R, C, C)
     keep = lam > p * torch.finfo(lam.dtype).eps * lam.amax(dim=-1, keepdim=True)
     dirs = centred.mT @ u / lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None, :]   # (R, p, C)
     # the three projections of h (on Σ_B's directions, the class means, the classifier) as one GEMM

@@ -18,6 +18,7 @@ import torch
 
 from symrun.config import (AttentionConfig, ConfigError, EnsembleConfig, FactorizationConfig, HadamardConfig,
                            LinearConfig, MLPConfig, ModelConfig, ResNetConfig, TransformerConfig)
+from symrun import curvature
 from symrun.reparam import Basis, dcs_theta
 from symrun.seeds import generator
 from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
@@ -82,6 +83,14 @@ class PackedModel:
     def forward_penultimate(self, params: Params, x: torch.Tensor):
         """(forward(params, x), penultimate(params, x)), from one pass where the model can."""
         return self.forward(params, x), self.penultimate(params, x)
+
+    def mirror_blocks(self, sym: Symmetry, params: Params, order: torch.Tensor, x: torch.Tensor,
+                      loss_of) -> torch.Tensor | None:
+        """Oᵀ∇²L(θ₀)O in closed form, for mirror order[r, m] of `sym` (numbered as
+        symmetries.constraint_norms numbers them) of every run r at its projected point θ₀:
+        (R, M, k, k), L = loss_of(forward(θ₀, x)) per run. None where the model has no closed
+        form for `sym`: symrun.critical then builds the block from Hessian-vector products."""
+        return None
 
     def constraint_violation(self, params: Params) -> torch.Tensor | None:
         """‖OᵀΘ‖ per run, (R,), for a model with a user-chosen linear constraint; None otherwise."""
@@ -304,6 +313,11 @@ class MLP(PackedModel):
 
     def products(self, params):
         return {f".layer{l}": params[f"layers.{l}.weight"] for l in range(len(self.sizes) - 1)}
+
+    def mirror_blocks(self, sym, params, order, x, loss_of):
+        """Hidden neurons' sign flips and swaps in closed form (symrun.curvature); member swaps
+        of an ensemble go by Hessian-vector products."""
+        return curvature.neuron_blocks(self, sym, params, order, x, loss_of)
 
     def member_vectors(self, params):
         if self.members == 1:

@@ -1,47 +1,49 @@
-"""Sweeps: expand Hydra override/sweep syntax into runs, group them into packs, launch the packs.
+"""Sweeps: a grid of runs planned as packs — what symrun's Hydra sweeper does before it launches.
 
-`plan(...)` does every check before anything is written: it composes and validates each run's
-config, loads each distinct dataset once and builds each model shape once. `write_plan` then lays
-out the sweep folder and `launch` runs the packs as Hydra jobs (`pack=0,…,P−1` over the
-`pack_job` config), so `hydra/launcher=joblib|submitit_local|submitit_slurm` work unchanged.
-A suite's member sweeps are planned alike and launched together (`write_launch`): one multirun
-over every member's packs.
-Finished runs already in the folder are skipped: rerunning a sweep with
-`hydra.sweep.dir=<its folder>` completes it, and packs with a checkpoint (train.checkpoint_every)
-continue from it.
+The grid comes from Hydra's override and sweep syntax (`key=a,b`, `range(…)`, `choice(…)`,
+`glob(…)`) on the command line and in a preset's `hydra.sweeper.params`; the command line wins
+per key. `plans` checks everything before anything is written. Each distinct *shape* — a grid
+point's overrides other than per-run values (config.PER_RUN_KEYS) — is composed once, exactly as
+the launcher's job will compose it; each run is its shape's config with its per-run values set
+on a copy (composition.with_values), validated; each distinct dataset is loaded and each model
+built once. Runs that share a shape share a pack (at most `pack_size` runs). `schedule` leaves
+out runs finished in the folder (resume, extend), `write_plan` lays the folder out, and
+`job_overrides` is what one pack's Hydra job composes: its shape's overrides and `+pack.*`, the
+per-run values of its runs, which symrun.job sets the same way.
+
+A suite (a preset that sets `hydra.sweeper.suite`) is one plan per member preset, in
+`<folder>/<member>/`; `write_launch` numbers their packs across the members for one launch.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
+import math
 import os
-import re
-import sys
-import time
-import traceback
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
-import hydra
-from hydra import compose, initialize_config_dir
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException, ValidationError
+from hydra.core.override_parser.types import Transformer
 
-from symrun import budget, engine, models, records, reparam, results, tables
+from symrun import budget, engine, memory, models, records, reparam, results, tables
 from symrun import data as data_mod
-from symrun.config import (CONFIG_DIR, Config, ConfigError, did_you_mean, experiment_presets, flatten,
-                           register_configs, to_config, to_dict, total_steps)
+from symrun.composition import Composer, Shape, composer, drop_hydra, hydra_quoted, literal
+from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, to_config, to_dict, total_steps
 
-register_configs()
+
+@dataclass(frozen=True)
+class Setting:
+    """One override of a grid point: its text and key; for a per-run setting with a plain value,
+    that value (typed by Hydra's parser), so it can be set on a copy of its shape's config."""
+
+    text: str
+    key: str
+    value: Any = None
+    per_run: bool = False
 
 
 @dataclass
@@ -51,245 +53,239 @@ class Plan:
     configs: dict[str, Config]                   # run_id → config, every run of the grid
     packs: list[list[str]]                       # run ids still to train, grouped
     swept: list[str]                             # keys that vary across the grid
-    overrides: list[str]
+    overrides: list[str]                         # the command line's, for sweep.json
     finished: list[str] = field(default_factory=list)   # already finished in sweep_dir: skipped
+    settings: dict[str, tuple[Setting, ...]] = field(default_factory=dict)   # run_id → its grid point
+    groups: dict[str, str] = field(default_factory=dict)   # run_id → what it shares with its pack mates
+    parameters: dict[str, int] = field(default_factory=dict)   # group → the model's parameters per run
 
     @property
     def steps(self) -> int:
         return sum(total_steps(self.configs[p[0]]) for p in self.packs)
 
 
-def split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """(run overrides, Hydra overrides such as hydra/launcher=joblib or hydra.sweep.dir=...)."""
-    is_hydra = lambda a: a.lstrip("+~").startswith(("hydra.", "hydra/"))  # noqa: E731
-    return [a for a in args if not is_hydra(a)], [a for a in args if is_hydra(a)]
-
-
-def _parse(args: list[str]):
-    try:   # with the config loader, glob(...) sweeps over group options work too
-        return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
-    except HydraException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
-
-
-def _hydra_context():
-    GlobalHydra.instance().clear()
-    return initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="symrun")
-
-
-def _compose(overrides: list[str], **kw) -> DictConfig:
-    try:
-        return compose("config", overrides=overrides, **kw)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain(e)) from None
-
-
-def _explain(e: Exception, keys=()) -> str:
-    """One line a user can act on from a Hydra/OmegaConf error: the setting and the type it wants,
-    and for a misspelt setting (among `keys`) or group option the nearest valid name."""
-    cause = e.__cause__ or e.__context__
-    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
-        return f"wrong type for {cause.full_key}: {_first_line(cause)}"
-    message = _first_line(e)
-    if m := re.match(r"Could not override '([^']+)'", message):
-        return f"unknown setting '{m[1]}'" + did_you_mean(m[1], keys)
-    if m := re.search(r"Could not find '(.+)/([^/']+)'", message):
-        group, option = m[1], m[2]
-        options = GlobalHydra.instance().config_loader().get_group_options(group)
-        return (f"unknown {group} option '{option}'" + (did_you_mean(option, options) or "")
-                + f" (options: {', '.join(options)})")
-    return message
-
-
-def _first_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-def _groups() -> set[str]:
-    return set(GlobalHydra.instance().config_loader().list_groups(""))
-
-
-def _is_group(override, groups: set[str]) -> bool:
-    """A group choice (model=mlp, experiment=x, hydra/launcher=…) rather than a value (model.width=8)."""
-    return override.key_or_group.split("@")[0] in groups or "/" in override.key_or_group
-
-
-def expand(args: list[str]) -> tuple[list[list[str]], list[str]]:
-    """Every run's override list, and the swept keys. Grid axes come from the preset's
-    `hydra.sweeper.params` and from sweep syntax on the command line (which wins per key)."""
-    parsed = _parse(args)
-    if any(o.is_sweep_override() and o.get_key_element() == "experiment" for o in parsed):
-        raise ConfigError("sweep one experiment preset at a time (experiment=a,b is not supported)")
-    # Only group choices (experiment=, model=, …) decide which preset grid applies; value overrides
-    # are checked per run, where they meet the model they belong to (model=mlp,ensemble model.width=8).
-    groups = _groups()
-    base = _compose([o.input_line for o in parsed if not o.is_sweep_override() and _is_group(o, groups)],
-                    return_hydra_config=True)
-    params = OmegaConf.select(base, "hydra.sweeper.params") or {}
-    combined = _parse([f"{k}={v}" for k, v in params.items()] + args)
-    final = {o.get_key_element(): o.is_sweep_override() for o in combined}
-    try:
-        grid = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
-    except HydraException as e:
-        raise ConfigError(_first_line(e)) from None
-    except ValueError as e:        # range(0,1,0): Python's own range() refuses it while Hydra expands
-        raise ConfigError(f"a sweep axis cannot be expanded: {e}") from None
-    if not grid:
-        raise ConfigError("the grid is empty: a sweep axis has no values")
-    # A swept group (model=a,b) shows in the tables as its option's name column (model.name).
-    column = lambda k: f"{k}.name" if k in ("model", "data", "constraint") else k  # noqa: E731
-    return grid, [column(k) for k, swept in final.items() if swept]
-
-
-def compose_all(grid: list[list[str]]) -> list[Config]:
-    """Typed configs for each override list; composes once per distinct group choice (model=,
-    data=, experiment=) and applies plain value overrides to a copy — Hydra's own override
-    semantics, without a full composition per run."""
-    groups = _groups()
-    cache: dict[tuple, DictConfig] = {}
-    configs = []
-    for overrides in grid:
-        parsed = _parse(overrides)
-        group_part = tuple(o.input_line for o in parsed if _is_group(o, groups))
-        if group_part not in cache:
-            cache[group_part] = _compose(list(group_part))
-        cfg = copy.deepcopy(cache[group_part])
-        try:
-            ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not _is_group(o, groups)], cfg)
-        except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(_explain(e, flatten(OmegaConf.to_container(cache[group_part])))) from None
-        configs.append(to_config(cfg))
-    return configs
-
-
-def check_hydra_args(hydra_args: list[str]) -> None:
-    """Compose the pack job with the user's Hydra arguments, so a bad launcher or key fails now."""
-    if any(a.lstrip("+~").startswith("hydra.sweeper.params") for a in hydra_args):
-        raise ConfigError("put grid axes on the command line (key=a,b) or in a preset, not in hydra.sweeper.params")
-    try:
-        compose("pack_job", overrides=["plan=x", *hydra_args], return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain(e)) from None
-
-
-def check_buildable(configs: list[Config]) -> None:
-    """Load every distinct dataset and build every distinct model once, before any work starts,
-    and estimate each pack's memory (symrun.budget)."""
-    seen: dict[str, data_mod.Dataset] = {}
-    per_pack = Counter(engine.pack_key(c) for c in configs)
-    for cfg in configs:
-        device = engine.resolve_device(cfg.device)
-        key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
-        if key not in seen:
-            seen[key] = data_mod.load(cfg.data)
-        ds = seen[key]
-        model = models.build(cfg.model, ds.in_dim, ds.out_dim)
-        reparam.build(cfg, model)   # also checks constraint=dcs
-        budget.check_pack(cfg, ds, model, min(cfg.pack_size, per_pack[engine.pack_key(cfg)]), device, engine.EVAL_CHUNK)
-        if ds.task == "classification" and cfg.noise.label_std > 0:
-            raise ConfigError("noise.label_std applies to regression; this data is classification (use noise.label_flip)")
-        if ds.task == "regression" and cfg.noise.label_flip > 0:
-            raise ConfigError("noise.label_flip applies to classification; this data is regression (use noise.label_std)")
-        if cfg.data.batch_size is not None and cfg.data.batch_size > len(ds.x):
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {len(ds.x)} training examples")
-        if cfg.tasks.count > 1 and cfg.tasks.change == "labels" and ds.task != "classification":
-            raise ConfigError("tasks.change=labels permutes class labels: it needs a classification task")
-
-
-def compose_one(args: list[str]) -> Config:
-    """One typed, validated and buildable config from overrides (no sweep syntax); nothing is written."""
-    if (suite := suite_of(args)) is not None:
-        raise ConfigError(f"experiment={suite[0]} is a suite of presets ({', '.join(suite[1])}), not one configuration")
-    with _hydra_context():
-        if any(o.is_sweep_override() for o in _parse(args)):
-            raise ConfigError("this command takes one configuration, not sweep syntax")
-        cfg = compose_all([args])[0]
-    check_buildable([cfg])
-    return cfg
-
-
-def suite_of(args: list[str]) -> Optional[tuple[str, dict[str, list[str]]]]:
-    """(name, {member preset: its overrides}) when `experiment=` names a suite: a preset file
-    whose only key is `suite:`, mapping presets to the overrides each runs with. Else None."""
-    chosen = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
-    presets = experiment_presets(CONFIG_DIR)
-    if chosen and ("/" in chosen[-1] or chosen[-1].startswith(".")):   # never a file outside the presets
-        raise ConfigError(f"unknown experiment option '{chosen[-1]}'" + did_you_mean(chosen[-1], presets)
-                          + f" (options: {', '.join(presets)})")
-    path = CONFIG_DIR / "experiment" / f"{chosen[-1]}.yaml" if chosen else None
-    if path is None or not path.is_file():
-        return None
-    raw = OmegaConf.to_container(OmegaConf.load(path))
-    if not isinstance(raw, dict) or "suite" not in raw:
-        return None
-    members = raw["suite"]
-    ok = (set(raw) == {"suite"} and isinstance(members, dict) and members
-          and all(isinstance(v, list) and all(isinstance(o, str) for o in v) for v in members.values()))
-    if not ok:
-        raise ConfigError(f"{path}: a suite holds only `suite:`, a map of preset name → list of override strings")
-    for member in members:
-        if member not in presets or suite_of([f"experiment={member}"]) is not None:
-            raise ConfigError(f"{path}: suite member '{member}' is not an experiment preset")
-    return chosen[-1], members
-
-
-def plans(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,
-          hydra_args: tuple[str, ...] = ()) -> list[Plan]:
-    """The sweeps `symrun sweep ARGS` runs: one plan, or for a suite one per member preset, in
-    `<sweep folder>/<member>/` with the member's overrides and then ARGS (which win). Every
-    member is planned, so checked, before any of them is written."""
-    suite = suite_of(args)
-    if suite is None:
-        return [plan(args, outputs, sweep_dir, hydra_args=hydra_args)]
-    name, members = suite
-    parent = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
-    rest = [a for a in args if not a.startswith("experiment=")]
-    return [plan([f"experiment={member}", *overrides, f"name={name}/{member}", *rest], outputs, parent / member,
-                 hydra_args=hydra_args)
-            for member, overrides in members.items()]
+def plans(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None) -> list[Plan]:
+    """The sweeps `symrun sweep ARGS` runs (one, or one per member of a suite), checked; nothing
+    is written. For the library and tests: the symrun command plans through its Hydra sweeper."""
+    with composer(args) as comp:
+        master = comp.master
+        where = sweep_dir if sweep_dir is not None else results.new_sweep_dir(outputs, master.name)
+        return sweeper_plans(comp, list(master.hydra.overrides.task), Path(where))
 
 
 def plan(args: list[str], outputs: Path = Path("outputs"), sweep_dir: Optional[Path] = None,
-         single: bool = False, hydra_args: tuple[str, ...] = ()) -> Plan:
-    """Everything a sweep will do, checked; nothing is written. `single`: exactly one run.
-    `hydra_args` (launcher choice and settings) are checked here too, before any work."""
-    if (suite := suite_of(args)) is not None:
-        raise ConfigError(f"experiment={suite[0]} is a suite of presets ({', '.join(suite[1])}): run it with symrun sweep")
-    with _hydra_context():
-        grid, swept = expand(args) if not single else ([args], [])
-        if single and any(o.is_sweep_override() for o in _parse(args)):
+         single: bool = False) -> Plan:
+    """One sweep's plan (not a suite's); `single`: exactly one run, no sweep syntax."""
+    with composer(args) as comp:
+        if comp.master.hydra.sweeper.get("suite"):
+            raise ConfigError(f"experiment={_experiment(comp)} is a suite of presets "
+                              f"({', '.join(comp.master.hydra.sweeper.suite)}): run it with symrun sweep")
+        arguments = list(comp.master.hydra.overrides.task)
+        if single and any(o.is_sweep_override() for o in comp.parse(arguments)):
             raise ConfigError("symrun run takes one configuration; use symrun sweep for sweep syntax")
-        configs = compose_all(grid)
-        check_hydra_args(list(hydra_args))
-    check_buildable(configs)
-    by_id = {results.run_id(c): c for c in configs}
-    name = configs[0].name
-    sweep_dir = Path(sweep_dir) if sweep_dir is not None else results.new_sweep_dir(outputs, name)
-    tables.check_consistent(sweep_dir, by_id, swept)
-    return schedule(Plan(sweep_dir, name, by_id, [], swept, list(args)))
+        where = sweep_dir if sweep_dir is not None else results.new_sweep_dir(outputs, comp.master.name)
+        params = {} if single else dict(comp.master.hydra.sweeper.params)
+        return plan_grid(comp, params, arguments, Path(where))
+
+
+def compose_one(args: list[str], config_dir: Optional[Path] = None) -> Config:
+    """One typed, validated and buildable config from overrides (no sweep syntax); nothing is written."""
+    with composer(args, config_dir) as comp:
+        if comp.master.hydra.sweeper.get("suite"):
+            raise ConfigError(f"experiment={_experiment(comp)} is a suite of presets, not one configuration")
+        arguments = list(comp.master.hydra.overrides.task)
+        if any(o.is_sweep_override() for o in comp.parse(arguments)):
+            raise ConfigError("this command takes one configuration, not sweep syntax")
+        cfg = to_config(drop_hydra(comp.compose(arguments)))
+    check_shape(cfg)
+    return cfg
+
+
+def sweeper_plans(comp: Composer, arguments: list[str], sweep_dir: Path) -> list[Plan]:
+    """The plans of a sweep whose master config `comp` holds: its grid, or one per suite member
+    in `sweep_dir/<member>/` (the member's preset and overrides, then `arguments`, which win).
+    Every member is planned, so checked, before any is written."""
+    sweeper = comp.master.hydra.sweeper
+    if not sweeper.get("suite"):
+        return [plan_grid(comp, dict(sweeper.params), arguments, sweep_dir)]
+    suite = _experiment(comp)
+    _check_suite(comp, suite, arguments)
+    rest = [a for a in arguments if a.split("=", 1)[0] != "experiment"]
+    out = []
+    for member, overrides in sweeper.suite.items():
+        args = [f"experiment={member}", *overrides, f"name={suite}/{member}", *rest]
+        member_comp = comp.sweep_of(args)
+        member_master = member_comp.master
+        if member_master.hydra.sweeper.get("suite"):
+            raise ConfigError(f"suite {suite}: member '{member}' is a suite itself")
+        out.append(plan_grid(member_comp, dict(member_master.hydra.sweeper.params), args, sweep_dir / member))
+    return out
+
+
+def _check_suite(comp: Composer, suite: str, arguments: list[str]) -> None:
+    """A suite preset holds only `name` and `hydra.sweeper.suite` (its members' presets and
+    overrides), and each member is an experiment preset."""
+    options = comp.group_options("experiment")
+    for member in comp.master.hydra.sweeper.suite:
+        if member not in options:
+            raise ConfigError(f"suite {suite}: member '{member}' is not an experiment preset")
+    without = drop_hydra(comp.sweep_of([a for a in arguments if a.split("=", 1)[0] != "experiment"]).master)
+    mine = drop_hydra(copy.deepcopy(comp.master))
+    mine.name = without.name
+    if mine != without:
+        raise ConfigError(f"suite {suite}: a suite preset sets only `name` and `hydra.sweeper.suite` "
+                          "(put other settings in the member presets or the suite's override lists)")
+
+
+def _experiment(comp: Composer) -> str:
+    return str(comp.master.hydra.runtime.choices.get("experiment"))
+
+
+def expand(comp: Composer, params: dict[str, str], arguments: list[str]) -> tuple[list[list[Setting]], list[str]]:
+    """The grid's axes (each the Settings of its values) and the swept keys. Axes come from
+    `params` (a preset's hydra.sweeper.params) and then `arguments`, which win per key."""
+    parsed = comp.parse([f"{k}={v}" for k, v in params.items()] + list(arguments))
+    keys = {o.key_or_group for o in parsed}
+    axes: dict[str, list[Setting]] = {}
+    swept: dict[str, bool] = {}
+    for o in parsed:
+        element = o.get_key_element()
+        if o.is_sweep_override():
+            if o.key_or_group == "experiment":
+                raise ConfigError("sweep one experiment preset at a time (experiment=a,b is not supported)")
+            if not o.is_discrete_sweep():
+                raise ConfigError(f"{o.input_line}: symrun sweeps lists and ranges of values, not intervals")
+            # text and value from one pass: shuffle(…) draws a new order on every pass
+            try:
+                pairs = [(f"{element}={Transformer.str(v)}", v) for v in o.sweep_iterator()]
+            except ValueError as e:     # range(0,1,0): Python's own range() refuses it while Hydra expands
+                raise ConfigError(f"a sweep axis cannot be expanded: {e}") from None
+        else:
+            pairs = [(o.input_line, o.value())]
+        # A per-run value is set on a copy of its shape's config, unless another override of the
+        # grid touches its parent (optim={…}): Hydra's order of the two then decides.
+        settable = (o.key_or_group in PER_RUN_KEYS and o.package is None and not (o.is_delete() or o.is_add())
+                    and not any(o.key_or_group.startswith(k + ".") for k in keys))
+        axes[element] = [Setting(text, o.key_or_group, value, settable and _plain(value)) for text, value in pairs]
+        swept[element] = o.is_sweep_override()
+    if any(not values for values in axes.values()):
+        raise ConfigError("the grid is empty: a sweep axis has no values")
+    # A swept group (model=a,b) shows in the tables as its option's name column (model.name).
+    column = lambda k: f"{k}.name" if k in ("model", "data", "constraint") else k  # noqa: E731
+    return list(axes.values()), [column(k.lstrip("+~")) for k, s in swept.items() if s]
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
+def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], sweep_dir: Path) -> Plan:
+    """Every run of the grid, composed and checked, with its finished runs and packs."""
+    axes, swept = expand(comp, params, arguments)
+    shapes: dict[tuple[str, ...], tuple[Shape, str, str]] = {}    # overrides → (shape, data's task, pack group)
+    parameters: dict[str, int] = {}                                  # pack group → parameters per run
+    built: dict[str, tuple] = {}                                     # pack group → (config, data, model)
+    datasets: dict[str, data_mod.Dataset] = {}
+    configs: dict[str, Config] = {}
+    settings: dict[str, tuple[Setting, ...]] = {}
+    groups: dict[str, str] = {}
+    for point in itertools.product(*axes):
+        key = tuple(s.text for s in point if not s.per_run)
+        if key not in shapes:
+            shape = Shape(drop_hydra(comp.compose(list(key))))
+            ds, model = build(shape.config, datasets)
+            shapes[key] = shape, ds.task, _group(shape.config)
+            parameters[shapes[key][2]] = sum(math.prod(s) for s, _ in model.shapes().values())
+            built[shapes[key][2]] = shape.config, ds, model
+        shape, task, group = shapes[key]
+        cfg = shape.run({s.key: s.value for s in point if s.per_run})
+        check_noise(cfg, task)
+        rid = results.run_id(cfg)
+        configs[rid], settings[rid] = cfg, point
+        # An interpolation may carry a per-run value into any setting: such runs are grouped by their own.
+        groups[rid] = rid if cfg.model.name in ALONE_MODELS else _group(cfg) if shape.interpolated else group
+        parameters.setdefault(groups[rid], parameters[group])
+        built.setdefault(groups[rid], built[group])
+    _check_memory(configs, groups, built)
+    tables.check_consistent(Path(sweep_dir), configs, swept)
+    name = next(iter(configs.values())).name
+    return schedule(Plan(Path(sweep_dir), name, configs, [], swept, list(arguments), settings=settings, groups=groups,
+                         parameters=parameters))
+
+
+def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dict[str, tuple]) -> None:
+    """Refuse, before any work, a pack that cannot fit in memory (symrun.budget): each group's
+    largest pack: its runs, at most the pack size (symrun.memory.pack_size)."""
+    runs: dict[str, int] = {}
+    for rid in configs:
+        runs[groups[rid]] = runs.get(groups[rid], 0) + 1
+    for group, count in runs.items():
+        cfg, ds, model = built[group]
+        budget.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), engine.resolve_device(cfg.device),
+                          engine.EVAL_CHUNK)
+
+
+def _group(cfg: Config) -> str:
+    """What the runs of one pack share: every setting but the per-run ones (the engine's pack
+    key), and the sweep's name and pack size, so a pack's job composes exactly its runs' configs."""
+    return json.dumps([engine.pack_key(cfg), cfg.name, cfg.pack_size])
+
+
+def check_shape(cfg: Config, datasets: Optional[dict] = None) -> tuple[str, int]:
+    """Load the config's dataset (once per distinct one in `datasets`) and build its model, and
+    check what depends on the data, before any work starts. Returns the data's task and the
+    model's parameters per run."""
+    ds, model = build(cfg, datasets)
+    return ds.task, sum(math.prod(shape) for shape, _ in model.shapes().values())
+
+
+def build(cfg: Config, datasets: Optional[dict] = None):
+    """(dataset, packed model) of a config, checked as `check_shape` says."""
+    engine.resolve_device(cfg.device)
+    datasets = {} if datasets is None else datasets
+    key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
+    if key not in datasets:
+        datasets[key] = data_mod.load(cfg.data)
+    ds = datasets[key]
+    model = models.build(cfg.model, ds.in_dim, ds.out_dim)
+    reparam.build(cfg, model)                                  # also checks constraint=dcs
+    if cfg.data.batch_size is not None and cfg.data.batch_size > len(ds.x):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {len(ds.x)} training examples")
+    if cfg.tasks.count > 1 and cfg.tasks.change == "labels" and ds.task != "classification":
+        raise ConfigError("tasks.change=labels permutes class labels: it needs a classification task")
+    check_noise(cfg, ds.task)
+    return ds, model
+
+
+def check_noise(cfg: Config, task: str) -> None:
+    if task == "classification" and cfg.noise.label_std > 0:
+        raise ConfigError("noise.label_std applies to regression; this data is classification (use noise.label_flip)")
+    if task == "regression" and cfg.noise.label_flip > 0:
+        raise ConfigError("noise.label_flip applies to classification; this data is regression (use noise.label_std)")
 
 
 def schedule(p: Plan) -> Plan:
     """The plan with its finished runs and packs read afresh from its folder: runs finished there
-    are skipped, the rest grouped into packs by shape. A pack with a checkpoint, or one a kill
-    stopped while it wrote its runs, is kept as it was (records.unfinished_packs), so it resumes
-    from its checkpoint and ends bit for bit as it would have. Cheap; call it again once the
-    sweep's lock is held, so runs another sweep finished in between are not trained twice."""
-    finished = [rid for rid in p.configs if not records.needs_training(p.sweep_dir, rid)]
+    are skipped, the rest grouped into packs. A pack with a checkpoint, or one a kill stopped
+    while it wrote its runs, is kept as it was (records.unfinished_packs), so it resumes from its
+    checkpoint and ends bit for bit as it would have. Cheap; call it again once the sweep's lock
+    is held, so runs another sweep finished in between are not trained twice."""
+    waiting = set(records.needing_training(p.sweep_dir, p.configs))
+    finished = [rid for rid in p.configs if rid not in waiting]
+    done = set(finished)
+    group = lambda rid: p.groups.get(rid) or engine.pack_key(p.configs[rid])  # noqa: E731
     packs: list[list[str]] = []
     taken: set[str] = set()
     for ids in records.unfinished_packs(p.sweep_dir):
-        if (set(ids) <= set(p.configs) - taken and not set(ids) <= set(finished)
-                and len({engine.pack_key(p.configs[r]) for r in ids}) == 1):
+        if set(ids) <= set(p.configs) - taken and not set(ids) <= done and len({group(r) for r in ids}) == 1:
             packs.append(ids)
             taken |= set(ids)
     todo: dict[str, list[str]] = {}
-    for rid, cfg in p.configs.items():
-        if rid not in finished and rid not in taken:
-            todo.setdefault(engine.pack_key(cfg), []).append(rid)
+    for rid in p.configs:
+        if rid not in done and rid not in taken:
+            todo.setdefault(group(rid), []).append(rid)
     for ids in todo.values():
-        size = p.configs[ids[0]].pack_size
+        size = memory.pack_size(p.configs[ids[0]])
         packs += [ids[i: i + size] for i in range(0, len(ids), size)]
     return dataclasses.replace(p, packs=packs, finished=finished)
 
@@ -305,10 +301,12 @@ def write_plan(p: Plan) -> Path:
         "created": previous.get("created", results.now()),
         "launches": launches + [{"at": results.now(), "overrides": p.overrides, "runs": len(p.configs),
                                  "already_finished": len(p.finished), "packs": len(p.packs)}]})
-    for rid, cfg in p.configs.items():
-        if rid not in p.finished:           # a finished run's folder is never touched again
-            results.save_config(p.sweep_dir, rid, cfg)
-    return results.write_launch_plan(p.sweep_dir, len(launches), {"sweep_dir": str(p.sweep_dir.resolve()),
+    finished = set(p.finished)
+    with results.one_sync(p.sweep_dir):
+        for rid, cfg in p.configs.items():
+            if rid not in finished:             # a finished run's folder is never touched again
+                results.save_config(p.sweep_dir, rid, cfg)
+    return results.write_launch_plan(p.sweep_dir, len(launches), {"sweep_dir": os.path.abspath(p.sweep_dir),
                                                                   "grid": list(p.configs), "packs": p.packs})
 
 
@@ -316,107 +314,36 @@ def write_launch(folder: Path, written: list[tuple[Plan, Path]]) -> Path:
     """One launch of several written plans (a suite's members, each with its plan from
     `write_plan`): `<folder>/launches/<k>/plan.json` lists the plans and numbers their packs
     0…P−1 across them, so one multirun — one job array on SLURM — runs every member's packs at
-    once. `run_pack` follows a pack to its member's plan. Returns the launch's path."""
+    once. Returns the launch's path."""
     packs = [[i, j] for i, (p, _) in enumerate(written) for j in range(len(p.packs))]
-    return results.write_launch_plan(Path(folder), 0, {"plans": [str(pp.resolve()) for _, pp in written], "packs": packs})
+    return results.write_launch_plan(Path(folder), 0, {"plans": [os.path.abspath(pp) for _, pp in written],
+                                                       "packs": packs})
 
 
-def run_pack(plan_path: Path, index: int, on_step: Optional[Callable[[int], None]] = None) -> dict:
-    """Train pack `index` of a written plan (or launch, `write_launch`) and record every run. Never
-    raises for a run's failure: a pack that fails marks its runs failed, with the error, and the
-    sweep goes on. The pack is trained whole, as planned, so each run's numbers are those of this
-    pack (float rounding depends on a pack's size), but runs of it already finished — a kill, or a
-    requeued job, after some were written — are never written again."""
-    written = results.read_json(Path(plan_path))
-    if "plans" in written:                        # a launch of several plans: the member's pack
-        member, local = written["packs"][index]
-        return {**run_pack(Path(written["plans"][member]), local, on_step), "plan": written["plans"][member]}
-    sweep_dir = Path(written["sweep_dir"])
-    planned = written["packs"][index]
-    todo = [rid for rid in planned if records.needs_training(sweep_dir, rid)]
-    if not todo:
-        return {"pack": index, "runs": 0}
-    readable = all(records.read_run(sweep_dir, rid).config is not None for rid in planned)
-    trained = planned if readable else todo
-    configs = [to_config(results.load_config_dict(sweep_dir, rid)) for rid in trained]
-    info = {"pack": index, "pack_runs": len(trained), "started_at": results.now(),
-            **results.provenance(str(engine.resolve_device(configs[0].device)))}
-    for rid in todo:
-        results.write_status(sweep_dir, rid, results.RUNNING, **info)
-    start = time.perf_counter()
-    ckpt = results.checkpoint_path(sweep_dir, trained)
-    try:
-        outcomes = engine.train_pack(configs, on_step=on_step, checkpoint=ckpt)
-    except results.OutputError:
-        raise                            # the folder cannot be written (disk full): stop, resumable
-    except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
-        error = f"{type(e).__name__}: {e}"
-        for rid in todo:
-            results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
-                                 finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
-        return {"pack": index, "runs": len(todo), "failed": len(todo)}
-    wall = time.perf_counter() - start
-    for rid, out in zip(trained, outcomes):
-        if rid in todo:
-            results.write_run(sweep_dir, rid, out.status, out.rows, out.state, out.arrays, diverged_at=out.diverged_at,
-                              resumed_from=out.resumed_from or None, finished_at=results.now(), wall_time_s=wall, **info)
-    results.remove_checkpoint(sweep_dir, trained)       # every run is recorded: the checkpoint has served
-    return {"pack": index, "runs": len(todo), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
+def job_overrides(p: Plan, index: int, folder: Path, launch: int, member: Optional[str] = None) -> list[str]:
+    """What the Hydra job of pack `index` composes: the overrides of its first run without the
+    per-run settings that vary within the pack; its folder, `folder`/launches/<launch>/packs/<job
+    number> (`folder` as the sweep resolved it: a job's own `name` or clock may differ); and
+    `+pack.*`: its number, the suite member it belongs to, and `+pack.runs.<key>=[…]`, one value
+    per run for each per-run setting that varies, as one string (`'0.1,0.2'`; symrun.job.pack_configs
+    reads them). One string, not a list: Hydra's override parser takes time quadratic in a list's
+    length (4 s for a pack of 4,608 runs), and linear in a string's."""
+    runs = [p.configs[rid] for rid in p.packs[index]]
+    varying = [k for k in PER_RUN_KEYS if len({_get(c, k) for c in runs}) > 1]
+    out = [s.text for s in p.settings[p.packs[index][0]] if s.key not in varying]
+    out += [f"hydra.sweep.dir={hydra_quoted(literal(os.path.abspath(folder)))}",
+            f"hydra.sweep.subdir={results.job_subdir(launch)}", f"+pack.index={index}"]
+    out += [f"+pack.member={member}"] if member is not None else []
+    out += [f"+pack.runs.{k}='{','.join(_literal(_get(c, k)) for c in runs)}'" for k in varying]
+    return out
 
 
-# The Hydra job a launcher runs. A plain module-level function, so joblib and submitit pickle
-# it by reference; the progress callback is process-local state that never travels with it.
-_ON_STEP: Optional[Callable[[int], None]] = None
+def _get(cfg: Config, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
-def pack_task(cfg: DictConfig) -> dict:
-    return run_pack(Path(cfg.plan), int(cfg.pack), on_step=_ON_STEP)
-
-
-def in_process(hydra_args: list[str]) -> bool:
-    """Whether the launcher runs jobs in this process (Hydra's basic launcher)."""
-    chosen = [a.split("=", 1)[1] for a in hydra_args if a.startswith("hydra/launcher=")]
-    return not chosen or chosen[-1] == "basic"
-
-
-def launch(plan_path: Path, packs: int, hydra_args: list[str], on_step: Optional[Callable[[int], None]] = None) -> None:
-    """Run the `packs` packs of a written plan or launch as Hydra multirun jobs through the
-    configured launcher (basic: in-process); their Hydra folders go beside the plan. A launcher's
-    error (a job that died without a result) is raised, not printed and exited on."""
-    global _ON_STEP
-    if not packs:
-        return
-    argv = [f"plan='{plan_path.resolve()}'", f"pack={','.join(str(i) for i in range(packs))}",
-            f"hydra.sweep.dir='{plan_path.parent.resolve()}'", "hydra.sweep.subdir=packs/${hydra.job.num}",
-            "hydra.job.name=symrun", *[a for a in hydra_args if not a.startswith("hydra.sweep.dir=")], "--multirun"]
-    saved, _ON_STEP = sys.argv, on_step
-    sys.argv = [saved[0], *argv]
-    full_error = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        GlobalHydra.instance().clear()
-        hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pack_job")(pack_task)()
-    finally:
-        sys.argv, _ON_STEP = saved, None
-        GlobalHydra.instance().clear()
-        if full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR")
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
-
-
-def runs_done(p: Plan) -> int:
-    """How many of the plan's runs have ended (any status but running) — for progress from afar."""
-    ended = 0
-    for rid in (r for pack in p.packs for r in pack):
-        st = records.read_run(p.sweep_dir, rid, config=False).info
-        ended += st is not None and st.get("status") != results.RUNNING
-    return ended
-
-
-def sweep_dir_from(hydra_args: list[str]) -> Optional[Path]:
-    """The folder a `hydra.sweep.dir=...` override names (to resume into), if any."""
-    for a in hydra_args:
-        if a.startswith("hydra.sweep.dir="):
-            return Path(a.split("=", 1)[1].strip("'\""))
-    return None
+def _literal(value: Any) -> str:
+    """A per-run value as symrun.job.values_of reads it back (floats as repr: exact)."""
+    return repr(float(value)) if isinstance(value, float) else str(int(value))

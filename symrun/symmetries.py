@@ -21,6 +21,7 @@ from typing import Union
 
 import torch
 
+from symrun import linalg
 Params = dict[str, torch.Tensor]
 
 
@@ -101,7 +102,7 @@ def constraint_norms(sym: Symmetry, params: Params) -> torch.Tensor:
     if isinstance(sym, Rotation):
         u, w = params[sym.left].double(), params[sym.right].double()   # float32 eigh is off by ~1e-3 here
         gram = u.mT @ u + w @ w.mT                                       # (*lead, h, h)
-        norms = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+        norms = linalg.eigvalsh(gram).clamp_min(0).sqrt()
         return norms.reshape(norms.shape[0], -1)
     groups = gather(sym.neurons, params)                                   # (*lead, n, g)
     if isinstance(sym, SignFlip):
@@ -170,6 +171,14 @@ def mirror_count(sym: Symmetry, params: Params) -> int:
     return mid * (n if isinstance(sym, SignFlip) else n * (n - 1) // 2)
 
 
+def mirror_size(sym: Symmetry, params: Params) -> int:
+    """k, the columns of each of `sym`'s mirrors O: a neuron's group size; a + b for a rotation of
+    U (a × h) and W (h × b)."""
+    if isinstance(sym, Rotation):
+        return params[sym.left].shape[-2] + params[sym.right].shape[-1]
+    return gather(sym.neurons, params).shape[-1]
+
+
 def select(sym: Symmetry, params: Params, index: torch.Tensor) -> Mirror:
     """Run r's mirror number index[r] of `sym`, numbered as the columns of `constraint_norms`:
     neurons (and members) in order; pairs i < j in row-major order; for a rotation, per block the
@@ -208,7 +217,7 @@ def _select_rotation(sym: Rotation, params: Params, index, zeros, runs) -> Mirro
     uf, wf = u.reshape(u.shape[0], -1, a, h), w.reshape(w.shape[0], -1, h, b)
     block, col = index // h, index % h
     gram = uf[runs, block].double().mT @ uf[runs, block].double() + wf[runs, block].double() @ wf[runs, block].double().mT
-    n = torch.linalg.eigh(gram)[1][runs, :, col].to(u.dtype)               # (R, h) unit vectors
+    n = linalg.eigh(gram)[1][runs, :, col].to(u.dtype)               # (R, h) unit vectors
 
     def restrict(p: Params) -> torch.Tensor:
         pu = p[sym.left].reshape(uf.shape)[runs, block]                    # (R, a, h)

@@ -49,8 +49,8 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     swept = records.read_sweep(sweep_dir)[0].get("swept", [])
     run_rows, result_frames = [], []
     held = results.lock_held(sweep_dir)
-    for rid in _ordered(sweep_dir):
-        record = records.read_run(sweep_dir, rid, metrics=True)
+    for record in records.read_runs(sweep_dir, _ordered(sweep_dir)):
+        rid = record.run_id
         if record.status == PENDING:
             continue
         if record.status == RUNNING and not held:
@@ -64,18 +64,24 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             extra["pack_runs"] = st.get("pack_size")          # its name before it left the config's column
         extra["resolved_device"] = st.get("device")           # `device` stays the configured value
         run_rows.append({"run_id": rid, "status": record.status, **cfg, **st.get("final", {}), **extra})
-        if record.metrics is not None:
-            frame = record.metrics
-            for key in reversed(swept):
-                frame.insert(0, key, cfg.get(key))
-            frame.insert(0, "run_id", rid)
-            result_frames.append(frame)
+        if record.metrics is not None and len(record.metrics):
+            result_frames.append((rid, cfg, record.metrics))
     front = ["run_id", "status"] + swept
     runs = pd.DataFrame(run_rows) if run_rows else pd.DataFrame(columns=front)
     runs = runs[[c for c in front if c in runs.columns] + [c for c in runs.columns if c not in front]]
-    frames = [f for f in result_frames if len(f)]
-    res = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", *swept, "step"])
+    if not result_frames:
+        return runs, pd.DataFrame(columns=["run_id", *swept, "step"])
+    # One concatenation, then each run's id and swept values repeated over its rows.
+    res = pd.concat([frame for _, _, frame in result_frames], ignore_index=True)
+    lengths = [len(frame) for _, _, frame in result_frames]
+    for key in reversed(swept):
+        res.insert(0, key, _repeated([cfg.get(key) for _, cfg, _ in result_frames], lengths))
+    res.insert(0, "run_id", _repeated([rid for rid, _, _ in result_frames], lengths))
     return runs, res
+
+
+def _repeated(values: list, lengths: list[int]) -> pd.Series:
+    return pd.Series(values).repeat(lengths).reset_index(drop=True)
 
 
 def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -123,8 +129,8 @@ def sweep_status(sweep_dir: Path) -> SweepStatus:
     counts = {s: 0 for s in (FINISHED, RUNNING, INTERRUPTED, FAILED, DIVERGED, PENDING, DAMAGED)}
     reasons: dict[str, list[str]] = {}
     held = results.lock_held(sweep_dir)
-    for rid in results.run_ids(sweep_dir):
-        record = records.read_run(sweep_dir, rid, metrics=True)
+    for record in records.read_runs(sweep_dir, results.run_ids(sweep_dir)):
+        rid = record.run_id
         state = INTERRUPTED if record.status == RUNNING and not held else record.status
         counts[state] += 1
         if state == FAILED:

@@ -1,9 +1,12 @@
 """The benchmark's bookkeeping (its timings are the record, not asserted here)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from symrun import bench
+from symrun import bench, wholebench
 
 
 def test_chain_flops_counts_forward_weight_and_hidden_gradients():
@@ -36,7 +39,43 @@ def test_quick_bench_writes_every_workload(tmp_path):
     out = tmp_path / "B.md"
     bench.main(["--quick", "--steps", "3", "--naive-runs", "1", "--write", str(out)])
     text = out.read_text()
-    for name in ("W1 mlp", "label flips p = 0.1", "hadamard", "factorization", "Pack-size scaling", "fp32 matmul peak"):
+    for name in ("W1 mlp", "label flips p = 0.1", "hadamard", "factorization", "Pack-size scaling", "fp32 matmul peak",
+                 "as a whole process", "`symrun sweep` s", "torch.func s", "Where `symrun sweep` spends its time"):
         assert name in text
-    rows = [ln for ln in text.splitlines() if ln.startswith("| W1")]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| W1 mlp")]
     assert len(rows) == 3 and all("×" in r for r in rows)        # 8 and 32 runs, 8 with label flips
+    whole = [ln for ln in text.splitlines() if ln.startswith(("| W1:", "| Hadamard d=20"))]
+    assert len(whole) == 2 and all(r.count("×**") == 2 for r in whole)          # vs lean, vs torch.func
+    for phase in ("training steps", "critical weight decay λ_c", "tables and figures", "planning"):
+        assert sum(ln.startswith(f"| {phase}") for ln in text.splitlines()) == 2      # one profile per workload
+
+
+def _script(tmp_path, name: str, *args: str) -> tuple[list[list[str]], float]:
+    from symrun import baselines
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(baselines.SCRIPTS[name])
+    out = tmp_path / f"{name}.csv"
+    done = subprocess.run([sys.executable, str(path), *args, "--out", str(out)], capture_output=True, text=True, check=True)
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    return rows, wholebench.trained_seconds(done.stdout)
+
+
+@pytest.mark.slow
+def test_the_baseline_scripts_train_the_same_grid(tmp_path):
+    """The lean loop and the torch.func recipe start every run from the same initialisation
+    (torch.manual_seed(seed), then the module), so on full-batch GD — no sampling — they must end
+    at the same losses; and training lowers the loss."""
+    grid = ["--model", "hadamard", "--lr", "0.1", "--wds", "0,0.05", "--seeds", "2"]
+    lean, t_lean = _script(tmp_path, "lean", *grid, "--steps", "200")
+    func, _ = _script(tmp_path, "torch_func", *grid, "--steps", "200")
+    untrained, _ = _script(tmp_path, "lean", *grid, "--steps", "0")
+    assert lean[0] == func[0] == ["weight_decay", "seed", "train_loss"] and len(lean) == len(func) == 5
+    for a, b, c in zip(lean[1:], func[1:], untrained[1:]):
+        assert a[:2] == b[:2] and float(a[2]) == pytest.approx(float(b[2]), rel=1e-4)
+        assert float(a[2]) < 0.5 * float(c[2])
+    assert t_lean > 0
+    part, _ = _script(tmp_path, "lean", *grid, "--steps", "5", "--runs", "3")             # a subset of the grid
+    assert len(part) == 4
+    mlp, _ = _script(tmp_path, "torch_func", "--model", "mlp", "--batch", "64", "--steps", "30", "--wds", "0", "--seeds", "2")
+    assert len(mlp) == 3 and all(float(r[2]) < 2.3 for r in mlp[1:])          # below chance level, ln 10

@@ -90,6 +90,13 @@ def _csv(text):
     return lambda d: (d / "d.csv").write_text(text)
 
 
+def _preset(name, text):
+    def write(d):
+        (d / "cfg" / "experiment").mkdir(parents=True, exist_ok=True)
+        (d / "cfg" / "experiment" / f"{name}.yaml").write_text("# @package _global_\n" + text)
+    return write
+
+
 X, Y = np.random.default_rng(0).standard_normal((8, 4)), np.random.default_rng(1).standard_normal(8)
 X_NAN, Y_INF = X.copy(), Y.copy()
 X_NAN[0, 1], Y_INF[2] = np.nan, np.inf
@@ -127,6 +134,22 @@ BAD_INPUT = [
     (["sweep", *NPZ], "model=hadamard needs a single regression target", _npz(x=X, y=np.stack([Y, Y], 1))),
     (["sweep", *NPZ, "model=attention", "model.tokens=3"], "must divide the input dimension 4", _npz(x=X, y=Y)),
     (["sweep", *NPZ], "not a readable .npz", lambda d: (d / "d.npz").write_text("garbage")),
+    # through Hydra's flags and a user's config folder
+    (["sweep", "-cd", "cfg", "experiment=broken"], "cfg/experiment/broken.yaml, line 3: not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence from line 2)",
+     _preset("broken", "train: {steps: [1, 2\n")),
+    (["sweep", "-cd", "cfg", "experiment=typo"], "In 'experiment/typo': unknown setting 'train.stepz'; did you mean 'train.steps'?",
+     _preset("typo", "train: {stepz: 3}\n")),
+    (["sweep", "-cd", "cfg", "experiment=nope"], "unknown experiment option 'nope'", _preset("mine", "name: mine\n")),
+    (["sweep", "-cd", "cfg", "experiment=nope"], "dead_neurons, mine,", _preset("mine", "name: mine\n")),
+    (["sweep", "-cd", "nowhere"], "Additional config directory", None),
+    (["run", "hydra.searchpath=[file://nowhere]"], "hydra.searchpath: nowhere is not a folder", None),
+    (["run", "seed=0,1"], "one configuration takes no sweep syntax (seed=0,1); use symrun sweep", None),
+    (["run", "-m"], "symrun run takes one configuration; use symrun sweep", None),
+    (["run", "experiment=symmetry_removal"], "experiment=symmetry_removal is a suite of presets", None),
+    (["sweep", "experiment=rescaling_sparsity,dead_neurons"], "sweep one experiment preset at a time", None),
+    (["sweep", "--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus'", None),
+    (["sweep", "seed=0,1", "--plna"], "unrecognized arguments: --plna", None),
+    (["sweep", "optim.weight_decay=interval(0,1)"], "not intervals", None),
     pytest.param(["sweep", "device=cuda"], "no CUDA device", None,
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]
@@ -157,11 +180,17 @@ def test_list_help_and_report(cli, tmp_path):
         assert word in listing
     for cmd in ["sweep", "run", "report", "list"]:
         assert "Usage" in cli(cmd, "--help").stdout
+    for flag in ["--help", "-h"]:      # sweep and run: Hydra's help, with symrun's usage and the config groups
+        shown = cli("sweep", flag).stdout
+        assert "Usage: symrun sweep" in shown and "--plan" in shown and "== Config groups ==" in shown
+        assert "experiment: attention_rank" in shown and "--config-dir,-cd" in shown
     missing = cli("report", str(tmp_path / "nowhere"), check=False)
     assert missing.returncode != 0 and "no sweep folders" in missing.stderr
 
 
-@pytest.mark.parametrize("hydra_arg", ["hydra/launcher=nope", "hydra.launcher.n_jobs=2", "hydra.sweeper.params.seed=1,2"])
+@pytest.mark.parametrize("hydra_arg", ["hydra/launcher=nope", "hydra.launcher.n_jobs=2", "hydra.sweeper.params.seed=1,2",
+                                       "hydra.searchpath=[file:///no/such/folder]", "--config-dir=/no/such/folder",
+                                       "--cfg=bogus", "--plna"])
 def test_bad_hydra_arguments_are_refused_before_anything_is_written(cli, tmp_path, hydra_arg):
     proc = cli("sweep", "seed=0,1", "train.steps=2", hydra_arg, check=False)
     assert proc.returncode != 0
@@ -170,11 +199,13 @@ def test_bad_hydra_arguments_are_refused_before_anything_is_written(cli, tmp_pat
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["list"], ["sweep", "--help"]])
-def test_help_and_list_do_not_import_torch_hydra_or_pandas(args):
+@pytest.mark.parametrize("args, allowed", [(["--help"], set()), (["--version"], set()), (["list"], set()),
+                                           (["sweep", "--help"], {"hydra"})])
+def test_help_and_list_do_not_import_torch_hydra_or_pandas(args, allowed):
     # `symrun --help` and `symrun list` must answer at once: the heavy imports wait for real work.
+    # A command's own help is Hydra's (the config groups), without torch or pandas.
     code = ("import sys\nfrom symrun import cli\ntry:\n    cli.main(%r)\nexcept SystemExit:\n    pass\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'hydra', 'pandas', 'matplotlib'}))" % args)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert proc.stdout.strip().splitlines()[-1] == str(sorted(allowed))

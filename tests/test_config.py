@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import write_fake_cifar
-from symrun import sweep, tables
+from symrun import config, job, sweep, tables
 from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, ConfigError
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -52,9 +52,8 @@ def test_every_preset_composes_validates_and_runs_a_few_steps(tmp_path, preset):
     for plan in plans:                     # a suite (symmetry_removal) is one sweep per member preset
         assert len(plan.configs) > 1 and plan.swept, "a preset defines a grid"
         assert all(c.name in (preset, f"{preset}/{plan.sweep_dir.name}") for c in plan.configs.values())
-        plan_path = sweep.write_plan(plan)
-        for i in range(len(plan.packs)):
-            sweep.run_pack(plan_path, i)
+        sweep.write_plan(plan)
+        job.run_plan(plan)
         runs, res = tables.write_tables(plan.sweep_dir)
         assert len(runs) == len(plan.configs)
         assert set(runs["status"]) == {"finished"}
@@ -106,6 +105,8 @@ def test_run_ids_are_stable_and_distinct(tmp_path):
     (["model=mlp", "data=digits", "noise.label_std=0.1"], "noise.label_std applies to regression"),
     (["data.rank=0"], "data.rank"),
     (["noise.temperature=inf"], "noise.temperature"),
+    (["metrics.critical_examples=0"], "metrics.critical_examples >= 1"),
+    (["pack_size=0"], "pack_size must be >= 1 or null"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     with pytest.raises(ConfigError) as err:
@@ -124,20 +125,30 @@ def test_cuda_requested_without_cuda_is_refused(tmp_path):
         sweep.plan(["device=cuda"], tmp_path)
 
 
-def test_fast_composition_equals_a_full_hydra_composition_per_run(tmp_path):
-    """compose_all composes once per group choice and applies value overrides itself (through
-    Hydra's private helpers): it must give exactly what compose() gives for each run."""
-    from hydra import compose
-
+@pytest.mark.parametrize("interpolated", [False, True])
+def test_runs_set_on_a_copy_equal_a_full_hydra_composition_per_run(tmp_path, interpolated):
+    """The planner composes each shape once and sets per-run values on copies (or, in a config with
+    interpolations, through OmegaConf): every run must equal Hydra's own composition of its grid
+    point, which is what a launcher's job composes."""
+    from symrun.composition import composer, drop_hydra
     from symrun.config import to_config
 
     args = ["experiment=rescaling_sparsity", "model=hadamard,factorization", "++optim.momentum=0.5",
-            "optim.weight_decay=0.1,1.0", "seed=range(0,2)", "noise.label_std=0.5"]
-    with sweep._hydra_context():
-        grid, _ = sweep.expand(args)
-        fast = sweep.compose_all(grid)
-        full = [to_config(compose("config", overrides=overrides)) for overrides in grid]
-    assert len(fast) == 8 and fast == full
+            "optim.weight_decay=0.1,1", "seed=range(0,2)", "noise.label_std=0.5", "optim.lr='0.25'"]
+    if interpolated:        # a preset of the user's whose values read per-run ones
+        (tmp_path / "cfg" / "experiment").mkdir(parents=True)
+        (tmp_path / "cfg" / "experiment" / "linked.yaml").write_text(
+            "# @package _global_\ndefaults:\n  - rescaling_sparsity\nnoise:\n  temperature: ${optim.weight_decay}\n")
+        args = [f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "experiment=linked", *args[1:]]
+    plan = sweep.plan(args, tmp_path / "out")
+    assert len(plan.configs) == 8 and not (tmp_path / "out").exists()
+    with composer(args) as comp:
+        for rid, cfg in plan.configs.items():
+            assert cfg == to_config(drop_hydra(comp.compose([s.text for s in plan.settings[rid]]))), rid
+    assert {c.optim.weight_decay for c in plan.configs.values()} == {0.1, 1.0}      # 1 → 1.0, as OmegaConf converts
+    assert {c.optim.lr for c in plan.configs.values()} == {0.25}
+    if interpolated:
+        assert all(c.noise.temperature == c.optim.weight_decay for c in plan.configs.values())
 
 
 def test_a_config_saved_with_model_offset_std_still_loads():
@@ -149,3 +160,18 @@ def test_a_config_saved_with_model_offset_std_still_loads():
     assert cfg.symmetry.remove is True and cfg.symmetry.remove_std == 0.3
     plain = to_config({"model": {"name": "hadamard", "offset_std": 0.0}, "data": {"name": "teacher"}})
     assert plain.symmetry.remove is False
+
+
+def test_to_dict_is_dataclasses_asdict():
+    import dataclasses
+
+    from symrun.config import Config, DigitsDataConfig, EnsembleConfig, TeacherDataConfig, TextDataConfig, TransformerConfig
+
+    for model, data in ((EnsembleConfig(), TeacherDataConfig(teacher="mlp")), (TransformerConfig(), TextDataConfig()),
+                        (EnsembleConfig(members=3), DigitsDataConfig())):
+        cfg = Config(model=model, data=data)
+        cfg.constraint.params = ["layers.0.weight", "layers.1.bias"]
+        out = config.to_dict(cfg)
+        assert out == dataclasses.asdict(cfg) and isinstance(out["optim"]["betas"], type(cfg.optim.betas))
+        out["constraint"]["params"].append("x")                     # a copy, not the config's own list
+        assert cfg.constraint.params == ["layers.0.weight", "layers.1.bias"]

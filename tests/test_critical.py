@@ -132,5 +132,42 @@ def test_at_end_uses_the_first_critical_examples_and_skips_dead_runs():
     expected = np.abs(ds.x[:50].T @ ds.y[:50, 0]).max() / 50                   # λ_max of the first 50 examples
     np.testing.assert_allclose(cols["critical_wd_max.rescaling"][[0, 2]].numpy(), expected, rtol=1e-10)
     assert torch.isnan(cols["critical_wd_max.rescaling"][1])                  # a diverged run: NaN
+    assert cols["critical_wd_examples"].tolist() == [50.0] * 3 and cols["critical_wd_exact"].tolist() == [0.0] * 3
+    cfg.metrics.critical_examples = len(ds.x)                                 # all 200: exact (2 × 2 blocks)
+    cols = critical.at_end(model, rp, zero, x, y, "regression", cfg.metrics, torch.ones(3, dtype=torch.bool))
+    assert cols["critical_wd_examples"].tolist() == [200.0] * 3 and cols["critical_wd_exact"].tolist() == [1.0] * 3
+    np.testing.assert_allclose(cols["critical_wd_max.rescaling"].numpy(), theory.lasso_threshold(ds.x, ds.y), rtol=1e-10)
     assert not critical.at_end(model, rp, zero, x, y, "regression", cfg.metrics.__class__(critical_mirrors=0),
                                torch.ones(3, dtype=torch.bool))
+
+
+def test_at_end_solves_neuron_blocks_in_closed_form_exactly_whatever_their_size():
+    """An MLP's neuron blocks come in closed form, so they are solved whole even when larger than
+    metrics.critical_block (which would mean Lanczos by Hessian-vector products): the columns
+    equal Hessian-vector products with a block large enough to be exact, and say exact."""
+    model_cfg, data_cfg = MLPConfig(width=5), TeacherDataConfig(teacher="mlp", n=60, dim=4, out_dim=2)
+    model, loss_fn, params, ds = setup(model_cfg, data_cfg, seeds=(0, 1, 2))
+    cfg = Config(model=model_cfg, data=data_cfg).metrics
+    cfg.critical_block, cfg.critical_mirrors = 3, 6                           # blocks are 4 + 1 + 2 = 7
+    rp = reparam.build(Config(model=model_cfg, data=data_cfg), model)
+    x, y = torch.as_tensor(ds.x), torch.as_tensor(ds.y)
+    cols = critical.at_end(model, rp, params, x, y, "regression", cfg, torch.ones(3, dtype=torch.bool))
+    exact = critical.summarize(critical.thresholds(loss_fn, model.symmetries(), params, 6, block_size=64))
+    for k, v in exact.items():
+        torch.testing.assert_close(cols[k], v, rtol=1e-9, atol=1e-12)
+    assert cols["critical_wd_exact"].tolist() == [1.0] * 3 and cols["critical_wd_examples"].tolist() == [60.0] * 3
+
+
+def test_at_end_in_passes_of_one_run_gives_the_same_columns(monkeypatch):
+    model_cfg, data_cfg = MLPConfig(width=4, depth=2), TeacherDataConfig(teacher="mlp", n=50, dim=3, out_dim=2)
+    model, _, params, ds = setup(model_cfg, data_cfg, seeds=(0, 1, 2))
+    rp = reparam.build(Config(model=model_cfg, data=data_cfg), model)
+    cfg = Config(model=model_cfg, data=data_cfg).metrics
+    x, y, alive = torch.as_tensor(ds.x), torch.as_tensor(ds.y), torch.ones(3, dtype=torch.bool)
+    together = critical.at_end(model, rp, params, x, y, "regression", cfg, alive)
+    monkeypatch.setattr(critical.memory, "PASS_BYTES", 1)                     # one run per pass
+    assert critical.runs_per_pass(lambda p: model.forward(p, x).sum((1, 2)), params, 4) == 1
+    apart = critical.at_end(model, rp, params, x, y, "regression", cfg, alive)
+    assert together.keys() == apart.keys()
+    for k in together:
+        torch.testing.assert_close(apart[k], together[k], rtol=1e-12, atol=1e-14)

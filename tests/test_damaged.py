@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from symrun import cli as cli_mod
-from symrun import records, report, results, sweep
+from symrun import job, records, report, results, sweep
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 
@@ -17,7 +17,8 @@ GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     plan = sweep.plan(GRID, tmp_path_factory.mktemp("finished"))
-    sweep.run_pack(sweep.write_plan(plan), 0)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
     report.build(plan.sweep_dir)
     return plan.sweep_dir
 

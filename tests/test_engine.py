@@ -11,7 +11,6 @@ import dataclasses
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 

@@ -28,7 +28,9 @@ def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
                    check=True, capture_output=True, timeout=300)
     probe = (
         "import symrun, symrun.config as c, symrun.sweep as s, pathlib, sys\n"
+        "import hydra_plugins.symrun_sweeper.symrun_sweeper as plugin\n"
         "assert pathlib.Path(symrun.__file__).is_relative_to(sys.argv[1]), symrun.__file__\n"
+        "assert pathlib.Path(plugin.__file__).is_relative_to(sys.argv[1]), plugin.__file__\n"
         "assert c.CONFIG_DIR.is_relative_to(sys.argv[1]), c.CONFIG_DIR\n"
         "names = sorted(p.stem for p in (c.CONFIG_DIR / 'experiment').glob('*.yaml'))\n"
         "assert names, 'no presets in the wheel'\n"
@@ -45,3 +47,9 @@ def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "rescaling_sparsity" in out.stdout
+    # The command, as installed: Hydra finds the sweeper plugin and the configs in the wheel.
+    shown = subprocess.run([sys.executable, "-m", "symrun", "sweep", "experiment=rescaling_sparsity", "--plan"],
+                           cwd=tmp_path, env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "rescaling_sparsity →" in shown.stdout and "96 runs over" in shown.stdout, shown.stdout
+    assert not (tmp_path / "outputs").exists()

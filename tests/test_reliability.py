@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import results
+from symrun import folder, results
 
 # Six packs (data.n sets the shapes) of two runs each, with minibatches and both kinds of noise,
 # so every random stream a run has is exercised; each pack takes about a second.
@@ -258,3 +258,27 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_a_line_on_resuming_and_its_runs_inte
     assert "0 running" in status and "interrupted" in status.split("runs:")[1].split(",")[2]
     _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={d}")
     assert set(_statuses(d).values()) == {"finished"}
+
+
+def test_a_pack_is_written_with_two_syncs_and_every_status_after_every_file(tmp_path, monkeypatch):
+    """write_runs: no fsync per file; one syncfs after every run's metrics and parameters, one
+    after the statuses, so no completion marker can reach the disk before its run's files."""
+    events = []
+    monkeypatch.setattr(folder.os, "fsync", lambda fd: events.append("fsync"))
+    real_sync = folder.sync_filesystem
+    monkeypatch.setattr(folder, "sync_filesystem", lambda where: (events.append("sync"), real_sync(where)))
+    real_write = folder._write_at           # every atomic write, a run folder's opened once included
+    monkeypatch.setattr(folder, "_write_at",
+                        lambda fd, name, content, path: (events.append(name), real_write(fd, name, content, path)))
+    rows = [{"step": 0, "train_loss": 1.0}, {"step": 5, "train_loss": 0.5}]
+    runs = [(f"r{i}", results.FINISHED, rows, {"w": torch.ones(2) * i}, None, {"wall_time_s": 1.0}) for i in range(3)]
+    results.write_runs(tmp_path, runs)
+    files = ["metrics.csv", "params.pt"] * 3
+    assert events == files + ["sync"] + ["status.json"] * 3 + ["sync"]
+    for i in range(3):
+        assert results.status(tmp_path, f"r{i}") == {"run_id": f"r{i}", "status": "finished", "final": {"train_loss": 0.5},
+                                                     "final_step": 5, "wall_time_s": 1.0}
+        assert torch.equal(results.load_params(results.run_dir(tmp_path, f"r{i}") / "params.pt")["w"], torch.ones(2) * i)
+    events.clear()
+    results.write_json(tmp_path / "x.json", {})             # outside a batch: an fsync per file, as before
+    assert events == ["x.json", "fsync"]

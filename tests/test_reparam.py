@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from symrun import data, engine, reparam, sweep, theory
-from symrun.config import (Config, ConfigError, HadamardConfig, LinearConfig, MLPConfig, TeacherDataConfig,
+from symrun.config import (Config, ConfigError, LinearConfig, MLPConfig, TeacherDataConfig,
                            validate)
 from symrun.models import build
 from conftest import assert_same_run

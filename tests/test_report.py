@@ -5,14 +5,13 @@ import shutil
 import matplotlib.image as mpimg
 import pytest
 
-from symrun import report, results, sweep
+from symrun import job, report, results, sweep
 
 
 def _sweep(tmp_path, *args):
     plan = sweep.plan(["train.steps=20", "train.log_every=10", *args], tmp_path)
-    path = sweep.write_plan(plan)
-    for i in range(len(plan.packs)):
-        sweep.run_pack(path, i)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
     return plan.sweep_dir
 
 
@@ -48,7 +47,8 @@ def test_runs_differing_outside_the_swept_keys_are_not_pooled(tmp_path):
     # two sweeps' run folders still must not pool runs of different settings.
     d = _sweep(tmp_path, "optim.weight_decay=0,0.5")
     other = sweep.plan(["optim.weight_decay=0,0.5", "train.steps=40", "train.log_every=10"], tmp_path / "other")
-    sweep.run_pack(sweep.write_plan(other), 0)
+    sweep.write_plan(other)
+    job.run_plan(other)
     for run in (other.sweep_dir / "runs").iterdir():
         shutil.copytree(run, d / "runs" / run.name)
     rep = report.build(d)
@@ -88,9 +88,8 @@ def test_gallery_section_of_a_suite_has_one_subsection_per_member(tmp_path, monk
     plans = sweep.plans(["experiment=symmetry_removal", "train.steps=20", "train.log_every=10", "seed=0",
                          "metrics.critical_mirrors=0"], tmp_path)[:2]
     for plan in plans:
-        path = sweep.write_plan(plan)
-        for i in range(len(plan.packs)):
-            sweep.run_pack(path, i)
+        sweep.write_plan(plan)
+        job.run_plan(plan)
     monkeypatch.setattr(gallery, "description", lambda name: ["What it shows."])
     text = gallery.section("suite", [p.sweep_dir for p in plans], 1.0, tmp_path / "docs")
     assert f"{sum(len(p.configs) for p in plans)} runs, " in text

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import PROVENANCE
-from symrun import records, report, results, sweep, tables
+from symrun import job, records, report, results, sweep, tables
 from symrun.config import ConfigError
 
 BASE = ["optim.weight_decay=0.01,0.1", "train.steps=60", "train.log_every=20"]
@@ -16,9 +16,8 @@ BASE = ["optim.weight_decay=0.01,0.1", "train.steps=60", "train.log_every=20"]
 def _sweep(args, sweep_dir=None, root=None):
     """Plan, lay out and train a sweep in-process as `symrun sweep` does; returns its folder."""
     plan = sweep.plan(args, root, sweep_dir=sweep_dir)
-    path = sweep.write_plan(plan)
-    for i in range(len(plan.packs)):
-        sweep.run_pack(path, i)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
     report.build(plan.sweep_dir)
     return plan.sweep_dir
 
@@ -35,7 +34,8 @@ def test_extending_a_sweep_gives_the_tables_and_figures_of_the_whole_grid_swept_
     whole = _sweep([*BASE, "seed=0,1,2"], tmp_path / "u", tmp_path)
     runs = results.read_csv(extended / "runs.csv")
     assert list(runs["run_id"]) == list(results.read_csv(whole / "runs.csv")["run_id"]), "rows in grid order"
-    assert set(runs["pack_size"]) == {256} and sorted(runs["pack_runs"]) == [2, 2, 4, 4, 4, 4]
+    # pack_size stays the requested setting (null: sized by memory), never the size a pack had.
+    assert runs["pack_size"].isna().all() and sorted(runs["pack_runs"]) == [2, 2, 4, 4, 4, 4]
     figures = sorted(p.name for p in extended.glob("*.png"))
     assert figures == sorted(p.name for p in whole.glob("*.png"))
     assert "phase_sparsity_vs_optim.weight_decay.png" in figures and not any("pack" in f for f in figures)
@@ -48,16 +48,18 @@ def test_extending_a_sweep_gives_the_tables_and_figures_of_the_whole_grid_swept_
 
 
 def _interrupt_after_first_write(monkeypatch):
-    """A kill while a pack writes its runs: the first run is written, then the process dies."""
-    real, calls = results.write_run, []
+    """A kill while a pack writes its runs: the first run is recorded (its status.json, the
+    completion marker, written last), then the process dies."""
+    real, calls = results.write_status, []
 
-    def write_run(*args, **kw):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(args[1])
-        return real(*args, **kw)
+    def write_status(sweep_dir, rid, state, **info):
+        if state != results.RUNNING:
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(rid)
+        return real(sweep_dir, rid, state, **info)
 
-    monkeypatch.setattr(results, "write_run", write_run)
+    monkeypatch.setattr(results, "write_status", write_status)
     return calls
 
 
@@ -68,10 +70,10 @@ def test_a_kill_while_a_pack_writes_its_runs_resumes_to_the_uninterrupted_number
     reference = _sweep(args, tmp_path / "reference", tmp_path)
     d = tmp_path / "killed"
     plan = sweep.plan(args, tmp_path, sweep_dir=d)
-    path = sweep.write_plan(plan)
+    sweep.write_plan(plan)
     written = _interrupt_after_first_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_pack(path, 0)
+        job.run_plan(plan)
     monkeypatch.undo()
     (first,) = written
     kept = {p: p.read_bytes() for p in (d / "runs" / first).iterdir()}
@@ -83,8 +85,8 @@ def test_a_kill_while_a_pack_writes_its_runs_resumes_to_the_uninterrupted_number
                                              if checkpointed else [])
     again = sweep.plan(args, tmp_path, sweep_dir=d)
     assert again.packs == plan.packs, "the pack is trained again whole, as it was"
-    path = sweep.write_plan(again)
-    sweep.run_pack(path, 0)
+    sweep.write_plan(again)
+    job.run_plan(again)
     tables.write_tables(d)
     assert {p: p.read_bytes() for p in kept} == kept, "a finished run's files are never written again"
     assert not list((d / "checkpoints").iterdir()) if checkpointed else not (d / "checkpoints").exists()
@@ -155,6 +157,7 @@ def test_a_csv_data_file_trains_without_warnings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plan = sweep.plan(["data=file", f"data.path={tmp_path / 'd.csv'}", "data.target=t", "train.steps=2"], tmp_path)
-        sweep.run_pack(sweep.write_plan(plan), 0)
+        sweep.write_plan(plan)
+        job.run_plan(plan)
     assert plan.configs[next(iter(plan.configs))].data.target == ["t"], "a single column name is a list of one"
     assert records.read_run(plan.sweep_dir, next(iter(plan.configs))).status == "finished"

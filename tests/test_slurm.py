@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import assert_same_tables, sweep_dirs
-from symrun import results, sweep, tables
+from symrun import job, results, sweep, tables
 
 SLURM_UP = Path(__file__).resolve().parent.parent / ".ci" / "slurm-up"
 GRID = ["model=hadamard,factorization", "seed=0,1", "optim.weight_decay=0,0.1", "train.steps=20", "train.log_every=5"]
@@ -59,7 +59,7 @@ def test_a_sweep_on_slurm_matches_the_same_sweep_run_locally(cli, tmp_path, slur
     tasks = runs["slurm_job_id"].astype(str)
     assert tasks.nunique() == 8 and tasks.str.fullmatch(r"\d+_\d").all(), tasks.tolist()
     assert tasks.str.split("_").str[0].nunique() == 1, "one array for the batch of packs"
-    folder = s / "launches" / "0" / ".submitit"
+    folder = s / ".submitit"          # hydra.sweep.dir/.submitit, submitit_slurm's default
     for task in tasks:
         assert f"JobEnvironment(job_id={task}," in (folder / task / f"{task}_0_log.out").read_text()
         assert (folder / task / f"{task}_0_result.pkl").is_file()
@@ -89,7 +89,7 @@ def test_a_suites_members_run_at_once_as_one_job_array(cli, tmp_path, slurm_part
     tasks = runs["slurm_job_id"].astype(str)
     assert tasks.str.split("_").str[0].nunique() == 1, "one array for every member's packs"
     assert tasks.str.split("_").str[1].astype(int).nunique() == len(results.read_json(parent / "launches" / "0" / "plan.json")["packs"])
-    assert (parent / "launches" / "0" / ".submitit").is_dir()
+    assert (parent / ".submitit").is_dir() and (parent / "launches" / "0" / "packs").is_dir()
 
 
 def test_pack_size_changes_how_many_jobs_not_the_numbers(tmp_path):
@@ -99,9 +99,8 @@ def test_pack_size_changes_how_many_jobs_not_the_numbers(tmp_path):
     for pack_size in (1, 3, 256):
         plan = sweep.plan([*GRID, "train.dtype=float64", f"pack_size={pack_size}"], tmp_path / str(pack_size))
         sizes[pack_size] = sorted(len(p) for p in plan.packs)
-        path = sweep.write_plan(plan)
-        for i in range(len(plan.packs)):
-            sweep.run_pack(path, i)
+        sweep.write_plan(plan)
+        job.run_plan(plan)
         tables.write_tables(plan.sweep_dir)
     assert sizes == {1: [1] * 8, 3: [1, 1, 3, 3], 256: [4, 4]}
     (one,), (three,), (big,) = (sweep_dirs(tmp_path / str(k)) for k in (1, 3, 256))
@@ -127,7 +126,7 @@ def test_a_preempted_pack_is_requeued_and_resumes_from_its_checkpoint(cli, tmp_p
         ckpt = _wait_for(lambda: next(iter((tmp_path / "slurm").glob("*/*/checkpoints/*.pt")), None), proc)
         (d,) = sweep_dirs(tmp_path / "slurm")
         job = results.status(d, next((d / "runs").iterdir()).name)["slurm_job_id"]
-        (script,) = (d / "launches" / "0" / ".submitit").glob("*/*_submission.sh")
+        (script,) = (d / ".submitit").glob("*/*_submission.sh")
         signal_name = re.search(r"--signal=(\w+)@", script.read_text()).group(1)
         subprocess.run(["scancel", f"--signal={signal_name}", job], check=True, timeout=30)
         # A requeued job waits ~2 minutes before it may start again; let it start at once.
@@ -143,7 +142,7 @@ def test_a_preempted_pack_is_requeued_and_resumes_from_its_checkpoint(cli, tmp_p
     runs = results.read_csv(d / "runs.csv")
     assert set(runs["status"]) == {"finished"}
     assert (runs["resumed_from"] > 0).all() and (runs["resumed_from"] % 50 == 0).all(), runs["resumed_from"]
-    assert "Requeued job" in "".join(p.read_text() for p in (d / "launches").rglob("*_log.out"))
+    assert "Requeued job" in "".join(p.read_text() for p in (d / ".submitit").rglob("*_log.out"))
     cli("sweep", *args, "--outputs", "local")
     assert_same_tables(d, sweep_dirs(tmp_path / "local")[0])
 
@@ -164,10 +163,10 @@ def _wait_for(found, proc, timeout=120):
 
 
 def test_the_shipped_cluster_preset_composes_with_overrides():
-    with sweep._hydra_context():
-        hydra_cfg = sweep.compose("pack_job", overrides=["plan=x", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=8"],
-                                  return_hydra_config=True).hydra
-    launcher = hydra_cfg.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3
-    assert list(launcher.setup) == ["export OMP_NUM_THREADS=8"]
+    from symrun.composition import composer
+
+    with composer(["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=8"]) as comp:
+        launcher = comp.master.hydra.launcher
+        assert launcher._target_.endswith("SlurmLauncher")
+        assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3
+        assert list(launcher.setup) == ["export OMP_NUM_THREADS=8"]

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from symrun import engine, results, sweep, tables
+from symrun import engine, job, results, sweep, tables
 
 GRID = ["model=hadamard,factorization,mlp,ensemble", "optim.lr=0.05,1e4", "train.steps=20",
         "train.log_every=5"]
@@ -25,16 +25,16 @@ def partly_done(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "train_pack", train)
     plan = sweep.plan(GRID, tmp_path / "outputs")
-    path = sweep.write_plan(plan)
-    names = [plan.configs[p[0]].model.name for p in plan.packs]
-    for i, name in enumerate(names):
-        if name == "ensemble":
+    sweep.write_plan(plan)
+    for i, pack in enumerate(plan.packs):
+        configs = [plan.configs[rid] for rid in pack]
+        if configs[0].model.name == "ensemble":
             continue
-        if name == "mlp":
+        if configs[0].model.name == "mlp":
             with pytest.raises(KeyboardInterrupt):
-                sweep.run_pack(path, i)
+                job.run_pack(plan.sweep_dir, i, configs)
         else:
-            sweep.run_pack(path, i)
+            job.run_pack(plan.sweep_dir, i, configs)
     monkeypatch.setattr(engine, "train_pack", real)
     return plan.sweep_dir
 

@@ -49,17 +49,19 @@ def test_a_suite_is_not_one_configuration(tmp_path):
         sweep.compose_one(["experiment=symmetry_removal"])
 
 
-def test_a_malformed_suite_file_is_refused(tmp_path, monkeypatch):
-    bad = tmp_path / "configs"
-    (bad / "experiment").mkdir(parents=True)
-    (bad / "experiment" / "broken.yaml").write_text("suite:\n  no_such_preset: [seed=1]\n")
-    (bad / "experiment" / "mixed.yaml").write_text("suite:\n  dead_neurons: [seed=1]\nname: x\n")
-    monkeypatch.setattr(sweep, "CONFIG_DIR", bad)
-    with pytest.raises(ConfigError, match="'no_such_preset' is not an experiment preset"):
-        sweep.suite_of(["experiment=broken"])
-    with pytest.raises(ConfigError, match="holds only `suite:`"):
-        sweep.suite_of(["experiment=mixed"])
-    assert sweep.suite_of(["experiment=nothing_here"]) is None
+@pytest.mark.parametrize("text, message", [
+    ("name: broken\nhydra:\n  sweeper:\n    suite:\n      no_such_preset: [seed=1]\n",
+     "member 'no_such_preset' is not an experiment preset"),
+    ("name: mixed\ntrain:\n  steps: 3\nhydra:\n  sweeper:\n    suite:\n      dead_neurons: [seed=1]\n",
+     "a suite preset sets only `name` and `hydra.sweeper.suite`"),
+    ("name: nested\nhydra:\n  sweeper:\n    suite:\n      symmetry_removal: []\n", "is a suite itself"),
+])
+def test_a_malformed_suite_file_is_refused(tmp_path, text, message):
+    (tmp_path / "cfg" / "experiment").mkdir(parents=True)
+    (tmp_path / "cfg" / "experiment" / "mine.yaml").write_text("# @package _global_\n" + text)
+    with pytest.raises(ConfigError, match=message):
+        sweep.plans([f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "experiment=mine"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_suite_through_the_command_line_then_report_status_and_resume(cli, tmp_path):
@@ -81,28 +83,35 @@ def test_suite_through_the_command_line_then_report_status_and_resume(cli, tmp_p
     assert results.read_json(parent / "launches" / "1" / "plan.json")["packs"] == []   # nothing left to train
 
 
-def _launch_of_the_suite(tmp_path):
-    plans = sweep.plans(["experiment=symmetry_removal", "seed=0", *SMALL], tmp_path)
-    written = [(p, sweep.write_plan(p)) for p in plans]
-    return plans, sweep.write_launch(plans[0].sweep_dir.parent, written)
-
-
 def test_one_launch_numbers_every_members_packs_and_each_job_trains_its_members_pack(tmp_path):
     """A suite's members are launched together (one multirun, one job array on SLURM): job i of
-    the launch is one pack of one member, every member's pack exactly once."""
-    plans, path = _launch_of_the_suite(tmp_path)
-    launch = results.read_json(path)
-    assert path == plans[0].sweep_dir.parent / "launches" / "0" / "plan.json"
-    assert launch["plans"] == [str(p.sweep_dir.resolve() / "launches" / "0" / "plan.json") for p in plans]
-    assert launch["packs"] == [[m, j] for m, p in enumerate(plans) for j in range(len(p.packs))]
-    assert len(plans) == len(MEMBERS) and all(p.packs for p in plans)
-    done = [sweep.run_pack(path, i) for i in range(len(launch["packs"]))]
-    for (m, j), job in zip(launch["packs"], done):
-        assert job["plan"] == launch["plans"][m] and job["pack"] == j and job["runs"] == len(plans[m].packs[j])
+    the launch is one pack of one member, and the config Hydra composes for it (what its
+    .hydra/config.yaml holds) rebuilds exactly that pack's runs, which its task then trains."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from symrun import job
+    from symrun.composition import composer, drop_hydra
+
+    args = ["experiment=symmetry_removal", "seed=0", *SMALL]
+    with composer(args) as comp:
+        plans = sweep.sweeper_plans(comp, list(comp.master.hydra.overrides.task), tmp_path / "suite")
+        path = sweep.write_launch(tmp_path / "suite", [(p, sweep.write_plan(p)) for p in plans])
+        launch = results.read_json(path)
+        assert path == tmp_path / "suite" / "launches" / "0" / "plan.json"
+        assert launch["packs"] == [[m, j] for m, p in enumerate(plans) for j in range(len(p.packs))]
+        assert len(plans) == len(MEMBERS) and all(p.packs for p in plans)
+        for m, j in launch["packs"]:
+            p = plans[m]
+            cfg = comp.compose(sweep.job_overrides(p, j, tmp_path / "suite", 0, member=p.sweep_dir.name))
+            HydraConfig.instance().set_config(cfg)
+            sweep_dir, index, configs = job.pack_configs(drop_hydra(cfg.copy()))
+            assert (sweep_dir, index) == (p.sweep_dir, j)
+            assert configs == [p.configs[rid] for rid in p.packs[j]]
+            assert job.task(drop_hydra(cfg))["runs"] == len(p.packs[j])
     for p in plans:
         assert all(records.is_finished(p.sweep_dir, rid) for rid in p.configs), p.sweep_dir.name
     # a second launch into the same suite gets the next number
-    assert sweep.write_launch(plans[0].sweep_dir.parent, []).parent.name == "1"
+    assert sweep.write_launch(tmp_path / "suite", []).parent.name == "1"
 
 
 @pytest.mark.slow

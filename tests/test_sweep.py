@@ -6,13 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import engine, results, sweep, tables
+from symrun import engine, job, results, sweep, tables
 
 
 def _run_all(plan):
-    path = sweep.write_plan(plan)
-    for i in range(len(plan.packs)):
-        sweep.run_pack(path, i)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
     return tables.write_tables(plan.sweep_dir)
 
 

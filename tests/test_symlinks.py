@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from symrun import folder, records, report, results, sweep, tables
+from symrun import folder, job, records, report, results, sweep, tables
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 
@@ -17,8 +17,8 @@ def received(tmp_path_factory) -> Path:
     """A finished two-run sweep, as a colleague would send it."""
     root = tmp_path_factory.mktemp("received")
     plan = sweep.plan(GRID, root)
-    path = sweep.write_plan(plan)
-    sweep.run_pack(path, 0)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
     report.build(plan.sweep_dir)
     return plan.sweep_dir
 

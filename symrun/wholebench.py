@@ -1,0 +1,207 @@
+"""`symrun bench`'s headline: a sweep as its user runs it, timed as a whole process.
+
+`symrun sweep ARGS` (start-up, planning, training, the default metrics with λ_c, tables,
+figures) against the two scripts a PyTorch user would write for the same grid
+(symrun.baselines: a lean loop per run and the torch.func ensembling recipe), each its own
+process run with this Python, one after another. The lean loop trains the runs one after
+another, so it is timed on its first `lean_runs` runs and scaled: its start-up (the process's
+time outside training) plus its training time × runs / lean_runs. Each way is timed `repeat`
+times and the fastest kept. A cProfile of one more `symrun sweep` process says where its time
+goes, by phase (`PHASES`).
+"""
+
+from __future__ import annotations
+
+import os
+import pstats
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from symrun import baselines
+
+W1_DECAYS = "0,0.0001,0.0003,0.001,0.003,0.01,0.03,0.1"
+HADAMARD_DECAYS = ",".join(f"{i / 100:g}" for i in range(17))       # 0, 0.01, …, 0.16
+
+
+@dataclass
+class Grid:
+    """One workload: the `symrun sweep` arguments and the baseline scripts' arguments for it."""
+
+    name: str
+    short: str
+    runs: int
+    sweep: list[str]
+    script: list[str]
+    lean_runs: int                    # runs the lean loop is timed on, then scaled to `runs`
+
+
+def w1(steps: int, seeds: int = 32, lean_runs: int = 16) -> Grid:
+    """The issue's W1 grid: 64-128-10 tanh MLP on digits, batch 64, SGD lr 0.05, 8 wd × 32 seeds."""
+    return Grid(f"W1: mlp 64-128-10 tanh, digits, batch 64, SGD, {steps} steps — 8 wd × {seeds} seeds", "W1", 8 * seeds,
+                ["model=mlp", "model.width=128", "model.activation=tanh", "data=digits", "data.batch_size=64",
+                 "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0", f"train.steps={steps}", f"train.log_every={steps}",
+                 f"optim.weight_decay={W1_DECAYS}", f"seed=range(0,{seeds})"],
+                ["--model", "mlp", "--batch", "64", "--lr", "0.05", "--wds", W1_DECAYS, "--seeds", str(seeds),
+                 "--steps", str(steps)], min(lean_runs, 8 * seeds))
+
+
+def hadamard(steps: int, seeds: int = 256, lean_runs: int = 64) -> Grid:
+    """The issue's large grid: the Hadamard model on a 200 × 20 teacher, full-batch GD at lr 0.1,
+    17 wd × 256 seeds = 4,352 runs."""
+    return Grid(f"Hadamard d=20, n=200, full-batch GD, {steps} steps — 17 wd × {seeds} seeds", "Hadamard", 17 * seeds,
+                ["model=hadamard", "data.batch_size=null", f"train.steps={steps}", f"train.log_every={steps}",
+                 f"optim.weight_decay={HADAMARD_DECAYS}", f"seed=range(0,{seeds})"],
+                ["--model", "hadamard", "--lr", "0.1", "--wds", HADAMARD_DECAYS, "--seeds", str(seeds),
+                 "--steps", str(steps)], min(lean_runs, 17 * seeds))
+
+
+# Where a sweep's time goes: each phase is the cumulative time of these functions in the profile
+# (file name, function name); "training steps" is train_pack without its evaluations and λ_c;
+# what no phase claims (interpreter start-up, imports, the CLI, Hydra's launcher) is the rest.
+PHASES: list[tuple[str, list[tuple[str, str]]]] = [
+    ("planning: compose and check every config, load data, size packs",
+     [("sweep.py", "sweeper_plans")]),
+    ("writing the plan (a config.yaml per run)", [("sweep.py", "write_plan")]),
+    ("the pack job building its configs", [("job.py", "pack_configs")]),
+    ("training steps", [("engine.py", "train_pack")]),
+    ("metrics at step 0 and at the end", [("engine.py", "log")]),
+    ("critical weight decay λ_c", [("critical.py", "at_end")]),
+    ("writing the runs' files", [("results.py", "write_runs")]),
+    ("tables and figures", [("console.py", "show_report")]),
+]
+# a phase whose functions run inside another's: subtracted from the outer one
+INSIDE = {"training steps": ["metrics at step 0 and at the end", "critical weight decay λ_c"]}
+
+
+def phases(profile: Path) -> dict[str, float]:
+    """Seconds per phase of a profiled `symrun sweep` process, the rest, the total, and (not a
+    phase: it overlaps them) the time spent importing modules."""
+    stats = pstats.Stats(str(profile)).stats
+
+    def cumulative(file: str, function: str) -> float:
+        return sum(row[3] for (f, _, name), row in stats.items() if name == function and f.endswith(file))
+
+    raw = {label: sum(cumulative(f, fn) for f, fn in funcs) for label, funcs in PHASES}
+    out = {label: raw[label] - sum(raw[inner] for inner in INSIDE.get(label, [])) for label in raw}
+    total = max(row[3] for row in stats.values())
+    out["start-up, imports, the CLI and Hydra's launcher (the rest)"] = total - sum(out.values())
+    out["total"] = total
+    out["of which importing modules"] = cumulative("<frozen importlib._bootstrap>", "_find_and_load")
+    return out
+
+
+@dataclass
+class Timing:
+    wall: float
+    cpu: float                        # the child process's user + system seconds
+    stdout: str
+
+
+def timed(cmd: list[str], cwd: Path) -> Timing:
+    """Run `cmd` as a child process in `cwd`, with this checkout of symrun importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       *filter(None, [os.environ.get("PYTHONPATH")])]))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{' '.join(cmd[:4])} … exited with {done.returncode}: {tail}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Timing(wall, cpu, done.stdout)
+
+
+def trained_seconds(stdout: str) -> float:
+    match = re.search(r"train_seconds=([0-9.]+)", stdout)
+    if match is None:
+        raise RuntimeError(f"a baseline script printed no train_seconds: {stdout[-200:]!r}")
+    return float(match.group(1))
+
+
+@dataclass
+class Result:
+    grid: Grid
+    sweep: Timing
+    lean: Timing                      # on grid.lean_runs runs
+    lean_scaled: float                # seconds for every run of the grid
+    torch_func: Timing
+    profile: dict[str, float]
+
+
+def measure(grid: Grid, device: str, repeat: int = 1, say: Callable[[str], None] = print) -> Result:
+    """Every way on `grid` on `device`, `repeat` times each (the fastest kept), then one profiled sweep."""
+    with tempfile.TemporaryDirectory(prefix="symrun-bench-") as tmp:
+        work = Path(tmp)
+        scripts = {}
+        for name, source in baselines.SCRIPTS.items():
+            scripts[name] = work / f"{name}.py"
+            scripts[name].write_text(source)
+        python = sys.executable
+        args, script = [*grid.sweep, f"device={device}"], [*grid.script, "--device", device]
+        sweep_cmd = lambda out: [python, "-m", "symrun", "sweep", "--outputs", str(work / out), *args]  # noqa: E731
+
+        def best(make: Callable[[int], list[str]]) -> Timing:
+            return min((timed(make(i), work) for i in range(repeat)), key=lambda t: t.wall)
+
+        sweep = best(lambda i: sweep_cmd(f"sweep-{i}"))
+        say(f"{grid.name}: symrun sweep {sweep.wall:.1f} s")
+        lean = best(lambda i: [python, str(scripts["lean"]), *script, "--runs", str(grid.lean_runs),
+                               "--out", str(work / "lean.csv")])
+        train = trained_seconds(lean.stdout)
+        lean_scaled = lean.wall - train + train * grid.runs / grid.lean_runs
+        say(f"{grid.name}: lean loop {lean.wall:.1f} s on {grid.lean_runs} runs → {lean_scaled:.1f} s for {grid.runs}")
+        torch_func = best(lambda i: [python, str(scripts["torch_func"]), *script, "--out", str(work / "func.csv")])
+        say(f"{grid.name}: torch.func {torch_func.wall:.1f} s")
+        prof = work / "sweep.prof"
+        timed([python, "-m", "cProfile", "-o", str(prof), "-m", "symrun", "sweep", "--outputs", str(work / "profiled"),
+               *args], work)
+        return Result(grid, sweep, lean, lean_scaled, torch_func, phases(prof))
+
+
+def report(results: list[Result], repeat: int) -> str:
+    """The markdown of the whole-process comparison and the profiles."""
+    from symrun.bench import markdown_table
+
+    rows = []
+    for r in results:
+        around = 1 - r.profile["training steps"] / r.profile["total"]
+        rows.append([r.grid.name, str(r.grid.runs), f"{r.sweep.wall:.1f}", f"{r.lean_scaled:.1f}", f"{r.torch_func.wall:.1f}",
+                     f"**{r.lean_scaled / r.sweep.wall:.1f}×**", f"**{r.torch_func.wall / r.sweep.wall:.2f}×**",
+                     f"{around:.0%}"])
+    parts = [markdown_table(["workload", "runs", "`symrun sweep` s", "lean loop s", "torch.func s", "vs lean loop",
+                             "vs torch.func", "around training"], rows), "",
+             f"Seconds are wall-clock of whole processes, the fastest of {repeat}. The lean loop is timed on its first "
+             "runs and scaled (its start-up plus its training time × runs / runs timed): "
+             + "; ".join(f"{r.grid.short}: {r.grid.lean_runs} runs in {r.lean.wall:.1f} s, "
+                         f"{trained_seconds(r.lean.stdout):.1f} s of them training" for r in results)
+             + ". CPU seconds (user + system) of the same processes: "
+             + "; ".join(f"{r.grid.short}: sweep {r.sweep.cpu:.1f}, lean ({r.grid.lean_runs} runs) "
+                         f"{r.lean.cpu:.1f}, torch.func {r.torch_func.cpu:.1f}" for r in results)
+             + ". *Around training* is the profiled sweep's time outside its training steps (the table below)."]
+    for r in results:
+        total = r.profile["total"]
+        lines = [[label, f"{seconds:.1f}", f"{seconds / total:.0%}"] for label, seconds in r.profile.items()
+                 if label not in ("total", "of which importing modules")]
+        lines.append(["total (under cProfile)", f"{total:.1f}", "100%"])
+        lines.append(["of which importing modules (overlaps the phases above)", f"{r.profile['of which importing modules']:.1f}",
+                      f"{r.profile['of which importing modules'] / total:.0%}"])
+        parts += ["", f"Where `symrun sweep` spends its time — {r.grid.name} (cProfile of the whole process; its "
+                      "overhead inflates the Python-heavy phases, so read shares more than seconds):", "",
+                  markdown_table(["phase", "seconds", "share"], lines)]
+    return "\n".join(parts)
+
+
+def run(device: str, quick: bool, steps: Optional[int], repeat: int, say: Callable[[str], None] = print) -> str:
+    """Both workloads (or, `quick`, small versions of them) on `device`: the markdown section."""
+    grids = ([w1(steps or 20, seeds=2, lean_runs=4), hadamard(steps or 20, seeds=4, lean_runs=8)] if quick
+             else [w1(steps or 1000), hadamard(steps or 500)])
+    return report([measure(g, device, repeat, say) for g in grids], repeat)

@@ -1,0 +1,52 @@
+"""symrun.memory: what autograd saves, counted by storage."""
+
+import torch
+
+from symrun import memory
+
+
+def test_saved_bytes_counts_what_backward_keeps_once_per_storage():
+    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    assert memory.saved_bytes(lambda: torch.tanh(x)) == 8000              # tanh keeps its output
+    assert memory.saved_bytes(lambda: x * x) == 8000                      # x twice: one storage
+    w = torch.randn(3, 1000, dtype=torch.float64, requires_grad=True)
+    assert memory.saved_bytes(lambda: w * x.expand(3, 1000)) == 8000 + 24000   # a broadcast view once
+    with torch.no_grad():
+        assert memory.saved_bytes(lambda: torch.tanh(x)) == 0
+
+
+def test_run_bytes_grow_linearly_with_the_batch():
+    from symrun.bench import w1
+
+    sizes = []
+    for b in (16, 32, 48):
+        cfg = w1(1, 10, "cpu").configs[0]
+        cfg.data.batch_size = b
+        sizes.append(memory.run_bytes(cfg))
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert sizes[2] - sizes[1] == sizes[1] - sizes[0]            # activations per example, per run
+
+
+def test_pack_size_is_the_users_cap_or_what_the_budget_holds(tmp_path, monkeypatch):
+    from symrun import sweep
+
+    grid = ["model=mlp", "data=digits", "data.batch_size=64", "seed=range(0,8)"]
+    assert sorted(len(p) for p in sweep.plan([*grid, "pack_size=3"], tmp_path / "a").packs) == [2, 3, 3]
+    assert [len(p) for p in sweep.plan(grid, tmp_path / "b").packs] == [8]          # null: all fit
+    one = memory.run_bytes(next(iter(sweep.plan(grid, tmp_path / "c").configs.values())))
+    monkeypatch.setattr(memory, "PACK_BYTES", 3 * one + 1)
+    assert sorted(len(p) for p in sweep.plan(grid, tmp_path / "d").packs) == [2, 3, 3]
+
+
+def test_a_model_whose_step_cannot_be_measured_gets_the_fallback_pack(monkeypatch):
+    from symrun.bench import w1
+
+    cfg = w1(1, 10, "cpu").configs[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a forward pass that fails")
+
+    monkeypatch.setattr(memory, "run_bytes", broken)
+    assert memory.pack_size(cfg) == memory.FALLBACK_PACK
+    cfg.pack_size = 7
+    assert memory.pack_size(cfg) == 7

@@ -1,0 +1,112 @@
+"""The fast paths of reading a sweep back give exactly what the plain paths give: metrics.csv files
+parsed together, and config.yaml files this process wrote taken from memory."""
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_fake_cifar
+from symrun import job, records, results, sweep
+from symrun.config import CONFIG_DIR
+
+GRID = ["optim.weight_decay=0,0.1,0.5", "seed=0,1", "train.steps=6", "train.log_every=3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    plan = sweep.plan([*GRID, "model.init_scale=1,1e30"], tmp_path_factory.mktemp("trained"))
+    sweep.write_plan(plan)
+    job.run_plan(plan)
+    return plan.sweep_dir
+
+
+def _damage(sweep_dir: Path) -> None:
+    """A run each of: a cut metrics.csv, a garbage one, one with a blank line, one with a quoted
+    cell, one cut mid-line, one whose header differs, one missing."""
+    edits = [
+        lambda t: "".join(t.splitlines(keepends=True)[:-1]),
+        lambda t: "no,table\nhere\n",
+        lambda t: t.replace("\n", "\n\n", 1),
+        lambda t: t.replace("step", '"step"', 1),
+        lambda t: t[:-7],
+        lambda t: t.replace("step,", "step,extra,", 1),
+        None,
+    ]
+    for rid, edit in zip(results.run_ids(sweep_dir), edits):
+        path = results.run_dir(sweep_dir, rid) / "metrics.csv"
+        if edit is None:
+            path.unlink()
+        else:
+            path.write_text(edit(path.read_text()))
+
+
+def _as_text(record: records.RunRecord) -> tuple:
+    metrics = None if record.metrics is None else record.metrics.to_csv(index=False)
+    return record.run_id, record.status, record.problem, metrics, repr(record.info), repr(record.config)
+
+
+def test_runs_read_together_are_the_runs_read_one_by_one(trained, tmp_path):
+    states = {records.read_run(trained, r).status for r in results.run_ids(trained)}
+    assert states == {results.FINISHED, results.DIVERGED}        # a diverged run's metrics end early
+    ids = results.run_ids(trained)
+    assert [_as_text(r) for r in records.read_runs(trained, ids)] == \
+        [_as_text(records.read_run(trained, r, metrics=True)) for r in ids]
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained, damaged)
+    _damage(damaged)
+    together = records.read_runs(damaged, ids)
+    assert [_as_text(r) for r in together] == [_as_text(records.read_run(damaged, r, metrics=True)) for r in ids]
+    assert sum(r.status == results.DAMAGED for r in together) >= 4      # cut, garbage, cut mid-line, missing
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
+def test_a_config_written_here_reads_back_as_its_file_parses(preset, tmp_path):
+    extra = [f"data.root={write_fake_cifar(tmp_path / 'cifar')}", "data.batch_size=4"] if preset == "resnet_cifar" else []
+    plans = sweep.plans([f"experiment={preset}", *extra], tmp_path)
+    for p in plans:
+        for rid, cfg in list(p.configs.items())[:3]:
+            results.save_config(tmp_path, rid, cfg)
+            path = results.run_dir(tmp_path, rid) / "config.yaml"
+            raw = path.read_bytes()
+            remembered, parsed = results.parse_config(path, raw), yaml.load(raw, Loader=results.YAML_LOADER)
+            assert remembered is results.WRITTEN_CONFIGS[os.path.abspath(path)][1]
+            assert repr(remembered) == repr(parsed)                     # the same values of the same types
+            path.write_bytes(raw.replace(b"seed: ", b"seed:  "))        # the same YAML, other bytes: parsed
+            assert results.parse_config(path, path.read_bytes()) is not remembered
+
+
+def test_metric_rows_written_fast_read_back_as_pandas_writes_them():
+    import numpy as np
+    import pandas as pd
+
+    rows = [{"step": 0, "loss": 0.1, "rank": 3, "flag": True, "note": "a,b", "tiny": 1e-300, "gone": None},
+            {"step": 5, "loss": float("nan"), "rank": 2.5, "flag": False, "note": 'say "x"', "tiny": -0.0,
+             "gone": float("inf"), "late": np.float64(1 / 3)},
+            {"step": 10, "loss": 1e-05, "rank": 4, "flag": None, "note": "", "tiny": 2 ** -1074, "late": 7}]
+    for these in (rows, rows[:1], rows[2:], []):
+        ours = results.read_csv(io.StringIO(results.csv_text(these)))
+        theirs = results.read_csv(io.StringIO((pd.DataFrame(these) if these else pd.DataFrame(columns=["step"]))
+                                              .to_csv(index=False)))
+        pd.testing.assert_frame_equal(ours, theirs)
+        assert ours.to_csv(index=False) == theirs.to_csv(index=False)
+
+
+@pytest.mark.parametrize("preset", ["rescaling_sparsity", "plasticity", "dcs", "rotation_noise"])
+def test_config_yaml_from_its_shape_is_the_yaml_dump(preset, tmp_path):
+    from symrun.config import to_dict
+
+    values = [0, 1, -1, 0.0, -0.0, 0.1, 1e-05, 1e300, 3.0e-200, float("inf"), float("-inf"), True, None, 12345678901]
+    for p in sweep.plans([f"experiment={preset}"], tmp_path):
+        for cfg in list(p.configs.values())[:4]:
+            tree = to_dict(cfg)
+            assert results.config_yaml(tree) == yaml.dump(tree, Dumper=results.YAML_DUMPER, sort_keys=False)
+            for i, value in enumerate(values):                  # any number in any per-run slot
+                tree["seed"], tree["optim"]["weight_decay"] = values[-1 - i], value
+                assert results.config_yaml(tree) == yaml.dump(tree, Dumper=results.YAML_DUMPER, sort_keys=False)
+            tree["optim"]["weight_decay"] = "0.1"               # not a number: dumped whole, quoted
+            assert "weight_decay: '0.1'" in results.config_yaml(tree)
