@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# compat: the checkout goes on sys.path, where Hydra's plugin scan finds hydra_plugins/ (it
+	# cannot list packages behind setuptools' default editable finder: no symrun sweeper then)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)
