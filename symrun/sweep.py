@@ -221,8 +221,9 @@ def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dic
         runs[groups[rid]] = runs.get(groups[rid], 0) + 1
     for group, count in runs.items():
         cfg, ds, model = built[group]
-        budget.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), engine.resolve_device(cfg.device),
-                          engine.EVAL_CHUNK)
+        device = engine.resolve_device(cfg.device)
+        budget.check_pack(cfg, ds, model, 1, device, engine.EVAL_CHUNK)   # before pack_size measures a run
+        budget.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), device, engine.EVAL_CHUNK)
 
 
 def _group(cfg: Config) -> str:
