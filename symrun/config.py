@@ -385,6 +385,18 @@ CONSTRAINT_KINDS = ("sparse", "sum_zero", "subspace", "group")
 
 
 @dataclass
+class ReportConfig:
+    """How a sweep's figures are written (symrun.figures): a journal column wide (3.4 in)."""
+
+    formats: List[str] = field(default_factory=lambda: ["png"])
+    """Files each figure is written as, e.g. [png,pdf] or [svg]: png | pdf | svg (pdf and svg are
+    vector, their text kept as text). `symrun report DIR --formats png,pdf` redraws a folder."""
+
+
+REPORT_FORMATS = ("png", "pdf", "svg")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -395,6 +407,7 @@ class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     symmetry: SymmetryConfig = field(default_factory=SymmetryConfig)
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     """Seeds the run's init, minibatch order and noise (each from its own stream)."""
     device: str = "auto"
@@ -409,7 +422,7 @@ class Config:
 
 
 # Settings that say *where/how* a run executes, not *what* it computes: left out of run ids.
-EXECUTION_KEYS = ("device", "name", "pack_size", "train.checkpoint_every")
+EXECUTION_KEYS = ("device", "name", "pack_size", "train.checkpoint_every", "report.formats")
 # Settings that may differ between runs of one pack (held as per-run tensors by the engine).
 PER_RUN_KEYS = (
     "seed", "optim.lr", "optim.momentum", "optim.weight_decay",
@@ -543,6 +556,8 @@ def validate(cfg: Config) -> Config:
          "metrics thresholds must be >= 0"),
         (mt.probe_size >= 1, f"metrics.probe_size must be >= 1, got {mt.probe_size}"),
         (mt.homogeneity_threshold >= 0, f"metrics.homogeneity_threshold must be >= 0, got {mt.homogeneity_threshold}"),
+        (len(cfg.report.formats) >= 1 and all(f in REPORT_FORMATS for f in cfg.report.formats),
+         f"report.formats must list some of {', '.join(REPORT_FORMATS)}, e.g. [png,pdf]; got {list(cfg.report.formats)}"),
     ]
     if isinstance(m, FactorizationConfig):
         checks.append((m.hidden >= 1, f"model.hidden must be >= 1, got {m.hidden}"))
