@@ -5,7 +5,8 @@ Not converged (docs/theory.md §4): a run whose train loss or a headline metric 
 the last tenth of its logged steps (from the last row before that tenth on), by more than
 CONVERGENCE_TOL of the smaller of its final magnitude and the range it spans over the whole run
 (a loss still falling from 0.06 to 0.03 is moving, though it fell from 1 before). A run with too
-few rows to tell (nothing logged between its start and its last tenth) is not judged.
+few rows to tell (nothing logged between its start and its last tenth) is not judged; a run with
+gradient noise is judged on its headline metrics alone (its loss fluctuates at stationarity).
 """
 
 from __future__ import annotations
@@ -48,13 +49,27 @@ def still_moving(rows: pd.DataFrame, quantities: list[str]) -> Optional[list[str
     return moving
 
 
+NOISE = ("noise.label_std", "noise.label_flip", "noise.temperature")
+
+
+def noisy(runs: pd.DataFrame) -> pd.Series:
+    """Runs trained with gradient noise (minibatches, label noise, Langevin): their train loss
+    fluctuates at stationarity, so only their headline metrics are judged."""
+    flags = runs["data.batch_size"].notna() if "data.batch_size" in runs else pd.Series(False, index=runs.index)
+    for key in NOISE:
+        if key in runs:
+            flags |= runs[key].fillna(0) > 0
+    return flags
+
+
 def unconverged(table: pd.DataFrame, runs: pd.DataFrame, metrics: list[str]) -> dict[str, list[str]]:
     """run_id → what still moved, for the finished runs that had not converged."""
-    done = set(runs.loc[runs["status"] == results.FINISHED, "run_id"])
+    done = runs[runs["status"] == results.FINISHED]
+    quiet = set(done.loc[~noisy(done), "run_id"])
     quantities = [q for q in dict.fromkeys(["train_loss", *metrics]) if q in table]
     out = {}
-    for rid, rows in table[table["run_id"].isin(done)].groupby("run_id", sort=False):
-        moving = still_moving(rows.sort_values("step"), quantities)
+    for rid, rows in table[table["run_id"].isin(set(done["run_id"]))].groupby("run_id", sort=False):
+        moving = still_moving(rows.sort_values("step"), [q for q in quantities if q != "train_loss" or rid in quiet])
         if moving:
             out[rid] = moving
     return out
@@ -82,6 +97,7 @@ def learning_curves(sweep_dir: Path, table: pd.DataFrame, runs: pd.DataFrame, ax
             mean = g.groupby("step")[metric].mean()
             ax.plot(mean.index, mean.to_numpy(), color=colour(key), lw=1.0)
         _task_switches(ax, table)
+        _drops(ax, runs[runs["run_id"].isin(part["run_id"])])
         ax.set_xlabel(notation.axis("step"))
         ax.set_title(notation.setting(facet, fv) if facet else title)
         ax.grid(alpha=0.3)
@@ -124,7 +140,25 @@ def _key(fig, grid, line: Optional[str], values: list, rows: pd.DataFrame) -> No
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(grid), label=notation.axis(line), pad=0.02)
         return
     handles = [Line2D([], [], color=f"C{i % 10}", label=notation.setting(line, v)) for i, v in enumerate(values)]
-    figures.legend(grid[len(grid) // 2], handles)
+    if len(grid) == 1:
+        figures.legend(grid[0], handles)
+    else:            # below every panel, centred on the figure
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 5),
+                   frameon=False)
+
+
+def _drops(ax, runs: pd.DataFrame) -> None:
+    """A dotted line at each step after which a step schedule drops the learning rate."""
+    if "optim.schedule" not in runs or "optim.milestones" not in runs:
+        return
+    dropping = (runs["optim.schedule"] == "step") & (runs["optim.gamma"] != 1 if "optim.gamma" in runs else True)
+    steps = set()
+    for cell in runs.loc[dropping, "optim.milestones"].dropna().unique():
+        steps |= {int(m) for m in str(cell).strip("[]").split(",") if m.strip()}
+    for step in sorted(steps):
+        ax.axvline(step, color="0.3", lw=0.8, ls=":")
+    if steps:
+        ax.text(min(steps), 1.0, " lr drop", transform=ax.get_xaxis_transform(), va="top", fontsize=6, color="0.3")
 
 
 def _task_switches(ax, table: pd.DataFrame) -> None:

@@ -95,6 +95,8 @@ def _figures(rep, link) -> list[str]:
 
 def _problems(rep) -> list[str]:
     runs, out = rep.runs, []
+    where = {row["run_id"]: " (" + notation.settings([*rep.axes, "seed"], [row.get(k) for k in [*rep.axes, "seed"]]) + ")"
+             for _, row in runs.iterrows()} if "run_id" in runs else {}
     for status, what in ((results.FAILED, "failed"), (results.DIVERGED, "diverged"), (results.RUNNING, "interrupted")):
         part = runs[runs["status"] == status] if "status" in runs else runs.iloc[:0]
         for _, row in part.iterrows():
@@ -103,9 +105,9 @@ def _problems(rep) -> list[str]:
                 why = f" at step {int(row['diverged_at'])}"
             elif pd.notna(row.get("error")) and str(row.get("error")):
                 why = ": " + " ".join(str(row["error"]).split())[:200]
-            out.append(f"- `{row['run_id']}` {what}{why}")
+            out.append(f"- `{row['run_id']}`{where.get(row['run_id'], '')} {what}{why}")
     for rid, moving in rep.unconverged.items():
-        out.append(f"- `{rid}` had not converged: {', '.join(moving)} still moved by more than "
+        out.append(f"- `{rid}`{where.get(rid, '')} had not converged: {', '.join(moving)} still moved by more than "
                    f"{curves.CONVERGENCE_TOL:.0%} (of its final value or of its range over the run) in the last "
                    f"{curves.CONVERGENCE_TAIL:.0%} of its steps (docs/theory.md §4); train longer")
     out += [f"- {line}" for line in rep.problems]

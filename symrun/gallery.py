@@ -18,7 +18,7 @@ from symrun import document, job, report, results, sweep
 from symrun.config import CONFIG_DIR
 
 # Narrative order; presets not listed follow alphabetically.
-ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise",
+ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise", "lr_drop",
          "attention_rank", "transformer_rank", "dcs", "permutation_homogeneity", "neural_collapse", "plasticity"]
 # Presets that read data a user supplies (not on the machine that builds the gallery).
 NEEDS_DATA = {"resnet_cifar": "data.root=DIR (a CIFAR-10 folder)"}
