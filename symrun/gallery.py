@@ -70,25 +70,24 @@ def section(name: str, sweep_dirs: Path | list[Path], seconds: float, docs: Path
     for d, rep in zip(dirs, reports):
         member = d.name if len(dirs) > 1 else None
         target = figures_dir / member if member else figures_dir
-        link = _linker(target, f"results/{name}/{member}" if member else f"results/{name}")
+        link = _linker(target, f"results/{name}/{member}" if member else f"results/{name}", report.structure_metrics(rep.runs))
         body = document.render(d, rep, link, level=3 if member else 2)
         out += (body.split("\n", 2)[2:] if not member else [body]) + [""]   # a lone sweep: the preset's heading is its own
     return "\n".join(out)
 
 
-def shown(figure: Path) -> bool:
-    """The figures the gallery copies: structure phase diagrams and heatmaps, the headline
-    learning curves and the plasticity curves (the rest stay in the sweep folder)."""
-    structure = {m for model in report.PRIMARY for m in report.primary_metrics(model)}
+def shown(figure: Path, structure: list[str]) -> bool:
+    """The figures the gallery copies: the structure metrics' phase diagrams, heatmaps and
+    learning curves, and the plasticity curves (the rest stay in the sweep folder)."""
     stem = figure.stem
     return figure.suffix == ".png" and (
         any(stem.startswith(f"phase_{m}_vs") or stem.startswith(f"heatmap_{m}_") or stem == f"curves_{m}" for m in structure)
         or stem in {f"tasks_{m}" for m in ("accuracy", "dead_units", "feature_effective_rank")})
 
 
-def _linker(figures_dir: Path, prefix: str):
+def _linker(figures_dir: Path, prefix: str, structure: list[str]):
     def link(figure: Path):
-        if not shown(figure):
+        if not shown(figure, structure):
             return None
         figures_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy2(figure, figures_dir / figure.name)

@@ -153,6 +153,13 @@ def test_formats_and_column_width(tmp_path, cli):
     assert not stem.with_name(stem.name + ".pdf").exists()          # the other formats are stale: removed
     bad = cli("report", str(d), "--formats", "png,jpeg", check=False)
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "jpeg" in bad.stderr
+    cli("sweep", "optim.weight_decay=0,0.5", "train.steps=20", "train.log_every=10", "report.formats=[svg]",
+        "hydra.sweep.dir=vector")
+    assert (tmp_path / "vector/phase_sparsity_vs_optim.weight_decay.svg").is_file()
+    assert not list((tmp_path / "vector").glob("*.png"))
+    bad = cli("sweep", "report.formats=[gif]", "hydra.sweep.dir=gif", check=False)
+    assert bad.returncode == 2 and "report.formats must list some of png, pdf, svg" in bad.stderr
+    assert not (tmp_path / "gif").exists()
 
 
 def test_report_md_has_its_sections_and_links_that_resolve(tmp_path):
