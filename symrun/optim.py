@@ -129,9 +129,11 @@ class Schedule:
         self.constant = all(k[0] == "constant" and k[1] == 0 for k in self.distinct)
 
     def set(self, lr: torch.Tensor, t: int, alive: torch.Tensor) -> None:
-        """lr ← the learning rate of step t for the live runs, 0 for the frozen ones."""
-        if not self.constant:
-            terms = [(warmup_factor(o, t), *decay_terms(o, t, self.total)) for o in self.first]
-            w, a, b = torch.tensor(terms, device=lr.device, dtype=lr.dtype)[self.index].unbind(-1)
-            lr.copy_(w * (a * self.base + b * self.floor))
+        """lr ← the learning rate of step t for the live runs, 0 for the frozen ones. A constant
+        schedule leaves lr as it is (η, and 0 where the engine froze a run): no cost per step."""
+        if self.constant:
+            return
+        terms = [(warmup_factor(o, t), *decay_terms(o, t, self.total)) for o in self.first]
+        w, a, b = torch.tensor(terms, device=lr.device, dtype=lr.dtype)[self.index].unbind(-1)
+        lr.copy_(w * (a * self.base + b * self.floor))
         lr.masked_fill_(~alive, 0.0)
