@@ -109,7 +109,8 @@ def _problems(rep) -> list[str]:
     for rid, moving in rep.unconverged.items():
         out.append(f"- `{rid}`{where.get(rid, '')} had not converged: {', '.join(moving)} still moved by more than "
                    f"{curves.CONVERGENCE_TOL:.0%} (of its final value or of its range over the run) in the last "
-                   f"{curves.CONVERGENCE_TAIL:.0%} of its steps (docs/theory.md §4); train longer")
+                   f"{curves.CONVERGENCE_TAIL:.0%} of its steps (docs/theory.md §4): train longer, or see in "
+                   f"curves_{moving[0]} whether it is noise fluctuating at stationarity")
     out += [f"- {line}" for line in rep.problems]
     return out or ["None: every run finished, and every run judged had converged."]
 
