@@ -66,16 +66,24 @@ def run(ctx: typer.Context, outputs: Optional[Path] = OUTPUTS) -> None:
 
 @app.command()
 def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<name>/<id>), or a folder holding "
-                                                      "sweeps (a suite's).")) -> None:
-    """Rebuild runs.csv/results.csv from the run folders, draw the phase diagrams, print a summary."""
-    from symrun.config import ConfigError
+                                                      "sweeps (a suite's)."),
+           formats: Optional[str] = typer.Option(None, "--formats", help="Files each figure is written as, "
+                                                 "comma-separated: png, pdf, svg (default: the runs' report.formats).")) -> None:
+    """Rebuild runs.csv/results.csv from the run folders, draw the figures and learning curves,
+    write report.md, print a summary."""
+    from symrun.config import REPORT_FORMATS, ConfigError
     from symrun.console import show_report
     from symrun.data import DataError
     from symrun.folder import OutputError
 
+    chosen = None
+    if formats is not None:
+        chosen = tuple(dict.fromkeys(f.strip().lower() for f in formats.split(",") if f.strip()))
+        if not chosen or any(f not in REPORT_FORMATS for f in chosen):
+            _fail(f"--formats takes some of {', '.join(REPORT_FORMATS)}, comma-separated; got '{formats}'")
     for d in _sweeps(sweep_dir):
         try:
-            show_report(d)
+            show_report(d, chosen)
         except (ConfigError, DataError, OutputError) as e:
             _fail(str(e))
 

@@ -272,6 +272,18 @@ class OptimConfig:
     """λ: coupled L2 (gradient + λθ, penalty λ/2‖θ‖²); decoupled (θ ← θ − lr·λ·θ) for adamw."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    schedule: str = "constant"
+    """The learning rate of step t = 1 … T (T = the run's total steps; docs/theory.md §1):
+    constant η | step: η·gamma^k, k = the milestones passed (t > m) | cosine:
+    lr_min + (η − lr_min)(1 + cos(π·(t − warmup)/(T − warmup)))/2. Times the warm-up."""
+    warmup: int = 0
+    """Linear warm-up over the first `warmup` steps, composed with any schedule: × min(1, t/warmup)."""
+    milestones: List[int] = field(default_factory=list)
+    """schedule=step: the steps after which the learning rate is multiplied by `gamma`."""
+    gamma: float = 0.1
+    """schedule=step: the factor of each drop (1: no drop, a control)."""
+    lr_min: float = 0.0
+    """schedule=cosine: the learning rate it ends at."""
 
 
 @dataclass
@@ -385,6 +397,19 @@ CONSTRAINT_KINDS = ("sparse", "sum_zero", "subspace", "group")
 
 
 @dataclass
+class ReportConfig:
+    """How a sweep's figures are written (symrun.figures): a journal column wide (3.4 in)."""
+
+    formats: List[str] = field(default_factory=lambda: ["png"])
+    """Files each figure is written as, e.g. [png,pdf] or [svg]: png | pdf | svg (pdf and svg are
+    vector, their text kept as text). `symrun report DIR --formats png,pdf` redraws a folder."""
+
+
+REPORT_FORMATS = ("png", "pdf", "svg")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -395,6 +420,7 @@ class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     symmetry: SymmetryConfig = field(default_factory=SymmetryConfig)
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     """Seeds the run's init, minibatch order and noise (each from its own stream)."""
     device: str = "auto"
@@ -409,10 +435,11 @@ class Config:
 
 
 # Settings that say *where/how* a run executes, not *what* it computes: left out of run ids.
-EXECUTION_KEYS = ("device", "name", "pack_size", "train.checkpoint_every")
+EXECUTION_KEYS = ("device", "name", "pack_size", "train.checkpoint_every", "report.formats")
 # Settings that may differ between runs of one pack (held as per-run tensors by the engine).
 PER_RUN_KEYS = (
-    "seed", "optim.lr", "optim.momentum", "optim.weight_decay",
+    "seed", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.schedule", "optim.warmup", "optim.gamma",
+    "optim.lr_min",
     "noise.label_std", "noise.label_flip", "noise.temperature", "tasks.shrink", "tasks.perturb",
 )
 TASK_CHANGES = ("pixels", "labels")
@@ -520,6 +547,11 @@ def validate(cfg: Config) -> Config:
         (o.momentum == 0 or o.name == "sgd", "optim.momentum applies to sgd only (adam uses optim.betas)"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
         (o.eps > 0, f"optim.eps must be a positive number, got {o.eps}"),
+        (o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}, got '{o.schedule}'"),
+        (o.warmup >= 0, f"optim.warmup must be >= 0 steps, got {o.warmup}"),
+        (0 < o.gamma < math.inf and all(m >= 1 for m in o.milestones),
+         f"optim.gamma must be > 0 and optim.milestones steps >= 1, got {o.gamma} and {list(o.milestones)}"),
+        (0 <= o.lr_min < math.inf, f"optim.lr_min must be a number >= 0, got {o.lr_min}"),
         (0 <= n.label_std < math.inf, f"noise.label_std must be a number >= 0, got {n.label_std}"),
         (0 <= n.label_flip <= 1, f"noise.label_flip must be in [0, 1], got {n.label_flip}"),
         (0 <= n.temperature < math.inf, f"noise.temperature must be a number >= 0, got {n.temperature}"),
@@ -543,6 +575,8 @@ def validate(cfg: Config) -> Config:
          "metrics thresholds must be >= 0"),
         (mt.probe_size >= 1, f"metrics.probe_size must be >= 1, got {mt.probe_size}"),
         (mt.homogeneity_threshold >= 0, f"metrics.homogeneity_threshold must be >= 0, got {mt.homogeneity_threshold}"),
+        (len(cfg.report.formats) >= 1 and all(f in REPORT_FORMATS for f in cfg.report.formats),
+         f"report.formats must list some of {', '.join(REPORT_FORMATS)}, e.g. [png,pdf]; got {list(cfg.report.formats)}"),
     ]
     if isinstance(m, FactorizationConfig):
         checks.append((m.hidden >= 1, f"model.hidden must be >= 1, got {m.hidden}"))

@@ -107,12 +107,12 @@ def _flat(cfg) -> dict:
     return flatten(to_dict(cfg))
 
 
-def show_report(sweep_dir: Path) -> None:
-    """Rebuild a sweep's tables and figures, and show its summary."""
+def show_report(sweep_dir: Path, formats=None) -> None:
+    """Rebuild a sweep's tables, figures and report.md, and show its summary."""
     from symrun import report as report_mod
     from symrun import results
 
-    rep = report_mod.build(sweep_dir)
+    rep = report_mod.build(sweep_dir, formats)
     if not rep.summary.empty:
         table = Table(title=f"summary (mean ± std over seeds) — {sweep_dir}", title_justify="left")
         cols = [c for c in rep.summary.columns if not c.endswith(" std")]
@@ -129,6 +129,10 @@ def show_report(sweep_dir: Path) -> None:
     console.print(f"tables: {sweep_dir / 'runs.csv'}, {sweep_dir / 'results.csv'}", highlight=False)
     for fig in rep.figures:
         console.print(f"figure: {fig}", highlight=False)
+    console.print(f"report: {sweep_dir / 'report.md'}", highlight=False)
+    if rep.unconverged:
+        err.print(f"[yellow]warning:[/yellow] {len(rep.unconverged)} finished run(s) had not converged "
+                  "(report.md lists them): train longer", highlight=False)
     warn_damaged(rep.problems)
     failed = {s: n for s, n in rep.status_counts.items() if s not in (results.FINISHED, results.DAMAGED)}
     if failed:

@@ -24,7 +24,7 @@ from symrun import critical, metrics, models, reparam
 from symrun.config import (ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps)
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed, generator
-from symrun.optim import PackedOptimizer, per_run
+from symrun.optim import PackedOptimizer, Schedule, per_run
 
 
 EVAL_CHUNK = 65536      # runs × training examples per metric evaluation pass (bounds its memory)
@@ -217,6 +217,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     params = rp.init([c.seed for c in cfgs], device, dtype)
     net = lambda: rp.network(params)  # noqa: E731
     opt = PackedOptimizer(first.optim, params, lr, wd, hp(lambda c: c.optim.momentum))
+    schedule = Schedule([c.optim for c in cfgs], total_steps(first), lr)     # writes each step's lr into `lr`
     noise = StepNoise(cfgs, device, dtype)
     bs = first.data.batch_size
     order = BatchOrder(len(x), bs, [c.seed for c in cfgs], device) if bs is not None and bs < len(x) else None
@@ -253,6 +254,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         if on_step is not None:
             on_step(start)
     for step in range(start + 1, total + 1):
+        schedule.set(lr, step, record.alive)   # η_t of every run (docs/theory.md §1), 0 once frozen
         if order is None:                       # full batch: one input shared by every run
             xb, yb = x, y
         else:

@@ -1,8 +1,8 @@
 """`make results`: run every experiment preset at its CPU size and write docs/results.md.
 
-Each section holds the preset's own description (its file's header comment), the command that
-made it, the summary over seeds, the structure figures, and — where a closed form exists — how
-many grid points land on it, as computed by `report.theory_agreement`, never written by hand.
+Each section holds the preset's own description (its file's header comment), then the report.md
+of each of its sweeps (symrun.document: the command, the grid, the agreement with theory, the
+figures, the summary, the runs to look at), so the gallery and a sweep's report are one text.
 
     python -m symrun.gallery [--only NAME ...] [--outputs DIR] [--docs DIR]
 """
@@ -14,13 +14,11 @@ import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from symrun import job, report, results, sweep
+from symrun import document, job, report, results, sweep
 from symrun.config import CONFIG_DIR
 
 # Narrative order; presets not listed follow alphabetically.
-ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise",
+ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise", "lr_drop",
          "attention_rank", "transformer_rank", "dcs", "permutation_homogeneity", "neural_collapse", "plasticity"]
 # Presets that read data a user supplies (not on the machine that builds the gallery).
 NEEDS_DATA = {"resnet_cifar": "data.root=DIR (a CIFAR-10 folder)"}
@@ -54,7 +52,8 @@ def run_preset(name: str, outputs: Path) -> tuple[list[Path], float]:
 
 
 def section(name: str, sweep_dirs: Path | list[Path], seconds: float, docs: Path) -> str:
-    """A preset's section; a suite's holds one sub-section per member sweep."""
+    """A preset's section: its description, then each member sweep's report.md (symrun.document)
+    with its headings one level down and its gallery figures copied under docs/results/."""
     dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
     figures_dir = docs / "results" / name
     shutil.rmtree(figures_dir, ignore_errors=True)
@@ -67,53 +66,33 @@ def section(name: str, sweep_dirs: Path | list[Path], seconds: float, docs: Path
     for rep in reports:
         for status, n in rep.status_counts.items():
             counts[status] = counts.get(status, 0) + int(n)
-    out += ["```bash", f"symrun sweep experiment={name}", "```", "",
-            f"{sum(counts.values())} runs, {report.status_line(counts)}; {seconds:.0f} s on this machine.", ""]
+    out += [f"{sum(counts.values())} runs, {report.status_line(counts)}; {seconds:.0f} s on this machine.", ""]
     for d, rep in zip(dirs, reports):
         member = d.name if len(dirs) > 1 else None
-        if member:
-            out += [f"### {member}", ""]
-        out += _body(d, rep, figures_dir / member if member else figures_dir, f"{name}/{member}" if member else name)
+        target = figures_dir / member if member else figures_dir
+        link = _linker(target, f"results/{name}/{member}" if member else f"results/{name}", report.structure_metrics(rep.runs))
+        body = document.render(d, rep, link, level=3 if member else 2)
+        out += (body.split("\n", 2)[2:] if not member else [body]) + [""]   # a lone sweep: the preset's heading is its own
     return "\n".join(out)
 
 
-def _body(sweep_dir: Path, rep: report.Report, figures_dir: Path, link: str) -> list[str]:
-    """One sweep's agreement line, structure figures (copied under docs/) and summary table."""
-    structure = {m for ms in report.PRIMARY.values() for m in ms}
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    agreement = report.theory_agreement(sweep_dir)
-    if agreement:
-        out += ["Against theory: " + "; ".join(agreement) + ".", ""]
-    contrast = report.removal_contrast(sweep_dir)
-    if contrast:
-        out += ["Symmetry removal, the final value's range over the grid (means over seeds): " + "; ".join(contrast) + ".", ""]
-    for fig in rep.figures:
-        if (any(fig.name.startswith(f"phase_{m}_") or fig.name.startswith(f"heatmap_{m}_") for m in structure)
-                or fig.name in {f"tasks_{m}.png" for m in ("accuracy", "dead_units", "feature_effective_rank")}):
-            shutil.copy2(fig, figures_dir / fig.name)
-            out += [f"![{fig.stem}](results/{link}/{fig.name})", ""]
-    out += [_markdown(rep.summary), ""]
-    return out
+def shown(figure: Path, structure: list[str]) -> bool:
+    """The figures the gallery copies: the structure metrics' phase diagrams, heatmaps and
+    learning curves, and the plasticity curves (the rest stay in the sweep folder)."""
+    stem = figure.stem
+    return figure.suffix == ".png" and (
+        any(stem.startswith(f"phase_{m}_vs") or stem.startswith(f"heatmap_{m}_") or stem == f"curves_{m}" for m in structure)
+        or stem in {f"tasks_{m}" for m in ("accuracy", "dead_units", "feature_effective_rank")})
 
 
-def _markdown(summary: pd.DataFrame) -> str:
-    """mean ± std columns as one markdown table (no extra dependency)."""
-    if summary.empty:
-        return ""
-    cols = [c for c in summary.columns if not c.endswith(" std")]
-    head = [c.removesuffix(" mean") for c in cols]
-    rows = []
-    for _, row in summary.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            cell = f"{v:.4g}" if isinstance(v, float) else str(v)
-            std = row.get(c.replace(" mean", " std")) if c.endswith(" mean") else None
-            cells.append(cell + (f" ± {std:.1g}" if std is not None and std == std else ""))
-        rows.append(cells)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+def _linker(figures_dir: Path, prefix: str, structure: list[str]):
+    def link(figure: Path):
+        if not shown(figure, structure):
+            return None
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(figure, figures_dir / figure.name)
+        return f"{prefix}/{figure.name}"
+    return link
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     header = ["# Results", "",
               "Every preset of `configs/experiment/`, run at its CPU-sized default by `make results`",
               "(`python -m symrun.gallery`), which writes this file. Each section: what the preset shows",
-              "(its own description), the command, the agreement with the closed form where one exists",
-              "(computed), the figures and the summary over seeds.", "",
+              "(its own description), then its sweep's report.md as `symrun report` writes it: the command,",
+              "the grid, the agreement with the closed form where one exists (computed), the figures, the",
+              "summary over seeds and the runs to look at.", "",
               "Not run here, as they read data a user supplies: "
               + ", ".join(f"`symrun sweep experiment={n} {need}`" for n, need in NEEDS_DATA.items()) + ".", ""]
     results.write_atomic(args.docs / "results.md", "\n".join(header + sections))

@@ -221,9 +221,13 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
     if members is not None:
         dead = dead_groups(members, cfg.sparsity_atol, cfg.sparsity_rtol)
         out["member_independent_fraction"] = independent_fraction(members, cfg.homogeneity_threshold, dead)
-        out["ensemble_spread"] = mean_pairwise_distance(members)
+        # A dead member is measured as the zero it lies within tolerance of (docs/theory.md §4):
+        # two dead members are identical (distance 0), a dead and a live one at distance 2. Else
+        # the rounding left in members weight decay has killed reads as spread (1.6–2.2).
+        alive = ~dead[..., None]                                                # (R, M, 1)
+        out["ensemble_spread"] = mean_pairwise_distance(members * alive)
         outputs = model.member_outputs(params, probe)                          # (R, M, B, o)
-        out["ensemble_disagreement"] = mean_pairwise_distance(outputs.flatten(2))
+        out["ensemble_disagreement"] = mean_pairwise_distance(outputs.flatten(2) * alive)
     out.update(constraint_summary(model.symmetries(), params, cfg.constraint_atol))
     if (violation := model.constraint_violation(params)) is not None:
         out["constraint_violation"] = violation

@@ -8,6 +8,7 @@ Conventions (shared/science.md §1): coupled L2 for sgd and adam (gradient + λ�
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -86,3 +87,53 @@ class PackedOptimizer:
         v = st.setdefault("v", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
         m_hat, v_hat = m / (1 - b1**self.t), v / (1 - b2**self.t)
         return None, lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+def warmup_factor(o: OptimConfig, t: int) -> float:
+    """min(1, t / warmup) for step t = 1, 2, …; 1 without warm-up."""
+    return min(1.0, t / o.warmup) if o.warmup > 0 else 1.0
+
+
+def decay_terms(o: OptimConfig, t: int, total: int) -> tuple[float, float]:
+    """(a, b) with the learning rate of step t = warm-up × (a·η + b·lr_min) (docs/theory.md §1):
+    constant (1, 0); step (gamma^k, 0), k = #{m ∈ milestones : t > m}; cosine (c, 1 − c) with
+    c = (1 + cos(π·p))/2, p = (t − warmup)/(total − warmup) clipped to [0, 1]."""
+    if o.schedule == "step":
+        return o.gamma ** sum(t > m for m in o.milestones), 0.0
+    if o.schedule == "cosine":
+        p = min(1.0, max(0.0, (t - o.warmup) / max(1, total - o.warmup)))
+        c = (1 + math.cos(math.pi * p)) / 2
+        return c, 1.0 - c
+    return 1.0, 0.0
+
+
+def lr_at(o: OptimConfig, t: int, total: int) -> float:
+    """The learning rate of step t of a run that trains `total` steps."""
+    a, b = decay_terms(o, t, total)
+    return warmup_factor(o, t) * (a * o.lr + b * o.lr_min)
+
+
+class Schedule:
+    """Each run's learning rate, step by step, written into the optimiser's (R,) lr tensor: the
+    engine's one place where the lr of a step is set. Runs share a term per distinct schedule,
+    so a step costs a few Python floats, whatever the pack's size."""
+
+    def __init__(self, cfgs: list[OptimConfig], total: int, like: torch.Tensor):
+        kinds = [(o.schedule, o.warmup, tuple(o.milestones), o.gamma) for o in cfgs]
+        self.distinct = list(dict.fromkeys(kinds))
+        self.first = [cfgs[kinds.index(k)] for k in self.distinct]
+        self.index = torch.tensor([self.distinct.index(k) for k in kinds], device=like.device)
+        self.base = like.clone()                                                           # η, (R,)
+        self.floor = torch.tensor([o.lr_min for o in cfgs], device=like.device, dtype=like.dtype)
+        self.total = total
+        self.constant = all(k[0] == "constant" and k[1] == 0 for k in self.distinct)
+
+    def set(self, lr: torch.Tensor, t: int, alive: torch.Tensor) -> None:
+        """lr ← the learning rate of step t for the live runs, 0 for the frozen ones. A constant
+        schedule leaves lr as it is (η, and 0 where the engine froze a run): no cost per step."""
+        if self.constant:
+            return
+        terms = [(warmup_factor(o, t), *decay_terms(o, t, self.total)) for o in self.first]
+        w, a, b = torch.tensor(terms, device=lr.device, dtype=lr.dtype)[self.index].unbind(-1)
+        lr.copy_(w * (a * self.base + b * self.floor))
+        lr.masked_fill_(~alive, 0.0)

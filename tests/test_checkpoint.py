@@ -42,6 +42,11 @@ PACKS = {
                   "noise.temperature=0,1e-4", "optim.lr=0.05,50", "seed=0,1", "train.steps=40", "train.log_every=5"],
     "adam-flip": ["model=mlp", "data=digits", "model.width=8", "optim.name=adam", "optim.lr=0.01",
                   "data.batch_size=64", "noise.label_flip=0.1", "seed=0,1", "train.steps=25", "train.log_every=4"],
+    # learning-rate schedules (warm-up, a drop, a cosine) of two kinds in one pack: each step's
+    # lr depends on the step alone, so a resumed pack takes the same steps
+    "schedules": ["model=hadamard", "data.batch_size=30", "optim.momentum=0.9", "optim.schedule=step,cosine",
+                  "optim.warmup=5", "optim.milestones=[12,20]", "optim.gamma=0.3", "optim.lr_min=0.01", "optim.lr=0.05",
+                  "seed=0,1", "train.steps=40", "train.log_every=5"],
     # a task sequence whose switches (every 7 steps, with shrink and perturb) fall on checkpoints
     "tasks": ["model=mlp", "data=digits", "model.width=8", "data.batch_size=64", "tasks.count=3", "tasks.change=labels",
               "tasks.shrink=0.9", "tasks.perturb=0.1", "seed=0,1", "train.steps=7", "train.log_every=3"],

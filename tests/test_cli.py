@@ -140,7 +140,7 @@ BAD_INPUT = [
     (["sweep", "-cd", "cfg", "experiment=typo"], "In 'experiment/typo': unknown setting 'train.stepz'; did you mean 'train.steps'?",
      _preset("typo", "train: {stepz: 3}\n")),
     (["sweep", "-cd", "cfg", "experiment=nope"], "unknown experiment option 'nope'", _preset("mine", "name: mine\n")),
-    (["sweep", "-cd", "cfg", "experiment=nope"], "dead_neurons, mine,", _preset("mine", "name: mine\n")),
+    (["sweep", "-cd", "cfg", "experiment=nope"], "lr_drop, mine,", _preset("mine", "name: mine\n")),
     (["sweep", "-cd", "nowhere"], "Additional config directory", None),
     (["run", "hydra.searchpath=[file://nowhere]"], "hydra.searchpath: nowhere is not a folder", None),
     (["run", "seed=0,1"], "one configuration takes no sweep syntax (seed=0,1); use symrun sweep", None),

@@ -353,6 +353,38 @@ def test_measure_ensemble_identical_members():
         sum(nd(output(1, i), output(1, j)) for i, j in pairs) / 3)
 
 
+def test_dead_members_count_as_zero_in_spread_and_disagreement():
+    """docs/theory.md §4: a member within the sparsity tolerance of zero is measured as zero."""
+    model = build(EnsembleConfig(width=2, depth=1, members=3, activation="tanh"), in_dim=2, out_dim=1)
+    params = with_values(model, [0, 1])
+    g = torch.Generator().manual_seed(4)
+    params = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in params.items()}
+    for k in params:
+        params[k][0] *= 1e-5                    # run 0: every member dead (‖θ_m‖ ≪ atol), none identical
+        params[k][1, 1:] *= 1e-5                # run 1: members 1 and 2 dead, member 0 alive
+    m = metrics.measure(model, params, CFG, probe(2))
+    assert float(m["ensemble_spread"][0]) == 0.0 and float(m["ensemble_disagreement"][0]) == 0.0
+    # run 1: pairs (0,1), (0,2) at distance 2 (a live member against zero), (1,2) at 0
+    assert float(m["ensemble_spread"][1]) == pytest.approx(4 / 3)
+    assert float(m["ensemble_disagreement"][1]) == pytest.approx(4 / 3)
+
+
+def test_an_ensemble_weight_decay_killed_is_homogeneous(tmp_path):
+    """The case of issue 17: permutation_homogeneity at λ = 0.3 kills every member in 300 steps
+    (weight norm ~3e-4); its spread read 1.6–2.2 before dead members counted as zero."""
+    from symrun import engine
+    from symrun.config import Config, TeacherDataConfig, TrainConfig, validate
+
+    cfg = validate(Config(model=EnsembleConfig(members=4, width=8, bias=False),
+                          data=TeacherDataConfig(teacher="mlp", dim=10, hidden=4),
+                          train=TrainConfig(steps=300, log_every=300)))
+    cfg.optim.lr, cfg.optim.weight_decay = 0.2, 0.3
+    (outcome,) = engine.train_pack([cfg])
+    last = outcome.rows[-1]
+    assert last["sparsity"] == 1.0 and last["weight_norm"] < 1e-2
+    assert last["ensemble_spread"] == 0.0 and last["ensemble_disagreement"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Neural collapse (Papyan, Han & Donoho 2020), conventions in metrics.neural_collapse
 

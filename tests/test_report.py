@@ -5,7 +5,7 @@ import shutil
 import matplotlib.image as mpimg
 import pytest
 
-from symrun import job, report, results, sweep
+from symrun import agreement, job, report, results, sweep
 
 
 def _sweep(tmp_path, *args):
@@ -75,11 +75,12 @@ def test_gallery_section_holds_command_agreement_figure_and_table(tmp_path, monk
     d = _sweep(tmp_path, "optim.weight_decay=0.05,0.3,2.0", "optim.lr=0.3", "train.steps=2000", "train.log_every=2000")
     monkeypatch.setattr(gallery, "description", lambda name: ["What it shows.", "How to scale it."])
     text = gallery.section("demo", d, 1.0, tmp_path / "docs")
-    assert "symrun sweep experiment=demo" in text and "**What it shows.**" in text
+    assert "symrun sweep train.steps=20 train.log_every=10 optim.weight_decay=0.05,0.3,2.0" in text  # sweep.json's
+    assert "**What it shows.**" in text
     assert "3 of 3 weight decays on the lasso solution" in text
     assert "![phase_sparsity_vs_optim.weight_decay](results/demo/phase_sparsity_vs_optim.weight_decay.png)" in text
     assert (tmp_path / "docs/results/demo/phase_sparsity_vs_optim.weight_decay.png").stat().st_size > 10_000
-    assert "| optim.weight_decay | runs | sparsity |" in text
+    assert "| λ | runs | sparsity |" in text
 
 
 def test_gallery_section_of_a_suite_has_one_subsection_per_member(tmp_path, monkeypatch):
@@ -94,10 +95,10 @@ def test_gallery_section_of_a_suite_has_one_subsection_per_member(tmp_path, monk
     text = gallery.section("suite", [p.sweep_dir for p in plans], 1.0, tmp_path / "docs")
     assert f"{sum(len(p.configs) for p in plans)} runs, " in text
     for member in ("rescaling_sparsity", "dead_neurons"):
-        assert f"### {member}" in text
+        assert f"### symmetry_removal/{member}" in text
         link = f"results/suite/{member}/phase_sparsity_vs_optim.weight_decay_by_symmetry.remove.png"
         assert f"]({link})" in text and (tmp_path / "docs" / link).stat().st_size > 10_000
-    assert text.index("### rescaling_sparsity") < text.index("### dead_neurons")
+    assert text.index("### symmetry_removal/rescaling_sparsity") < text.index("### symmetry_removal/dead_neurons")
     assert text.count("Symmetry removal, the final value's range over the grid") == 2
 
 
@@ -116,8 +117,14 @@ def test_removal_contrast_says_what_the_offsets_changed(tmp_path):
 
 
 def test_settings_are_labelled_as_written():
-    assert report._value(float("nan")) == "null" and report._value(None) == "null"
-    assert report._value(4.0) == "4" and report._value(0.5) == "0.5" and report._value(False) == "False"
+    from symrun import notation
+
+    assert notation.value(float("nan")) == "null" and notation.value(None) == "null"
+    assert notation.value(4.0) == "4" and notation.value(0.5) == "0.5" and notation.value(False) == "no"
+    assert notation.setting("noise.label_std", 0.0) == "σ = 0" and notation.setting("optim.weight_decay", 1e-3) == "λ = 0.001"
+    assert notation.setting("symmetry.remove", "True") == "offsets: yes"
+    assert notation.setting("data.batch_size", None) == "B = full batch" and notation.plural(1, "seed") == "1 seed"
+    assert notation.axis("optim.lr") == "learning rate η" and notation.axis("model.width") == "model.width"
 
 
 def test_a_null_setting_is_its_own_series(tmp_path):
@@ -137,10 +144,10 @@ def test_measured_critical_weight_decay_is_drawn_from_the_largest_weight_decay(t
                "metrics.critical_mirrors=20")
     figures = report.build(d).figures
     runs = results.read_csv(d / "runs.csv")
-    x, label = report._critical_line(runs, "optim.weight_decay", "sparsity")
+    x, label = agreement.critical_line(runs, "optim.weight_decay", "sparsity")
     ds = data.load(TeacherDataConfig())
     assert x == pytest.approx(theory.lasso_threshold(ds.x, ds.y), rel=1e-5)
     assert "rescaling" in label and "λ = 3" in label
-    assert report._critical_line(runs, "optim.weight_decay", "rank") is None     # no rotation mirrors here
-    assert report._critical_line(runs, "seed", "sparsity") is None
+    assert agreement.critical_line(runs, "optim.weight_decay", "rank") is None     # no rotation mirrors here
+    assert agreement.critical_line(runs, "seed", "sparsity") is None
     assert any(p.name == "phase_sparsity_vs_optim.weight_decay.png" for p in figures)

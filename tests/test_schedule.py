@@ -1,0 +1,62 @@
+"""Learning-rate schedules (optim.schedule, docs/theory.md §1): each step's lr against its
+formula, through the engine, per run within one pack."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from symrun import engine, optim, sweep
+from symrun.config import ConfigError, OptimConfig
+
+
+def test_the_lr_of_each_step_is_its_formula():
+    T = 10
+    step = OptimConfig(lr=0.4, schedule="step", milestones=[3, 6], gamma=0.5, warmup=2)
+    # warm-up t/2 for t ≤ 2; ×0.5 after step 3 and again after step 6
+    assert [optim.lr_at(step, t, T) for t in range(1, T + 1)] == pytest.approx(
+        [0.2, 0.4, 0.4, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1])
+    cosine = OptimConfig(lr=1.0, schedule="cosine", lr_min=0.1, warmup=0)
+    expected = [0.1 + 0.9 * (1 + math.cos(math.pi * t / T)) / 2 for t in range(1, T + 1)]
+    assert [optim.lr_at(cosine, t, T) for t in range(1, T + 1)] == pytest.approx(expected)
+    assert optim.lr_at(cosine, T, T) == pytest.approx(0.1)
+    warm = OptimConfig(lr=1.0, schedule="cosine", warmup=4)
+    # warm-up to step 4, then the cosine over the 6 steps left: t = 4 is its start (factor 1)
+    assert [optim.lr_at(warm, t, T) for t in (1, 2, 4, 7, 10)] == pytest.approx(
+        [0.25, 0.5, 1.0, (1 + math.cos(math.pi * 3 / 6)) / 2, 0.0])
+    assert [optim.lr_at(OptimConfig(lr=0.3), t, T) for t in (1, 5, 10)] == [0.3, 0.3, 0.3]
+
+
+def test_the_engine_steps_each_run_at_its_own_schedule(monkeypatch):
+    args = ["model=hadamard", "optim.schedule=constant,step,cosine", "optim.lr=0.1,0.2", "optim.warmup=3",
+            "optim.milestones=[5]", "optim.gamma=0.1", "optim.lr_min=0.01", "train.steps=12", "train.log_every=4"]
+    plan = sweep.plan(args, Path("unused"))
+    assert len(plan.packs) == 1                      # schedules are per-run settings: one batched model
+    cfgs = list(plan.configs.values())
+    seen = []
+    real = optim.PackedOptimizer.step
+
+    def step(self, params, grads, live):
+        seen.append(self.lr.clone())
+        return real(self, params, grads, live)
+
+    monkeypatch.setattr(optim.PackedOptimizer, "step", step)
+    engine.train_pack(cfgs)
+    got = torch.stack(seen)                                                # (steps, R)
+    want = torch.tensor([[optim.lr_at(c.optim, t, 12) for c in cfgs] for t in range(1, 13)], dtype=got.dtype)
+    assert got.shape == (12, 6) and torch.allclose(got, want, rtol=1e-6, atol=0)
+    drop = [i for i, c in enumerate(cfgs) if c.optim.schedule == "step"]
+    assert all(float(got[5, i]) == pytest.approx(0.1 * float(got[4, i])) for i in drop)   # step 6: dropped
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.schedule=exponential", "optim.schedule must be one of constant, step, cosine"),
+    ("optim.warmup=-1", "optim.warmup must be >= 0"),
+    ("optim.gamma=0", "optim.gamma must be > 0"),
+    ("optim.milestones=[0]", "optim.milestones steps >= 1"),
+    ("optim.lr_min=-0.1", "optim.lr_min must be a number >= 0"),
+])
+def test_bad_schedules_are_refused(override, words):
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        sweep.plan(["model=hadamard", override], Path("unused"))
