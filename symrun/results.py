@@ -301,8 +301,8 @@ def config_yaml(tree: dict) -> str:
     """`yaml.dump(tree)` as config.yaml holds it. A grid's runs differ in their per-run settings
     (config.PER_RUN_KEYS) only, so the rest is dumped once per shape, with a slot for each of
     those, and each run's numbers are put in the slots, each as YAML writes that number alone
-    (the same text: tests/test_tables.py). A value that is not a plain number, or a shape whose
-    slots cannot be told apart, is dumped whole."""
+    (the same text: tests/test_tables.py). A value that is not a plain number or a short word,
+    or a shape whose slots cannot be told apart, is dumped whole."""
     shape, values = _with_slots(tree)
     if values is None:
         return yaml.dump(tree, Dumper=YAML_DUMPER, sort_keys=False)
@@ -320,7 +320,7 @@ def config_yaml(tree: dict) -> str:
 
 def _with_slots(tree: dict) -> tuple[dict, Optional[list]]:
     """(`tree` with each per-run setting's value replaced by a slot name, those values), or
-    (tree, None) when one of them is not a plain number (or bool, or null)."""
+    (tree, None) when one of them is not a plain number, bool, null or short word."""
     shape, values = dict(tree), []
     for key in PER_RUN_KEYS:
         group, _, name = key.rpartition(".")
@@ -328,13 +328,18 @@ def _with_slots(tree: dict) -> tuple[dict, Optional[list]]:
         if not isinstance(node, dict) or name not in node:
             continue
         value = node[name]
-        if type(value) not in (int, float, bool, type(None)):
+        if not (type(value) in (int, float, bool, type(None)) or _short_word(value)):
             return tree, None
         if group:
             node = shape[group] = dict(node)
         node[name] = _SLOT.format(len(values))
         values.append(value)
     return shape, values
+
+
+def _short_word(value: Any) -> bool:
+    """A string YAML writes the same alone as in a mapping (`cosine`): no line to wrap."""
+    return type(value) is str and 0 < len(value) <= 40 and value.isprintable() and " " not in value
 
 
 def _as_format(text: str, slots: list[str]) -> str:

@@ -26,16 +26,16 @@ WORKLOADS = {   # the critical weight decay (the costly Hessian at a run's end) 
 }
 
 
-def _configs(args):
-    with sweep._hydra_context():
-        return sweep.compose_all(sweep.expand(args)[0])
+def _configs(args, where):
+    """The grid's run configs as `symrun sweep` plans them (nothing is written)."""
+    return list(sweep.plan(args, sweep_dir=where / "sweep").configs.values())
 
 
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE))
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
-def test_packs_of_other_sizes_agree_within_the_stated_tolerance(workload, dtype):
+def test_packs_of_other_sizes_agree_within_the_stated_tolerance(workload, dtype, tmp_path):
     cfgs = _configs([*WORKLOADS[workload], "train.steps=150", "train.log_every=50", f"train.dtype={dtype}",
-                     "device=cpu"])
+                     "device=cpu"], tmp_path)
     whole = engine.train_pack(cfgs)
     rtol, atol = TOLERANCE[dtype]
     for size in (1, 2, 3):

@@ -108,5 +108,8 @@ def test_config_yaml_from_its_shape_is_the_yaml_dump(preset, tmp_path):
             for i, value in enumerate(values):                  # any number in any per-run slot
                 tree["seed"], tree["optim"]["weight_decay"] = values[-1 - i], value
                 assert results.config_yaml(tree) == yaml.dump(tree, Dumper=results.YAML_DUMPER, sort_keys=False)
-            tree["optim"]["weight_decay"] = "0.1"               # not a number: dumped whole, quoted
-            assert "weight_decay: '0.1'" in results.config_yaml(tree)
+            for word in ["cosine", "0.1", "yes", "null", "a:b", "#x", "-", "'q'", "x" * 40, "é", "~"]:   # quoted or not
+                tree["optim"]["schedule"] = word
+                assert results.config_yaml(tree) == yaml.dump(tree, Dumper=results.YAML_DUMPER, sort_keys=False)
+            tree["optim"]["schedule"] = "two words"             # not a short word: dumped whole
+            assert "schedule: two words" in results.config_yaml(tree)
