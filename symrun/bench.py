@@ -340,7 +340,7 @@ def profile_step(device: torch.device, steps: int = 30) -> str:
     metric evaluation at step 0 nor the one at the end is in it."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from symrun.models import _NumpyTanh
+    from symrun.models.nets.mlp import _NumpyTanh
 
     cfgs = w1(32, steps, str(device)).configs
     dataset = data_mod.load(cfgs[0].data)

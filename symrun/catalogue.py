@@ -11,7 +11,8 @@ import contextlib
 from pathlib import Path
 from typing import Optional
 
-from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, ConfigError
+from symrun.config import CONFIG_DIR, DATA_OPTIONS, ConfigError
+from symrun.models import registry
 
 # Hydra's launcher plugins and the options they register, found without importing Hydra
 LAUNCHER_PLUGINS = {"hydra_plugins.hydra_joblib_launcher": ["joblib"],
@@ -54,7 +55,7 @@ def catalogue(folders: list[Path]) -> dict[str, list[tuple[str, str]]]:
     that name), else BUILT_IN."""
     import importlib.util
 
-    built_in = {"model": list(MODEL_OPTIONS), "data": list(DATA_OPTIONS), "constraint": ["none", "dcs"],
+    built_in = {"model": registry.names(), "data": list(DATA_OPTIONS), "constraint": ["none", "dcs"],
                 "experiment": [p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")],
                 "hydra/launcher": ["basic", *(p.stem for p in (CONFIG_DIR / "hydra" / "launcher").glob("*.yaml"))]}
     for module, options in LAUNCHER_PLUGINS.items():

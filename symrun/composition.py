@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from symrun.catalogue import help_groups
-from symrun.config import (CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, PER_RUN_KEYS, Config, ConfigError,
-                           ConstraintConfig, did_you_mean, flatten, to_config, to_dict, validate)
+from symrun.config import (CONFIG_DIR, DATA_OPTIONS, PER_RUN_KEYS, Config, ConfigError,
+                           ConstraintConfig, did_you_mean, flatten, model_node, model_options, to_config, to_dict, validate)
 
 PRIMARY_DIR = Path(__file__).resolve().parent / "primary"     # Hydra's main config folder: config.yaml only
 PRESETS = f"file://{CONFIG_DIR}"          # the search path entry of the built-in presets
@@ -52,8 +52,8 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config, provider="symrun")
-    for name, cls in MODEL_OPTIONS.items():
-        cs.store(group="model", name=name, node=cls, provider="symrun")
+    for name in model_options():
+        cs.store(group="model", name=name, node=model_node(name), provider="symrun")
     for name, cls in DATA_OPTIONS.items():
         cs.store(group="data", name=name, node=cls, provider="symrun")
     for name in ("none", "dcs"):    # one schema, so every run's table has the same constraint.* keys
@@ -301,7 +301,7 @@ def explain(e: Exception) -> str:
 def known_settings() -> tuple[str, ...]:
     """Every setting of every model and data option, for "did you mean" on a misspelt key."""
     keys: set[str] = set()
-    for model in MODEL_OPTIONS.values():
+    for model in model_options().values():
         for data in DATA_OPTIONS.values():
             keys |= set(flatten(to_dict(Config(model=model(), data=data()))))
     return tuple(sorted(keys))

@@ -21,7 +21,7 @@ import torch
 from symrun import checkpoint as ckpt_mod
 from symrun import data as data_mod
 from symrun import critical, metrics, models, reparam
-from symrun.config import (ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps)
+from symrun.config import (PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps)
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed, generator
 from symrun.optim import PackedOptimizer, per_run
@@ -41,9 +41,9 @@ def resolve_device(name: str) -> torch.device:
 
 def pack_key(cfg: Config) -> str:
     """Runs with equal keys share every shape and setting but PER_RUN_KEYS: one batched model.
-    A model in ALONE_MODELS keys on every setting: each run is a pack of one."""
+    A model that does not pack (its spec's `packs`) keys on every setting: each run is a pack of one."""
     flat = flatten(to_dict(cfg))
-    alone = cfg.model.name in ALONE_MODELS
+    alone = not models.spec(cfg.model.name).packs
     shared = {k: v for k, v in flat.items() if (alone or k not in PER_RUN_KEYS) and k not in ("name", "pack_size")}
     return json.dumps(shared, sort_keys=True, default=str)
 

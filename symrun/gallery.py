@@ -18,6 +18,7 @@ import pandas as pd
 
 from symrun import job, report, results, sweep
 from symrun.config import CONFIG_DIR
+from symrun.models import registry
 
 # Narrative order; presets not listed follow alphabetically.
 ORDER = ["rescaling_sparsity", "symmetry_removal", "dead_neurons", "rotation_low_rank", "rotation_noise",
@@ -79,7 +80,7 @@ def section(name: str, sweep_dirs: Path | list[Path], seconds: float, docs: Path
 
 def _body(sweep_dir: Path, rep: report.Report, figures_dir: Path, link: str) -> list[str]:
     """One sweep's agreement line, structure figures (copied under docs/) and summary table."""
-    structure = {m for ms in report.PRIMARY.values() for m in ms}
+    structure = {m for spec in registry.specs().values() for m in spec.primary}
     figures_dir.mkdir(parents=True, exist_ok=True)
     out = []
     agreement = report.theory_agreement(sweep_dir)

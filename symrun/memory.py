@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from symrun.config import ALONE_MODELS, Config, to_dict
+from symrun import models
+from symrun.config import Config, to_dict
 
 PACK_BYTES = 2 * 2**30     # one pack's training: every run's state and one step's graph
 PASS_BYTES = 512 * 2**20   # one batched Hessian pass of λ_c (symrun.critical), all its virtual runs
@@ -46,7 +47,7 @@ def pack_size(cfg: Config) -> int:
     as many as PACK_BYTES holds (`run_bytes`). resnet18 trains each run alone: 1."""
     if cfg.pack_size is not None:
         return cfg.pack_size
-    if cfg.model.name in ALONE_MODELS:
+    if not models.spec(cfg.model.name).packs:
         return 1
     try:
         return max(1, PACK_BYTES // run_bytes(cfg))
@@ -59,7 +60,7 @@ def run_bytes(cfg: Config) -> int:
     optimiser buffers and the update's temporary (5 copies); its blocks of label and Langevin
     noise (engine.NoiseBlocks: K steps at a time); and twice what a training step saves for its
     backward, measured on the model itself (the backward pass allocates about as much again)."""
-    from symrun import engine, models, reparam      # the engine imports this module (through critical)
+    from symrun import engine, reparam      # the engine imports this module (through critical)
 
     x, y, task, in_dim, out_dim = _probe_batch(json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str), cfg.data)
     dtype = getattr(torch, cfg.train.dtype)

@@ -201,20 +201,17 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
     the caller already has them."""
     given = given or {}
     out: dict[str, torch.Tensor] = {"weight_norm": weight_norm(params)}
-    sets = model.neuron_sets()
-    if sets:
-        dead_masks, frac, width = [], [], 0
-        for ns in sets:
-            g = gather(ns, params)                                            # (R, [M,] n, g)
-            dead = dead_groups(g, cfg.sparsity_atol, cfg.sparsity_rtol)
-            dead_masks.append(dead.reshape(dead.shape[0], -1))
-            if model.permutes_neurons:
-                f = independent_fraction(g, cfg.homogeneity_threshold, dead)
-                frac.append(f.reshape(f.shape[0], -1).mean(-1) * g.shape[-2])
-                width += g.shape[-2]
-        out["sparsity"] = torch.cat(dead_masks, dim=1).double().mean(dim=1)
-        if frac:
-            out["independent_fraction"] = torch.stack(frac).sum(0) / width
+    groups = {ns: gather(ns, params) for ns in [*model.neuron_sets(), *model.permutation_sets()]}   # (R, [M,] n, g)
+    dead = {ns: dead_groups(g, cfg.sparsity_atol, cfg.sparsity_rtol) for ns, g in groups.items()}
+    if model.neuron_sets():
+        out["sparsity"] = torch.cat([dead[ns].reshape(len(dead[ns]), -1) for ns in model.neuron_sets()], dim=1).double().mean(dim=1)
+    if model.permutation_sets():
+        frac, width = [], 0
+        for ns in model.permutation_sets():
+            f = independent_fraction(groups[ns], cfg.homogeneity_threshold, dead[ns])
+            frac.append(f.reshape(f.shape[0], -1).mean(-1) * groups[ns].shape[-2])
+            width += groups[ns].shape[-2]
+        out["independent_fraction"] = torch.stack(frac).sum(0) / width
     for suffix, matrix in model.products(params).items():
         out.update(rank_metrics(matrix, cfg.rank_rtol, suffix, cfg.rank_atol))
     members = model.member_vectors(params)                                     # (R, M, P) or None

@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from symrun import folder, results
-from symrun.config import DATA_OPTIONS, MODEL_OPTIONS, default_values, flatten
+from symrun.config import DATA_OPTIONS, default_values, flatten, model_options
 from symrun.folder import OutputError, read_bytes
 from symrun.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES,
                             checkpoint_path, checkpointed_packs, read_csv, read_json, remove_checkpoint, run_dir,
@@ -128,9 +128,9 @@ def _read_config(sweep_dir: Path, path: Path) -> tuple[Optional[dict], Optional[
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("data"), dict):
         return None, _damaged(path, "not a run's config: no model and data sections")
     model, data = cfg["model"].get("name"), cfg["data"].get("name")
-    if model not in MODEL_OPTIONS or data not in DATA_OPTIONS:
+    if model not in model_options() or data not in DATA_OPTIONS:
         return None, _damaged(path, f"unknown model {model!r} or data {data!r}")
-    flat, defaults = flatten(cfg), default_values(MODEL_OPTIONS[model], DATA_OPTIONS[data])
+    flat, defaults = flatten(cfg), default_values(model_options()[model], DATA_OPTIONS[data])
     wrong = [k for k, v in flat.items() if k in defaults and not _same_kind(v, defaults[k])]
     if wrong:
         return None, _damaged(path, f"{wrong[0]}: {flat[wrong[0]]!r} is not a value of its type")

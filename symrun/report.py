@@ -22,20 +22,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from symrun import data as data_mod  # noqa: E402
-from symrun import folder, records, results, tables, theory  # noqa: E402
-from symrun.config import DATA_OPTIONS, EXECUTION_KEYS, MODEL_OPTIONS, ConfigError, default_values, to_config  # noqa: E402
+from symrun import folder, records, results, tables  # noqa: E402
+from symrun.models import registry  # noqa: E402
+from symrun.config import DATA_OPTIONS, EXECUTION_KEYS, ConfigError, default_values, model_options, to_config  # noqa: E402
 
-# The structure each model family is about, first; then how well it fits.
-PRIMARY = {
-    "hadamard": ["sparsity"],
-    "factorization": ["rank"],
-    "mlp": ["sparsity", "independent_fraction", "nc1", "nc3"],
-    "ensemble": ["independent_fraction", "ensemble_disagreement", "ensemble_spread"],
-    "attention": ["rank"],
-    "linear": ["constraint_violation"],
-    "resnet18": ["dead_fraction", "independent_fraction"],
-    "transformer": ["rank", "effective_rank"],
-}
 FIT = ["train_loss", "test_loss", "accuracy"]
 
 
@@ -52,7 +42,7 @@ def axes_of(runs: pd.DataFrame, swept: list[str]) -> list[str]:
     keys first, then any other setting that differs, so runs that differ in anything but the
     seed are never pooled. Execution keys (pack_size, device, name, train.checkpoint_every) say
     how runs were trained, not what: they are never axes."""
-    per_option = [set(default_values(MODEL_OPTIONS[m], DATA_OPTIONS[d]))
+    per_option = [set(default_values(model_options()[m], DATA_OPTIONS[d]))
                   for (m, d), _ in runs.groupby(["model.name", "data.name"])]
     settings, shared = set().union(*per_option), set.intersection(*per_option)
     # null is a value of a setting every run has (data.batch_size=null: full batch); a key only
@@ -63,8 +53,9 @@ def axes_of(runs: pd.DataFrame, swept: list[str]) -> list[str]:
 
 
 def metrics_of(runs: pd.DataFrame) -> list[str]:
-    models = runs["model.name"].dropna().unique() if "model.name" in runs else []
-    names = [m for model in models for m in PRIMARY.get(model, [])] + ["constraint_violation"] + FIT
+    options = runs["model.name"].dropna().unique() if "model.name" in runs else []
+    names = [m for model in options if model in registry.specs() for m in registry.spec(model).primary]
+    names += ["constraint_violation"] + FIT
     return [m for m in dict.fromkeys(names) if m in runs and runs[m].notna().any()]
 
 
@@ -343,8 +334,8 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, gr
     fine grid over the axis' range), or None. A threshold comes back as (λ_c, None, label)."""
     if axis != "optim.weight_decay" or runs["optim.name"].iloc[0] == "adamw":
         return None
-    model = runs["model.name"].iloc[0]
-    if model not in ("hadamard", "factorization", "mlp"):   # the models with a closed form (and small data)
+    spec = registry.specs().get(runs["model.name"].iloc[0])
+    if spec is None or spec.theory is None:     # the models with a closed form (and small data)
         return None
     try:   # a received folder's data may not be on this machine: then there is no line to draw
         cfg = to_config(results.load_config_dict(sweep_dir, runs["run_id"].iloc[0]))
@@ -358,13 +349,7 @@ def _theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, gr
     lo, hi = runs[axis].min(), runs[axis].max()
     if grid is None:
         grid = np.geomspace(max(lo, hi * 1e-4), hi, 200) if hi > 0 else np.array([0.0])
-    if model == "hadamard" and metric == "sparsity":
-        return grid, theory.lasso_sparsity(ds, grid), "lasso solution (closed form, same data)"
-    if model == "factorization" and metric == "rank" and not cfg.model.residual and getattr(cfg.data, "whiten", False):
-        return grid, theory.svt_rank(ds, grid, cfg.model.hidden), "singular-value soft-thresholding (closed form)"
-    if model == "mlp" and metric == "sparsity" and cfg.model.activation == "tanh":
-        return theory.dead_neuron_threshold(ds), None, "λ_c = ‖E[xyᵀ]‖ (all neurons dead above)"
-    return None
+    return spec.theory(cfg, ds, metric, grid)
 
 
 def _tables(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:

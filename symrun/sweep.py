@@ -32,7 +32,7 @@ from hydra.core.override_parser.types import Transformer
 from symrun import budget, engine, memory, models, records, reparam, results, tables
 from symrun import data as data_mod
 from symrun.composition import Composer, Shape, composer, drop_hydra, hydra_quoted, literal
-from symrun.config import ALONE_MODELS, PER_RUN_KEYS, Config, ConfigError, to_config, to_dict, total_steps
+from symrun.config import PER_RUN_KEYS, Config, ConfigError, to_config, to_dict, total_steps
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
         rid = results.run_id(cfg)
         configs[rid], settings[rid] = cfg, point
         # An interpolation may carry a per-run value into any setting: such runs are grouped by their own.
-        groups[rid] = rid if cfg.model.name in ALONE_MODELS else _group(cfg) if shape.interpolated else group
+        groups[rid] = rid if not models.spec(cfg.model.name).packs else _group(cfg) if shape.interpolated else group
         parameters.setdefault(groups[rid], parameters[group])
         built.setdefault(groups[rid], built[group])
     _check_memory(configs, groups, built)

@@ -19,6 +19,8 @@ def test_default_config_composes_to_the_documented_defaults(tmp_path):
 
 def _refusal(model: str, data: str):
     """The one-line error a model/data pair that cannot work together must give, or None."""
+    if model == "module":            # a user's nn.Module: tests/test_module.py
+        return "model=module needs model._target_"
     if (model == "transformer") != (data == "text"):
         return "model=transformer reads data=text"
     if model == "hadamard" and data == "digits":

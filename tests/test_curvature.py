@@ -1,4 +1,4 @@
-"""The closed-form Hessian blocks of neuron mirrors (symrun.curvature) against the blocks
+"""The closed-form Hessian blocks of neuron mirrors (symrun.models.nets.curvature) against the blocks
 Hessian-vector products build (symrun.critical), entry by entry, in float64; and the batched
 λ_c of every mirror at once against one mirror at a time."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from symrun import critical, curvature, data, reparam
+from symrun import critical, data, reparam
+from symrun.models.nets import curvature
 from symrun.config import Config, DigitsDataConfig, EnsembleConfig, MLPConfig, TeacherDataConfig
 from symrun.engine import loss_per_run
 from symrun.models import build

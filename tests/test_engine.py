@@ -455,10 +455,10 @@ def test_a_shared_input_gives_what_the_same_input_given_to_each_run_gives(model_
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 2.5e-7), (torch.float64, 5e-16)])
 def test_cpu_tanh_is_torch_tanh_to_an_ulp_with_first_and_second_derivatives(dtype, bound):
-    """models.tanh (numpy's SIMD kernel on CPU) against the exact value, near 0 included, and its
+    """symrun.models.nets.mlp.tanh (numpy's SIMD kernel on CPU) against the exact value, near 0 included, and its
     gradient and Hessian-vector product against torch.tanh's (symrun.critical and symrun check
     differentiate twice through it)."""
-    from symrun.models import tanh
+    from symrun.models.nets.mlp import tanh
 
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(20000, generator=g, dtype=dtype) * 4, torch.logspace(-30, -1, 300, dtype=dtype),
