@@ -25,6 +25,7 @@ from symrun import data as data_mod
 from symrun import models, reparam
 from symrun.config import Config
 from symrun.critical import hvp_at
+from symrun.models.nets.discover import as_declaration
 from symrun.engine import loss_per_run
 from symrun.seeds import generator
 from symrun.symmetries import Rotation, SignFlip, Symmetry, kind, mirror_count, project, reflect, select
@@ -44,6 +45,7 @@ class SymmetryCheck:
     gradient: Optional[float] = None    # max ‖Oᵀ∇L(ρ₀)‖ / ‖∇L(ρ₀)‖
     hessian: Optional[float] = None     # max ‖OᵀH(I − OOᵀ)v‖ / ‖H(I − OOᵀ)v‖
     holds: bool = False
+    declaration: dict = field(default_factory=dict)   # as model.mirrors declares it (symrun.models.module)
 
 
 @dataclass
@@ -58,6 +60,11 @@ class CheckReport:
     def ok(self) -> bool:
         """Every declared mirror holds."""
         return all(c.holds for c in self.checks if c.declared)
+
+    def holding(self) -> list[dict]:
+        """Every mirror that holds, declared or found, as model.mirrors declares it: what
+        `symrun check --discover` proposes."""
+        return [c.declaration for c in self.checks if c.holds]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -98,7 +105,7 @@ def check_symmetry(sym: Symmetry, declared: bool, objective, point, mirrors: int
     for j in picks.tolist():
         mirror = select(sym, point, torch.tensor([j]))
         inv = max(inv, abs(float(objective(reflect(mirror, point)) - base)) / scale)
-    result = SymmetryCheck(describe(sym), kind(sym), declared, len(picks), total, inv)
+    result = SymmetryCheck(describe(sym), kind(sym), declared, len(picks), total, inv, declaration=as_declaration(sym))
     if inv > TOLERANCE:
         return result
     g = generator(seed, "check-hvp")

@@ -134,7 +134,10 @@ def collect(where: Path = SWEEPS) -> None:
 @app.command(context_settings=OVERRIDES)
 def check(ctx: typer.Context, config_dir: Optional[Path] = CONFIG_DIR,
           json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
-          mirrors: int = typer.Option(8, "--mirrors", min=1, help="Mirrors tried per symmetry (random ones).")) -> None:
+          mirrors: int = typer.Option(8, "--mirrors", min=1, help="Mirrors tried per symmetry (random ones)."),
+          discover: bool = typer.Option(False, "--discover", help="Print the mirrors that hold (declared or found: sign "
+                                        "flips and swaps of each layer's units, rotations of adjacent linear maps) as "
+                                        "YAML to paste into model.mirrors.")) -> None:
     """Verify numerically that the composed model has the mirror symmetries it declares, e.g.
     `symrun check model=mlp model.activation=relu`: loss invariance, Oᵀ∇L = 0 and a block-diagonal
     Hessian on the constraint set, at random parameters on a real batch, in float64; also tries
@@ -142,7 +145,7 @@ def check(ctx: typer.Context, config_dir: Optional[Path] = CONFIG_DIR,
     from symrun import check as check_mod
     from symrun import sweep
     from symrun.config import ConfigError
-    from symrun.console import show_check
+    from symrun.console import show_check, show_discovered
     from symrun.data import DataError
 
     if config_dir is not None and not config_dir.is_dir():
@@ -152,7 +155,9 @@ def check(ctx: typer.Context, config_dir: Optional[Path] = CONFIG_DIR,
     except (ConfigError, DataError) as e:
         _fail(str(e))
     if json_out:
-        console.print_json(data=result.to_dict())
+        console.print_json(data={**result.to_dict(), **({"mirrors": result.holding()} if discover else {})})
+    elif discover:
+        show_discovered(result)
     else:
         show_check(result)
     if not result.ok:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from symrun.catalogue import help_groups
+from symrun.models.module import use_config_folders
 from symrun.config import (CONFIG_DIR, DATA_OPTIONS, PER_RUN_KEYS, Config, ConfigError,
                            ConstraintConfig, did_you_mean, flatten, model_node, model_options, to_config, to_dict, validate)
 
@@ -88,6 +89,9 @@ class Composer:
 
     loader: Any                      # hydra.core.config_loader.ConfigLoader
     master: DictConfig
+
+    def __post_init__(self) -> None:
+        use_config_folders(self.master.hydra.runtime)     # model=module imports from them
 
     def compose(self, overrides: list[str]) -> DictConfig:
         """The config a launcher's job with these overrides composes, `hydra` node included."""

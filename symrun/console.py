@@ -171,3 +171,15 @@ def show_check(result) -> None:
     if not result.checks:
         console.print("this model declares no mirrors and has no candidates to try")
     console.print("all declared mirrors hold" if result.ok else "[bold red]a declared mirror fails[/bold red]")
+
+
+def show_discovered(result) -> None:
+    """`symrun check --discover`: the mirrors that hold, as YAML for model.mirrors (on stdout,
+    plain, so that it can be redirected into a config file); the failures as comments."""
+    import yaml
+
+    failed = [c.symmetry for c in result.checks if not c.holds]
+    lines = [f"# mirrors of model={result.model} that hold to {result.tolerance:g} (symrun check --discover)"]
+    lines += [f"# does not hold: {', '.join(failed)}"] if failed else []
+    mirrors = yaml.safe_dump({"mirrors": result.holding()}, default_flow_style=None, sort_keys=False, width=1000)
+    print("\n".join(lines) + "\n" + mirrors, end="")

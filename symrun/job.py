@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from symrun.composition import Shape, drop_hydra, register_configs
 from symrun.config import Config, ConfigError, total_steps
+from symrun.models.module import use_config_folders
 
 register_configs()
 
@@ -37,6 +38,9 @@ ON_STEP: Optional[Callable[[int], None]] = None
 
 def task(cfg: DictConfig) -> dict:
     """Hydra's task function: train the pack (or the one run) this job's config describes."""
+    from hydra.core.hydra_config import HydraConfig
+
+    use_config_folders(HydraConfig.get().runtime)     # model=module imports from them
     if "pack" in cfg:
         sweep_dir, index, configs = pack_configs(cfg)
         return run_pack(sweep_dir, index, configs, on_step=ON_STEP)
@@ -200,6 +204,7 @@ class RunChecks(Callback):
             raise ConfigError(f"experiment={config.hydra.runtime.choices.get('experiment')} is a suite of presets "
                               f"({', '.join(config.hydra.sweeper.suite)}): run it with symrun sweep")
         HydraConfig.instance().set_config(config)        # hydra.run.dir may read ${hydra:…}
+        use_config_folders(config.hydra.runtime)
         folder = Path(str(config.hydra.run.dir))
         sweep.check_shape(Shape(drop_hydra(copy.deepcopy(config))).config)
         if config.hydra.sweeper.get("params"):

@@ -22,7 +22,9 @@ product U·W of `left` (…, a, h) and `right` (…, h, b) → rank of U·W (doc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List
 
 from omegaconf import MISSING
@@ -31,6 +33,7 @@ from symrun.config import ConfigError, ModelConfig
 from symrun.models.registry import ModelSpec
 
 KINDS = ("rescaling", "permutation", "rotation")
+IMPORT_PATH = "SYMRUN_IMPORT_PATH"   # the user's config folders (os.pathsep-separated): model._target_ imports from them
 # The keys of `model` that are symrun's; every other key is a constructor argument.
 OWN_KEYS = ("name", "init_scale", "_target_", "mirrors")
 
@@ -90,6 +93,17 @@ def parse_mirror(m: Any, i: int) -> dict:
                           f"got {m!r}")
     return {"kind": m["kind"], "name": str(m.get("name") or slots[0][0].rpartition(".")[0] or slots[0][0]),
             "slots": [[s[0], s[1]] for s in slots]}
+
+
+def use_config_folders(hydra_runtime) -> None:
+    """Let model._target_ import from the folder symrun started in and the user's config folders
+    (Hydra's file config sources but symrun's own): recorded in the environment, which launcher
+    workers inherit, for jobs that run elsewhere."""
+    from symrun.config import CONFIG_DIR
+
+    folders = [hydra_runtime.cwd] + [s.path for s in hydra_runtime.config_sources if s.schema == "file"
+                                     and s.provider != "main" and Path(s.path).resolve() != CONFIG_DIR]
+    os.environ[IMPORT_PATH] = os.pathsep.join(dict.fromkeys(str(f) for f in folders))
 
 
 def node() -> dict:

@@ -44,3 +44,10 @@ def as_declaration(sym: Symmetry) -> dict:
         return {"kind": "rotation", "left": sym.left, "right": sym.right}
     kind = "rescaling" if isinstance(sym, SignFlip) else "permutation"
     return {"kind": kind, "name": sym.neurons.name, "slots": [[s.param, s.axis - sym.neurons.lead] for s in sym.neurons.slots]}
+
+
+def same_mirror(a: Symmetry, b: Symmetry) -> bool:
+    """Whether two specs declare the same mirrors, whatever their groups are named."""
+    if isinstance(a, Rotation) or isinstance(b, Rotation):
+        return a == b
+    return type(a) is type(b) and a.neurons.slots == b.neurons.slots and a.neurons.lead == b.neurons.lead

@@ -27,12 +27,11 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from symrun.config import ConfigError
-from symrun.models.module import ModuleConfig
+from symrun.models.module import IMPORT_PATH, ModuleConfig
 from symrun.models.nets.base import PackedModel, Params
 from symrun.seeds import derive_seed
 from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
-IMPORT_PATH = "SYMRUN_IMPORT_PATH"   # folders (os.pathsep-separated) a user's modules import from: config folders
 PROBE_BATCH = 3                      # examples the module is tried on before any work
 
 
@@ -190,9 +189,9 @@ class ModuleModel(PackedModel):
 
     def candidates(self) -> list[Symmetry]:
         """What `symrun check` tries beyond the declarations (symrun.models.nets.discover)."""
-        from symrun.models.nets.discover import candidates
+        from symrun.models.nets.discover import candidates, same_mirror
 
-        return candidates(self._shapes)
+        return [c for c in candidates(self._shapes) if not any(same_mirror(c, d) for d in self.declared)]
 
 
 def declared_symmetry(m: dict, i: int, shapes: dict[str, tuple[int, ...]]) -> Symmetry:
