@@ -181,5 +181,6 @@ def show_discovered(result) -> None:
     failed = [c.symmetry for c in result.checks if not c.holds]
     lines = [f"# mirrors of model={result.model} that hold to {result.tolerance:g} (symrun check --discover)"]
     lines += [f"# does not hold: {', '.join(failed)}"] if failed else []
-    mirrors = yaml.safe_dump({"mirrors": result.holding()}, default_flow_style=None, sort_keys=False, width=1000)
-    print("\n".join(lines) + "\n" + mirrors, end="")
+    flow = [yaml.safe_dump(m, default_flow_style=True, sort_keys=False, width=10_000).strip() for m in result.holding()]
+    lines += ["mirrors:" if flow else "mirrors: []"] + [f"- {m}" for m in flow]
+    print("\n".join(lines))
