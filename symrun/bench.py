@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from symrun import data as data_mod
-from symrun import engine, wholebench
+from symrun.training import engine
+from symrun import wholebench
 from symrun.config import (Config, DigitsDataConfig, FactorizationConfig, HadamardConfig, MLPConfig,
                            TeacherDataConfig, validate)
 

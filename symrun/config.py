@@ -1,7 +1,7 @@
 """Typed configuration: the single source of symrun's defaults and their meaning.
 
 Every setting a run has lives in one of the dataclasses below, with its default and a docstring.
-They are registered in Hydra's ConfigStore (symrun.composition), so `model=mlp`, `data=digits`,
+They are registered in Hydra's ConfigStore (symrun.sweeping.composition), so `model=mlp`, `data=digits`,
 `optim.lr=0.05` etc. compose against them and unknown keys are rejected by Hydra itself. YAML
 files only hold named deviations: the primary config (symrun/config.yaml) and, in `configs/`,
 the experiment and launcher presets.
@@ -244,7 +244,7 @@ class TasksConfig:
 
 @dataclass
 class MetricsConfig:
-    """Thresholds of the metrics (shared/science.md §4); formulas in symrun.metrics."""
+    """Thresholds of the metrics (shared/science.md §4); formulas in symrun.analysis.metrics."""
 
     sparsity_atol: float = 1e-3
     """A group is dead if ‖θ_g‖ ≤ sparsity_atol …"""
@@ -260,7 +260,7 @@ class MetricsConfig:
     """A mirror's constraint holds when ‖Oᵀθ‖ ≤ constraint_atol."""
     critical_mirrors: int = 4
     """At the end of a run, the critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) of up to this many
-    mirrors per declared symmetry (those nearest their constraint); 0 = skip (symrun.critical)."""
+    mirrors per declared symmetry (those nearest their constraint); 0 = skip (symrun.analysis.critical)."""
     critical_block: int = 24
     """Blocks Oᵀ∇²L O that Hessian-vector products build are solved exactly up to this size,
     larger ones by this many Lanczos steps. Blocks a model gives in closed form (the hidden
@@ -334,7 +334,7 @@ class Config:
     members are <suite>/<member>)."""
     pack_size: Optional[int] = None
     """Most runs trained together as one batched model; null = as many as fit in 2 GiB, from the
-    model's parameters and the activations a step saves (symrun.memory). Set it to cap packs,
+    model's parameters and the activations a step saves (symrun.training.memory). Set it to cap packs,
     e.g. to spread a grid over more cluster jobs."""
 
 

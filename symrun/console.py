@@ -1,5 +1,5 @@
 """What the symrun command shows, with rich: the plan of a sweep (and its dry run), a progress
-bar, a sweep's summary. symrun.launch and symrun.job call it through launch.Display; the
+bar, a sweep's summary. symrun.sweeping.launch and symrun.sweeping.job call it through launch.Display; the
 library below returns data and prints nothing.
 """
 
@@ -109,8 +109,8 @@ def _flat(cfg) -> dict:
 
 def show_report(sweep_dir: Path) -> None:
     """Rebuild a sweep's tables and figures, and show its summary."""
-    from symrun import report as report_mod
-    from symrun import results
+    from symrun.analysis import report as report_mod
+    from symrun.sweeping import results
 
     rep = report_mod.build(sweep_dir)
     if not rep.summary.empty:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from symrun import job, report, results, sweep
+from symrun.sweeping import job, results, sweep
+from symrun.analysis import report
 from symrun.config import CONFIG_DIR
 from symrun.models import registry
 

@@ -9,10 +9,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from symrun import check, sweep
+from symrun.analysis import check
+from symrun.sweeping import sweep
 from symrun.models.nets.mlp import MLP
 from symrun.cli import app
-from symrun.symmetries import SignFlip
+from symrun.analysis.symmetries import SignFlip
 
 SMALL = ["data.n=40", "data.dim=8"]
 

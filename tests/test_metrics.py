@@ -1,4 +1,4 @@
-"""Every metric of symrun.metrics against a value computed by hand from its formula
+"""Every metric of symrun.analysis.metrics against a value computed by hand from its formula
 (shared/science.md §4), then `measure` on small models whose parameters are set by hand."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from symrun import metrics
+from symrun.analysis import metrics
 from symrun.config import EnsembleConfig, FactorizationConfig, HadamardConfig, MetricsConfig, MLPConfig
 from symrun.models import build
 

@@ -14,7 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from symrun import cli as cli_mod
-from symrun import engine, sweep
+from symrun.training import engine
+from symrun.sweeping import sweep
 
 NETS = textwrap.dedent('''
     import math
@@ -138,7 +139,7 @@ def test_a_tanh_mlp_from_a_config_folder_sweeps_end_to_end_with_its_declared_mir
 
     import torch
 
-    from symrun.results import load_params
+    from symrun.sweeping.results import load_params
 
     sys.path.insert(0, str(cfg))
     try:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from symrun import engine, sweep
+from symrun.training import engine
+from symrun.sweeping import sweep
 
 # |a − b| ≤ RTOL·|b| + ATOL, for every logged metric and every final parameter (README "Pack size")
 TOLERANCE = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}

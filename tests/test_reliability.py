@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import folder, results
+from symrun.sweeping import folder, results
 
 # Six packs (data.n sets the shapes) of two runs each, with minibatches and both kinds of noise,
 # so every random stream a run has is exercised; each pack takes about a second.

@@ -26,7 +26,7 @@ def checks(cfg):
 
 def theory(cfg, ds, metric: str, grid):
     """Singular-value soft-thresholding of the least-squares map, on whitened inputs."""
-    from symrun import theory as closed
+    from symrun.analysis import theory as closed
 
     if metric == "rank" and not cfg.model.residual and getattr(cfg.data, "whiten", False):
         return grid, closed.svt_rank(ds, grid, cfg.model.hidden), "singular-value soft-thresholding (closed form)"

@@ -18,7 +18,7 @@ class HadamardConfig(ModelConfig):
 
 def theory(cfg, ds, metric: str, grid):
     """The lasso's sparsity on the same data (the Hadamard model *is* a lasso solver)."""
-    from symrun import theory as closed
+    from symrun.analysis import theory as closed
 
     if metric == "sparsity":
         return grid, closed.lasso_sparsity(ds, grid), "lasso solution (closed form, same data)"

@@ -48,7 +48,7 @@ def ensemble_checks(cfg):
 
 def theory(cfg, ds, metric: str, grid):
     """A tanh net's dead-neuron threshold: above λ_c = ‖E[xyᵀ]‖ every neuron is dead."""
-    from symrun import theory as closed
+    from symrun.analysis import theory as closed
 
     if metric == "sparsity" and cfg.model.activation == "tanh":
         return closed.dead_neuron_threshold(ds), None, "λ_c = ‖E[xyᵀ]‖ (all neurons dead above)"

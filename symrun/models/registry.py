@@ -40,7 +40,7 @@ class ModelSpec:
     """Its settings' checks on a Config: (ok, one-line message) each; run at validation."""
     theory: Optional[Callable] = None
     """(cfg, dataset, metric, grid) → (x, y, label) of a closed form, (λ, None, label) for a
-    threshold, or None; drawn on weight-decay phase diagrams (symrun.report)."""
+    threshold, or None; drawn on weight-decay phase diagrams (symrun.analysis.report)."""
     node: Optional[Callable[[], Any]] = None
     """What Hydra's ConfigStore holds for it, when not the config dataclass itself."""
 

@@ -9,7 +9,7 @@ import torch
 from symrun.models.nets.base import PackedModel, Params
 from symrun.config import ConfigError
 from symrun.models.attention import AttentionConfig
-from symrun.symmetries import Rotation
+from symrun.analysis.symmetries import Rotation
 
 
 class Attention(PackedModel):

@@ -3,7 +3,7 @@
 Parameters are a dict of tensors whose leading axis is the run axis R; MLPs and ensembles add a
 member axis M (M = 1 for a plain MLP). `forward(params, x)` takes x shared by every run, (B, d),
 or one minibatch per run, (R, B, d), and returns (R, B, out). Each model declares its mirror
-symmetries (symrun.symmetries) and the matrices whose rank it reports.
+symmetries (symrun.analysis.symmetries) and the matrices whose rank it reports.
 
 Initialisation is drawn per run from the run's own "init" stream on the CPU in float64, so a run
 starts from the same point whatever pack, device or dtype it is trained in.
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from symrun.seeds import generator
-from symrun.symmetries import NeuronSet, SignFlip, Swap, Symmetry
+from symrun.analysis.symmetries import NeuronSet, SignFlip, Swap, Symmetry
 
 Params = dict[str, torch.Tensor]
 
@@ -25,7 +25,7 @@ class PackedModel:
     """Base class: subclasses give `shapes`, `forward` and what they declare about symmetry."""
 
     permutes_neurons = False   # whether neurons of a layer can be swapped (report independent_fraction)
-    second_order = True        # whether a run's end may take Hessian-vector products (symrun.critical)
+    second_order = True        # whether a run's end may take Hessian-vector products (symrun.analysis.critical)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], float]]:
         """Per-run parameter shapes and initial standard deviations."""
@@ -89,7 +89,7 @@ class PackedModel:
         """Oᵀ∇²L(θ₀)O in closed form, for mirror order[r, m] of `sym` (numbered as
         symmetries.constraint_norms numbers them) of every run r at its projected point θ₀:
         (R, M, k, k), L = loss_of(forward(θ₀, x)) per run. None where the model has no closed
-        form for `sym`: symrun.critical then builds the block from Hessian-vector products."""
+        form for `sym`: symrun.analysis.critical then builds the block from Hessian-vector products."""
         return None
 
     def constraint_violation(self, params: Params) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from symrun.symmetries import SignFlip, Swap, Symmetry
+from symrun.analysis.symmetries import SignFlip, Swap, Symmetry
 
 Params = dict[str, torch.Tensor]
 

@@ -11,7 +11,7 @@ for `symrun check` to find out: a candidate is only a guess until the loss is me
 
 from __future__ import annotations
 
-from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
+from symrun.analysis.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
 
 def candidates(shapes: dict[str, tuple[int, ...]]) -> list[Symmetry]:

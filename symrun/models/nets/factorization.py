@@ -9,7 +9,7 @@ import torch
 from symrun.models.nets.base import PackedModel, Params
 from symrun.config import ConfigError
 from symrun.models.factorization import FactorizationConfig
-from symrun.symmetries import Rotation
+from symrun.analysis.symmetries import Rotation
 
 
 class Factorization(PackedModel):

@@ -7,7 +7,7 @@ import math
 from symrun.models.nets.base import PackedModel, Params
 from symrun.config import ConfigError
 from symrun.models.hadamard import HadamardConfig
-from symrun.symmetries import NeuronSet, SignFlip, Slot
+from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot
 
 
 class Hadamard(PackedModel):

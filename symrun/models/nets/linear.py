@@ -9,8 +9,8 @@ import torch
 from symrun.models.nets.base import PackedModel, Params
 from symrun.config import ConfigError
 from symrun.models.linear import LinearConfig
-from symrun.reparam import Basis, dcs_theta
-from symrun.symmetries import NeuronSet, SignFlip, Slot
+from symrun.training.reparam import Basis, dcs_theta
+from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot
 
 
 class Linear(PackedModel):

@@ -10,7 +10,7 @@ import torch
 from symrun.models.nets import curvature
 from symrun.models.nets.base import PackedModel, Params
 from symrun.models.mlp import EnsembleConfig, MLPConfig
-from symrun.symmetries import NeuronSet, SignFlip, Slot, Swap, Symmetry
+from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot, Swap, Symmetry
 
 
 class _NumpyTanh(torch.autograd.Function):
@@ -19,7 +19,7 @@ class _NumpyTanh(torch.autograd.Function):
     numpy's SIMD tanh on one; both are within an ulp or so of the exact value (relative error
     ≤ 1.1e-7 in float32 and 2.3e-16 in float64, near 0 included). The backward is torch's own
     tanh_backward of the saved output, itself differentiable, so Hessian-vector products
-    (symrun.critical, symrun check) differentiate through it as through torch.tanh."""
+    (symrun.analysis.critical, symrun check) differentiate through it as through torch.tanh."""
 
     # forward(ctx, x), not forward(x) + setup_context: with setup_context, Function.apply binds
     # its arguments through inspect.signature on every call (~35 µs, a step's worth at 8 runs).

@@ -30,7 +30,7 @@ from symrun.config import ConfigError
 from symrun.models.module import IMPORT_PATH, ModuleConfig
 from symrun.models.nets.base import PackedModel, Params
 from symrun.seeds import derive_seed
-from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
+from symrun.analysis.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
 PROBE_BATCH = 3                      # examples the module is tried on before any work
 

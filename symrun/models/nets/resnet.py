@@ -15,10 +15,10 @@ import torch
 from torch.func import functional_call
 
 from symrun.config import ConfigError
-from symrun.metrics import dead_groups, independent_fraction
+from symrun.analysis.metrics import dead_groups, independent_fraction
 from symrun.models.nets.base import EVAL_CHUNK, PackedModel, Params, in_chunks, runs_of
 from symrun.models.resnet import ResNetConfig
-from symrun.symmetries import NeuronSet, Slot, Swap, gather
+from symrun.analysis.symmetries import NeuronSet, Slot, Swap, gather
 
 
 class ResNet18(PackedModel):

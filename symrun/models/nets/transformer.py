@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from symrun.models.nets.base import PackedModel, Params, in_chunks, runs_of
 from symrun.models.transformer import TransformerConfig
-from symrun.symmetries import Rotation
+from symrun.analysis.symmetries import Rotation
 
 
 class Transformer(PackedModel):

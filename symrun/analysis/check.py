@@ -1,7 +1,7 @@
 """`symrun check`: does the composed model really have the mirrors it declares?
 
 At random parameters, on a real batch of the configured data, in float64, for the trained
-objective L(ρ) = loss + (λ/2)‖ρ‖² (ρ: what the optimiser trains, symrun.reparam), each mirror
+objective L(ρ) = loss + (λ/2)‖ρ‖² (ρ: what the optimiser trains, symrun.training.reparam), each mirror
 R = I − 2OOᵀ of each symmetry is tested for the three parts of Theorem 1 (shared/science.md §2):
 
 1. invariance: |L(ρ) − L(Rρ)| ≤ tol · max(1, |L(ρ)|);
@@ -22,13 +22,14 @@ from typing import Optional
 import torch
 
 from symrun import data as data_mod
-from symrun import models, reparam
+from symrun import models
+from symrun.training import reparam
 from symrun.config import Config
-from symrun.critical import hvp_at
+from symrun.analysis.critical import hvp_at
 from symrun.models.nets.discover import as_declaration
-from symrun.engine import loss_per_run
+from symrun.training.loss import loss_per_run
 from symrun.seeds import generator
-from symrun.symmetries import Rotation, SignFlip, Symmetry, kind, mirror_count, project, reflect, select
+from symrun.analysis.symmetries import Rotation, SignFlip, Symmetry, kind, mirror_count, project, reflect, select
 
 TOLERANCE = 1e-9     # relative, float64: round-off of these checks is ~1e-14 on the models symrun has
 BATCH = 256          # examples in the batch the loss is evaluated on (fewer if the data has fewer)

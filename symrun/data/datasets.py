@@ -8,41 +8,17 @@ already on disk, and `data=text` a local text file (or a text generated from a s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from symrun import budget
+from symrun.training import budget
+from symrun.data import corpora
+from symrun.data.dataset import DataError, Dataset
 from symrun.config import Cifar10DataConfig, DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig, TextDataConfig
 from symrun.seeds import derive_seed, generator
-
-
-class DataError(ValueError):
-    """Data that cannot be used as given; the message is one clear line."""
-
-
-@dataclass
-class Dataset:
-    """Arrays as float64 numpy (targets int64 for classification); moved to torch by the engine."""
-
-    x: np.ndarray                      # (n, d); float32 for cifar10 images, token ids for text
-    y: np.ndarray                      # (n, o) float for regression, (n,) int for classification,
-                                       # (n, T) int for text (the next character at every position)
-    task: str                          # "regression" | "classification"
-    x_test: Optional[np.ndarray] = None
-    y_test: Optional[np.ndarray] = None
-    n_classes: Optional[int] = None
-
-    @property
-    def in_dim(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def out_dim(self) -> int:
-        return self.n_classes if self.task == "classification" else self.y.shape[1]
 
 
 def load(cfg: DataConfig) -> Dataset:
@@ -59,8 +35,6 @@ def load(cfg: DataConfig) -> Dataset:
         x, y, x_test, y_test = _read_file(Path(cfg.path).expanduser(), cfg.target)
         return _finish(x, y, x_test, y_test, cfg.task, cfg.test_fraction, cfg.seed)
     if isinstance(cfg, (Cifar10DataConfig, TextDataConfig)):
-        from symrun import corpora   # its readers build on this module's Dataset and DataError
-
         return corpora.cifar10(cfg) if isinstance(cfg, Cifar10DataConfig) else corpora.text(cfg)
     raise DataError(f"unknown data option '{cfg.name}'")
 

@@ -9,7 +9,7 @@ on a copy (composition.with_values), validated; each distinct dataset is loaded 
 built once. Runs that share a shape share a pack (at most `pack_size` runs). `schedule` leaves
 out runs finished in the folder (resume, extend), `write_plan` lays the folder out, and
 `job_overrides` is what one pack's Hydra job composes: its shape's overrides and `+pack.*`, the
-per-run values of its runs, which symrun.job sets the same way.
+per-run values of its runs, which symrun.sweeping.job sets the same way.
 
 A suite (a preset that sets `hydra.sweeper.suite`) is one plan per member preset, in
 `<folder>/<member>/`; `write_launch` numbers their packs across the members for one launch.
@@ -29,9 +29,11 @@ from typing import Any, Optional
 
 from hydra.core.override_parser.types import Transformer
 
-from symrun import budget, engine, memory, models, records, reparam, results, tables
+from symrun.training import budget, engine, memory, reparam
+from symrun import models
+from symrun.sweeping import records, results, tables
 from symrun import data as data_mod
-from symrun.composition import Composer, Shape, composer, drop_hydra, hydra_quoted, literal
+from symrun.sweeping.composition import Composer, Shape, composer, drop_hydra, hydra_quoted, literal
 from symrun.config import PER_RUN_KEYS, Config, ConfigError, to_config, to_dict, total_steps
 
 
@@ -214,8 +216,8 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
 
 
 def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dict[str, tuple]) -> None:
-    """Refuse, before any work, a pack that cannot fit in memory (symrun.budget): each group's
-    largest pack: its runs, at most the pack size (symrun.memory.pack_size)."""
+    """Refuse, before any work, a pack that cannot fit in memory (symrun.training.budget): each group's
+    largest pack: its runs, at most the pack size (symrun.training.memory.pack_size)."""
     runs: dict[str, int] = {}
     for rid in configs:
         runs[groups[rid]] = runs.get(groups[rid], 0) + 1
@@ -324,7 +326,7 @@ def job_overrides(p: Plan, index: int, folder: Path, launch: int, member: Option
     per-run settings that vary within the pack; its folder, `folder`/launches/<launch>/packs/<job
     number> (`folder` as the sweep resolved it: a job's own `name` or clock may differ); and
     `+pack.*`: its number, the suite member it belongs to, and `+pack.runs.<key>=[…]`, one value
-    per run for each per-run setting that varies (symrun.job.pack_configs reads them)."""
+    per run for each per-run setting that varies (symrun.sweeping.job.pack_configs reads them)."""
     runs = [p.configs[rid] for rid in p.packs[index]]
     varying = [k for k in PER_RUN_KEYS if len({_get(c, k) for c in runs}) > 1]
     out = [s.text for s in p.settings[p.packs[index][0]] if s.key not in varying]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from symrun import linalg
+from symrun.analysis import linalg
 from symrun.config import MetricsConfig
-from symrun.symmetries import constraint_norms, gather, kind
+from symrun.analysis.symmetries import constraint_norms, gather, kind
 
 
 def dead_groups(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ a local minimum in the O-directions iff Oᵀ∇²L(θ₀)O + λI ⪰ 0, i.e. λ 
 
 Closed forms it reproduces (tests/test_critical.py): a dead tanh neuron, λ_c = ‖E[x̃(y − f₋ᵢ)ᵀ]‖₂
 (x̃ = x, plus a 1 with a bias); a Hadamard coordinate, λ_c = |Xᵀr/n|ᵢ — the thresholds of
-symrun.theory in the same λ convention (half-MSE, penalty (λ/2)‖θ‖²).
+symrun.analysis.theory in the same λ convention (half-MSE, penalty (λ/2)‖θ‖²).
 
 Where the model gives Oᵀ∇²L O in closed form (`mirror_blocks`: the hidden neurons of an MLP,
 symrun.curvature), it is solved whole with eigh. Otherwise it is built from Hessian-vector
@@ -25,10 +25,12 @@ from typing import Callable, Optional
 
 import torch
 
-from symrun import linalg, memory
+from symrun.analysis import linalg
+from symrun.training import memory
 from symrun.config import MetricsConfig
-from symrun.metrics import finite_runs, zero_runs
-from symrun.symmetries import Mirror, Symmetry, constraint_norms, kind, mirror_size, project, select
+from symrun.analysis.metrics import finite_runs, zero_runs
+from symrun.training.loss import loss_per_run
+from symrun.analysis.symmetries import Mirror, Symmetry, constraint_norms, kind, mirror_size, project, select
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]           # ρ → per-run loss (R,)
@@ -172,8 +174,6 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
     else on the first that many. `critical_wd_examples` says how many; `critical_wd_exact` is 1
     when that was all of them and every block was solved whole (closed form, or at most
     `metrics.critical_block` Hessian-vector products), 0 when λ_c is an estimate."""
-    from symrun.engine import loss_per_run      # the engine imports this module
-
     symmetries = rp.symmetries()
     if cfg.critical_mirrors == 0 or not symmetries or not model.second_order:
         return {}

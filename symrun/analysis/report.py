@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from symrun import data as data_mod  # noqa: E402
-from symrun import folder, records, results, tables  # noqa: E402
+from symrun.sweeping import folder, records, results
+from symrun import tables  # noqa: E402
 from symrun.models import registry  # noqa: E402
 from symrun.config import DATA_OPTIONS, EXECUTION_KEYS, ConfigError, default_values, model_options, to_config  # noqa: E402
 
@@ -258,13 +259,13 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str, sweep_dir: Path)
     return _save(fig, path, sweep_dir)
 
 
-# The mirror kind whose constraint a structure metric counts (symrun.critical logs λ_c per kind).
+# The mirror kind whose constraint a structure metric counts (symrun.analysis.critical logs λ_c per kind).
 KIND_OF = {"sparsity": "rescaling", "rank": "rotation", "independent_fraction": "permutation",
            "constraint_violation": "rescaling"}
 
 
 def _critical_line(runs: pd.DataFrame, axis: str, metric: str):
-    """(λ_c, label): the measured critical weight decay (symrun.critical) of the metric's mirror
+    """(λ_c, label): the measured critical weight decay (symrun.analysis.critical) of the metric's mirror
     kind — the largest over its mirrors, median over seeds — at the series' largest weight decay,
     where the structure is most complete. At a fully symmetric point it is the closed-form
     threshold (e.g. ‖Xᵀy/n‖∞ for the Hadamard model), so the two lines should meet there."""
@@ -320,7 +321,7 @@ def _log_scale_if_wide(set_scale, values: pd.Series) -> None:
 
 
 def _save(fig, path: Path, sweep_dir: Path) -> Path:
-    """Render to memory, then write it into the sweep folder like every other file (symrun.folder)."""
+    """Render to memory, then write it into the sweep folder like every other file (symrun.sweeping.folder)."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -21,7 +21,7 @@ from typing import Union
 
 import torch
 
-from symrun import linalg
+from symrun.analysis import linalg
 Params = dict[str, torch.Tensor]
 
 

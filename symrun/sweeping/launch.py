@@ -1,5 +1,5 @@
 """What `symrun sweep` does once Hydra has parsed its command line (symrun's sweeper calls
-`run_sweep`): plan the grid (symrun.sweep); for a dry run show the plan and stop; otherwise,
+`run_sweep`): plan the grid (symrun.sweeping.sweep); for a dry run show the plan and stop; otherwise,
 holding each sweep folder's lock, lay the folders out, hand every pack to the configured Hydra
 launcher as one job, and tabulate.
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional, Protocol
 
 if TYPE_CHECKING:        # torch and pandas wait for real work: `symrun run --cfg job` needs neither
-    from symrun.composition import Composer
-    from symrun.sweep import Plan
+    from symrun.sweeping.composition import Composer
+    from symrun.sweeping.sweep import Plan
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"   # runs jobs in this process
 
@@ -62,7 +62,7 @@ class Quiet:
         yield lambda n: None
 
     def report(self, sweep_dir: Path) -> None:
-        from symrun import tables
+        from symrun.sweeping import tables
 
         tables.write_tables(sweep_dir)
 
@@ -85,8 +85,8 @@ def run_sweep(comp: Composer, launcher: Any, arguments: list[str], dry_run: bool
     LaunchError once every other job has ended and the tables are written."""
     from omegaconf import OmegaConf
 
-    from symrun import records, results
-    from symrun import sweep as sweep_mod
+    from symrun.sweeping import records, results
+    from symrun.sweeping import sweep as sweep_mod
 
     folder = Path(os.path.abspath(str(comp.master.hydra.sweep.dir)))
     plans = sweep_mod.sweeper_plans(comp, arguments, folder)
@@ -147,7 +147,7 @@ def folder_error(e: BaseException) -> Optional[str]:
     writes say so (OutputError); Hydra's job files fail with a bare OSError when the disk is full."""
     import errno
 
-    from symrun import results
+    from symrun.sweeping import results
 
     if isinstance(e, results.OutputError):
         return str(e)
@@ -181,7 +181,7 @@ def submission_error(e: BaseException) -> Optional[str]:
 def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process: bool) -> None:
     """Every job through the launcher, under a progress bar: steps when the jobs run in this
     process, ended runs (from their status files) when they run elsewhere."""
-    from symrun import job, results
+    from symrun.sweeping import job, results
 
     if not jobs:
         return
@@ -239,9 +239,9 @@ def _polling(count: Callable[[], int], advance: Callable[[int], None]) -> Iterat
 
 def runs_done(p: Plan, since: str) -> int:
     """How many of the plan's runs have ended since `since` (results.now()) — progress from afar."""
-    from symrun import results
+    from symrun.sweeping import results
 
-    from symrun import records
+    from symrun.sweeping import records
 
     ended = 0
     for rid in (r for pack in p.packs for r in pack):

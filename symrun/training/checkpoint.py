@@ -25,12 +25,12 @@ import torch
 
 from symrun.config import Config
 from symrun.data import BatchOrder
-from symrun.optim import PackedOptimizer
-from symrun.folder import read_bytes
-from symrun.results import run_id, write_atomic, write_json
+from symrun.training.optim import PackedOptimizer
+from symrun.sweeping.folder import read_bytes
+from symrun.sweeping.results import run_id, write_atomic, write_json
 
 if TYPE_CHECKING:   # engine imports this module
-    from symrun.engine import Recorder
+    from symrun.training.engine import Recorder
 
 FORMAT = 3          # 3: with each run's parameters at its last row (engine.Recorder.kept); older ones are not resumed
 

@@ -1,5 +1,5 @@
-"""Where results live and how they are written. Every output path is built here; symrun.records reads
-a run folder back and checks it, symrun.tables rebuilds the sweep's tables.
+"""Where results live and how they are written. Every output path is built here; symrun.sweeping.records reads
+a run folder back and checks it, symrun.sweeping.tables rebuilds the sweep's tables.
 
     outputs/<name>/<YYYY-MM-DD_HH-MM-SS>-<4 hex>/      a sweep: hydra.sweep.dir (the suffix keeps same-second
                                                       sweeps apart); a suite: one per member, <preset>/,
@@ -8,10 +8,10 @@ a run folder back and checks it, symrun.tables rebuilds the sweep's tables.
         launches/<k>/plan.json                        launch k's grid (run ids in grid order) and packs
         launches/<k>/multirun.yaml                    the sweep's Hydra config for launch k
         launches/<k>/packs/<i>/                       Hydra's folder for its job i: .hydra/ (the config of
-                                                      the pack's runs: symrun.job), symrun.log
+                                                      the pack's runs: symrun.sweeping.job), symrun.log
         .submitit/<job id>/                           submitit's scripts and logs (its launchers)
-        runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time (symrun.tables)
-        figures.json                                  the figures the last report drew (symrun.report)
+        runs.csv  results.csv                         tidy tables, rebuilt from runs/ at any time (symrun.sweeping.tables)
+        figures.json                                  the figures the last report drew (symrun.analysis.report)
         checkpoints/<hash of run ids>.pt, .json       an unfinished pack's state (train.checkpoint_every), its run ids
         runs/<run_id>/config.yaml                     the resolved config
                       metrics.csv                     one row per logged step
@@ -19,7 +19,7 @@ a run folder back and checks it, symrun.tables rebuilds the sweep's tables.
                       <name>.npy, <name>.png          arrays a model saves for a run's own figures (resnet18)
                       status.json                     written last: finished | failed | diverged | running
 
-Every file is written and read through symrun.folder, which never follows a link inside a sweep
+Every file is written and read through symrun.sweeping.folder, which never follows a link inside a sweep
 folder. run_id = readable prefix + hash of the settings that differ from the defaults (open_lth
 style: adding a new setting with a default renames no existing run).
 """
@@ -45,13 +45,13 @@ import pandas as pd
 import torch
 import yaml
 
-from symrun import folder
+from symrun.sweeping import folder
 from symrun.config import EXECUTION_KEYS, Config, default_values, flatten, to_dict
-from symrun.folder import OutputError, one_sync, read_bytes, write_atomic  # noqa: F401 — part of this module's API
+from symrun.sweeping.folder import OutputError, one_sync, read_bytes, write_atomic  # noqa: F401 — part of this module's API
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
 PENDING = "pending"           # planned (config.yaml written) but never started: no status.json yet
-INTERRUPTED = "interrupted"   # `running`, but no sweep holds the folder's lock any more (symrun.tables)
+INTERRUPTED = "interrupted"   # `running`, but no sweep holds the folder's lock any more (symrun.sweeping.tables)
 DAMAGED = "damaged"           # a file of the run cannot be read back: see records.RunRecord.problem
 STATES = (FINISHED, FAILED, DIVERGED, RUNNING)    # what a status.json may say
 MIN_FREE_BYTES = 64 * 2**20   # below this a sweep would likely die mid-write: refuse it up front
@@ -267,7 +267,7 @@ def load_config_dict(sweep_dir: Path, rid: str) -> dict:
 
 
 def status(sweep_dir: Path, rid: str) -> Optional[dict]:
-    """A run's status.json as written, or None (symrun.records.read_run checks it)."""
+    """A run's status.json as written, or None (symrun.sweeping.records.read_run checks it)."""
     return read_json(run_dir(sweep_dir, rid) / "status.json", sweep_dir)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from symrun.config import Cifar10DataConfig, TextDataConfig
-from symrun.data import DataError, Dataset
+from symrun.data.dataset import DataError, Dataset
 from symrun.seeds import derive_seed
 
 CIFAR_FOLDER = "cifar-10-batches-py"

@@ -14,10 +14,13 @@ from typing import Any, Callable
 import torch
 
 from symrun import models
+from symrun.training import reparam
+from symrun.training.loss import loss_per_run
+from symrun.training.noise import NOISE_BLOCK, NOISE_STEPS
 from symrun.config import Config, to_dict
 
 PACK_BYTES = 2 * 2**30     # one pack's training: every run's state and one step's graph
-PASS_BYTES = 512 * 2**20   # one batched Hessian pass of λ_c (symrun.critical), all its virtual runs
+PASS_BYTES = 512 * 2**20   # one batched Hessian pass of λ_c (symrun.analysis.critical), all its virtual runs
 FALLBACK_PACK = 256        # runs per pack when a model's step cannot be measured
 
 
@@ -60,7 +63,6 @@ def run_bytes(cfg: Config) -> int:
     optimiser buffers and the update's temporary (5 copies); its blocks of label and Langevin
     noise (engine.NoiseBlocks: K steps at a time); and twice what a training step saves for its
     backward, measured on the model itself (the backward pass allocates about as much again)."""
-    from symrun import engine, reparam      # the engine imports this module (through critical)
 
     x, y, task, in_dim, out_dim = _probe_batch(json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str), cfg.data)
     dtype = getattr(torch, cfg.train.dtype)
@@ -73,12 +75,12 @@ def run_bytes(cfg: Config) -> int:
         raw = rp.init_params(list(range(runs)), torch.device("cpu"), dtype)
         # a minibatch is gathered per run (R, B, d); a full batch is one input every run shares
         xb = xs if shared else xs.expand(runs, *xs.shape).clone()
-        loss = engine.loss_per_run(model.forward(rp.network(raw), xb), ys, task)
+        loss = loss_per_run(model.forward(rp.network(raw), xb), ys, task)
         return torch.autograd.grad(loss.sum(), list(raw.values()))
 
     params = sum(math.prod(s) for s in rp.raw_shapes().values())
     label = (2 if task == "classification" else 1) * ys.numel()       # a step's draws, per run
-    noise = sum(max(1, min(engine.NOISE_STEPS, engine.NOISE_BLOCK // n)) * n for n in (label, params))   # K·n, as NoiseBlocks
+    noise = sum(max(1, min(NOISE_STEPS, NOISE_BLOCK // n)) * n for n in (label, params))   # K·n, as NoiseBlocks
     return (5 * params + noise) * (torch.finfo(dtype).bits // 8) + 2 * per_run_bytes(step)
 
 
@@ -88,7 +90,7 @@ _PROBES: dict[str, tuple] = {}
 def _probe_batch(key: str, cfg) -> tuple:
     """(x, y, task, in_dim, out_dim): one training batch of the data `cfg` describes (all of it
     for full-batch GD), as torch tensors; kept per distinct data config (`key`, its JSON)."""
-    from symrun import data as data_mod
+    from symrun import data as data_mod     # loading data imports this package's budget
 
     if key not in _PROBES:
         ds = data_mod.load(cfg)

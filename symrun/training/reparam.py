@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from symrun.config import Config, ConfigError, MetricsConfig
-from symrun.symmetries import NeuronSet, Rotation, SignFlip, Slot, Symmetry
+from symrun.analysis.symmetries import NeuronSet, Rotation, SignFlip, Slot, Symmetry
 
 Params = dict[str, torch.Tensor]
 

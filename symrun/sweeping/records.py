@@ -1,6 +1,6 @@
 """A run folder read back and checked: what state a run is in, and whether its files can be trusted.
 
-A run's files are written atomically (symrun.folder), so a crash never leaves half of one; a
+A run's files are written atomically (symrun.sweeping.folder), so a crash never leaves half of one; a
 file that still cannot be read back was damaged afterwards (a disk error, a hand edit, a copy cut
 short) or is a link in a folder received from elsewhere. Such a run is `damaged`, with one line
 that names the file and says what to do; nothing here repairs, replaces or retrains anything.
@@ -18,10 +18,10 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from symrun import folder, results
+from symrun.sweeping import folder, results
 from symrun.config import DATA_OPTIONS, default_values, flatten, model_options
-from symrun.folder import OutputError, read_bytes
-from symrun.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES,
+from symrun.sweeping.folder import OutputError, read_bytes
+from symrun.sweeping.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES,
                             checkpoint_path, checkpointed_packs, read_csv, read_json, remove_checkpoint, run_dir,
                             run_ids, YAML_LOADER)
 

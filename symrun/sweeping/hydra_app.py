@@ -41,7 +41,7 @@ def run(command: str, args: list[str], outputs: Optional[Path] = None, plan: boo
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from symrun import composition, job, launch
+    from symrun.sweeping import composition, job, launch
     from symrun.console import Shown
 
     saved = sys.argv
@@ -61,7 +61,7 @@ def run(command: str, args: list[str], outputs: Optional[Path] = None, plan: boo
     except Exception as e:  # noqa: BLE001 — bad input found past Hydra; imported here, as torch comes with them
         from symrun.config import ConfigError
         from symrun.data import DataError
-        from symrun.results import OutputError
+        from symrun.sweeping.results import OutputError
 
         if not isinstance(e, (ConfigError, DataError, OutputError)):
             raise
@@ -75,7 +75,7 @@ def argv(command: str, args: list[str], outputs: Optional[Path] = None, plan: bo
     """The arguments Hydra gets for `symrun COMMAND ARGS` (see the module's docstring)."""
     from hydra.errors import HydraException
 
-    from symrun import composition
+    from symrun.sweeping import composition
 
     sweeping = command == "sweep"
     showing = any(a.split("=", 1)[0] in SHOWING for a in args)
@@ -159,7 +159,7 @@ def _grid_as_params(args: list[str]) -> tuple[list[str], list[str]]:
     so Hydra can compose the one config `--cfg`, `--info` and `--help` show."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from symrun.composition import hydra_quoted
+    from symrun.sweeping.composition import hydra_quoted
 
     parser, out, grid = OverridesParser.create(), [], []
     for a in args:
@@ -179,7 +179,7 @@ def complete(argv: list[str]) -> None:
     `symrun -sc query=bash` with the line typed so far: complete the command; the options of
     the preset groups, which Hydra's completion does not see on hydra.searchpath; anything else
     is Hydra's, given the line without the command."""
-    from symrun.catalogue import catalogue, config_folders
+    from symrun.sweeping.catalogue import catalogue, config_folders
     from symrun.console import console
 
     line = os.environ.get("COMP_LINE", "")

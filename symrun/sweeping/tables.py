@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from symrun import records, results
+from symrun.sweeping import records, results
 from symrun.config import EXECUTION_KEYS, Config, ConfigError, flatten, to_dict
-from symrun.results import DAMAGED, DIVERGED, FAILED, FINISHED, INTERRUPTED, PENDING, RUNNING
+from symrun.sweeping.results import DAMAGED, DIVERGED, FAILED, FINISHED, INTERRUPTED, PENDING, RUNNING
 
 # Columns of runs.csv that say when, where and how a run was trained, from its status.json.
 PROVENANCE = ("wall_time_s", "pack", "pack_runs", "torch", "git_commit", "git_dirty", "diverged_at", "resumed_from",

@@ -3,7 +3,7 @@
 `task` is the task function every launcher runs — in this process (Hydra's basic launcher), a
 joblib worker or a SLURM node. A pack job's config (its `.hydra/config.yaml`) is the shape its
 runs share plus `pack`: the pack's number, the suite member it belongs to, and under `pack.runs`
-one list per per-run setting that varies, one value per run (symrun.sweep.job_overrides). Its
+one list per per-run setting that varies, one value per run (symrun.sweeping.sweep.job_overrides). Its
 runs' configs are rebuilt from it as the planner built them — set on copies, not recomposed, not
 read back from the run folders. A job without `pack` is one run: `symrun run` (its folder is
 hydra.run.dir) or a job of another sweeper (`hydra/sweeper=basic`: its job folder).
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from symrun.composition import Shape, drop_hydra, register_configs
+from symrun.sweeping.composition import Shape, drop_hydra, register_configs
 from symrun.config import Config, ConfigError, total_steps
 from symrun.models.module import use_config_folders
 
@@ -94,7 +94,8 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
     already finished — a kill, or a requeued job, after some were written — are never written
     again. A folder that cannot be written (a full disk) raises OutputError: the sweep stops,
     resumable."""
-    from symrun import engine, folder, records, results
+    from symrun.training import engine
+    from symrun.sweeping import folder, records, results
 
     sweep_dir = Path(sweep_dir)
     ids = [results.run_id(c) for c in configs]
@@ -144,7 +145,7 @@ def run_one(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from symrun import launch, records, results, sweep, tables
+    from symrun.sweeping import launch, records, results, sweep, tables
 
     hc = HydraConfig.get()
     folder = Path(hc.runtime.output_dir)
@@ -165,7 +166,7 @@ def run_one(cfg: DictConfig) -> dict:
     shown.report(folder)
     info = records.read_run(folder, rid, config=False).info or {}
     if info.get("status") == results.FAILED:
-        from symrun import launch as launch_mod
+        from symrun.sweeping import launch as launch_mod
 
         raise launch_mod.RunsFailed(f"the run failed; `symrun status {folder}` says why. Fix the cause, then rerun "
                                     f"with hydra.run.dir={folder} to train it again")
@@ -188,7 +189,7 @@ class RunChecks(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from symrun.data import DataError
-        from symrun.results import OutputError
+        from symrun.sweeping.results import OutputError
 
         try:
             self._check(config)
@@ -198,7 +199,7 @@ class RunChecks(Callback):
     def _check(self, config: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from symrun import launch, results, sweep
+        from symrun.sweeping import launch, results, sweep
 
         if config.hydra.sweeper.get("suite"):
             raise ConfigError(f"experiment={config.hydra.runtime.choices.get('experiment')} is a suite of presets "

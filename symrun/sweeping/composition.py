@@ -32,12 +32,12 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from symrun.catalogue import help_groups
+from symrun.sweeping.catalogue import help_groups
 from symrun.models.module import use_config_folders
 from symrun.config import (CONFIG_DIR, DATA_OPTIONS, PER_RUN_KEYS, Config, ConfigError,
                            ConstraintConfig, did_you_mean, flatten, model_node, model_options, to_config, to_dict, validate)
 
-PRIMARY_DIR = Path(__file__).resolve().parent / "primary"     # Hydra's main config folder: config.yaml only
+PRIMARY_DIR = Path(__file__).resolve().parents[1] / "primary"     # Hydra's main config folder (symrun/primary): config.yaml only
 PRESETS = f"file://{CONFIG_DIR}"          # the search path entry of the built-in presets
 # Where a sweep (or `symrun run`) writes, below the outputs folder; the primary config spells the
 # same for outputs/, and `--outputs DIR` puts it below DIR. The 4 random hex digits keep sweeps
