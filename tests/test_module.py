@@ -280,3 +280,18 @@ def test_init_scale_scales_the_modules_own_initialisation(user, monkeypatch):
     b = half.init_params([3], torch.device("cpu"), torch.float64)
     assert all(torch.equal(a[k] * 0.5, b[k]) for k in a)
     assert not math.isclose(float(a["fc1.weight"].detach().std()), 0.0)
+
+
+def test_a_saved_config_without_its_target_is_damaged(tmp_path):
+    """A hand-edited config.yaml of a model=module run that lost `_target_` (which has no default)
+    is a damaged file, named, not a run with an empty axis."""
+    from symrun.sweeping import records
+
+    run = tmp_path / "runs" / "module-s0-x"
+    run.mkdir(parents=True)
+    good = {"model": {"name": "module", "_target_": "pkg.Net", "mirrors": [], "width": 4}, "data": {"name": "digits"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(good))
+    assert records._read_config(tmp_path, run / "config.yaml")[1] is None
+    (run / "config.yaml").write_text(yaml.safe_dump({**good, "model": {"name": "module", "width": 4}}))
+    flat, problem = records._read_config(tmp_path, run / "config.yaml")
+    assert flat is None and "it lacks model._target_, which has no default" in problem

@@ -290,7 +290,10 @@ def explain(e: Exception) -> str:
                 + f" (options: {', '.join(e.options)})")
     message = _first_line(e)
     if m := re.match(r"Could not override '([^']+)'", message):
-        return f"unknown setting '{m[1]}'" + did_you_mean(m[1], known_settings())
+        hint = did_you_mean(m[1], known_settings())
+        if not hint and m[1].startswith("model."):   # a constructor argument of a user's module is a new key
+            hint = f" (an argument of model=module's constructor is added with +: +{m[1]}=…)"
+        return f"unknown setting '{m[1]}'" + hint
     if m := re.match(r"(?:Ambiguous value for argument|Sweep parameters) '([^']+)'", message):
         return f"one configuration takes no sweep syntax ({m[1]}); use symrun sweep for a grid"
     # A config file of the user's with a key the schema lacks: "In 'experiment/x': ConfigKeyError

@@ -17,6 +17,7 @@ from typing import Optional
 
 import pandas as pd
 import yaml
+from omegaconf import MISSING
 
 from symrun.sweeping import folder, results
 from symrun.config import DATA_OPTIONS, default_values, flatten, model_options
@@ -131,6 +132,9 @@ def _read_config(sweep_dir: Path, path: Path) -> tuple[Optional[dict], Optional[
     if model not in model_options() or data not in DATA_OPTIONS:
         return None, _damaged(path, f"unknown model {model!r} or data {data!r}")
     flat, defaults = flatten(cfg), default_values(model_options()[model], DATA_OPTIONS[data])
+    required = [k for k, v in defaults.items() if v == MISSING and flat.get(k) in (None, MISSING)]
+    if required:        # a setting with no default (model._target_ of model=module, data.path of data=file)
+        return None, _damaged(path, f"it lacks {required[0]}, which has no default")
     wrong = [k for k, v in flat.items() if k in defaults and not _same_kind(v, defaults[k])]
     if wrong:
         return None, _damaged(path, f"{wrong[0]}: {flat[wrong[0]]!r} is not a value of its type")

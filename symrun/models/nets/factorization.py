@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from symrun.models.nets.base import PackedModel, Params
+from symrun.models.nets.base import PackedModel
 from symrun.config import ConfigError
 from symrun.models.factorization import FactorizationConfig
 from symrun.analysis.symmetries import Rotation

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from symrun.models.nets.base import PackedModel, Params
+from symrun.models.nets.base import PackedModel
 from symrun.config import ConfigError
 from symrun.models.hadamard import HadamardConfig
 from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from symrun.models.nets import curvature
-from symrun.models.nets.base import PackedModel, Params
+from symrun.models.nets.base import PackedModel
 from symrun.models.mlp import EnsembleConfig, MLPConfig
 from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot, Swap, Symmetry
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from symrun.models.nets.base import PackedModel, Params, in_chunks, runs_of
+from symrun.models.nets.base import PackedModel, in_chunks, runs_of
 from symrun.models.transformer import TransformerConfig
 from symrun.analysis.symmetries import Rotation
 
