@@ -223,8 +223,12 @@ def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dic
         runs[groups[rid]] = runs.get(groups[rid], 0) + 1
     for group, count in runs.items():
         cfg, ds, model = built[group]
-        budget.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), engine.resolve_device(cfg.device),
-                          engine.EVAL_CHUNK)
+        device = engine.resolve_device(cfg.device)
+        # Sizing a pack from memory measures a real step of 1 and 2 runs: first make sure, by the
+        # estimate, that 2 runs fit, else refuse the pack the sweep would train (it needs more).
+        if not budget.fits(cfg, ds, model, min(2, count), device, engine.EVAL_CHUNK):
+            budget.check_pack(cfg, ds, model, min(cfg.pack_size or count, count), device, engine.EVAL_CHUNK)
+        budget.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), device, engine.EVAL_CHUNK)
 
 
 def _group(cfg: Config) -> str:

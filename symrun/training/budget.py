@@ -57,11 +57,19 @@ def check(need: float, what: str, hint: str, device: torch.device | str = "cpu")
 
 def check_pack(cfg, ds, model, runs: int, device: torch.device, eval_chunk: int) -> None:
     """Refuse a pack of `runs` runs of `cfg` (its data `ds`, its packed `model`) that cannot fit."""
-    examples = len(ds.x) + (0 if ds.x_test is None else len(ds.x_test))
-    need = pack_bytes({k: s for k, (s, _) in model.shapes().items()}, runs, cfg.data.batch_size or len(ds.x), examples,
-                      ds.in_dim, ds.out_dim, ds.n_classes or 0, 8 if cfg.train.dtype == "float64" else 4, eval_chunk)
-    check(need, f"a pack of {runs} run(s) of model={cfg.model.name}",
+    check(_pack_need(cfg, ds, model, runs, eval_chunk), f"a pack of {runs} run(s) of model={cfg.model.name}",
           "lower pack_size (more, smaller packs) or the model's or the data's size", device)
+
+
+def fits(cfg, ds, model, runs: int, device: torch.device, eval_chunk: int) -> bool:
+    """Whether a pack of `runs` runs fits, by the estimate `check_pack` refuses with."""
+    return _pack_need(cfg, ds, model, runs, eval_chunk) <= available(device)
+
+
+def _pack_need(cfg, ds, model, runs: int, eval_chunk: int) -> float:
+    examples = len(ds.x) + (0 if ds.x_test is None else len(ds.x_test))
+    return pack_bytes({k: s for k, (s, _) in model.shapes().items()}, runs, cfg.data.batch_size or len(ds.x), examples,
+                      ds.in_dim, ds.out_dim, ds.n_classes or 0, 8 if cfg.train.dtype == "float64" else 4, eval_chunk)
 
 
 def pack_bytes(shapes: dict[str, tuple[int, ...]], runs: int, batch: int, examples: int, in_dim: int, out_dim: int,
