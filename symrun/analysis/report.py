@@ -22,10 +22,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from symrun import data as data_mod  # noqa: E402
-from symrun.sweeping import folder, records, results
-from symrun import tables  # noqa: E402
-from symrun.models import registry  # noqa: E402
 from symrun.config import DATA_OPTIONS, EXECUTION_KEYS, ConfigError, default_values, model_options, to_config  # noqa: E402
+from symrun.models import registry  # noqa: E402
+from symrun.sweeping import folder, records, results, tables  # noqa: E402
 
 FIT = ["train_loss", "test_loss", "accuracy"]
 
