@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from symrun import data as data_mod
-from symrun import engine, wholebench
+from symrun.training import engine
+from symrun import wholebench
 from symrun.config import (Config, DigitsDataConfig, FactorizationConfig, HadamardConfig, MLPConfig,
                            TeacherDataConfig, validate)
 
@@ -340,7 +341,7 @@ def profile_step(device: torch.device, steps: int = 30) -> str:
     metric evaluation at step 0 nor the one at the end is in it."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from symrun.models import _NumpyTanh
+    from symrun.models.nets.mlp import _NumpyTanh
 
     cfgs = w1(32, steps, str(device)).configs
     dataset = data_mod.load(cfgs[0].data)

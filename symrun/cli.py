@@ -1,6 +1,6 @@
 """The `symrun` command: a thin Typer shell over Hydra and the library, rendered with rich.
 
-`symrun sweep` and `symrun run` hand their command line to Hydra (symrun.hydra_app), so every
+`symrun sweep` and `symrun run` hand their command line to Hydra (symrun.sweeping.hydra_app), so every
 Hydra flag and override works: a sweep is a Hydra multirun through symrun's sweeper plugin
 (hydra_plugins/symrun_sweeper), `run` a Hydra run. The other commands read sweep folders.
 Commands import torch, Hydra and pandas only when they run, so `symrun --help`, `--version` and
@@ -74,7 +74,7 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder (outputs/<
     from symrun.config import REPORT_FORMATS, ConfigError
     from symrun.console import show_report
     from symrun.data import DataError
-    from symrun.folder import OutputError
+    from symrun.sweeping.folder import OutputError
 
     chosen = None
     if formats is not None:
@@ -92,7 +92,7 @@ SWEEPS = typer.Argument(..., help="A sweep folder, or a folder holding sweeps (e
 
 
 def _sweeps(where: Path) -> list[Path]:
-    from symrun import tables
+    from symrun.sweeping import tables
 
     found = tables.find_sweeps(where)
     if not found:
@@ -105,7 +105,7 @@ def status(where: Path = SWEEPS) -> None:
     """How many runs of each sweep are finished, running, interrupted (running, but their sweep
     stopped), failed, diverged, pending or damaged (a file that cannot be read back), from each run's
     folder, and why. Read-only; works while a sweep runs elsewhere."""
-    from symrun import results, tables
+    from symrun.sweeping import results, tables
 
     states = [tables.sweep_status(d) for d in _sweeps(where)]
     for st in states:
@@ -126,7 +126,7 @@ def status(where: Path = SWEEPS) -> None:
 def collect(where: Path = SWEEPS) -> None:
     """Rebuild runs.csv and results.csv of each sweep from its run folders (e.g. after a partly
     failed sweep or while one runs on a cluster)."""
-    from symrun import results, tables
+    from symrun.sweeping import results, tables
 
     for d in _sweeps(where):
         try:
@@ -142,15 +142,18 @@ def collect(where: Path = SWEEPS) -> None:
 @app.command(context_settings=OVERRIDES)
 def check(ctx: typer.Context, config_dir: Optional[Path] = CONFIG_DIR,
           json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
-          mirrors: int = typer.Option(8, "--mirrors", min=1, help="Mirrors tried per symmetry (random ones).")) -> None:
+          mirrors: int = typer.Option(8, "--mirrors", min=1, help="Mirrors tried per symmetry (random ones)."),
+          discover: bool = typer.Option(False, "--discover", help="Print the mirrors that hold (declared or found: sign "
+                                        "flips and swaps of each layer's units, rotations of adjacent linear maps) as "
+                                        "YAML to paste into model.mirrors.")) -> None:
     """Verify numerically that the composed model has the mirror symmetries it declares, e.g.
     `symrun check model=mlp model.activation=relu`: loss invariance, Oᵀ∇L = 0 and a block-diagonal
     Hessian on the constraint set, at random parameters on a real batch, in float64; also tries
     mirrors the model did not declare. Exit status 1 when a declared mirror fails."""
-    from symrun import check as check_mod
-    from symrun import sweep
+    from symrun.analysis import check as check_mod
+    from symrun.sweeping import sweep
     from symrun.config import ConfigError
-    from symrun.console import show_check
+    from symrun.console import show_check, show_discovered
     from symrun.data import DataError
 
     if config_dir is not None and not config_dir.is_dir():
@@ -160,7 +163,9 @@ def check(ctx: typer.Context, config_dir: Optional[Path] = CONFIG_DIR,
     except (ConfigError, DataError) as e:
         _fail(str(e))
     if json_out:
-        console.print_json(data=result.to_dict())
+        console.print_json(data={**result.to_dict(), **({"mirrors": result.holding()} if discover else {})})
+    elif discover:
+        show_discovered(result)
     else:
         show_check(result)
     if not result.ok:
@@ -174,7 +179,7 @@ def list_cmd(ctx: typer.Context, config_dir: Optional[Path] = CONFIG_DIR) -> Non
     from rich.markup import escape
     from rich.table import Table
 
-    from symrun.catalogue import BUILT_IN, catalogue, config_folders
+    from symrun.sweeping.catalogue import BUILT_IN, catalogue, config_folders
     from symrun.config import CONFIG_DIR as BUILT_IN_DIR
     from symrun.config import ConfigError
 
@@ -217,7 +222,7 @@ def bench(ctx: typer.Context) -> None:
 
 
 def _hydra(command: str, args: list[str], outputs: Optional[Path], plan: bool) -> None:
-    from symrun import hydra_app
+    from symrun.sweeping import hydra_app
 
     try:
         hydra_app.run(command, args, outputs, plan)
@@ -232,7 +237,7 @@ def _hydra(command: str, args: list[str], outputs: Optional[Path], plan: bool) -
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(argv if argv is not None else sys.argv[1:])
     if argv[:1] in (["-sc"], ["--shell-completion"]):     # symrun -sc install=bash, or a completion query
-        from symrun import hydra_app
+        from symrun.sweeping import hydra_app
 
         try:
             hydra_app.complete(argv) if any(a.startswith("query=") for a in argv) else hydra_app.run("sweep", argv)

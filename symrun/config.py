@@ -1,7 +1,7 @@
 """Typed configuration: the single source of symrun's defaults and their meaning.
 
 Every setting a run has lives in one of the dataclasses below, with its default and a docstring.
-They are registered in Hydra's ConfigStore (symrun.composition), so `model=mlp`, `data=digits`,
+They are registered in Hydra's ConfigStore (symrun.sweeping.composition), so `model=mlp`, `data=digits`,
 `optim.lr=0.05` etc. compose against them and unknown keys are rejected by Hydra itself. YAML
 files only hold named deviations: the primary config (symrun/config.yaml) and, in `configs/`,
 the experiment and launcher presets.
@@ -58,108 +58,37 @@ class ModelConfig:
     """Multiplies every initial weight's standard deviation (1.0 = the model's default init)."""
 
 
-@dataclass
-class HadamardConfig(ModelConfig):
-    """f(x) = (u ⊙ w)ᵀx: rescaling (sign) symmetry per coordinate → sparsity (lasso)."""
-
-    name: str = "hadamard"
+# The options (hadamard, mlp, …, module) are declared one module each under symrun/models/ and
+# listed by symrun.models.registry; `model_options()` gives their config dataclasses.
 
 
-@dataclass
-class FactorizationConfig(ModelConfig):
-    """f(x) = U W x (or U(Wx + x) with `residual`): rotation symmetry → low rank."""
+def model_options() -> dict[str, type]:
+    """{model option: its config dataclass}, from the model registry."""
+    from symrun.models import registry     # the registry's modules subclass ModelConfig, above
 
-    name: str = "factorization"
-    hidden: int = 16
-    """Inner dimension h of U (d_out × h) and W (h × d_in)."""
-    residual: bool = False
-    """Symmetry-breaking control f(x) = U(Wx + x); needs hidden == input dimension."""
+    return registry.options()
 
 
-@dataclass
-class MLPConfig(ModelConfig):
-    """Fully connected net: permutation symmetry of neurons; tanh adds a sign mirror per neuron."""
-
-    name: str = "mlp"
-    width: int = 32
-    depth: int = 1
-    """Number of hidden layers."""
-    activation: str = "tanh"
-    """tanh | relu | gelu."""
-    bias: bool = True
+def __getattr__(name: str) -> Any:
+    """`from symrun.config import MLPConfig` (and MODEL_OPTIONS) still work: the model options'
+    configs are looked up in the registry when first asked for (PEP 562)."""
+    if name == "MODEL_OPTIONS":
+        return model_options()
+    for cls in (model_options().values() if name.endswith("Config") else ()):
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'symrun.config' has no attribute '{name}'")
 
 
-@dataclass
-class EnsembleConfig(MLPConfig):
-    """`members` MLPs whose outputs are averaged: permutation symmetry of whole members."""
+def _specs() -> dict:
+    from symrun.models import registry
 
-    name: str = "ensemble"
-    members: int = 4
+    return registry.specs()
 
 
-@dataclass
-class AttentionConfig(ModelConfig):
-    """One multi-head self-attention layer over `tokens` tokens of each input row, mean-pooled, then
-    a linear readout: rotation symmetry of W_Q, W_K per head → low rank of W_Q W_Kᵀ."""
+def _model_spec(name: str):
+    return _specs().get(name)
 
-    name: str = "attention"
-    tokens: int = 4
-    """T: an input row of d features is read as T tokens of d / T features (T must divide d)."""
-    heads: int = 2
-    """H: number of attention heads."""
-    key_dim: int = 4
-    """k: query/key (and value) dimension per head; W_Q W_Kᵀ is (d/T × d/T) of rank ≤ k."""
-    positions: bool = True
-    """Learned position embeddings added to the tokens (without them the model cannot tell tokens apart)."""
-
-
-@dataclass
-class LinearConfig(ModelConfig):
-    """f(x) = Θᵀx (d → o), optionally with a linear constraint OᵀΘ = 0 enforced by DCS
-    (shared/science.md §6): Θ = (I − OOᵀ)w + O(u⊙v), whose (uᵢ, vᵢ) sign mirrors make c = OᵀΘ
-    exactly 0 once the weight decay λ ≥ |∂ℓ/∂c| at c = 0."""
-
-    name: str = "linear"
-    constraint: str = "none"
-    """none | sum_to_zero (O = 1/√d: Σᵢ Θᵢⱼ = 0 per output) | prefix (O = e₁…e_k: the first
-    `constrained` coefficients are 0). Its violation ‖OᵀΘ‖ is reported as constraint_violation."""
-    constrained: int = 1
-    """prefix: k, the number of leading input coefficients constrained to 0 (1 ≤ k ≤ d)."""
-    dcs: bool = False
-    """Enforce the constraint by DCS; false = plain Θ = w (the unconstrained baseline)."""
-
-
-@dataclass
-class ResNetConfig(ModelConfig):
-    """torchvision's ResNet-18 with the CIFAR stem (3×3 conv, stride 1, no max-pool), trained one
-    run per pack. Permutation symmetry of each residual block's inner channels → identical and
-    dead channels; needs `pip install 'symrun[vision]'`."""
-
-    name: str = "resnet18"
-
-
-@dataclass
-class TransformerConfig(ModelConfig):
-    """A small decoder-only transformer (pre-LN, causal) for next-character prediction on
-    data=text; rotation symmetry of W_Q, W_K per head → low rank of W_Q W_Kᵀ. The context length
-    is data.context."""
-
-    name: str = "transformer"
-    layers: int = 2
-    heads: int = 4
-    d_model: int = 32
-    key_dim: Optional[int] = None
-    """Query/key/value dimension per head; null = d_model / heads."""
-    mlp_ratio: int = 4
-    """Hidden width of each block's MLP = mlp_ratio · d_model."""
-
-
-MODEL_OPTIONS = {c().name: c for c in (HadamardConfig, FactorizationConfig, MLPConfig, EnsembleConfig, AttentionConfig,
-                                       LinearConfig, ResNetConfig, TransformerConfig)}
-# Models too large to stack: each run is its own pack (engine.pack_key).
-ALONE_MODELS = ("resnet18",)
-ACTIVATIONS = ("tanh", "relu", "gelu")
-CONSTRAINTS = ("none", "sum_to_zero", "prefix")
 
 # ---------------------------------------------------------------------------------------------
 # data=
@@ -327,7 +256,7 @@ class TasksConfig:
 
 @dataclass
 class MetricsConfig:
-    """Thresholds of the metrics (shared/science.md §4); formulas in symrun.metrics."""
+    """Thresholds of the metrics (shared/science.md §4); formulas in symrun.analysis.metrics."""
 
     sparsity_atol: float = 1e-3
     """A group is dead if ‖θ_g‖ ≤ sparsity_atol …"""
@@ -343,7 +272,7 @@ class MetricsConfig:
     """A mirror's constraint holds when ‖Oᵀθ‖ ≤ constraint_atol."""
     critical_mirrors: int = 4
     """At the end of a run, the critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) of up to this many
-    mirrors per declared symmetry (those nearest their constraint); 0 = skip (symrun.critical)."""
+    mirrors per declared symmetry (those nearest their constraint); 0 = skip (symrun.analysis.critical)."""
     critical_block: int = 24
     """Blocks Oᵀ∇²L O that Hessian-vector products build are solved exactly up to this size,
     larger ones by this many Lanczos steps. Blocks a model gives in closed form (the hidden
@@ -398,7 +327,7 @@ CONSTRAINT_KINDS = ("sparse", "sum_zero", "subspace", "group")
 
 @dataclass
 class ReportConfig:
-    """How a sweep's figures are written (symrun.figures): a journal column wide (3.4 in)."""
+    """How a sweep's figures are written (symrun.analysis.figures): a journal column wide (3.4 in)."""
 
     formats: List[str] = field(default_factory=lambda: ["png"])
     """Files each figure is written as, e.g. [png,pdf] or [svg]: png | pdf | svg (pdf and svg are
@@ -411,7 +340,8 @@ SCHEDULES = ("constant", "step", "cosine")
 
 @dataclass
 class Config:
-    model: ModelConfig = MISSING
+    model: Any = MISSING
+    """A model option's config (symrun.models.registry): typed, or a user's module (model=module)."""
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -430,7 +360,7 @@ class Config:
     members are <suite>/<member>)."""
     pack_size: Optional[int] = None
     """Most runs trained together as one batched model; null = as many as fit in 2 GiB, from the
-    model's parameters and the activations a step saves (symrun.memory). Set it to cap packs,
+    model's parameters and the activations a step saves (symrun.training.memory). Set it to cap packs,
     e.g. to spread a grid over more cluster jobs."""
 
 
@@ -463,6 +393,7 @@ def to_config(cfg: DictConfig | dict) -> Config:
         cfg = _structured(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
+        obj.model = _typed_model(obj.model)
         unknown = set(flatten(OmegaConf.to_container(cfg))) - set(flatten(to_dict(obj)))
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", None) or str(e)
@@ -475,25 +406,44 @@ def to_config(cfg: DictConfig | dict) -> Config:
     return validate(obj)
 
 
+def _typed_model(model: Any) -> Any:
+    """A model option whose Hydra node is a plain mapping (model=module: any constructor argument
+    is a key) as its typed config, by the option's `from_plain`."""
+    if not isinstance(model, dict):
+        return model
+    spec = _model_spec(model.get("name"))
+    if spec is None:
+        raise ConfigError(f"unknown model option '{model.get('name')}'")
+    return spec.config.from_plain(model)
+
+
 def _structured(d: dict) -> DictConfig:
     if "offset_std" in d.get("model", {}):     # saved before symmetry removal became symmetry.*
         std = d["model"]["offset_std"]
         d = {**d, "model": {k: v for k, v in d["model"].items() if k != "offset_std"}}
         d.setdefault("symmetry", {"remove": std > 0, "remove_std": std if std > 0 else SymmetryConfig().remove_std})
-    model_cls = MODEL_OPTIONS.get(d.get("model", {}).get("name"))
+    model = d.get("model", {}).get("name") if isinstance(d.get("model"), dict) else None
     data_cls = DATA_OPTIONS.get(d.get("data", {}).get("name"))
-    if model_cls is None or data_cls is None:
+    if _model_spec(model) is None or data_cls is None:
         raise ConfigError(f"unknown model or data option in saved config: {d.get('model')}, {d.get('data')}")
     try:
-        return OmegaConf.merge(_schema(model_cls, data_cls), d)
+        return OmegaConf.merge(_schema(model, data_cls), d)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"unknown setting '{key}'" if "not in" in str(e) and key else str(e).splitlines()[0]) from None
 
 
+def model_node(name: str) -> Any:
+    """What Hydra's ConfigStore holds for model option `name`: its config dataclass, or the plain
+    mapping its spec gives (model=module, whose keys are a user's constructor arguments)."""
+    spec = _model_spec(name)
+    return spec.node() if spec.node is not None else spec.config
+
+
 @functools.lru_cache(maxsize=None)
-def _schema(model_cls: type, data_cls: type) -> DictConfig:
-    return OmegaConf.structured(Config(model=model_cls(), data=data_cls()))   # merge never mutates it
+def _schema(model: str, data_cls: type) -> DictConfig:
+    node = model_node(model)
+    return OmegaConf.structured(Config(model=node() if isinstance(node, type) else node, data=data_cls()))   # merge never mutates it
 
 
 @functools.lru_cache(maxsize=None)
@@ -515,6 +465,8 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 def _plain(v: Any) -> Any:
+    if hasattr(v, "to_plain"):           # a config whose keys are not its fields (model=module)
+        return v.to_plain()
     if hasattr(type(v), "__dataclass_fields__"):
         return to_dict(v)
     if isinstance(v, (list, tuple)):
@@ -578,32 +530,14 @@ def validate(cfg: Config) -> Config:
         (len(cfg.report.formats) >= 1 and all(f in REPORT_FORMATS for f in cfg.report.formats),
          f"report.formats must list some of {', '.join(REPORT_FORMATS)}, e.g. [png,pdf]; got {list(cfg.report.formats)}"),
     ]
-    if isinstance(m, FactorizationConfig):
-        checks.append((m.hidden >= 1, f"model.hidden must be >= 1, got {m.hidden}"))
-    if isinstance(m, MLPConfig):
-        checks += [
-            (m.width >= 1, f"model.width must be >= 1, got {m.width}"),
-            (m.depth >= 1, f"model.depth must be >= 1, got {m.depth}"),
-            (m.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{m.activation}'"),
-        ]
-    if isinstance(m, EnsembleConfig):
-        checks.append((m.members >= 2, f"model.members must be >= 2, got {m.members}"))
-    if isinstance(m, AttentionConfig):
-        checks += [(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}") for k in ("tokens", "heads", "key_dim")]
-    if isinstance(m, LinearConfig):
-        checks += [
-            (m.constraint in CONSTRAINTS, f"model.constraint must be one of {', '.join(CONSTRAINTS)}, got '{m.constraint}'"),
-            (m.constraint != "prefix" or m.constrained >= 1, f"model.constrained must be >= 1, got {m.constrained}"),
-            (not m.dcs or m.constraint != "none", "model.dcs=true needs a model.constraint (sum_to_zero or prefix)"),
-        ]
-    if isinstance(m, TransformerConfig):
-        checks += [(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}")
-                   for k in ("layers", "heads", "d_model", "mlp_ratio")]
-        checks.append((m.key_dim is not None and m.key_dim >= 1 or m.key_dim is None and m.heads >= 1 and m.d_model % m.heads == 0,
-                       f"model.key_dim must be >= 1, or null with model.heads dividing model.d_model ({m.d_model})"))
+    spec = _model_spec(m.name)
+    checks += spec.checks(cfg)
+    # A model that reads one data option (transformer: text) and that option need each other.
+    readers = [s for s in _specs().values() if s.reads == d.name]
+    for s in [spec] if spec.reads else readers[:1]:
+        checks.append((m.name == s.name and d.name == s.reads, f"model={s.name} reads data={s.reads}, and "
+                       f"data={s.reads} needs model={s.name} (got model={m.name}, data={d.name})"))
     text = isinstance(d, TextDataConfig)
-    checks.append((isinstance(m, TransformerConfig) == text, "model=transformer reads data=text, and data=text needs "
-                   f"model=transformer (got model={m.name}, data={d.name})"))
     if text:
         checks += [
             (d.context >= 1 and (d.stride is None or d.stride >= 1), "data.context and data.stride must be >= 1"),
@@ -688,6 +622,4 @@ def _constraint_checks(cfg: Config) -> list[tuple[bool, str]]:
         ((c.kind == "subspace") == (path is not None), "constraint.path is needed by, and only by, constraint.kind=subspace"),
         (path is None or Path(path).expanduser().is_file(), f"constraint.path does not exist or is not a file: {path}"),
         (not cfg.symmetry.remove, "constraint=dcs and symmetry.remove=true cannot be combined (the offsets would move the constraint)"),
-        (not isinstance(cfg.model, LinearConfig) or cfg.model.constraint == "none",
-         "model=linear has its own model.constraint; use it or constraint=dcs, not both"),
     ]

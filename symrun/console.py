@@ -1,5 +1,5 @@
 """What the symrun command shows, with rich: the plan of a sweep (and its dry run), a progress
-bar, a sweep's summary. symrun.launch and symrun.job call it through launch.Display; the
+bar, a sweep's summary. symrun.sweeping.launch and symrun.sweeping.job call it through launch.Display; the
 library below returns data and prints nothing.
 """
 
@@ -109,8 +109,8 @@ def _flat(cfg) -> dict:
 
 def show_report(sweep_dir: Path, formats=None) -> None:
     """Rebuild a sweep's tables, figures and report.md, and show its summary."""
-    from symrun import report as report_mod
-    from symrun import results
+    from symrun.analysis import report as report_mod
+    from symrun.sweeping import results
 
     rep = report_mod.build(sweep_dir, formats)
     if not rep.summary.empty:
@@ -175,3 +175,16 @@ def show_check(result) -> None:
     if not result.checks:
         console.print("this model declares no mirrors and has no candidates to try")
     console.print("all declared mirrors hold" if result.ok else "[bold red]a declared mirror fails[/bold red]")
+
+
+def show_discovered(result) -> None:
+    """`symrun check --discover`: the mirrors that hold, as YAML for model.mirrors (on stdout,
+    plain, so that it can be redirected into a config file); the failures as comments."""
+    import yaml
+
+    failed = [c.symmetry for c in result.checks if not c.holds]
+    lines = [f"# mirrors of model={result.model} that hold to {result.tolerance:g} (symrun check --discover)"]
+    lines += [f"# does not hold: {', '.join(failed)}"] if failed else []
+    flow = [yaml.safe_dump(m, default_flow_style=True, sort_keys=False, width=10_000).strip() for m in result.holding()]
+    lines += ["mirrors:" if flow else "mirrors: []"] + [f"- {m}" for m in flow]
+    print("\n".join(lines))

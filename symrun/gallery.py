@@ -1,7 +1,7 @@
 """`make results`: run every experiment preset at its CPU size and write docs/results.md.
 
 Each section holds the preset's own description (its file's header comment), then the report.md
-of each of its sweeps (symrun.document: the command, the grid, the agreement with theory, the
+of each of its sweeps (symrun.analysis.document: the command, the grid, the agreement with theory, the
 figures, the summary, the runs to look at), so the gallery and a sweep's report are one text.
 
     python -m symrun.gallery [--only NAME ...] [--outputs DIR] [--docs DIR]
@@ -14,7 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-from symrun import document, job, report, results, sweep
+from symrun.analysis import document, report
+from symrun.sweeping import job, results, sweep
 from symrun.config import CONFIG_DIR
 
 # Narrative order; presets not listed follow alphabetically.
@@ -52,7 +53,7 @@ def run_preset(name: str, outputs: Path) -> tuple[list[Path], float]:
 
 
 def section(name: str, sweep_dirs: Path | list[Path], seconds: float, docs: Path) -> str:
-    """A preset's section: its description, then each member sweep's report.md (symrun.document)
+    """A preset's section: its description, then each member sweep's report.md (symrun.analysis.document)
     with its headings one level down and its gallery figures copied under docs/results/."""
     dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
     figures_dir = docs / "results" / name

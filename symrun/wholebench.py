@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,6 +40,7 @@ class Grid:
     sweep: list[str]
     script: list[str]
     lean_runs: int                    # runs the lean loop is timed on, then scaled to `runs`
+    files: dict[str, str] = field(default_factory=dict)   # written into the sweep's folder first: a user's module
 
 
 def w1(steps: int, seeds: int = 32, lean_runs: int = 16) -> Grid:
@@ -50,6 +51,29 @@ def w1(steps: int, seeds: int = 32, lean_runs: int = 16) -> Grid:
                  f"optim.weight_decay={W1_DECAYS}", f"seed=range(0,{seeds})"],
                 ["--model", "mlp", "--batch", "64", "--lr", "0.05", "--wds", W1_DECAYS, "--seeds", str(seeds),
                  "--steps", str(steps)], min(lean_runs, 8 * seeds))
+
+
+# W1's network as a user writes it: a plain nn.Module, trained by symrun through torch.func (model=module)
+W1_MODULE = """import torch
+from torch import nn
+
+
+class W1(nn.Module):
+    def __init__(self, d_in=64, width=128, d_out=10):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_in, width), nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+"""
+
+
+def w1_module(steps: int, seeds: int = 32, lean_runs: int = 16) -> Grid:
+    """W1 with the network as the user's own nn.Module (model=module): the same baselines."""
+    base = w1(steps, seeds, lean_runs)
+    sweep = ["model=module", "model._target_=w1net.W1", *base.sweep[3:]]     # model, width and activation are the module's
+    return Grid(base.name.replace("W1: mlp", "W1 as your own nn.Module (model=module):"), "W1 module", base.runs, sweep,
+                base.script, base.lean_runs, {"w1net.py": W1_MODULE})
 
 
 def hadamard(steps: int, seeds: int = 256, lean_runs: int = 64) -> Grid:
@@ -141,6 +165,8 @@ def measure(grid: Grid, device: str, repeat: int = 1, say: Callable[[str], None]
     """Every way on `grid` on `device`, `repeat` times each (the fastest kept), then one profiled sweep."""
     with tempfile.TemporaryDirectory(prefix="symrun-bench-") as tmp:
         work = Path(tmp)
+        for name, source in grid.files.items():
+            (work / name).write_text(source)
         scripts = {}
         for name, source in baselines.SCRIPTS.items():
             scripts[name] = work / f"{name}.py"
@@ -202,6 +228,7 @@ def report(results: list[Result], repeat: int) -> str:
 
 def run(device: str, quick: bool, steps: Optional[int], repeat: int, say: Callable[[str], None] = print) -> str:
     """Both workloads (or, `quick`, small versions of them) on `device`: the markdown section."""
-    grids = ([w1(steps or 20, seeds=2, lean_runs=4), hadamard(steps or 20, seeds=4, lean_runs=8)] if quick
-             else [w1(steps or 1000), hadamard(steps or 500)])
+    grids = ([w1(steps or 20, seeds=2, lean_runs=4), w1_module(steps or 20, seeds=2, lean_runs=4),
+              hadamard(steps or 20, seeds=4, lean_runs=8)] if quick
+             else [w1(steps or 1000), w1_module(steps or 1000), hadamard(steps or 500)])
     return report([measure(g, device, repeat, say) for g in grids], repeat)

@@ -78,7 +78,7 @@ def assert_same_tables(a: Path, b: Path, rtol: float = 0.0) -> None:
     value for value, or to `rtol` (packs of other sizes round differently in BLAS)."""
     import pandas as pd
 
-    from symrun.results import read_csv
+    from symrun.sweeping.results import read_csv
 
     for table in ("runs.csv", "results.csv"):
         ta, tb = read_csv(Path(a) / table), read_csv(Path(b) / table)

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from symrun import engine, sweep
+from symrun.training import engine
+from symrun.sweeping import sweep
 from symrun.config import AttentionConfig, Config, ConfigError, MetricsConfig, TeacherDataConfig, validate
-from symrun.engine import loss_per_run
-from symrun.metrics import measure
+from symrun.training.engine import loss_per_run
+from symrun.analysis.metrics import measure
 from symrun.models import build
-from symrun.symmetries import Rotation, apply_mirror, constraint_norms
+from symrun.analysis.symmetries import Rotation, apply_mirror, constraint_norms
 from conftest import assert_same_run
 
 F64 = torch.float64

@@ -44,10 +44,10 @@ def test_quick_bench_writes_every_workload(tmp_path):
         assert name in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| W1 mlp")]
     assert len(rows) == 3 and all("×" in r for r in rows)        # 8 and 32 runs, 8 with label flips
-    whole = [ln for ln in text.splitlines() if ln.startswith(("| W1:", "| Hadamard d=20"))]
-    assert len(whole) == 2 and all(r.count("×**") == 2 for r in whole)          # vs lean, vs torch.func
+    whole = [ln for ln in text.splitlines() if ln.startswith(("| W1:", "| W1 as your own nn.Module", "| Hadamard d=20"))]
+    assert len(whole) == 3 and all(r.count("×**") == 2 for r in whole)          # vs lean, vs torch.func
     for phase in ("training steps", "critical weight decay λ_c", "tables and figures", "planning"):
-        assert sum(ln.startswith(f"| {phase}") for ln in text.splitlines()) == 2      # one profile per workload
+        assert sum(ln.startswith(f"| {phase}") for ln in text.splitlines()) == 3      # one profile per workload
 
 
 def _script(tmp_path, name: str, *args: str) -> tuple[list[list[str]], float]:

@@ -9,9 +9,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from symrun import check, models, sweep
+from symrun.analysis import check
+from symrun.sweeping import sweep
+from symrun.models.nets.mlp import MLP
 from symrun.cli import app
-from symrun.symmetries import SignFlip
+from symrun.analysis.symmetries import SignFlip
 
 SMALL = ["data.n=40", "data.dim=8"]
 
@@ -57,8 +59,8 @@ def test_candidates_that_are_not_symmetries_fail():
 
 def broken_declaration(monkeypatch):
     """A ReLU MLP that wrongly declares neuron sign flips."""
-    real = models.MLP.symmetries
-    monkeypatch.setattr(models.MLP, "symmetries", lambda self: real(self) + [SignFlip(self.neuron_sets()[0])])
+    real = MLP.symmetries
+    monkeypatch.setattr(MLP, "symmetries", lambda self: real(self) + [SignFlip(self.neuron_sets()[0])])
 
 
 def test_a_wrong_declaration_is_caught(monkeypatch):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import assert_same_tables, sweep_dirs, write_fake_cifar
-from symrun import engine, results, sweep
+from symrun.training import engine
+from symrun.sweeping import results, sweep
 from symrun.config import total_steps
 
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from symrun import data, engine, theory
+from symrun import data
+from symrun.training import engine
+from symrun.analysis import theory
 from symrun.config import Config, FactorizationConfig, HadamardConfig, MLPConfig, TeacherDataConfig, validate
 from symrun.models import build
 

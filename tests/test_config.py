@@ -4,7 +4,8 @@
 import pytest
 
 from conftest import write_fake_cifar
-from symrun import config, job, sweep, tables
+from symrun import config
+from symrun.sweeping import job, sweep, tables
 from symrun.config import CONFIG_DIR, DATA_OPTIONS, MODEL_OPTIONS, ConfigError
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -19,6 +20,8 @@ def test_default_config_composes_to_the_documented_defaults(tmp_path):
 
 def _refusal(model: str, data: str):
     """The one-line error a model/data pair that cannot work together must give, or None."""
+    if model == "module":            # a user's nn.Module: tests/test_module.py
+        return "model=module needs model._target_"
     if (model == "transformer") != (data == "text"):
         return "model=transformer reads data=text"
     if model == "hadamard" and data == "digits":
@@ -130,7 +133,7 @@ def test_runs_set_on_a_copy_equal_a_full_hydra_composition_per_run(tmp_path, int
     """The planner composes each shape once and sets per-run values on copies (or, in a config with
     interpolations, through OmegaConf): every run must equal Hydra's own composition of its grid
     point, which is what a launcher's job composes."""
-    from symrun.composition import composer, drop_hydra
+    from symrun.sweeping.composition import composer, drop_hydra
     from symrun.config import to_config
 
     args = ["experiment=rescaling_sparsity", "model=hadamard,factorization", "++optim.momentum=0.5",

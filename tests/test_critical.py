@@ -1,8 +1,8 @@
-"""Critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) (symrun.critical) against closed forms computed
+"""Critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) (symrun.analysis.critical) against closed forms computed
 independently in numpy (shared/science.md §5, in symrun's λ convention: half-MSE, penalty
 (λ/2)‖θ‖²): a Hadamard coordinate, λ_c = |Xᵀr/n|ᵢ; a dead tanh neuron, λ_c = ‖E[x̃(y − f₋ᵢ)ᵀ]‖₂;
 a rotation mirror of UW at 0, λ_c = σ₁(YᵀX/n); and at the fully symmetric point the thresholds
-symrun.theory draws. Lanczos against the exact block; the end-of-run columns of a training run.
+symrun.analysis.theory draws. Lanczos against the exact block; the end-of-run columns of a training run.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from symrun import critical, data, engine, reparam, theory
+from symrun.analysis import critical, theory
+from symrun import data
+from symrun.training import engine, reparam
 from symrun.config import Config, FactorizationConfig, HadamardConfig, MLPConfig, TeacherDataConfig, validate
-from symrun.engine import loss_per_run
+from symrun.training.engine import loss_per_run
 from symrun.models import build
-from symrun.symmetries import Rotation, SignFlip, Swap, project, select
+from symrun.analysis.symmetries import Rotation, SignFlip, Swap, project, select
 
 F64 = torch.float64
 CPU = torch.device("cpu")

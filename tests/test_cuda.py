@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import sweep_dirs
-from symrun import engine
+from symrun.training import engine
 from symrun.config import Config, DigitsDataConfig, HadamardConfig, MLPConfig, TeacherDataConfig, validate
 
 pytestmark = pytest.mark.cuda

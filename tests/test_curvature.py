@@ -1,5 +1,5 @@
-"""The closed-form Hessian blocks of neuron mirrors (symrun.curvature) against the blocks
-Hessian-vector products build (symrun.critical), entry by entry, in float64; and the batched
+"""The closed-form Hessian blocks of neuron mirrors (symrun.models.nets.curvature) against the blocks
+Hessian-vector products build (symrun.analysis.critical), entry by entry, in float64; and the batched
 λ_c of every mirror at once against one mirror at a time."""
 
 from __future__ import annotations
@@ -7,11 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from symrun import critical, curvature, data, reparam
+from symrun.analysis import critical
+from symrun import data
+from symrun.training import reparam
+from symrun.models.nets import curvature
 from symrun.config import Config, DigitsDataConfig, EnsembleConfig, MLPConfig, TeacherDataConfig
-from symrun.engine import loss_per_run
+from symrun.training.engine import loss_per_run
 from symrun.models import build
-from symrun.symmetries import SignFlip, Swap, project, select
+from symrun.analysis.symmetries import SignFlip, Swap, project, select
 
 F64 = torch.float64
 CPU = torch.device("cpu")

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from symrun import cli as cli_mod
-from symrun import job, records, report, results, sweep
+from symrun.sweeping import job, records, results, sweep
+from symrun.analysis import report
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from symrun import data, engine, sweep
+from symrun import data
+from symrun.training import engine
+from symrun.sweeping import sweep
 from symrun.config import Config, ConfigError, LinearConfig, TeacherDataConfig, validate
-from symrun.engine import loss_per_run
+from symrun.training.engine import loss_per_run
 from symrun.models import build
-from symrun.symmetries import NeuronSet, SignFlip, Slot, apply_mirror
+from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot, apply_mirror
 from conftest import assert_same_run
 
 F64 = torch.float64

@@ -14,7 +14,8 @@ import random
 import pytest
 import torch
 
-from symrun import data, engine
+from symrun import data
+from symrun.training import engine, noise
 from symrun.config import (
     Config,
     DigitsDataConfig,
@@ -25,7 +26,7 @@ from symrun.config import (
     TeacherDataConfig,
     validate,
 )
-from symrun.engine import StepNoise
+from symrun.training.engine import StepNoise
 from conftest import assert_same_run
 from symrun.models import build
 
@@ -307,7 +308,7 @@ def test_label_noise_regression_std_and_classification_flips():
 
 @pytest.mark.parametrize("kind", ["regression", "classification", "langevin"])
 def test_a_steps_noise_depends_on_the_run_and_the_step_only(kind):
-    """Noise is drawn K steps at a time (engine.NoiseBlocks) from streams named by the block: the
+    """Noise is drawn K steps at a time (symrun.training.noise.NoiseBlocks) from streams named by the block: the
     noise of step t is the same whether the steps before it were drawn or not (a resumed pack),
     whichever runs share the pack, and it changes from step to step, within and across blocks."""
     cfgs = _noise_configs(**({"temperature": [0.5, 0.0, 2.0]} if kind == "langevin" else
@@ -344,7 +345,7 @@ def test_a_large_noise_block_filled_over_threads_equals_one_thread(monkeypatch):
     """Big CPU blocks (Langevin noise of every weight) are filled by several threads, each run's
     row from its own generator: the values are those one thread draws."""
     def block():
-        return engine.NoiseBlocks(list(range(40)), "langevin", (30_000,), False, CPU, torch.float32)
+        return noise.NoiseBlocks(list(range(40)), "langevin", (30_000,), False, CPU, torch.float32)
     assert block().k * 40 * 30_000 >= 2**20                           # large enough to be threaded
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     threaded = [block().at(t) for t in (1, 3)]
@@ -412,7 +413,8 @@ def test_evaluation_reuses_its_forward_features_and_measures_what_a_fresh_pass_d
     """evaluate hands the penultimate features of its own forward passes to the metrics (neural
     collapse on the training set, representation on the probe); they must equal a fresh pass,
     and a non-finite run among them must leave its neighbours' values alone."""
-    from symrun import metrics, sweep
+    from symrun.analysis import metrics
+    from symrun.sweeping import sweep
 
     model_args = ["model=mlp"] if members == 1 else ["model=ensemble", f"model.members={members}"]
     cfg = sweep.compose_one([*model_args, "data=digits", "model.width=12", "metrics.probe_size=100"])
@@ -455,10 +457,10 @@ def test_a_shared_input_gives_what_the_same_input_given_to_each_run_gives(model_
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 2.5e-7), (torch.float64, 5e-16)])
 def test_cpu_tanh_is_torch_tanh_to_an_ulp_with_first_and_second_derivatives(dtype, bound):
-    """models.tanh (numpy's SIMD kernel on CPU) against the exact value, near 0 included, and its
-    gradient and Hessian-vector product against torch.tanh's (symrun.critical and symrun check
+    """symrun.models.nets.mlp.tanh (numpy's SIMD kernel on CPU) against the exact value, near 0 included, and its
+    gradient and Hessian-vector product against torch.tanh's (symrun.analysis.critical and symrun check
     differentiate twice through it)."""
-    from symrun.models import tanh
+    from symrun.models.nets.mlp import tanh
 
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(20000, generator=g, dtype=dtype) * 4, torch.logspace(-30, -1, 300, dtype=dtype),
@@ -483,7 +485,7 @@ def test_sgd_step_with_gradients_that_share_storage_updates_each_parameter_from_
     """Autograd hands the same buffer to both inputs of an add: the decay of one parameter must not
     be written into the gradient the other one reads (the in-place shortcut is for owned buffers)."""
     from symrun.config import OptimConfig
-    from symrun.optim import PackedOptimizer
+    from symrun.training.optim import PackedOptimizer
 
     a, b = torch.ones(2, 3), torch.full((2, 3), 2.0)
     lr, wd = torch.tensor([0.1, 0.2]), torch.tensor([0.5, 1.0])

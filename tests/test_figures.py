@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from symrun import curves, document, figures, job, report, results, sweep
+from symrun.analysis import curves, document, figures, report
+from symrun.sweeping import job, results, sweep
 
 
 def _sweep(tmp_path, *args):
@@ -178,7 +179,8 @@ def test_report_md_has_its_sections_and_links_that_resolve(tmp_path):
 
 
 def test_gallery_and_report_md_print_the_same_agreement(tmp_path, monkeypatch):
-    from symrun import agreement, gallery
+    from symrun import gallery
+    from symrun.analysis import agreement
 
     d = _sweep(tmp_path, "optim.weight_decay=0.05,0.3,2.0", "optim.lr=0.3", "train.steps=2000", "train.log_every=1000")
     monkeypatch.setattr(agreement, "theory_agreement", lambda *a: ["sparsity: a line only agreement.py writes"])

@@ -15,7 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from symrun import cli as cli_mod
-from symrun import engine, job, report, sweep
+from symrun.training import engine
+from symrun.sweeping import job, sweep
+from symrun.analysis import report
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 

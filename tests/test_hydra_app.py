@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import sweep_dirs
-from symrun import results
+from symrun.sweeping import results
 
 TINY = ["train.steps=4", "train.log_every=2", "metrics.critical_mirrors=0"]
 
@@ -158,7 +158,7 @@ def test_a_folder_name_reaches_hydra_as_written(text):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from symrun.composition import hydra_quoted, literal
+    from symrun.sweeping.composition import hydra_quoted, literal
 
     value = OverridesParser.create().parse_override(f"key={hydra_quoted(literal(text))}").value()
     assert OmegaConf.create({"v": value}).v == text

@@ -27,7 +27,7 @@ def test_wheel_ships_the_configs_and_composes_every_preset(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     probe = (
-        "import symrun, symrun.config as c, symrun.sweep as s, pathlib, sys\n"
+        "import symrun, symrun.config as c, symrun.sweeping.sweep as s, pathlib, sys\n"
         "import hydra_plugins.symrun_sweeper.symrun_sweeper as plugin\n"
         "assert pathlib.Path(symrun.__file__).is_relative_to(sys.argv[1]), symrun.__file__\n"
         "assert pathlib.Path(plugin.__file__).is_relative_to(sys.argv[1]), plugin.__file__\n"

@@ -1,8 +1,8 @@
-"""symrun.linalg: batched small eigenproblems spread over threads give torch.linalg's answers."""
+"""symrun.analysis.linalg: batched small eigenproblems spread over threads give torch.linalg's answers."""
 
 import torch
 
-from symrun import linalg
+from symrun.analysis import linalg
 
 
 def test_spread_eigenvalues_and_vectors_equal_torch_linalg():

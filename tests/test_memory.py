@@ -1,8 +1,8 @@
-"""symrun.memory: what autograd saves, counted by storage."""
+"""symrun.training.memory: what autograd saves, counted by storage."""
 
 import torch
 
-from symrun import memory
+from symrun.training import memory
 
 
 def test_saved_bytes_counts_what_backward_keeps_once_per_storage():
@@ -28,7 +28,7 @@ def test_run_bytes_grow_linearly_with_the_batch():
 
 
 def test_pack_size_is_the_users_cap_or_what_the_budget_holds(tmp_path, monkeypatch):
-    from symrun import sweep
+    from symrun.sweeping import sweep
 
     grid = ["model=mlp", "data=digits", "data.batch_size=64", "seed=range(0,8)"]
     assert sorted(len(p) for p in sweep.plan([*grid, "pack_size=3"], tmp_path / "a").packs) == [2, 3, 3]

@@ -1,4 +1,4 @@
-"""Every metric of symrun.metrics against a value computed by hand from its formula
+"""Every metric of symrun.analysis.metrics against a value computed by hand from its formula
 (shared/science.md §4), then `measure` on small models whose parameters are set by hand."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from symrun import metrics
+from symrun.analysis import metrics
 from symrun.config import EnsembleConfig, FactorizationConfig, HadamardConfig, MetricsConfig, MLPConfig
 from symrun.models import build
 
@@ -372,7 +372,7 @@ def test_dead_members_count_as_zero_in_spread_and_disagreement():
 def test_an_ensemble_weight_decay_killed_is_homogeneous(tmp_path):
     """The case of issue 17: permutation_homogeneity at λ = 0.3 kills every member in 300 steps
     (weight norm ~3e-4); its spread read 1.6–2.2 before dead members counted as zero."""
-    from symrun import engine
+    from symrun.training import engine
     from symrun.config import Config, TeacherDataConfig, TrainConfig, validate
 
     cfg = validate(Config(model=EnsembleConfig(members=4, width=8, bias=False),

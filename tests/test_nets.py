@@ -19,13 +19,16 @@ import pytest
 import torch
 
 from conftest import assert_same_run, sweep_dirs, write_fake_cifar
-from symrun import corpora, engine, report, sweep
+from symrun.data import corpora
+from symrun.training import engine
+from symrun.analysis import report
+from symrun.sweeping import sweep
 from symrun.config import (Cifar10DataConfig, Config, ConfigError, MetricsConfig, ResNetConfig, TextDataConfig,
                            TransformerConfig, validate)
 from symrun.data import DataError, load
-from symrun.engine import loss_per_run
+from symrun.training.engine import loss_per_run
 from symrun.models import build
-from symrun.symmetries import Rotation, apply_mirror
+from symrun.analysis.symmetries import Rotation, apply_mirror
 
 CPU = torch.device("cpu")
 

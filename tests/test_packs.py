@@ -8,10 +8,13 @@ engine's speed-up gone), so it is not promised; this tolerance is, for packs of 
 against the same runs in a pack of 4, in float32 and float64. (A resumed or requeued pack is
 trained again as it was, so those are bit for bit: tests/test_resume.py.)"""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from symrun import engine, sweep
+from symrun.training import engine
+from symrun.sweeping import sweep
 
 # |a − b| ≤ RTOL·|b| + ATOL, for every logged metric and every final parameter (README "Pack size")
 TOLERANCE = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}
@@ -26,9 +29,8 @@ WORKLOADS = {   # the critical weight decay (the costly Hessian at a run's end) 
 }
 
 
-def _configs(args, where):
-    """The grid's run configs as `symrun sweep` plans them (nothing is written)."""
-    return list(sweep.plan(args, sweep_dir=where / "sweep").configs.values())
+def _configs(args):
+    return list(sweep.plan(args, sweep_dir=Path("unused")).configs.values())     # plan writes nothing
 
 
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE))

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import data, engine, metrics
+from symrun import data
+from symrun.training import engine
+from symrun.analysis import metrics
 from symrun.config import Config, DigitsDataConfig, MLPConfig, TeacherDataConfig, validate
 from symrun.models import build
 from symrun.seeds import derive_seed

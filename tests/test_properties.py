@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from symrun import metrics, models
+from symrun.analysis import metrics
+from symrun import models
 from symrun.config import AttentionConfig, EnsembleConfig, FactorizationConfig, HadamardConfig, MLPConfig
-from symrun.symmetries import Rotation, SignFlip, Swap, apply_mirror, constraint_norms, gather
+from symrun.analysis.symmetries import Rotation, SignFlip, Swap, apply_mirror, constraint_norms, gather
 
 CPU = torch.device("cpu")
 FEW = settings(max_examples=40, deadline=None)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import folder, results
+from symrun.sweeping import folder, results
 
 # Six packs (data.n sets the shapes) of two runs each, with minibatches and both kinds of noise,
 # so every random stream a run has is exercised; each pack takes about a second.
@@ -120,7 +120,7 @@ def test_a_second_sweep_into_a_locked_folder_is_refused_and_changes_nothing(cli,
 
 
 def test_a_lock_dies_with_its_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from symrun import results\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from symrun.sweeping import results\n"
                                f"with results.sweep_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

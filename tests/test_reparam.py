@@ -1,4 +1,4 @@
-"""constraint=dcs on any model (symrun.reparam, shared/science.md §6) and symmetry.remove.
+"""constraint=dcs on any model (symrun.training.reparam, shared/science.md §6) and symmetry.remove.
 
 After training with weight decay above the threshold, Oᵀθ = 0 holds to 1e-6 in the saved
 parameters while the same run without DCS violates it; the sparse kind equals scikit-learn's
@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from symrun import data, engine, reparam, sweep, theory
+from symrun import data
+from symrun.training import engine, reparam
+from symrun.sweeping import sweep
+from symrun.analysis import theory
 from symrun.config import (Config, ConfigError, LinearConfig, MLPConfig, TeacherDataConfig,
                            validate)
 from symrun.models import build

@@ -5,7 +5,8 @@ import shutil
 import matplotlib.image as mpimg
 import pytest
 
-from symrun import agreement, job, report, results, sweep
+from symrun.analysis import agreement, report
+from symrun.sweeping import job, results, sweep
 
 
 def _sweep(tmp_path, *args):
@@ -117,7 +118,7 @@ def test_removal_contrast_says_what_the_offsets_changed(tmp_path):
 
 
 def test_settings_are_labelled_as_written():
-    from symrun import notation
+    from symrun.analysis import notation
 
     assert notation.value(float("nan")) == "null" and notation.value(None) == "null"
     assert notation.value(4.0) == "4" and notation.value(0.5) == "0.5" and notation.value(False) == "no"
@@ -137,7 +138,8 @@ def test_a_null_setting_is_its_own_series(tmp_path):
 def test_measured_critical_weight_decay_is_drawn_from_the_largest_weight_decay(tmp_path):
     """The dotted λ_c line: median over seeds of critical_wd_max of the metric's kind, at the
     grid's largest λ. On the Hadamard model fully sparse there, it is the lasso's λ_max."""
-    from symrun import data, theory
+    from symrun import data
+    from symrun.analysis import theory
     from symrun.config import TeacherDataConfig
 
     d = _sweep(tmp_path, "optim.weight_decay=0.01,3.0", "seed=0,1", "train.steps=2000", "optim.lr=0.3",

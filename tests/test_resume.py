@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import PROVENANCE
-from symrun import job, records, report, results, sweep, tables
+from symrun.sweeping import job, records, results, sweep, tables
+from symrun.analysis import report
 from symrun.config import ConfigError
 
 BASE = ["optim.weight_decay=0.01,0.1", "train.steps=60", "train.log_every=20"]

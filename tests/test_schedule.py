@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from symrun import engine, optim, sweep
+from symrun.sweeping import sweep
+from symrun.training import engine, optim
 from symrun.config import ConfigError, OptimConfig
 
 

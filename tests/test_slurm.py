@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import assert_same_tables, sweep_dirs
-from symrun import job, results, sweep, tables
+from symrun.sweeping import job, results, sweep, tables
 
 SLURM_UP = Path(__file__).resolve().parent.parent / ".ci" / "slurm-up"
 GRID = ["model=hadamard,factorization", "seed=0,1", "optim.weight_decay=0,0.1", "train.steps=20", "train.log_every=5"]
@@ -163,7 +163,7 @@ def _wait_for(found, proc, timeout=120):
 
 
 def test_the_shipped_cluster_preset_composes_with_overrides():
-    from symrun.composition import composer
+    from symrun.sweeping.composition import composer
 
     with composer(["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=8"]) as comp:
         launcher = comp.master.hydra.launcher

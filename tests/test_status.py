@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from symrun import engine, job, results, sweep, tables
+from symrun.training import engine
+from symrun.sweeping import job, results, sweep, tables
 
 GRID = ["model=hadamard,factorization,mlp,ensemble", "optim.lr=0.05,1e4", "train.steps=20",
         "train.log_every=5"]

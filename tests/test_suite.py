@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from symrun import records, results, sweep
+from symrun.sweeping import records, results, sweep
 from symrun.config import ConfigError
 
 MEMBERS = ["rescaling_sparsity", "dead_neurons", "rotation_low_rank", "permutation_homogeneity", "attention_rank"]
@@ -89,8 +89,8 @@ def test_one_launch_numbers_every_members_packs_and_each_job_trains_its_members_
     .hydra/config.yaml holds) rebuilds exactly that pack's runs, which its task then trains."""
     from hydra.core.hydra_config import HydraConfig
 
-    from symrun import job
-    from symrun.composition import composer, drop_hydra
+    from symrun.sweeping import job
+    from symrun.sweeping.composition import composer, drop_hydra
 
     args = ["experiment=symmetry_removal", "seed=0", *SMALL]
     with composer(args) as comp:

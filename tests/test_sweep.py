@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from symrun import engine, job, results, sweep, tables
+from symrun.training import engine
+from symrun.sweeping import job, results, sweep, tables
 
 
 def _run_all(plan):

@@ -1,5 +1,5 @@
 """A sweep folder received from someone else: no link inside it makes symrun write, delete or
-read anything outside it (symrun.folder), whether it is reported on, collected or resumed."""
+read anything outside it (symrun.sweeping.folder), whether it is reported on, collected or resumed."""
 
 import os
 import shutil
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from symrun import folder, job, records, report, results, sweep, tables
+from symrun.sweeping import folder, job, records, results, sweep, tables
+from symrun.analysis import report
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from symrun.config import EnsembleConfig, FactorizationConfig, HadamardConfig, MLPConfig
-from symrun.engine import loss_per_run
+from symrun.training.engine import loss_per_run
 from symrun.models import build
-from symrun.symmetries import (Rotation, SignFlip, Swap, apply_mirror, constraint_norms, gather, kind, mirror_count,
+from symrun.analysis.symmetries import (Rotation, SignFlip, Swap, apply_mirror, constraint_norms, gather, kind, mirror_count,
                                project, reflect, select)
 
 F64 = torch.float64

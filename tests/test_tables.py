@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import write_fake_cifar
-from symrun import job, records, results, sweep
+from symrun.sweeping import job, records, results, sweep
 from symrun.config import CONFIG_DIR
 
 GRID = ["optim.weight_decay=0,0.1,0.5", "seed=0,1", "train.steps=6", "train.log_every=3"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from symrun import theory
+from symrun.analysis import theory
 from symrun.data import Dataset
 
 

@@ -4,7 +4,7 @@ symrun's primary config selects it (`override hydra/sweeper: symrun`), so `symru
 Hydra multirun through it. Like Hydra's basic sweeper it takes the grid from the command line and
 `hydra.sweeper.params` (the command line wins per key); unlike it, it hands the launcher one job
 per *pack* — the runs that share shapes, trained as one batched model — and skips runs already
-finished in the sweep folder. The work is symrun's (symrun.launch, symrun.sweep); this module is
+finished in the sweep folder. The work is symrun's (symrun.sweeping.launch, symrun.sweeping.sweep); this module is
 the plugin Hydra discovers, with its config.
 """
 
@@ -52,8 +52,8 @@ class SymrunSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         # params and suite are read from the master config (self.config.hydra.sweeper): a suite's
         # members compose their own.
-        from symrun import launch
-        from symrun.composition import Composer
+        from symrun.sweeping import launch
+        from symrun.sweeping.composition import Composer
 
         assert self.hydra_context is not None and self.config is not None and self.launcher is not None
         return launch.run_sweep(Composer(self.hydra_context.config_loader, self.config), self.launcher,

@@ -1,0 +1,126 @@
+"""The packed model's interface: one definition serves a pack of R runs (R = 1 included).
+
+Parameters are a dict of tensors whose leading axis is the run axis R; MLPs and ensembles add a
+member axis M (M = 1 for a plain MLP). `forward(params, x)` takes x shared by every run, (B, d),
+or one minibatch per run, (R, B, d), and returns (R, B, out). Each model declares its mirror
+symmetries (symrun.analysis.symmetries) and the matrices whose rank it reports.
+
+Initialisation is drawn per run from the run's own "init" stream on the CPU in float64, so a run
+starts from the same point whatever pack, device or dtype it is trained in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from symrun.seeds import generator
+from symrun.analysis.symmetries import NeuronSet, SignFlip, Swap, Symmetry
+
+Params = dict[str, torch.Tensor]
+
+
+class PackedModel:
+    """Base class: subclasses give `shapes`, `forward` and what they declare about symmetry."""
+
+    permutes_neurons = False   # whether neurons of a layer can be swapped (report independent_fraction)
+    second_order = True        # whether a run's end may take Hessian-vector products (symrun.analysis.critical)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        """Per-run parameter shapes and initial standard deviations."""
+        raise NotImplementedError
+
+    def init_params(self, seeds: list[int], device: torch.device, dtype: torch.dtype) -> Params:
+        stds = {k: std for k, (_, std) in self.shapes().items()}
+        return {k: v.requires_grad_() for k, v in self._draw(seeds, "init", stds, device, dtype).items()}
+
+    def _draw(self, seeds, purpose: str, stds: dict[str, float], device, dtype) -> Params:
+        per_run = []
+        for seed in seeds:
+            g = generator(seed, purpose)
+            per_run.append({k: torch.randn(shape, generator=g, dtype=torch.float64) * stds[k]
+                            for k, (shape, _) in self.shapes().items()})
+        return {k: torch.stack([p[k] for p in per_run]).to(device=device, dtype=dtype) for k in self.shapes()}
+
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def symmetries(self) -> list[Symmetry]:
+        return []
+
+    def candidates(self) -> list[Symmetry]:
+        """Mirrors `symrun check` tries whether or not they are declared: a sign flip and a swap
+        of every neuron set (subclasses add others), so a new model learns what it really has."""
+        return [c(ns) for ns in self.neuron_sets() for c in (SignFlip, Swap)]
+
+    def neuron_sets(self) -> list[NeuronSet]:
+        """Rescaling/permutation groups whose death and identity are measured."""
+        return []
+
+    def permutation_sets(self) -> list[NeuronSet]:
+        """Groups whose identical members `independent_fraction` counts: the neuron sets of a
+        model that permutes its neurons."""
+        return self.neuron_sets() if self.permutes_neurons else []
+
+    def products(self, params: Params) -> dict[str, torch.Tensor]:
+        """Matrices whose ranks are reported: {column suffix: (R, ..., a, b)}."""
+        return {}
+
+    def member_vectors(self, params: Params) -> torch.Tensor | None:
+        return None
+
+    def member_outputs(self, params: Params, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def balance_pair(self, params: Params) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def penultimate(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(last hidden features (R, N, p), classifier weights (R, C, p)) for neural collapse."""
+        return None
+
+    def forward_penultimate(self, params: Params, x: torch.Tensor):
+        """(forward(params, x), penultimate(params, x)), from one pass where the model can."""
+        return self.forward(params, x), self.penultimate(params, x)
+
+    def mirror_blocks(self, sym: Symmetry, params: Params, order: torch.Tensor, x: torch.Tensor,
+                      loss_of) -> torch.Tensor | None:
+        """Oᵀ∇²L(θ₀)O in closed form, for mirror order[r, m] of `sym` (numbered as
+        symmetries.constraint_norms numbers them) of every run r at its projected point θ₀:
+        (R, M, k, k), L = loss_of(forward(θ₀, x)) per run. None where the model has no closed
+        form for `sym`: symrun.analysis.critical then builds the block from Hessian-vector products."""
+        return None
+
+    def constraint_violation(self, params: Params) -> torch.Tensor | None:
+        """‖OᵀΘ‖ per run, (R,), for a model with a user-chosen linear constraint; None otherwise."""
+        return None
+
+    def probe_metrics(self, params: Params, probe: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+        """Metrics a model reads off its own activations on the probe inputs: {column: (R,)}."""
+        return {}
+
+    def run_arrays(self, params: Params, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Arrays saved beside each run at the end, for its own figures: {name: (R, ...)}."""
+        return {}
+
+    def run_state(self, params: Params, r: int) -> dict[str, torch.Tensor]:
+        """Run r's parameters as a plain state dict (CPU tensors)."""
+        return {k: v[r].detach().cpu().clone() for k, v in params.items()}
+
+
+EVAL_CHUNK = 256   # inputs per forward pass of a real network when no gradient is needed
+
+
+def in_chunks(forward: Callable, params: Params, x: torch.Tensor, size: int = EVAL_CHUNK) -> torch.Tensor:
+    """forward(params, x) over chunks of the batch when autograd is off; x is (B, ...) shared by
+    the runs or (R, B, ...) per run, the output (R, B, ...)."""
+    axis = 0 if x.dim() == 2 else 1
+    if torch.is_grad_enabled() or x.shape[axis] <= size:
+        return forward(params, x)
+    return torch.cat([forward(params, chunk) for chunk in x.split(size, dim=axis)], dim=1)
+
+
+def runs_of(params: Params) -> int:
+    return next(iter(params.values())).shape[0]
+

@@ -1,0 +1,42 @@
+"""The Hadamard model f(x) = (u ⊙ w)ᵀx, packed over runs (docs/theory.md §5.1)."""
+
+from __future__ import annotations
+
+import math
+
+from symrun.models.nets.base import PackedModel
+from symrun.config import ConfigError
+from symrun.models.hadamard import HadamardConfig
+from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot
+
+
+class Hadamard(PackedModel):
+    """f(x) = (u ⊙ w)ᵀx; each pair (uᵢ, wᵢ) has a sign mirror, and with weight decay λ the
+    product u ⊙ w solves the lasso with penalty λ‖·‖₁ (shared/science.md §5.1)."""
+
+    def __init__(self, cfg: HadamardConfig, in_dim: int, out_dim: int):
+        if out_dim != 1:
+            raise ConfigError(f"model=hadamard needs a single regression target, the data has {out_dim} outputs")
+        self.d, self.std = in_dim, cfg.init_scale / math.sqrt(in_dim)
+
+    def shapes(self):
+        return {"u": ((self.d,), self.std), "w": ((self.d,), self.std)}
+
+    def forward(self, params, x):
+        s = params["u"] * params["w"]                        # (R, d)
+        if x.dim() == 2:        # a shared input (full batch): one GEMM for every run, not R broadcast ones
+            return (s @ x.T).unsqueeze(-1)                   # (R, B, 1)
+        return x @ s.unsqueeze(-1)                           # per-run minibatches (R, B, d) → (R, B, 1)
+
+    def coefficients(self) -> NeuronSet:
+        return NeuronSet("coef", (Slot("u", 1), Slot("w", 1)))
+
+    def symmetries(self):
+        return [SignFlip(self.coefficients())]
+
+    def neuron_sets(self):
+        return [self.coefficients()]
+
+    def balance_pair(self, params):
+        return params["u"], params["w"]
+

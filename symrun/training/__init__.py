@@ -1,0 +1,3 @@
+"""Training a pack: the packed trainer (engine), per-run optimisers (optim), a pack's saved state
+(checkpoint), what the optimiser trains versus what the network uses (reparam: DCS, symmetry
+removal), and memory (pack sizes, λ_c's passes; budget: estimates checked before any work)."""

@@ -1,0 +1,105 @@
+"""Pack checkpoints: a pack's whole training state, so an interrupted pack continues exactly.
+
+Every `train.checkpoint_every` steps the pack's state is written atomically (temporary file, then
+rename): the step, the stacked parameters and a model's running statistics (BatchNorm), the
+optimizer's buffers and step count, the per-run learning rates (zeroed for runs that diverged),
+each run's minibatch order (its generator and the current epoch's permutation) and the rows
+recorded so far. Label and Langevin noise need nothing: a step's noise is a function of the
+run's seed and the step (engine.NoiseBlocks).
+A pack that is preempted, times out (SLURM requeues it through submitit's checkpoint protocol,
+which Hydra's submitit launcher implements) or is killed, and is then started again, loads it and
+takes the same float path an uninterrupted pack takes: the final numbers are identical, bit for bit.
+
+Saved with torch.save and read with torch.load(weights_only=True): generator states are uint8
+tensors, rows are plain floats, nothing is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from symrun.config import Config
+from symrun.data import BatchOrder
+from symrun.training.optim import PackedOptimizer
+from symrun.sweeping.folder import read_bytes
+from symrun.sweeping.results import run_id, write_atomic, write_json
+
+if TYPE_CHECKING:   # engine imports this module
+    from symrun.training.engine import Recorder
+
+FORMAT = 3          # 3: with each run's parameters at its last row (engine.Recorder.kept); older ones are not resumed
+
+
+@dataclass
+class PackState:
+    """References to the live objects of a pack's training loop (mutated in place on restore)."""
+
+    params: dict[str, torch.Tensor]
+    opt: PackedOptimizer
+    lr: torch.Tensor               # (R,), the optimizer's own: zeroed for runs that diverged
+    order: Optional[BatchOrder]    # None: full batch
+    record: Recorder
+    stats: dict[str, torch.Tensor]  # a model's running statistics (BatchNorm), (R, ...) each
+
+
+def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
+    """Write the pack's state after `step` steps to `path` (a sweep's checkpoints/<hash>.pt,
+    results.checkpoint_path), atomically, and its run ids beside it (<hash>.json), which a rerun
+    of the sweep reads to keep the pack together (sweep.schedule)."""
+    order = None if s.order is None else {"perm": s.order.perm, "step_in_epoch": s.order.step_in_epoch,
+                                          "generators": [g.get_state() for g in s.order.generators]}
+    state = {
+        "format": FORMAT, "step": step, "run_ids": [run_id(c) for c in cfgs],
+        "params": s.params, "stats": s.stats, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
+        "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
+        "alive": s.record.alive, "stopped_at": s.record.stopped_at,
+        "kept": s.record.kept, "kept_stats": s.record.kept_stats,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    root = Path(path).parent.parent          # the sweep folder: no link inside it is followed
+    write_json(Path(path).with_suffix(".json"), {"run_ids": state["run_ids"]}, root)
+    write_atomic(Path(path), buf.getvalue(), root)
+
+
+def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
+    """Load `path` into the live objects and return its step; 0 (nothing changed) when there is no
+    checkpoint or it belongs to other runs (the run ids, hashes of the configs, must match)."""
+    path = Path(path)
+    device = s.lr.device
+    try:
+        raw = read_bytes(path, path.parent.parent)
+    except FileNotFoundError:
+        return 0
+    try:
+        state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 — atomic writes make this rare; say what to do
+        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to train the pack "
+                           "from the start") from e
+    if not isinstance(state, dict):
+        return 0
+    if state.get("format") != FORMAT or state.get("run_ids") != [run_id(c) for c in cfgs]:
+        return 0
+    with torch.no_grad():
+        for k, p in s.params.items():
+            p.copy_(state["params"][k])
+        for k, b in s.stats.items():
+            b.copy_(state["stats"][k])
+        s.lr.copy_(state["lr"])
+    s.opt.t, s.opt.state = state["opt_t"], state["opt_state"]
+    if s.order is not None:
+        s.order.perm, s.order.step_in_epoch = state["order"]["perm"], state["order"]["step_in_epoch"]
+        # generator states are CPU byte tensors whatever the generator's device
+        for g, g_state in zip(s.order.generators, state["order"]["generators"]):
+            g.set_state(g_state.cpu())
+    for o, saved in zip(s.record.outcomes, state["outcomes"]):
+        o.status, o.rows, o.diverged_at = saved["status"], saved["rows"], saved["diverged_at"]
+    s.record.alive.copy_(state["alive"])
+    s.record.stopped_at.copy_(state["stopped_at"])
+    s.record.kept, s.record.kept_stats = state["kept"], state["kept_stats"]
+    return int(state["step"])
