@@ -125,7 +125,7 @@ class TeacherDataConfig(DataConfig):
     noise_std: float = 0.1
     """Std of the fixed Gaussian noise added to the teacher's targets (label noise per step is noise.label_std)."""
     whiten: bool = False
-    """Transform inputs so that XᵀX/n = I exactly (the closed forms of shared/science.md §5 assume it)."""
+    """Transform inputs so that XᵀX/n = I exactly (the closed forms of docs/theory.md §5 assume it)."""
 
 
 @dataclass
@@ -256,7 +256,7 @@ class TasksConfig:
 
 @dataclass
 class MetricsConfig:
-    """Thresholds of the metrics (shared/science.md §4); formulas in symrun.analysis.metrics."""
+    """Thresholds of the metrics (docs/theory.md §4); formulas in symrun.analysis.metrics."""
 
     sparsity_atol: float = 1e-3
     """A group is dead if ‖θ_g‖ ≤ sparsity_atol …"""
@@ -295,14 +295,14 @@ class SymmetryConfig:
     remove: bool = False
     """The network uses θ + b with a fixed random b ~ N(0, remove_std²) per entry, drawn from the
     run's seed, while weight decay acts on θ: almost every mirror is gone (Ziyin et al., ICLR 2025,
-    "Remove symmetries to control model expressivity"; shared/science.md §3)."""
+    "Remove symmetries to control model expressivity"; docs/theory.md §3)."""
     remove_std: float = 0.3
     """Standard deviation of the fixed offsets b."""
 
 
 @dataclass
 class ConstraintConfig:
-    """A constraint Oᵀθ = 0 enforced by DCS (shared/science.md §6): a named parameter θ is trained as
+    """A constraint Oᵀθ = 0 enforced by DCS (docs/theory.md §6): a named parameter θ is trained as
     θ = (I − OOᵀ)w + O(u⊙v) with weight decay on w, u, v, so each cᵢ = (Oᵀθ)ᵢ has a sign mirror
     and is exactly 0 once λ ≥ |∂ℓ/∂cᵢ| at cᵢ = 0. Choose with `constraint=dcs`."""
 

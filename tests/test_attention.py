@@ -1,5 +1,5 @@
 """model=attention: the forward pass against a loop-by-loop reference, its rotation mirrors
-(shared/science.md §2–§3: loss invariance, Oᵀ∇L = 0 on the constraint set), the rank of W_Q W_Kᵀ
+(docs/theory.md §2–§3: loss invariance, Oᵀ∇L = 0 on the constraint set), the rank of W_Q W_Kᵀ
 against numpy, a run alone = the same run in a pack, and a bad `model.tokens` refused.
 
 Expected values are computed independently: numpy loops for the forward pass, numpy's SVD for

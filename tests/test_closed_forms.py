@@ -1,4 +1,4 @@
-"""Science against the closed forms of shared/science.md §5, through the real packed trainer.
+"""Science against the closed forms of docs/theory.md §5, through the real packed trainer.
 
 Every expected value is computed here independently (scikit-learn's lasso, numpy's SVD, the
 data's own moments), never taken from a symrun run. Conventions (§1): half-MSE loss and coupled

@@ -1,5 +1,5 @@
 """Critical weight decay λ_c = −λ_min(Oᵀ∇²L(θ₀)O) (symrun.analysis.critical) against closed forms computed
-independently in numpy (shared/science.md §5, in symrun's λ convention: half-MSE, penalty
+independently in numpy (docs/theory.md §5, in symrun's λ convention: half-MSE, penalty
 (λ/2)‖θ‖²): a Hadamard coordinate, λ_c = |Xᵀr/n|ᵢ; a dead tanh neuron, λ_c = ‖E[x̃(y − f₋ᵢ)ᵀ]‖₂;
 a rotation mirror of UW at 0, λ_c = σ₁(YᵀX/n); and at the fully symmetric point the thresholds
 symrun.analysis.theory draws. Lanczos against the exact block; the end-of-run columns of a training run.

@@ -1,4 +1,4 @@
-"""model=linear with DCS (shared/science.md §6): Θ = (I − OOᵀ)w + O(u⊙v) under weight decay makes
+"""model=linear with DCS (docs/theory.md §6): Θ = (I − OOᵀ)w + O(u⊙v) under weight decay makes
 c = OᵀΘ exactly 0 once λ exceeds |∂ℓ/∂c| at c = 0, and not below; the plain linear model never
 satisfies the constraint. Also: the declared (u, v) sign mirrors leave the loss unchanged, a run
 alone = the same run in a pack, and bad constraint settings are refused.

@@ -1,5 +1,5 @@
 """The packed engine: a run's numbers do not depend on its pack, runs are isolated, and the packed
-optimiser and noise follow the conventions of shared/science.md §1.
+optimiser and noise follow the conventions of docs/theory.md §1.
 
 Reference values come from training the same config alone, from torch.optim on a hand-written
 forward pass, or from the noise formulas themselves, never from stored symrun output.

@@ -12,6 +12,7 @@ import yaml
 
 from conftest import sweep_dirs
 from symrun.sweeping import results
+from symrun.sweeping.job import values_of
 
 TINY = ["train.steps=4", "train.log_every=2", "metrics.critical_mirrors=0"]
 
@@ -60,8 +61,8 @@ def test_a_users_folder_adds_a_preset_and_a_data_config_swept_end_to_end(tmp_pat
     (job,) = (d / "launches" / "0" / "packs").iterdir()
     saved = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
     assert saved["data"]["n"] == 30 and saved["name"] == "mine" and saved["pack"]["index"] == 0
-    pack = saved["pack"]["runs"]
-    assert sorted(zip(pack["seed"], pack["optim"]["weight_decay"])) == sorted(zip(runs["seed"], runs["optim.weight_decay"]))
+    pack = saved["pack"]["runs"]          # each per-run setting that varies: its values, one per run
+    assert sorted(zip(values_of(pack["seed"]), values_of(pack["optim"]["weight_decay"]))) == sorted(zip(runs["seed"], runs["optim.weight_decay"]))
     assert "experiment=mine" in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
     assert "#0 : experiment=mine +pack.index=0 +pack.runs." in out      # Hydra's log of the job
     listing = symrun(tmp_path, "list", *where).stdout

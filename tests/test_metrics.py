@@ -1,5 +1,5 @@
 """Every metric of symrun.analysis.metrics against a value computed by hand from its formula
-(shared/science.md §4), then `measure` on small models whose parameters are set by hand."""
+(docs/theory.md §4), then `measure` on small models whose parameters are set by hand."""
 
 from __future__ import annotations
 

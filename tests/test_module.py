@@ -291,7 +291,13 @@ def test_a_saved_config_without_its_target_is_damaged(tmp_path):
     run.mkdir(parents=True)
     good = {"model": {"name": "module", "_target_": "pkg.Net", "mirrors": [], "width": 4}, "data": {"name": "digits"}}
     (run / "config.yaml").write_text(yaml.safe_dump(good))
-    assert records._read_config(tmp_path, run / "config.yaml")[1] is None
+    from symrun.sweeping import folder
+
+    def read_config():
+        with folder.opened(run, tmp_path, create=False) as opened:
+            return records._read_config(opened)
+
+    assert read_config()[1] is None
     (run / "config.yaml").write_text(yaml.safe_dump({**good, "model": {"name": "module", "width": 4}}))
-    flat, problem = records._read_config(tmp_path, run / "config.yaml")
+    flat, problem = read_config()
     assert flat is None and "it lacks model._target_, which has no default" in problem

@@ -3,7 +3,7 @@ written in the on-disk format) and model=transformer on data=text.
 
 Expected values come from independent computations: torchvision's own module loading the saved
 state, hand-built dead and duplicate channels, a run trained alone for the pack, the mirror
-algebra of shared/science.md §2 (loss invariance, Oᵀ∇L = 0 on the constraint set).
+algebra of docs/theory.md §2 (loss invariance, Oᵀ∇L = 0 on the constraint set).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def test_transformer_learns_a_repeated_pattern_and_a_run_does_not_depend_on_its_
 def test_rank_of_query_key_falls_as_weight_decay_rises(tmp_path):
     """AdamW (decoupled decay) on the grammar text: W_Q W_Kᵀ is full rank without decay, loses
     directions under moderate decay and collapses onto its symmetric point W_Q W_Kᵀ = 0 (rank 0:
-    every σ ≤ metrics.rank_atol) under strong decay (shared/science.md §3, rotation symmetry)."""
+    every σ ≤ metrics.rank_atol) under strong decay (docs/theory.md §3, rotation symmetry)."""
     path = tmp_path / "grammar.txt"
     path.write_text(corpora.grammar_text(3000, 0))
 

@@ -8,7 +8,6 @@ engine's speed-up gone), so it is not promised; this tolerance is, for packs of 
 against the same runs in a pack of 4, in float32 and float64. (A resumed or requeued pack is
 trained again as it was, so those are bit for bit: tests/test_resume.py.)"""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +28,9 @@ WORKLOADS = {   # the critical weight decay (the costly Hessian at a run's end) 
 }
 
 
-def _configs(args):
-    return list(sweep.plan(args, sweep_dir=Path("unused")).configs.values())     # plan writes nothing
+def _configs(args, where):
+    """The grid's run configs as `symrun sweep` plans them (nothing is written)."""
+    return list(sweep.plan(args, sweep_dir=where / "sweep").configs.values())
 
 
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE))

@@ -242,8 +242,10 @@ def test_a_disk_that_fills_mid_sweep_leaves_a_resumable_folder(tmp_path, small_d
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_sweep_with_exit_130_a_line_on_resuming_and_its_runs_interrupted(tmp_path):
-    d = tmp_path / "sweep"
-    child = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *GRID, f"hydra.sweep.dir={d}"], cwd=tmp_path,
+    # Packs of 8,000 steps (a few seconds each): the signal lands while the first one trains, not
+    # after the last one (a 2,000-step pack now ends faster than a loaded machine runs this loop).
+    grid, d = [*GRID[:-2], "train.steps=8000", "train.log_every=2000"], tmp_path / "sweep"
+    child = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *grid, f"hydra.sweep.dir={d}"], cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
     deadline = time.monotonic() + 120
     while "running" not in _statuses(d).values():
@@ -256,7 +258,7 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_a_line_on_resuming_and_its_runs_inte
     assert f"hydra.sweep.dir={d}" in stderr and "Traceback" not in stderr
     status = _symrun(tmp_path, "status", str(d)).stdout
     assert "0 running" in status and "interrupted" in status.split("runs:")[1].split(",")[2]
-    _symrun(tmp_path, "sweep", *GRID, f"hydra.sweep.dir={d}")
+    _symrun(tmp_path, "sweep", *grid, f"hydra.sweep.dir={d}")
     assert set(_statuses(d).values()) == {"finished"}
 
 

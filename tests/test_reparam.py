@@ -1,4 +1,4 @@
-"""constraint=dcs on any model (symrun.training.reparam, shared/science.md §6) and symmetry.remove.
+"""constraint=dcs on any model (symrun.training.reparam, docs/theory.md §6) and symmetry.remove.
 
 After training with weight decay above the threshold, Oᵀθ = 0 holds to 1e-6 in the saved
 parameters while the same run without DCS violates it; the sparse kind equals scikit-learn's

@@ -58,7 +58,7 @@ def test_runs_differing_outside_the_swept_keys_are_not_pooled(tmp_path):
 
 
 def test_theory_agreement_counts_grid_points_on_the_closed_form(tmp_path):
-    # λ away from every coefficient's threshold; 2000 steps at lr 0.3 converge there (science.md §5.1)
+    # λ away from every coefficient's threshold; 2000 steps at lr 0.3 converge there (docs/theory.md §5.1)
     grid = ["optim.weight_decay=0.05,0.3,2.0", "optim.lr=0.3"]
     converged = _sweep(tmp_path / "a", *grid, "train.steps=2000", "train.log_every=2000")
     report.build(converged)
@@ -104,7 +104,7 @@ def test_gallery_section_of_a_suite_has_one_subsection_per_member(tmp_path, monk
 
 
 def test_removal_contrast_says_what_the_offsets_changed(tmp_path):
-    # above the lasso's λ_max (science.md §5.1) the plain Hadamard model is all zeros; with offsets nothing is
+    # above the lasso's λ_max (docs/theory.md §5.1) the plain Hadamard model is all zeros; with offsets nothing is
     d = _sweep(tmp_path, "optim.weight_decay=0.3,2.0", "symmetry.remove=false,true", "optim.lr=0.3",
                "train.steps=2000", "train.log_every=2000")
     report.build(d)

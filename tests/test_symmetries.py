@@ -1,4 +1,4 @@
-"""Every (model, declared mirror) pair (shared/science.md §2–§3): the loss is unchanged under the
+"""Every (model, declared mirror) pair (docs/theory.md §2–§3): the loss is unchanged under the
 mirror R = I − 2OOᵀ, `apply_mirror` allocates, and on the constraint set Oᵀθ = 0 the gradient of the
 loss — with or without weight decay (λ/2)‖θ‖² — has Oᵀ∇L = 0 (Theorem 1.1), and `constraint_norms`
 reads ~0 there."""

@@ -2,7 +2,7 @@
 
 At random parameters, on a real batch of the configured data, in float64, for the trained
 objective L(ρ) = loss + (λ/2)‖ρ‖² (ρ: what the optimiser trains, symrun.training.reparam), each mirror
-R = I − 2OOᵀ of each symmetry is tested for the three parts of Theorem 1 (shared/science.md §2):
+R = I − 2OOᵀ of each symmetry is tested for the three parts of Theorem 1 (docs/theory.md §2):
 
 1. invariance: |L(ρ) − L(Rρ)| ≤ tol · max(1, |L(ρ)|);
 2. on the constraint set, at ρ₀ = (I − OOᵀ)ρ: ‖Oᵀ∇L(ρ₀)‖ ≤ tol · ‖∇L(ρ₀)‖;

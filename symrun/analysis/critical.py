@@ -1,4 +1,4 @@
-"""Critical weight decay of declared mirrors (shared/science.md §2, derived).
+"""Critical weight decay of declared mirrors (docs/theory.md §2, derived).
 
 At θ₀ = (I − OOᵀ)θ, the nearest point of a mirror's constraint set, the gradient has no
 O-component (Theorem 1.1) and the Hessian is block-diagonal, so with weight decay λ the set is

@@ -1,6 +1,6 @@
 """Structure metrics as small pure functions (tensors in, tensors out), batched over leading axes.
 
-Definitions follow shared/science.md §4; each docstring gives the formula and its source.
+Definitions follow docs/theory.md §4; each docstring gives the formula and its source.
 `measure` at the bottom assembles them for one model (the engine calls it at log steps).
 """
 
@@ -100,7 +100,7 @@ def dead_units(h: torch.Tensor, atol: float) -> torch.Tensor:
 
 def balance(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """‖u‖² − ‖w‖² summed over a run's rescaling pairs (conserved by gradient flow; multiplied by
-    (1 − lr·λ)² per GD step with weight decay λ, shared/science.md §5.5). (R, ...) → (R,)."""
+    (1 − lr·λ)² per GD step with weight decay λ, docs/theory.md §5.5). (R, ...) → (R,)."""
     return u.pow(2).flatten(1).sum(-1) - w.pow(2).flatten(1).sum(-1)
 
 
@@ -176,7 +176,7 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
 def constraint_summary(symmetries, params, atol: float) -> dict[str, torch.Tensor]:
     """From the declared mirrors alone: constraint_distance = mean ‖Oᵀθ‖ over them;
     constraint_fraction = fraction with ‖Oᵀθ‖ ≤ atol, overall and per kind
-    (constraint_fraction.rescaling / .rotation / .permutation; shared/science.md §4). Each (R,)."""
+    (constraint_fraction.rescaling / .rotation / .permutation; docs/theory.md §4). Each (R,)."""
     per_kind: dict[str, list[torch.Tensor]] = {}
     for sym in symmetries:
         per_kind.setdefault(kind(sym), []).append(constraint_norms(sym, params))   # (R, n_mirrors)

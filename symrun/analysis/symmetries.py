@@ -1,6 +1,6 @@
 """Mirror symmetries as data, plus small pure functions that apply them and measure ‖Oᵀθ‖.
 
-A mirror (shared/science.md §2) is R = I − 2OOᵀ with L(θ) = L(Rθ); its constraint set is
+A mirror (docs/theory.md §2) is R = I − 2OOᵀ with L(θ) = L(Rθ); its constraint set is
 Oᵀθ = 0. Models declare theirs as the specs below, naming parameter blocks by their key in the
 parameter dict. Every tensor carries leading batch axes (the run axis R, and for ensembles the
 member axis M); a spec's `lead` says how many.
@@ -123,7 +123,7 @@ KINDS = {SignFlip: "rescaling", Swap: "permutation", Rotation: "rotation"}
 
 
 def kind(sym: Symmetry) -> str:
-    """The symmetry family of shared/science.md §3: rescaling | permutation | rotation."""
+    """The symmetry family of docs/theory.md §3: rescaling | permutation | rotation."""
     return KINDS[type(sym)]
 
 

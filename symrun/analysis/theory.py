@@ -1,4 +1,4 @@
-"""Closed forms of shared/science.md §5, used as tests and as theory lines on phase diagrams."""
+"""Closed forms of docs/theory.md §5, used as tests and as theory lines on phase diagrams."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def _teacher(cfg: TeacherDataConfig) -> Dataset:
     y = target + cfg.noise_std * rng.standard_normal((n_all, o))
     x_tr, y_tr, x_te, y_te = x[: cfg.n], y[: cfg.n], x[cfg.n:], y[cfg.n:]
     if cfg.whiten:
-        # Exact whitening: XᵀX/n = I on the training set (shared/science.md §5.2 assumes it).
+        # Exact whitening: XᵀX/n = I on the training set (docs/theory.md §5.2 assumes it).
         cov = x_tr.T @ x_tr / cfg.n
         evals, evecs = np.linalg.eigh(cov)
         inv_sqrt = evecs @ np.diag(evals ** -0.5) @ evecs.T

@@ -14,7 +14,7 @@ CONSTRAINTS = ("none", "sum_to_zero", "prefix")
 @dataclass
 class LinearConfig(ModelConfig):
     """f(x) = Θᵀx (d → o), optionally with a linear constraint OᵀΘ = 0 enforced by DCS
-    (shared/science.md §6): Θ = (I − OOᵀ)w + O(u⊙v), whose (uᵢ, vᵢ) sign mirrors make c = OᵀΘ
+    (docs/theory.md §6): Θ = (I − OOᵀ)w + O(u⊙v), whose (uᵢ, vᵢ) sign mirrors make c = OᵀΘ
     exactly 0 once the weight decay λ ≥ |∂ℓ/∂c| at c = 0."""
 
     name: str = "linear"

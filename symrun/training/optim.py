@@ -2,7 +2,7 @@
 
 `torch.optim` holds one lr / weight decay per parameter group, and a stacked (R, ...) tensor is a
 single parameter, so symrun updates the stacked tensors itself with per-run tensors of shape (R,).
-Conventions (shared/science.md §1): coupled L2 for sgd and adam (gradient + λθ, as torch.optim.SGD
+Conventions (docs/theory.md §1): coupled L2 for sgd and adam (gradient + λθ, as torch.optim.SGD
 / Adam with weight_decay); decoupled for adamw (θ ← θ − lr·λ·θ, as torch.optim.AdamW).
 """
 

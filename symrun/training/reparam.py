@@ -6,8 +6,8 @@ parameter dict:
 - **symmetry removal** (`symmetry.remove`): θ = ρ + b with b ~ N(0, remove_std²) fixed per run
   (Ziyin et al., ICLR 2025). The zero point of a rescaling pair, the equal point of two neurons
   and a rank-deficient product are no longer mirror-symmetric points of ρ's objective, so the
-  model's mirrors are gone (shared/science.md §3).
-- **DCS** (`constraint=dcs`, shared/science.md §6, the paper's Eq. 8): a named parameter p is
+  model's mirrors are gone (docs/theory.md §3).
+- **DCS** (`constraint=dcs`, docs/theory.md §6, the paper's Eq. 8): a named parameter p is
   trained as θ_p = (I − OOᵀ)w + O(u⊙v). Each pair (uᵢ, vᵢ) is a sign mirror of ρ's objective with
   constraint set cᵢ = (Oᵀθ_p)ᵢ = 0; by the L1 equivalence the penalty on c is λ‖c‖₁, so cᵢ is
   exactly 0 once λ ≥ |∂ℓ/∂cᵢ| at cᵢ = 0. O = I is spred (θ = u⊙v, Ziyin & Wang 2023: an exact

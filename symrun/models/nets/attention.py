@@ -23,7 +23,7 @@ class Attention(PackedModel):
 
     Scores depend on W_Q, W_K only through W_Q W_Kᵀ, so (W_Q, W_K) → (W_Q R, W_K R) for orthogonal R
     of the k-space is a symmetry; its mirrors drive the rank of W_Q W_Kᵀ down under weight decay
-    (shared/science.md §3). (W_V, W_O) → (W_V R, Rᵀ W_O) is one too.
+    (docs/theory.md §3). (W_V, W_O) → (W_V R, Rᵀ W_O) is one too.
     """
 
     def __init__(self, cfg: AttentionConfig, in_dim: int, out_dim: int):

@@ -14,7 +14,7 @@ from symrun.analysis.symmetries import Rotation
 
 class Factorization(PackedModel):
     """f(x) = U W x, or U(Wx + x) with `residual` (the symmetry-breaking control of the paper's
-    Fig. 1); rotation mirrors in the inner space → low rank (shared/science.md §5.2)."""
+    Fig. 1); rotation mirrors in the inner space → low rank (docs/theory.md §5.2)."""
 
     def __init__(self, cfg: FactorizationConfig, in_dim: int, out_dim: int):
         if cfg.residual and cfg.hidden != in_dim:

@@ -12,7 +12,7 @@ from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot
 
 class Hadamard(PackedModel):
     """f(x) = (u ⊙ w)ᵀx; each pair (uᵢ, wᵢ) has a sign mirror, and with weight decay λ the
-    product u ⊙ w solves the lasso with penalty λ‖·‖₁ (shared/science.md §5.1)."""
+    product u ⊙ w solves the lasso with penalty λ‖·‖₁ (docs/theory.md §5.1)."""
 
     def __init__(self, cfg: HadamardConfig, in_dim: int, out_dim: int):
         if out_dim != 1:

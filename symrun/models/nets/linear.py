@@ -15,7 +15,7 @@ from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot
 
 class Linear(PackedModel):
     """f(x) = Θᵀx with Θ (R, d, o), and an optional linear constraint OᵀΘ = 0 (O: d × k,
-    orthonormal columns). With `dcs` the constraint is enforced by DCS (shared/science.md §6):
+    orthonormal columns). With `dcs` the constraint is enforced by DCS (docs/theory.md §6):
     Θ = (I − OOᵀ)w + O(u⊙v), w (R, d, o), u, v (R, k, o), weight decay on all three. Each pair
     (u_i, v_i) has a sign mirror whose constraint set is c_i = (OᵀΘ)_i = 0; by the L1 equivalence
     the penalty on c is λ‖c‖₁, so c is exactly 0 once λ ≥ |∂ℓ/∂c| at c = 0. Without `dcs`,

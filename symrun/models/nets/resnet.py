@@ -144,7 +144,7 @@ class ResNet18(PackedModel):
 
     def probe_metrics(self, params, probe, cfg):
         """Per block b: dead_fraction.b — channels whose output RMS over the probe set is
-        ≤ sparsity_atol or ≤ sparsity_rtol · the layer's largest (science.md §4's group
+        ≤ sparsity_atol or ≤ sparsity_rtol · the layer's largest (docs/theory.md §4's group
         criterion applied to the activation side, Σₓ|h_j(x)| = 0 included); and
         independent_fraction.b — groups of identical channels (parameter vectors within
         homogeneity_threshold, transitive, dead excluded) / channels. Unsuffixed: over all

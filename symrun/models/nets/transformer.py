@@ -25,7 +25,7 @@ class Transformer(PackedModel):
 
     The scores see W_Q, W_K only through W_Q W_Kᵀ, so (W_Q, W_K) → (W_Q R, W_K R) is a symmetry
     for orthogonal R, and so is (W_V, W_O) → (W_V R, Rᵀ W_O): the rotation mirrors of every
-    head (shared/science.md §3), which drive the rank of W_Q W_Kᵀ down under weight decay.
+    head (docs/theory.md §3), which drive the rank of W_Q W_Kᵀ down under weight decay.
     """
 
     def __init__(self, cfg: TransformerConfig, in_dim: int, out_dim: int):
