@@ -242,10 +242,13 @@ def test_a_disk_that_fills_mid_sweep_leaves_a_resumable_folder(tmp_path, small_d
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_sweep_with_exit_130_a_line_on_resuming_and_its_runs_interrupted(tmp_path):
-    # Packs of 8,000 steps (a few seconds each): the signal lands while the first one trains, not
-    # after the last one (a 2,000-step pack now ends faster than a loaded machine runs this loop).
+    # Packs of 8,000 steps (a few seconds each): the signal lands while the first one trains. The
+    # child gets Ctrl-C's default disposition, as from a terminal: a test before this one may have
+    # left SIGINT ignored in this process, and an ignored SIGINT is inherited (Python then never
+    # raises KeyboardInterrupt).
     grid, d = [*GRID[:-2], "train.steps=8000", "train.log_every=2000"], tmp_path / "sweep"
     child = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", *grid, f"hydra.sweep.dir={d}"], cwd=tmp_path,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
     deadline = time.monotonic() + 120
     while "running" not in _statuses(d).values():
