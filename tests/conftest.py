@@ -88,3 +88,16 @@ def assert_same_tables(a: Path, b: Path, rtol: float = 0.0) -> None:
         pd.testing.assert_frame_equal(ta[keep].sort_values(key).reset_index(drop=True),
                                       tb[keep].sort_values(key).reset_index(drop=True),
                                       check_exact=rtol == 0, rtol=rtol or 1e-5, atol=0)
+
+
+def trained_sweep(grid: list[str], folder: Path) -> Path:
+    """A sweep of `grid` planned, trained and reported in `folder` as `symrun sweep` would (in
+    this process, without a launcher): the finished folder that damage and hostile tests start from."""
+    from symrun.analysis import report
+    from symrun.sweeping import job, sweep
+
+    plan = sweep.plan(grid, folder)
+    sweep.write_plan(plan)
+    job.run_plan(plan)
+    report.build(plan.sweep_dir)
+    return plan.sweep_dir

@@ -8,20 +8,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import trained_sweep
 from symrun import cli as cli_mod
-from symrun.sweeping import job, records, results, sweep
-from symrun.analysis import report
+from symrun.sweeping import records, results
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    plan = sweep.plan(GRID, tmp_path_factory.mktemp("finished"))
-    sweep.write_plan(plan)
-    job.run_plan(plan)
-    report.build(plan.sweep_dir)
-    return plan.sweep_dir
+    return trained_sweep(GRID, tmp_path_factory.mktemp("finished"))
 
 
 def _truncate_at_line(path: Path) -> None:

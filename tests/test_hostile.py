@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import trained_sweep
 from symrun import cli as cli_mod
 from symrun.training import engine
-from symrun.sweeping import job, sweep
-from symrun.analysis import report
+from symrun.sweeping import sweep
 
 GRID = ["optim.weight_decay=0,0.5", "train.steps=6", "train.log_every=3"]
 
@@ -171,11 +171,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def received(tmp_path_factory) -> Path:
-    plan = sweep.plan(GRID, tmp_path_factory.mktemp("received"))
-    sweep.write_plan(plan)
-    job.run_plan(plan)
-    report.build(plan.sweep_dir)
-    return plan.sweep_dir
+    return trained_sweep(GRID, tmp_path_factory.mktemp("received"))
 
 
 def _tree(root: Path) -> dict:
