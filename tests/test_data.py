@@ -108,3 +108,16 @@ def test_degenerate_files_are_refused(tmp_path):
     np.savez(tmp_path / "two.npz", x=np.ones((4, 2)), y=np.ones((4, 2), dtype=int))
     with pytest.raises(DataError, match="one label per row"):
         load(FileDataConfig(path=str(tmp_path / "two.npz"), task="classification"))
+
+
+def test_digits_read_without_scikit_learn_are_load_digits():
+    from sklearn.datasets import load_digits
+
+    from symrun.data import datasets
+
+    x, y = datasets.digits()
+    bunch = load_digits()
+    assert np.array_equal(x, bunch.data) and x.dtype == bunch.data.dtype
+    assert np.array_equal(y, bunch.target)
+    with pytest.raises(ValueError):         # shared by every load in the process: read-only
+        x[0, 0] = 1.0

@@ -113,3 +113,23 @@ def test_config_yaml_from_its_shape_is_the_yaml_dump(preset, tmp_path):
                 assert results.config_yaml(tree) == yaml.dump(tree, Dumper=results.YAML_DUMPER, sort_keys=False)
             tree["optim"]["schedule"] = "two words"             # not a short word: dumped whole
             assert "schedule: two words" in results.config_yaml(tree)
+
+
+@pytest.mark.parametrize("preset", ["rescaling_sparsity", "dcs"])
+def test_config_yaml_dumps_a_shape_once_not_each_run(preset, tmp_path, monkeypatch):
+    """Every per-run slot (13 of them: slot 1 must not read as the start of slot 10) is filled
+    from the shape's template: after a shape's first run, no run's whole config goes through
+    yaml.dump."""
+    from symrun.config import to_dict
+
+    whole = []
+    dump = yaml.dump
+    monkeypatch.setattr(yaml, "dump", lambda data, *a, **k: (whole.append(data) if isinstance(data, dict) else None,
+                                                           dump(data, *a, **k))[1])
+    configs = [cfg for p in sweep.plans([f"experiment={preset}"], tmp_path) for cfg in p.configs.values()]
+    trees = [to_dict(cfg) for cfg in configs]
+    for tree in trees:
+        results.config_yaml(tree)
+    shapes = {repr(results._with_slots(t)[0]) for t in trees}
+    assert results._with_slots(trees[0])[1] is not None and len(results._with_slots(trees[0])[1]) > 10
+    assert len(whole) <= len(shapes) < len(trees)

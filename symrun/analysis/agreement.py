@@ -40,13 +40,22 @@ def _closed_form_setup(sweep_dir: Path, runs: pd.DataFrame):
     if spec is None or spec.theory is None:     # the models with a closed form
         return None
     try:
-        cfg = to_config(results.load_config_dict(sweep_dir, runs["run_id"].iloc[0]))
-        if cfg.symmetry.remove or cfg.constraint.name != "none":   # other objectives
-            return None
-        ds = data_mod.load(cfg.data)
+        tree = results.load_config_dict(sweep_dir, runs["run_id"].iloc[0])
+        key = repr(tree)
+        if key not in _SETUPS:          # one report asks once per figure: the data is built once
+            cfg = to_config(tree)
+            if cfg.symmetry.remove or cfg.constraint.name != "none":   # other objectives
+                _SETUPS[key] = None
+            else:
+                ds = data_mod.load(cfg.data)
+                _SETUPS[key] = (cfg, ds) if ds.task == "regression" else None
     except (ConfigError, data_mod.DataError, OSError):
         return None
-    return (cfg, ds) if ds.task == "regression" else None
+    return _SETUPS[key]
+
+
+# config (its repr) → _closed_form_setup's answer; the data a config names is the same data
+_SETUPS: dict[str, Optional[tuple]] = {}
 
 
 def theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, grid=None):

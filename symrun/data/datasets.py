@@ -8,6 +8,9 @@ already on disk, and `data=text` a local text file (or a text generated from a s
 
 from __future__ import annotations
 
+import functools
+import gzip
+import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -26,17 +29,35 @@ def load(cfg: DataConfig) -> Dataset:
     if isinstance(cfg, TeacherDataConfig):
         return _teacher(cfg)
     if isinstance(cfg, DigitsDataConfig):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x, y = digits.data / 16.0, digits.target.astype(np.int64)
-        return _finish(x, y, None, None, "classification", cfg.test_fraction, cfg.seed)
+        x, y = digits()
+        return _finish(x / 16.0, y.astype(np.int64), None, None, "classification", cfg.test_fraction, cfg.seed)
     if isinstance(cfg, FileDataConfig):
         x, y, x_test, y_test = _read_file(Path(cfg.path).expanduser(), cfg.target)
         return _finish(x, y, x_test, y_test, cfg.task, cfg.test_fraction, cfg.seed)
     if isinstance(cfg, (Cifar10DataConfig, TextDataConfig)):
         return corpora.cifar10(cfg) if isinstance(cfg, Cifar10DataConfig) else corpora.text(cfg)
     raise DataError(f"unknown data option '{cfg.name}'")
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as load_digits gives them, (pixels 0–16 (1797, 64), labels
+    (1797,)), read once per process and read-only. The CSV is read where scikit-learn keeps it,
+    without importing scikit-learn's dataset loaders (~1 s of a sweep's start-up); an install
+    without that file goes through load_digits."""
+    spec = importlib.util.find_spec("sklearn")
+    where = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if where is not None and where.is_file():
+        with gzip.open(where, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")
+        x, y = table[:, :-1], table[:, -1].astype(int)
+    else:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x, y = bunch.data, bunch.target
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def for_task(ds: Dataset, change: str, data_seed: int, task: int) -> Dataset:

@@ -77,11 +77,8 @@ def _opened(root: Path, folders: tuple[str, ...], create: bool) -> Iterator[int]
         raise FileNotFoundError(errno.ENOENT, "no such folder", str(root)) from None
     try:
         for i, name in enumerate(folders):
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, dir_fd=fd)
             try:
-                inner = os.open(name, _DIR, dir_fd=fd)
+                inner = _open_folder(name, fd, create)
             except OSError as e:
                 where = Path(root, *folders[: i + 1])
                 if isinstance(e, FileNotFoundError):
@@ -94,6 +91,19 @@ def _opened(root: Path, folders: tuple[str, ...], create: bool) -> Iterator[int]
         yield fd
     finally:
         os.close(fd)
+
+
+def _open_folder(name: str, fd: int, create: bool) -> int:
+    """The folder `name` in the open folder `fd`, opened with O_NOFOLLOW; made first when it is
+    missing and `create` (tried open-first: a sweep's folders mostly exist already)."""
+    try:
+        return os.open(name, _DIR, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, dir_fd=fd)
+    return os.open(name, _DIR, dir_fd=fd)
 
 
 _deferred = False     # inside `one_sync`: the fsyncs are one syncfs at its end

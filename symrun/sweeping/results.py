@@ -294,7 +294,7 @@ def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
 
 _TEMPLATES: dict[str, Optional[str]] = {}
 _SCALARS: dict[tuple, str] = {}
-_SLOT = "symrun_per_run_value_{}"
+_SLOT = "symrun_per_run_value_{}_"      # the closing _ keeps slot 1 from being a prefix of slot 10
 
 
 def config_yaml(tree: dict) -> str:
