@@ -131,6 +131,13 @@ def test_learning_curves_are_the_seed_means_of_results_csv(tmp_path, drawn):
     assert "curves_sparsity" in drawn
 
 
+def test_no_learning_curve_from_only_the_first_and_last_step(tmp_path, drawn):
+    d = _sweep(tmp_path, "optim.weight_decay=0,0.5", "train.log_every=20")    # logged at steps 0 and 20 only
+    report.build(d)
+    assert "phase_sparsity_vs_optim.weight_decay" in drawn
+    assert not [name for name in drawn if name.startswith("curves_")]
+
+
 def test_heatmap_draws_the_closed_form_boundary(tmp_path, drawn):
     d = _sweep(tmp_path, "optim.weight_decay=0.01,0.1,1.0,2.0,3.0", "noise.label_std=0,0.1,0.2,0.3,0.4")
     report.build(d)

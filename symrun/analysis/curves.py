@@ -23,6 +23,8 @@ from symrun.sweeping import results
 
 CONVERGENCE_TAIL = 0.1
 CONVERGENCE_TOL = 0.05
+CURVES_STEPS_MIN = 3        # logged steps a curve needs: with only the first and the last, it is a line between the
+                            # numbers the phase diagrams already show (train.log_every = train.steps)
 CURVES_MAX = 12            # more grid points than this in one panel: coloured by the x value, with a colour bar
 PANELS_MAX = 4
 
@@ -83,7 +85,7 @@ def learning_curves(sweep_dir: Path, table: pd.DataFrame, runs: pd.DataFrame, ax
     switches are drawn as vertical lines."""
     keep = runs.loc[runs["status"] == results.FINISHED, ["run_id", *axes]]
     rows = table[["run_id", "step", metric]].dropna().merge(keep, on="run_id")
-    if rows.empty:
+    if rows.empty or rows["step"].nunique() < CURVES_STEPS_MIN:
         return []
     facet = axes[0] if len(axes) == 2 else None
     line = axes[-1] if axes else None
