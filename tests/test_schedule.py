@@ -61,3 +61,19 @@ def test_the_engine_steps_each_run_at_its_own_schedule(monkeypatch):
 def test_bad_schedules_are_refused(override, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
         sweep.plan(["model=hadamard", override], Path("unused"))
+
+
+def test_a_sweep_over_schedules_trains_each_run_at_its_own(cli, tmp_path):
+    """Schedules are per-run settings: runs with different ones share a pack, and the pack job
+    reads each run's back (a word among numbers) from the command line."""
+    from conftest import sweep_dirs
+    from symrun.sweeping import results
+
+    cli("sweep", "--outputs", "out", "model=hadamard", "train.steps=20", "train.log_every=10",
+        "optim.schedule=constant,cosine", "optim.lr_min=0.01", "optim.weight_decay=0,0.1")
+    (folder,) = sweep_dirs(tmp_path / "out")
+    runs = results.read_csv(folder / "runs.csv")
+    assert len(runs) == 4 and (runs["status"] == "finished").all() and runs["pack"].nunique() == 1
+    assert sorted(runs["optim.schedule"]) == ["constant", "constant", "cosine", "cosine"]
+    final = runs.set_index(["optim.schedule", "optim.weight_decay"])["train_loss"]
+    assert final[("constant", 0.1)] != final[("cosine", 0.1)]      # the two schedules trained differently

@@ -64,6 +64,21 @@ def test_runs_read_together_are_the_runs_read_one_by_one(trained, tmp_path):
     assert sum(r.status == results.DAMAGED for r in together) >= 4      # cut, garbage, cut mid-line, missing
 
 
+def test_a_field_too_many_in_the_first_file_of_a_header_damages_that_run_only(trained, tmp_path):
+    """pandas takes a first data row with one field more than the header for an index column:
+    read together, every run's rows would shift and be split by step instead of by run."""
+    damaged = tmp_path / "extra"
+    shutil.copytree(trained, damaged)
+    ids = results.run_ids(damaged)
+    first = next(r for r in ids if records.read_run(damaged, r).status == results.FINISHED)
+    path = results.run_dir(damaged, first) / "metrics.csv"
+    head, *rows = path.read_text().splitlines()
+    path.write_text("\n".join([head, *(row + ",9" for row in rows)]) + "\n")
+    together = records.read_runs(damaged, ids)
+    assert [_as_text(r) for r in together] == [_as_text(records.read_run(damaged, r, metrics=True)) for r in ids]
+    assert [r.run_id for r in together if r.status == results.DAMAGED] == [first]
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
 def test_a_config_written_here_reads_back_as_its_file_parses(preset, tmp_path):
     extra = [f"data.root={write_fake_cifar(tmp_path / 'cifar')}", "data.batch_size=4"] if preset == "resnet_cifar" else []

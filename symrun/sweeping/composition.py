@@ -208,7 +208,7 @@ def per_run_value(key: str, value: Any) -> Any:
     """`value` converted to the type of per-run setting `key` exactly as OmegaConf converts an
     override (0 → 0.0 for a float, '1e-3' → 0.001), or the error OmegaConf gives. Cached: a
     grid has few distinct values per key."""
-    cache_key = (key, type(value), value)
+    cache_key = (key, type(value), repr(value) if isinstance(value, float) else value)    # -0.0 is not 0.0
     if cache_key not in _CONVERTED:
         try:
             OmegaConf.update(_probe(), key, value, merge=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import time
 import traceback
@@ -76,11 +77,15 @@ def _columns(tree: dict, prefix: str = "") -> dict[str, list]:
 
 
 def values_of(text: Any) -> list:
-    """The values of one per-run setting in a pack job's config: `'0,1'` → [0, 1], `'0.1,nan'`
-    → [0.1, nan] (floats as repr, exact). A list (a job config written by hand) is taken as is."""
+    """The values of one per-run setting in a pack job's config: a JSON list, `'[0, 1]'`,
+    `'[0.1, NaN]'` (floats as repr: exact), `'["constant", "cosine"]'`. A list (a job config
+    written by hand) is taken as is; `'0.1,0.2'`, numbers only, is how earlier versions wrote it."""
     if isinstance(text, list):
         return text
-    return [int(v) if v.lstrip("-").isdigit() else float(v) for v in str(text).split(",")]
+    text = str(text)
+    if text.startswith("["):
+        return json.loads(text)
+    return [int(v) if v.lstrip("-").isdigit() else float(v) for v in text.split(",")]
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -241,8 +242,10 @@ def _parse_together(header: str, members: list[tuple[int, str]]) -> Optional[dic
     for i, body in members:
         lines += [f"{i},{line}\n" for line in body[:-1].split("\n")]
     try:
-        frame = read_csv(io.StringIO("".join(lines)))
-    except (ValueError, pd.errors.ParserError):
+        with warnings.catch_warnings():      # a row with more fields than the header: read one by one
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = read_csv(io.StringIO("".join(lines)), index_col=False)
+    except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning):
         return None
     if frame.empty or frame["__run"].dtype.kind != "i":
         return None

@@ -281,7 +281,7 @@ YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Reading one back whose bytes are still these gives that dict without parsing it again (PyYAML
 # builds a config's 60-odd nodes in Python: ~0.4 ms a run, 2 s at the end of a 4,608-run sweep);
 # a file changed since is parsed. Safe YAML round-trips the plain values of a config exactly
-# (tests/test_results.py checks the two agree).
+# (tests/test_tables.py checks the two agree).
 WRITTEN_CONFIGS: dict[str, tuple[bytes, dict]] = {}
 
 

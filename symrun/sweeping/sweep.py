@@ -331,17 +331,18 @@ def job_overrides(p: Plan, index: int, folder: Path, launch: int, member: Option
     """What the Hydra job of pack `index` composes: the overrides of its first run without the
     per-run settings that vary within the pack; its folder, `folder`/launches/<launch>/packs/<job
     number> (`folder` as the sweep resolved it: a job's own `name` or clock may differ); and
-    `+pack.*`: its number, the suite member it belongs to, and `+pack.runs.<key>=[…]`, one value
-    per run for each per-run setting that varies, as one string (`'0.1,0.2'`; symrun.sweeping.job.pack_configs
-    reads them). One string, not a list: Hydra's override parser takes time quadratic in a list's
-    length (4 s for a pack of 4,608 runs), and linear in a string's."""
+    `+pack.*`: its number, the suite member it belongs to, and `+pack.runs.<key>='[…]'`, one value
+    per run for each per-run setting that varies, as one string holding a JSON list (`'[0.1, 0.2]'`,
+    `'["constant", "cosine"]'`; symrun.sweeping.job.pack_configs reads them). One string, not a
+    Hydra list: Hydra's override parser takes time quadratic in a list's length (4 s for a pack of
+    4,608 runs), and linear in a string's."""
     runs = [p.configs[rid] for rid in p.packs[index]]
     varying = [k for k in PER_RUN_KEYS if len({_get(c, k) for c in runs}) > 1]
     out = [s.text for s in p.settings[p.packs[index][0]] if s.key not in varying]
     out += [f"hydra.sweep.dir={hydra_quoted(literal(os.path.abspath(folder)))}",
             f"hydra.sweep.subdir={results.job_subdir(launch)}", f"+pack.index={index}"]
     out += [f"+pack.member={member}"] if member is not None else []
-    out += [f"+pack.runs.{k}='{','.join(_literal(_get(c, k)) for c in runs)}'" for k in varying]
+    out += [f"+pack.runs.{k}={hydra_quoted(literal(json.dumps([_get(c, k) for c in runs])))}" for k in varying]
     return out
 
 
@@ -350,7 +351,3 @@ def _get(cfg: Config, key: str) -> Any:
         cfg = getattr(cfg, part)
     return cfg
 
-
-def _literal(value: Any) -> str:
-    """A per-run value as symrun.sweeping.job.values_of reads it back (floats as repr: exact)."""
-    return repr(float(value)) if isinstance(value, float) else str(int(value))
