@@ -97,6 +97,19 @@ def test_a_resume_refuses_a_link_where_it_would_write_and_writes_nothing_through
     assert _snapshot(victim) == before
 
 
+def test_a_report_over_a_run_folder_that_is_a_link_reports_it_damaged(received, tmp_path, victim):
+    d = _copy(received, tmp_path)
+    rid, other = results.run_ids(d)
+    shutil.copytree(d / "runs" / rid, victim / "run")
+    shutil.rmtree(d / "runs" / rid)
+    (d / "runs" / rid).symlink_to(victim / "run", target_is_directory=True)
+    before = _snapshot(victim)
+    rep = report.build(d)                                  # the whole report, not a link error
+    status = results.read_csv(d / "runs.csv").set_index("run_id")["status"]
+    assert status[rid] == "damaged" and status[other] == "finished" and rep.figures
+    assert _snapshot(victim) == before
+
+
 def test_a_suite_member_that_is_a_link_is_refused(tmp_path, victim):
     suite = tmp_path / "suite"
     suite.mkdir()

@@ -199,9 +199,11 @@ CORRELATION_FIGSIZE, CORRELATION_DPI = (5.6, 4.8), 120   # a run's correlation f
 def run_figures(sweep_dir: Path) -> list[Path]:
     """Each run's own figures, drawn from the arrays it saved (redrawn when the array is newer):
     runs/<id>/penultimate_correlation.png for model=resnet18. Run folders that are links are
-    not entered."""
+    not entered (the tables report them as damaged)."""
     figures = []
     for rid in results.run_ids(sweep_dir):
+        if folder.kind(results.run_dir(sweep_dir, rid), sweep_dir) != "dir":
+            continue
         array = results.run_dir(sweep_dir, rid) / "penultimate_correlation.npy"
         png = array.with_suffix(".png")
         if folder.kind(array, sweep_dir) != "file":
