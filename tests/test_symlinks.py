@@ -206,3 +206,25 @@ def test_resuming_through_the_cli_is_refused_in_one_line(received, tmp_path, vic
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "is a symbolic link" in lines[0], proc.stderr
     assert _snapshot(victim) == before and _snapshot(d) == inside
+
+
+@pytest.mark.parametrize("planted", [".hydra", ".hydra/config.yaml", "symrun.log", "damaged sweep.json"])
+def test_symrun_run_into_a_received_folder_checks_it_before_hydra_writes(tmp_path, victim, cli, planted):
+    """`symrun run hydra.run.dir=D` where D was written before: Hydra writes .hydra/ and its log
+    into D with plain open(), so links there, like a damaged sweep.json, are refused first."""
+    d = tmp_path / "one"
+    cli("run", "model=hadamard", "train.steps=4", "train.log_every=2", f"hydra.run.dir={d}")
+    if planted == ".hydra":
+        shutil.rmtree(d / ".hydra")
+        (d / ".hydra").symlink_to(victim / "dir", target_is_directory=True)
+    elif planted == "damaged sweep.json":
+        (d / "sweep.json").write_text("{not json")
+    else:
+        (d / planted).unlink()
+        (d / planted).symlink_to(victim / ".bashrc")
+    before, inside = _snapshot(victim), _snapshot(d)
+    proc = cli("run", "model=hadamard", "train.steps=4", "train.log_every=2", f"hydra.run.dir={d}", check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert ("is a symbolic link" if planted != "damaged sweep.json" else "sweep.json") in lines[0]
+    assert _snapshot(victim) == before and _snapshot(d) == inside

@@ -187,6 +187,21 @@ def run_one(cfg: DictConfig) -> dict:
     return info.get("final", {})
 
 
+def _check_hydra_files(run_dir: Path, config: DictConfig) -> None:
+    """Hydra writes a run's `.hydra/` files and its log into the run's folder with plain open():
+    in a folder used before, none of them may be a link (it would lead Hydra's write elsewhere)."""
+    from symrun.sweeping import folder
+
+    subdir = config.hydra.get("output_subdir")
+    names = [f"{config.hydra.job.name}.log"]
+    if subdir:
+        names += [str(subdir), *(f"{subdir}/{n}" for n in ("config.yaml", "hydra.yaml", "overrides.yaml"))]
+    for name in names:
+        what = folder.kind(run_dir / name, run_dir)
+        if what == "link":
+            raise folder.link_error(run_dir / name)
+
+
 class Refused(BaseException):
     """Bad input that RunChecks found. Hydra turns an Exception of a callback into a warning and
     goes on to write the run's folder, so this is a BaseException; the symrun command shows its
@@ -213,7 +228,7 @@ class RunChecks(Callback):
     def _check(self, config: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from symrun.sweeping import launch, results, sweep
+        from symrun.sweeping import launch, records, results, sweep
 
         if config.hydra.sweeper.get("suite"):
             raise ConfigError(f"experiment={config.hydra.runtime.choices.get('experiment')} is a suite of presets "
@@ -221,10 +236,13 @@ class RunChecks(Callback):
         HydraConfig.instance().set_config(config)        # hydra.run.dir may read ${hydra:…}
         use_config_folders(config.hydra.runtime)
         folder = Path(str(config.hydra.run.dir))
-        sweep.check_shape(Shape(drop_hydra(copy.deepcopy(config))).config)
+        shape = Shape(drop_hydra(copy.deepcopy(config))).config
+        sweep.check_shape(shape)
         if config.hydra.sweeper.get("params"):
             launch.display().note("symrun run trains the preset's base config only; symrun sweep runs its grid")
         results.check_writable(folder)
+        records.check_folder(folder, [results.run_id(shape)])     # a folder received or written before
+        _check_hydra_files(folder, config)
         self._held = contextlib.ExitStack()
         self._held.enter_context(results.sweep_lock(folder))
 
