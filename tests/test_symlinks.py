@@ -118,6 +118,26 @@ def test_a_suite_member_that_is_a_link_is_refused(tmp_path, victim):
         records.check_folder(suite / "rescaling_sparsity", [], suite=suite)
 
 
+@pytest.mark.parametrize("name", ["launches", ".submitit"])
+def test_a_suite_folder_whose_own_folders_are_links_is_refused_before_any_member_is_written(tmp_path, victim, cli, name):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / name).symlink_to(victim / "dir", target_is_directory=True)
+    before = _snapshot(victim)
+    proc = cli("sweep", "experiment=symmetry_removal", "train.steps=2", "train.log_every=1", f"hydra.sweep.dir={suite}",
+               check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and f"{name} is a symbolic link" in lines[0], proc.stderr
+    assert sorted(p.name for p in suite.iterdir()) == [name] and _snapshot(victim) == before
+
+
+def test_a_submitit_folder_that_is_a_link_is_refused(received, tmp_path, victim):
+    d = _copy(received, tmp_path)
+    (d / ".submitit").symlink_to(victim / "dir", target_is_directory=True)
+    with pytest.raises(results.OutputError, match=".submitit is a symbolic link"):
+        records.check_folder(d, results.run_ids(d))
+
+
 def test_collect_and_status_read_nothing_through_a_link(received, tmp_path, victim):
     d = _copy(received, tmp_path)
     rid, other = results.run_ids(d)

@@ -25,7 +25,7 @@ from omegaconf import MISSING
 from symrun.sweeping import folder, results
 from symrun.config import DATA_OPTIONS, default_values, flatten, model_options
 from symrun.sweeping.folder import OutputError
-from symrun.sweeping.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES,
+from symrun.sweeping.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES, SUBMITIT_FOLDER,
                             checkpoint_path, checkpointed_packs, read_csv, read_json, remove_checkpoint, run_dir,
                             run_ids)
 
@@ -293,18 +293,14 @@ def check_folder(sweep_dir: Path, planned, suite: Optional[Path] = None) -> None
     status.json is damaged (it may be a finished run: retraining would replace its files). Reads
     only."""
     sweep_dir = Path(sweep_dir)
-    if suite is not None and folder.kind(sweep_dir, suite) == "link":
-        raise folder.link_error(sweep_dir)
+    if suite is not None:
+        if folder.kind(sweep_dir, suite) == "link":
+            raise folder.link_error(sweep_dir)
+        _check_names(Path(suite), ["launches", SUBMITIT_FOLDER])      # the suite folder's own
     if not sweep_dir.exists():
         return
     present = _present(sweep_dir)           # runs/<id> of runs not present need no look
-    for name in (LOCK_NAME, *FOLDERS, *(f"runs/{rid}" for rid in planned if rid in present)):
-        what = folder.kind(sweep_dir / name, sweep_dir)
-        if what == "link":
-            raise folder.link_error(sweep_dir / name)
-        if what is not None and what != ("file" if name == LOCK_NAME else "dir"):
-            raise OutputError(f"{sweep_dir / name} is not a {'file' if name == LOCK_NAME else 'folder'}: "
-                              "remove it, or use another folder")
+    _check_names(sweep_dir, [LOCK_NAME, *FOLDERS, SUBMITIT_FOLDER, *(f"runs/{rid}" for rid in planned if rid in present)])
     problem = read_sweep(sweep_dir)[1]
     if problem is not None:
         raise OutputError(problem)
@@ -312,6 +308,18 @@ def check_folder(sweep_dir: Path, planned, suite: Optional[Path] = None) -> None
         record = read_run(sweep_dir, rid, config=False)
         if record.status == DAMAGED and record.info is None:     # finished or not, nobody can tell
             raise OutputError(record.problem)
+
+
+def _check_names(root: Path, names: list[str]) -> None:
+    """Each of `names` inside `root` is missing or what symrun writes there (the lock a file,
+    the rest folders), never a link."""
+    for name in names:
+        what = folder.kind(root / name, root)
+        if what == "link":
+            raise folder.link_error(root / name)
+        if what is not None and what != ("file" if name == LOCK_NAME else "dir"):
+            raise OutputError(f"{root / name} is not a {'file' if name == LOCK_NAME else 'folder'}: "
+                              "remove it, or use another folder")
 
 
 def remove_stale_temps(sweep_dir: Path) -> list[Path]:

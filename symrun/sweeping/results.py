@@ -58,6 +58,7 @@ STATES = (FINISHED, FAILED, DIVERGED, RUNNING)    # what a status.json may say
 MIN_FREE_BYTES = 64 * 2**20   # below this a sweep would likely die mid-write: refuse it up front
 LOCK_NAME = "sweep.lock"
 FOLDERS = ("runs", "checkpoints", "launches")     # what symrun makes inside a sweep folder
+SUBMITIT_FOLDER = ".submitit"     # what submitit writes there with plain open() (the SLURM and local launchers)
 
 
 def new_sweep_dir(root: Path, name: str) -> Path:
