@@ -94,13 +94,26 @@ def test_a_damaged_file_is_named_in_one_line_by_status_collect_report_and_a_resu
     assert _tree(d / "runs" / rid) == before
 
 
-def test_a_damaged_sweep_json_is_named_and_a_resume_refused(finished, tmp_path, monkeypatch):
+@pytest.mark.parametrize("text", ["{ not json", '{"swept": ["step"]}', '{"swept": [["a"]]}', '{"swept": [], "launches": 5}'])
+def test_a_damaged_sweep_json_is_named_and_a_resume_refused(finished, tmp_path, monkeypatch, text):
     d = tmp_path / "sweep"
     shutil.copytree(finished, d)
-    (d / "sweep.json").write_text("{ not json")
+    (d / "sweep.json").write_text(text)
     monkeypatch.chdir(tmp_path)
     result = _invoke("report", str(d))
     assert result.exit_code == 0 and f"{d / 'sweep.json'} is damaged" in result.stderr.replace("\n", " ")
     resumed = _invoke("sweep", *GRID, f"hydra.sweep.dir={d}")
     assert resumed.exit_code == 2 and "sweep.json is damaged: restore it, or delete it" in resumed.stderr
-    assert (d / "sweep.json").read_text() == "{ not json"
+    assert (d / "sweep.json").read_text() == text
+
+
+@pytest.mark.parametrize("text", ['{"grid": 5, "packs": 7}', '{"grid": [1], "packs": [1]}'])
+def test_a_damaged_plan_json_is_left_out(finished, tmp_path, monkeypatch, text):
+    d = tmp_path / "sweep"
+    shutil.copytree(finished, d)
+    (d / "launches" / "0" / "plan.json").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert _invoke("collect", str(d)).exit_code == 0
+    runs = results.read_csv(d / "runs.csv")
+    assert sorted(runs["run_id"]) == results.run_ids(d) and (runs["status"] == "finished").all()
+    assert _invoke("sweep", *GRID, f"hydra.sweep.dir={d}").exit_code == 0      # every run finished: nothing to train

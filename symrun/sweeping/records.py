@@ -94,10 +94,18 @@ def read_sweep(sweep_dir: Path) -> tuple[dict, Optional[str]]:
     if folder.kind(path, sweep_dir) is None:
         return {}, None
     info = read_json(path, sweep_dir)
-    if not isinstance(info, dict) or not isinstance(info.get("swept", []), list):
+    if not _sweep_ok(info):
         return {}, (f"{path} is damaged: restore it, or delete it to start the folder's history afresh "
                     "(its runs are kept; until then the tables do not know which keys were swept)")
     return info, None
+
+
+def _sweep_ok(info) -> bool:
+    """sweep.json as write_plan writes it: swept keys (names, none a column the tables make
+    themselves) and a list of launches."""
+    swept, launches = (info.get("swept", []), info.get("launches", [])) if isinstance(info, dict) else (None, None)
+    return (isinstance(swept, list) and all(isinstance(k, str) for k in swept) and not {"run_id", "status", "step"} & set(swept)
+            and isinstance(launches, list) and all(isinstance(x, dict) for x in launches))
 
 
 def folder_problems(sweep_dir: Path) -> list[str]:

@@ -95,7 +95,15 @@ def launch_plans(root: Path) -> list[dict]:
     except OutputError:
         return []
     ks = sorted((int(n) for n, what in found.items() if n.isdigit() and what == "dir"), reverse=True)
-    return [p for p in (read_json(launch_plan(root, k), root) for k in ks) if isinstance(p, dict)]
+    return [p for p in (read_json(launch_plan(root, k), root) for k in ks) if _plan_ok(p)]
+
+
+def _plan_ok(plan: Any) -> bool:
+    """A plan.json of the shape write_launch_plan gives it (a damaged one is left out): a sweep's
+    grid of run ids and packs of run ids, or a suite's plans and packs of [member, pack]."""
+    return (isinstance(plan, dict) and isinstance(plan.get("packs", []), list)
+            and all(isinstance(pack, list) for pack in plan.get("packs", []))
+            and isinstance(plan.get("grid", []), list) and all(isinstance(r, str) for r in plan.get("grid", [])))
 
 
 def launch_config(folder_: Path, k: int) -> Path:
