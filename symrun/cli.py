@@ -203,7 +203,7 @@ def list_cmd(ctx: typer.Context, config_dir: Optional[Path] = CONFIG_DIR) -> Non
         presets.add_row(escape(name), escape(origin), escape(lines[0]) if lines else "")
     console.print(presets)
     console.print("Other keys: optim.{name,lr,momentum,weight_decay}, noise.{label_std,label_flip,temperature}, "
-                  "symmetry.{remove,remove_std}, constraint.{kind,params,per,path} (with constraint=dcs), "
+                  "symmetry.{remove,remove_std}, constraint.{kind,params,per,path,enforce} (with constraint=dcs), "
                   "train.{steps,log_every,dtype,checkpoint_every}, tasks.{count,change,shrink,perturb}, metrics.*, "
                   "seed, device, name, pack_size. "
                   "`symrun run --cfg job` prints every key with its value.")

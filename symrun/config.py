@@ -28,8 +28,19 @@ class ConfigError(ValueError):
     """A configuration a user wrote that symrun cannot run; the message is one clear line."""
 
 
+# Settings that moved, with what replaces them: model=linear's own DCS became constraint=dcs.
+MOVED = {
+    "model.dcs": "constraint.enforce (with constraint=dcs constraint.kind=sum_zero 'constraint.params=[w]')",
+    "model.constraint": "constraint=dcs constraint.kind=sum_zero 'constraint.params=[w]' (or kind=subspace)",
+    "model.constrained": "constraint=dcs constraint.kind=subspace constraint.path=O.npy 'constraint.params=[w]'",
+}
+
+
 def did_you_mean(name: str, valid) -> str:
-    """"; did you mean 'x'?" for the valid name closest to a misspelt one (difflib), else ""."""
+    """"; did you mean 'x'?" for the valid name closest to a misspelt one (difflib), or what
+    replaces a setting that moved (`MOVED`), else ""."""
+    if name in MOVED:
+        return f"; it is now {MOVED[name]}"
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -302,12 +313,19 @@ class SymmetryConfig:
 
 @dataclass
 class ConstraintConfig:
-    """A constraint Oᵀθ = 0 enforced by DCS (docs/theory.md §6): a named parameter θ is trained as
-    θ = (I − OOᵀ)w + O(u⊙v) with weight decay on w, u, v, so each cᵢ = (Oᵀθ)ᵢ has a sign mirror
-    and is exactly 0 once λ ≥ |∂ℓ/∂cᵢ| at cᵢ = 0. Choose with `constraint=dcs`."""
+    """A linear constraint Oᵀθ = 0 on named parameters, measured every log step as
+    constraint_violation = ‖Oᵀθ‖ and constraint_zeros, and (`enforce`) made exact by DCS
+    (docs/theory.md §6): θ is trained as θ = (I − OOᵀ)w + O(u⊙v) with weight decay on w, u, v, so
+    each cᵢ = (Oᵀθ)ᵢ has a sign mirror and is exactly 0 once λ ≥ |∂ℓ/∂cᵢ| at cᵢ = 0. Choose with
+    `constraint=dcs`; which constraint is `kind`, `params`, `per`, `path`, whether it is enforced
+    is `enforce`."""
 
     name: str = "none"
     """none | dcs."""
+    enforce: bool = True
+    """true: DCS trains θ as above; false: θ is trained as itself (the unconstrained baseline) and
+    the same constraint is only measured, so the two arms of a sweep over `constraint.enforce`
+    log the same columns."""
     kind: str = "sparse"
     """sparse (O = I, θ = u⊙v: spred, an exact lasso) | sum_zero (O spans the sums named by `per`)
     | subspace (O read from `path`, orthonormalised) | group (θ = s·w with one scalar s per
@@ -417,11 +435,29 @@ def _typed_model(model: Any) -> Any:
     return spec.config.from_plain(model)
 
 
+def _linear_constraint(d: dict) -> dict:
+    """A config model=linear saved with its own DCS (model.constraint, .constrained, .dcs) as the
+    constraint=dcs it now is, so old sweep folders still read and resume (Θ's sum-to-zero is
+    kind=sum_zero on w; a prefix needs a file of O, so it stays unreadable, with one line)."""
+    m = dict(d["model"])
+    kind = m.pop("constraint", "none")
+    m.pop("constrained", None)
+    enforce = bool(m.pop("dcs"))
+    if kind == "prefix":
+        raise ConfigError("a saved model.constraint=prefix is now constraint=dcs constraint.kind=subspace with a file of O")
+    out = {**d, "model": m}
+    if kind == "sum_to_zero":
+        out["constraint"] = {**ConstraintConfig().__dict__, "name": "dcs", "kind": "sum_zero", "params": ["w"], "enforce": enforce}
+    return out
+
+
 def _structured(d: dict) -> DictConfig:
     if "offset_std" in d.get("model", {}):     # saved before symmetry removal became symmetry.*
         std = d["model"]["offset_std"]
         d = {**d, "model": {k: v for k, v in d["model"].items() if k != "offset_std"}}
         d.setdefault("symmetry", {"remove": std > 0, "remove_std": std if std > 0 else SymmetryConfig().remove_std})
+    if d.get("model", {}).get("name") == "linear" and "dcs" in d["model"]:   # saved before constraint.enforce
+        d = _linear_constraint(d)
     model = d.get("model", {}).get("name") if isinstance(d.get("model"), dict) else None
     data_cls = DATA_OPTIONS.get(d.get("data", {}).get("name"))
     if _model_spec(model) is None or data_cls is None:
@@ -621,5 +657,6 @@ def _constraint_checks(cfg: Config) -> list[tuple[bool, str]]:
         (c.per in ("output", "layer"), f"constraint.per must be output or layer, got '{c.per}'"),
         ((c.kind == "subspace") == (path is not None), "constraint.path is needed by, and only by, constraint.kind=subspace"),
         (path is None or Path(path).expanduser().is_file(), f"constraint.path does not exist or is not a file: {path}"),
-        (not cfg.symmetry.remove, "constraint=dcs and symmetry.remove=true cannot be combined (the offsets would move the constraint)"),
+        (not (cfg.symmetry.remove and c.enforce),
+         "constraint=dcs and symmetry.remove=true cannot be combined (the offsets would move the constraint)"),
     ]

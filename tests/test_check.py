@@ -26,7 +26,7 @@ def verdicts(overrides: list[str]) -> dict[tuple[str, bool], bool]:
 @pytest.mark.parametrize("overrides", [
     ["model=hadamard"], ["model=factorization"], ["model=mlp", "model.depth=2", "model.width=5"],
     ["model=ensemble", "model.width=3", "model.members=3"], ["model=attention", "model.tokens=2"],
-    ["model=linear", "model.constraint=prefix", "model.constrained=2", "model.dcs=true"],
+    ["model=linear", "constraint=dcs", "constraint.kind=sum_zero", "constraint.params=[w]"],
     ["model=mlp", "model.width=4", "constraint=dcs", "constraint.kind=sum_zero", "constraint.params=[layers.0.weight]"],
     ["model=hadamard", "constraint=dcs", "constraint.kind=group", "constraint.params=[u]"],
     ["model=factorization", "constraint=dcs", "constraint.kind=sparse", "constraint.params=[U]", "optim.weight_decay=0.1"],

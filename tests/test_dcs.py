@@ -1,7 +1,8 @@
-"""model=linear with DCS (docs/theory.md §6): Θ = (I − OOᵀ)w + O(u⊙v) under weight decay makes
-c = OᵀΘ exactly 0 once λ exceeds |∂ℓ/∂c| at c = 0, and not below; the plain linear model never
-satisfies the constraint. Also: the declared (u, v) sign mirrors leave the loss unchanged, a run
-alone = the same run in a pack, and bad constraint settings are refused.
+"""A linear constraint made exact by DCS (docs/theory.md §6), on model=linear: Θ = (I − OOᵀ)w +
+O(u⊙v) under weight decay makes c = OᵀΘ exactly 0 once λ exceeds |∂ℓ/∂c| at c = 0, and not below;
+the same model with the constraint measured but not enforced (`constraint.enforce=false`) never
+satisfies it and logs how far it is. Also: the DCS sign mirrors leave the loss unchanged, a run
+alone = the same run in a pack, and the old model=linear spellings are refused with the new key.
 
 Expected values are computed independently: O and the forward pass in numpy, the threshold from
 the closed-form ridge solution of the problem restricted to OᵀΘ = 0, and a run trained alone.
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from symrun import data
-from symrun.training import engine
+from symrun.training import engine, reparam
 from symrun.sweeping import sweep
 from symrun.config import Config, ConfigError, LinearConfig, TeacherDataConfig, validate
 from symrun.training.engine import loss_per_run
@@ -29,14 +30,27 @@ DATA = dict(teacher="sparse_linear", n=100, dim=10, nonzero=5, noise_std=0.1)
 
 
 def numpy_basis(constraint: str, d: int, k: int = 0) -> np.ndarray:
-    """O (d, k): 1/√d·1 for sum_to_zero, e_1…e_k for prefix."""
+    """O (d, k) on one output's coefficients: 1/√d·1 for sum_to_zero, e_1…e_k for prefix."""
     return np.ones((d, 1)) / np.sqrt(d) if constraint == "sum_to_zero" else np.eye(d)[:, :k]
 
 
-def config(wd: float, dcs: bool = True, seed: int = 0, lr: float = 0.2, steps: int = 3000,
-           constraint: str = "sum_to_zero", constrained: int = 1, out_dim: int = 1) -> Config:
-    c = Config(model=LinearConfig(constraint=constraint, constrained=constrained, dcs=dcs),
-               data=TeacherDataConfig(**DATA, out_dim=out_dim), seed=seed)
+def prefix_file(folder, d: int, k: int, out: int) -> str:
+    """O for "the first k coefficients of each output are 0" on w (out, d), flattened: (out·d, out·k)."""
+    o = np.zeros((out * d, out * k))
+    for j in range(out):
+        o[j * d:j * d + k, j * k:(j + 1) * k] = np.eye(k)
+    np.save(folder / "prefix.npy", o)
+    return str(folder / "prefix.npy")
+
+
+def config(wd: float, enforce: bool = True, seed: int = 0, lr: float = 0.2, steps: int = 3000,
+           path: str | None = None, out_dim: int = 1, constraint: str = "dcs") -> Config:
+    """model=linear on DATA; the constraint sum-to-zero per output, or the subspace at `path`."""
+    c = Config(model=LinearConfig(), data=TeacherDataConfig(**DATA, out_dim=out_dim), seed=seed)
+    c.constraint.name, c.constraint.enforce, c.constraint.params = constraint, enforce, ["w"]
+    c.constraint.kind, c.constraint.path = ("sum_zero", None) if path is None else ("subspace", path)
+    if constraint == "none":
+        c.constraint = type(c.constraint)()
     c.optim.lr, c.optim.weight_decay = lr, wd
     c.train.steps, c.train.log_every, c.train.dtype, c.device = steps, steps // 3, "float64", "cpu"
     return validate(c)
@@ -49,27 +63,35 @@ def violation(outcome, o: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# (1) DCS enforces the constraint exactly; the plain model does not
+# (1) DCS enforces the constraint exactly; measured but not enforced, it is violated
 
 
 @pytest.mark.parametrize("constraint, constrained, out_dim", [("sum_to_zero", 1, 1), ("prefix", 3, 2)])
-def test_dcs_makes_the_constraint_exact_where_the_plain_model_violates_it(constraint, constrained, out_dim):
+def test_dcs_makes_the_constraint_exact_where_the_measured_only_arm_violates_it(constraint, constrained, out_dim, tmp_path):
     o = numpy_basis(constraint, DATA["dim"], constrained)
-    runs = [config(1.0, dcs, steps=1500, constraint=constraint, constrained=constrained, out_dim=out_dim) for dcs in (True, False)]
+    path = prefix_file(tmp_path, DATA["dim"], constrained, out_dim) if constraint == "prefix" else None
+    runs = [config(1.0, enforce, steps=1500, path=path, out_dim=out_dim) for enforce in (True, False)]
     with_dcs, plain = engine.train_pack(runs[:1])[0], engine.train_pack(runs[1:])[0]
-    c = violation(with_dcs, o)
-    np.testing.assert_allclose(c, 0.0, atol=1e-6)
-    np.testing.assert_allclose(with_dcs.state["u"].numpy() * with_dcs.state["v"].numpy(), c, atol=1e-12)
+    np.testing.assert_allclose(violation(with_dcs, o), 0.0, atol=1e-6)
     assert np.linalg.norm(violation(plain, o)) > 0.02
-    # the logged metric is ‖OᵀΘ‖_F of the saved Θ
+    # both arms log ‖OᵀΘ‖_F of the saved Θ, and the fraction of its coordinates at 0
     for outcome in (with_dcs, plain):
         assert outcome.rows[-1]["constraint_violation"] == pytest.approx(np.linalg.norm(violation(outcome, o)), abs=1e-12)
     assert with_dcs.rows[-1]["constraint_violation"] <= 1e-6 < with_dcs.rows[0]["constraint_violation"]
+    assert with_dcs.rows[-1]["constraint_zeros"] == 1.0 and plain.rows[-1]["constraint_zeros"] == 0.0
+    assert set(plain.state) == {"w", "theta"}                    # not enforced: Θ is trained as itself
 
 
 def test_the_unconstrained_model_reports_no_violation():
-    outcome = engine.train_pack([config(0.1, dcs=False, constraint="none", steps=30)])[0]
+    outcome = engine.train_pack([config(0.1, constraint="none", steps=30)])[0]
     assert "constraint_violation" not in outcome.rows[-1] and set(outcome.state) == {"w", "theta"}
+
+
+def test_measuring_the_constraint_leaves_the_training_unchanged():
+    """constraint.enforce=false only measures: the run equals the unconstrained one."""
+    measured, plain = engine.train_pack([config(0.3, enforce=False, steps=200)])[0], engine.train_pack([config(0.3, constraint="none", steps=200)])[0]
+    torch.testing.assert_close(measured.state["theta"], plain.state["theta"], rtol=0, atol=0)
+    assert measured.rows[-1]["train_loss"] == plain.rows[-1]["train_loss"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,58 +129,70 @@ def test_the_constraint_holds_exactly_iff_weight_decay_exceeds_the_gradient_at_c
 
 
 # ---------------------------------------------------------------------------------------------
-# (4) the declared mirrors and the constraint set
+# (4) the DCS mirrors and the constraint set, on ρ = (w, u, v)
 
 
-def make(constraint="prefix", k=3, d=7, out=2):
-    model = build(LinearConfig(constraint=constraint, constrained=k, dcs=True), d, out)
-    params = {name: v.detach() for name, v in model.init_params([0, 1], CPU, F64).items()}
+def make(constraint="prefix", k=3, d=7, out=2, folder=None):
+    cfg = Config(model=LinearConfig(), data=TeacherDataConfig(dim=d, out_dim=out))
+    cfg.constraint.name, cfg.constraint.params = "dcs", ["w"]
+    if constraint == "prefix":
+        cfg.constraint.kind, cfg.constraint.path = "subspace", prefix_file(folder, d, k, out)
+    else:
+        cfg.constraint.kind = "sum_zero"
+    model = build(cfg.model, d, out)
+    rp = reparam.build(validate(cfg), model)
+    raw = {name: v.detach() for name, v in rp.init_params([0, 1], CPU, F64).items()}
+    raw = {name: v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=F64) for name, v in raw.items()}
     g = torch.Generator().manual_seed(5)
-    return model, params, torch.randn(11, d, generator=g, dtype=F64), torch.randn(11, out, generator=g, dtype=F64)
+    return model, rp, raw, torch.randn(11, d, generator=g, dtype=F64), torch.randn(11, out, generator=g, dtype=F64)
 
 
-def loss(model, params, x, y):
-    return loss_per_run(model.forward(params, x), y, "regression")
+def loss(model, rp, raw, x, y):
+    return loss_per_run(model.forward(rp.network(raw), x), y, "regression")
 
 
 @pytest.mark.parametrize("constraint, k", [("prefix", 3), ("sum_to_zero", 1)])
-def test_forward_matches_numpy(constraint, k):
-    model, params, x, _ = make(constraint, k)
-    o = numpy_basis(constraint, 7, k)
+def test_forward_matches_numpy(constraint, k, tmp_path):
+    model, rp, raw, x, _ = make(constraint, k, folder=tmp_path)
+    # O on the flattened w (2·7 entries): one block per output; a file's O as numpy's QR signs it
+    o = (np.linalg.qr(np.load(tmp_path / "prefix.npy"))[0] if constraint == "prefix"
+         else np.kron(np.eye(2), numpy_basis(constraint, 7, k)))
     for r in range(2):
-        w, u, v = (params[name][r].numpy() for name in ("w", "u", "v"))
-        theta = (np.eye(7) - o @ o.T) @ w + o @ (u * v)
-        np.testing.assert_allclose(model.forward(params, x)[r].numpy(), x.numpy() @ theta, rtol=1e-12, atol=1e-12)
+        w, u, v = (raw[name][r].numpy() for name in ("w.w", "w.u", "w.v"))     # w (2, 7); u, v (2·k,)
+        theta = ((np.eye(14) - o @ o.T) @ w.reshape(-1) + o @ (u * v)).reshape(2, 7).T   # (7, 2)
+        np.testing.assert_allclose(model.forward(rp.network(raw), x)[r].numpy(), x.numpy() @ theta, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("constraint, k", [("prefix", 3), ("sum_to_zero", 1)])
-def test_loss_is_invariant_under_the_declared_sign_mirrors(constraint, k):
-    model, params, x, y = make(constraint, k)
-    sym = SignFlip(NeuronSet("constraint", (Slot("u", 1), Slot("v", 1))))
-    assert model.symmetries() == [sym]
-    base = loss(model, params, x, y)
-    for i in range(k):
-        mirrored = apply_mirror(sym, params, i)
-        torch.testing.assert_close(mirrored["u"][:, i], -params["u"][:, i])
-        torch.testing.assert_close(loss(model, mirrored, x, y), base, rtol=0, atol=1e-12)
-    flip_u_only = {**params, "u": -params["u"]}                  # control: one factor alone changes it
-    assert (loss(model, flip_u_only, x, y) - base).abs().min() > 1e-6
+def test_loss_is_invariant_under_the_dcs_sign_mirrors(constraint, k, tmp_path):
+    model, rp, raw, x, y = make(constraint, k, folder=tmp_path)
+    sym = SignFlip(NeuronSet("dcs:w", (Slot("w.u", 1), Slot("w.v", 1))))
+    assert rp.symmetries() == [sym] and model.symmetries() == []
+    base = loss(model, rp, raw, x, y)
+    for i in range(2 * k):
+        mirrored = apply_mirror(sym, raw, i)
+        torch.testing.assert_close(mirrored["w.u"][:, i], -raw["w.u"][:, i])
+        torch.testing.assert_close(loss(model, rp, mirrored, x, y), base, rtol=0, atol=1e-12)
+    flip_u_only = {**raw, "w.u": -raw["w.u"]}                    # control: one factor alone changes it
+    assert (loss(model, rp, flip_u_only, x, y) - base).abs().min() > 1e-6
 
 
-def test_theta_respects_the_constraint_for_any_w_when_u_times_v_is_zero():
-    model, params, x, y = make("prefix", 3)
+def test_theta_respects_the_constraint_for_any_w_when_u_times_v_is_zero(tmp_path):
+    model, rp, raw, x, y = make("prefix", 3, folder=tmp_path)
     o = torch.as_tensor(numpy_basis("prefix", 7, 3))
-    u = params["u"].clone()
+    u = raw["w.u"].clone()
     u[:, 1] = 0.0                                                 # u⊙v = 0 with u ≠ 0 and v ≠ 0
-    v = torch.where(u == 0, params["v"], torch.zeros_like(params["v"]))
-    w = torch.randn(params["w"].shape, generator=torch.Generator().manual_seed(2), dtype=F64) * 10
-    point = {"w": w, "u": u, "v": v}
-    torch.testing.assert_close(o.T @ model.theta(point), torch.zeros(2, 3, 2, dtype=F64), rtol=0, atol=1e-12)
-    assert float(model.constraint_violation(point).max()) < 1e-12
-    assert float(model.constraint_violation(params).min()) > 1e-3
+    v = torch.where(u == 0, raw["w.v"], torch.zeros_like(raw["w.v"]))
+    w = torch.randn(raw["w.w"].shape, generator=torch.Generator().manual_seed(2), dtype=F64) * 10
+    point = {"w.w": w, "w.u": u, "w.v": v}
+    theta = rp.network(point)["w"].mT                             # (2, 7, 2): Θ per run
+    torch.testing.assert_close(o.T @ theta, torch.zeros(2, 3, 2, dtype=F64), rtol=0, atol=1e-12)
+    metrics = type(Config().metrics)()
+    assert float(rp.measure(point, metrics)["constraint_violation"].max()) < 1e-12
+    assert float(rp.measure(raw, metrics)["constraint_violation"].min()) > 1e-3
     # at u = v = 0 (every mirror's constraint set) the loss gradient has no (u, v) component
-    leaves = {"w": w.requires_grad_(), "u": torch.zeros_like(u, requires_grad=True), "v": torch.zeros_like(v, requires_grad=True)}
-    grads = torch.autograd.grad(loss(model, leaves, x, y).sum(), list(leaves.values()))
+    leaves = {"w.w": w.requires_grad_(), "w.u": torch.zeros_like(u, requires_grad=True), "w.v": torch.zeros_like(v, requires_grad=True)}
+    grads = torch.autograd.grad(loss(model, rp, leaves, x, y).sum(), list(leaves.values()))
     assert grads[0].abs().max() > 1e-3 and grads[1].abs().max() == 0 and grads[2].abs().max() == 0
 
 
@@ -173,28 +207,18 @@ def test_a_dcs_run_inside_a_pack_equals_the_run_alone():
     alone, outcomes = engine.train_pack([target])[0], engine.train_pack(pack)
     packed = outcomes[2]
     assert {o.status for o in outcomes} == {"finished"}
-    assert {"constraint_violation", "constraint_distance"} <= alone.rows[-1].keys()
+    assert {"constraint_violation", "constraint_zeros"} <= alone.rows[-1].keys()
     assert_same_run(alone, packed)
     assert outcomes[0].rows[-1]["train_loss"] != pytest.approx(alone.rows[-1]["train_loss"])
 
 
 # ---------------------------------------------------------------------------------------------
-# (6) bad settings refused
+# (6) model=linear's own DCS settings are gone: one line naming what replaces them
 
 
-@pytest.mark.parametrize("model, message", [
-    (LinearConfig(constraint="prefix", constrained=0), "model.constrained must be >= 1, got 0"),
-    (LinearConfig(constraint="sum_to_one"), "model.constraint must be one of none, sum_to_zero, prefix, got 'sum_to_one'"),
-    (LinearConfig(constraint="none", dcs=True), "model.dcs=true needs a model.constraint"),
-])
-def test_bad_constraints_are_refused(model, message):
-    with pytest.raises(ConfigError, match=message):
-        validate(Config(model=model, data=TeacherDataConfig()))
-
-
-def test_a_prefix_longer_than_the_input_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.constrained must be in \[1, 10\]"):
-        build(LinearConfig(constraint="prefix", constrained=11), 10, 1)
-    with pytest.raises(ConfigError, match=r"model.constrained must be in \[1, 6\] \(the input dimension\), got 7"):
-        sweep.plan(["model=linear", "data.dim=6", "model.constraint=prefix", "model.constrained=7"], tmp_path, single=True)
-    assert build(LinearConfig(constraint="prefix", constrained=10, dcs=True), 10, 1).k == 10
+@pytest.mark.parametrize("setting, new", [("model.dcs=true", "constraint.enforce"),
+                                          ("model.constraint=sum_to_zero", "constraint.kind=sum_zero"),
+                                          ("model.constrained=3", "constraint.kind=subspace")])
+def test_the_old_spellings_are_refused_naming_the_new_key(setting, new, tmp_path):
+    with pytest.raises(ConfigError, match=f"unknown setting '{setting.split('=')[0]}'; it is now .*{new}"):
+        sweep.plan(["model=linear", setting], tmp_path, single=True)

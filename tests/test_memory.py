@@ -1,8 +1,12 @@
-"""symrun.training.memory: what autograd saves, counted by storage."""
+"""symrun.training.memory: what autograd saves, counted by storage; pack sizes; the estimate
+that refuses, before any work, a pack that cannot fit."""
 
+import math
+
+import pytest
 import torch
 
-from symrun.training import memory
+from symrun.training import memory, reparam
 
 
 def test_saved_bytes_counts_what_backward_keeps_once_per_storage():
@@ -50,3 +54,20 @@ def test_a_model_whose_step_cannot_be_measured_gets_the_fallback_pack(monkeypatc
     assert memory.pack_size(cfg) == memory.FALLBACK_PACK
     cfg.pack_size = 7
     assert memory.pack_size(cfg) == 7
+
+
+@pytest.mark.parametrize("preset", ["rescaling_sparsity", "dead_neurons", "rotation_low_rank", "neural_collapse", "dcs"])
+def test_the_estimate_before_allocating_is_within_a_small_factor_of_the_measured_step(preset, tmp_path):
+    """One estimate, two ways to count a step's activations: the refusal's width approximation
+    (nothing allocated) against what a real step of the model saves (which sizes packs). For
+    layered nets they agree to a small factor, so a pack the sizing accepts is not refused."""
+    from symrun.sweeping import sweep
+
+    cfg = next(iter(sweep.plan([f"experiment={preset}"], tmp_path / "s").configs.values()))
+    ds, model = sweep.build(cfg)
+    params = sum(math.prod(s) for s in reparam.build(cfg, model).raw_shapes().values())
+    dtype_bytes = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
+    # one more run's share of the refusal's estimate, less what lives outside the training step
+    approx = (memory._pack_need(cfg, ds, model, 2, 0) - memory._pack_need(cfg, ds, model, 1, 0)
+              - memory.KEPT_COPIES * params * dtype_bytes)
+    assert 0.5 <= approx / memory.run_bytes(cfg) <= 3

@@ -2,7 +2,7 @@
 
 After training with weight decay above the threshold, Oᵀθ = 0 holds to 1e-6 in the saved
 parameters while the same run without DCS violates it; the sparse kind equals scikit-learn's
-Lasso; the generic sum_zero DCS reaches the same Θ as model=linear's own DCS; θ starts at the
+Lasso; sum_zero per output on model=linear sums each output's coefficients; θ starts at the
 model's own initialisation; the extra parameters are counted; a DCS run alone = in a pack; bad
 settings and malformed subspace files are refused with one line, before any work.
 """
@@ -87,12 +87,12 @@ def test_sparse_dcs_is_the_lasso():
     assert (np.abs(theta) <= 1e-6).sum() == (expected == 0).sum()
 
 
-def test_generic_sum_zero_reaches_model_linear_s_own_dcs_solution():
-    own = config(LinearConfig(constraint="sum_to_zero", dcs=True), LINEAR_DATA, 0.6, steps=4000)
-    generic = config(LinearConfig(), LINEAR_DATA, 0.6, steps=4000, kind="sum_zero", per="layer", params=["w"])
-    a, b = train(own, generic)
-    np.testing.assert_allclose(b.state["theta"].numpy(), a.state["theta"].numpy(), atol=1e-6)
-    assert abs(b.state["theta"].sum()) <= 1e-6 and b.rows[-1]["constraint_violation"] <= 1e-6
+def test_sum_zero_per_output_on_model_linear_sums_each_output_s_coefficients():
+    """model=linear stores Θᵀ as w (o, d), so per=output is Σᵢ Θᵢⱼ = 0 for each output j."""
+    (outcome,) = train(config(LinearConfig(), {**LINEAR_DATA, "out_dim": 2}, 1.0, steps=3000, kind="sum_zero", params=["w"]))
+    theta = outcome.state["theta"].numpy()                                    # (d, 2)
+    np.testing.assert_allclose(theta.sum(axis=0), 0.0, atol=1e-6)
+    assert np.abs(theta).max() > 0.05 and outcome.rows[-1]["constraint_violation"] <= 1e-6
 
 
 def test_theta_starts_at_the_model_initialisation_and_extra_parameters_are_counted():
@@ -124,7 +124,7 @@ def test_a_dcs_run_inside_a_pack_equals_the_run_alone():
     (["constraint.kind=group"], "constraint.* settings need constraint=dcs"),
     (["constraint=dcs", "symmetry.remove=true"], "cannot be combined"),
     (["symmetry.remove_std=-1"], "symmetry.remove_std must be >= 0"),
-    (["model=linear", "model.constraint=sum_to_zero", "constraint=dcs"], "use it or constraint=dcs, not both"),
+    (["model=linear", "model.dcs=true"], "unknown setting 'model.dcs'; it is now constraint.enforce"),
 ])
 def test_bad_settings_are_refused_before_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:

@@ -226,8 +226,6 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
         outputs = model.member_outputs(params, probe)                          # (R, M, B, o)
         out["ensemble_disagreement"] = mean_pairwise_distance(outputs.flatten(2) * alive)
     out.update(constraint_summary(model.symmetries(), params, cfg.constraint_atol))
-    if (violation := model.constraint_violation(params)) is not None:
-        out["constraint_violation"] = violation
     pair = model.balance_pair(params)
     if pair is not None:
         out["balance"] = balance(*pair)

@@ -29,7 +29,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "tasks.perturb": ("perturb", "perturb"),
     "model.name": ("model", "model"),
     "model.residual": ("residual", "residual"),
-    "model.dcs": ("DCS", "DCS"),
+    "constraint.enforce": ("DCS", "DCS"),
+    "model.dcs": ("DCS", "DCS"),           # sweeps made before constraint.enforce
     "model.activation": ("activation", "activation"),
     "train.steps": ("steps", "training steps"),
     "seed": ("seed", "seed"),

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from symrun.training import budget
+from symrun.training import memory
 from symrun.data import corpora
 from symrun.data.dataset import DataError, Dataset
 from symrun.config import Cifar10DataConfig, DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig, TextDataConfig
@@ -80,7 +80,7 @@ def for_task(ds: Dataset, change: str, data_seed: int, task: int) -> Dataset:
 def _teacher(cfg: TeacherDataConfig) -> Dataset:
     n_all, d, o = cfg.n + cfg.n_test, cfg.dim, cfg.out_dim
     # x, the targets and their copies in float64 (and whitening's d × d matrices), before any is made
-    budget.check(8 * (3 * n_all * (d + o) + (3 * d * d if cfg.whiten else 0)),
+    memory.check(8 * (3 * n_all * (d + o) + (3 * d * d if cfg.whiten else 0)),
                  f"the teacher's data ({n_all} rows of data.dim={d})", "lower data.dim, data.n or data.n_test")
     rng = np.random.default_rng(derive_seed(cfg.seed, "teacher"))
     x = rng.standard_normal((n_all, d))
@@ -163,7 +163,7 @@ def _check_npz(path: Path, z) -> None:
         if name in ("x", "y", "x_test", "y_test") and dtype.kind not in "biuf":
             raise DataError(f"{path}: array '{name}' holds {dtype} values, not numbers")
         need += 3 * int(np.prod(shape, dtype=np.float64)) * 8     # read, then converted to float64
-    budget.check(need, f"the arrays of {path}", "use a smaller data file")
+    memory.check(need, f"the arrays of {path}", "use a smaller data file")
 
 
 def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) -> Dataset:

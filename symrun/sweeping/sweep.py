@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from hydra.core.override_parser.types import Transformer
 
-from symrun.training import budget, engine, memory, reparam
+from symrun.training import engine, memory, reparam
 from symrun import models
 from symrun.sweeping import records, results, tables
 from symrun import data as data_mod
@@ -216,7 +216,7 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
 
 
 def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dict[str, tuple]) -> None:
-    """Refuse, before any work, a pack that cannot fit in memory (symrun.training.budget): each group's
+    """Refuse, before any work, a pack that cannot fit in memory (symrun.training.memory): each group's
     largest pack: its runs, at most the pack size (symrun.training.memory.pack_size)."""
     runs: dict[str, int] = {}
     for rid in configs:
@@ -224,12 +224,12 @@ def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dic
     for group, count in runs.items():
         cfg, ds, model = built[group]
         device = engine.resolve_device(cfg.device)
-        budget.check_pack(cfg, ds, model, 1, device, engine.EVAL_CHUNK)   # one run must fit, by the estimate
+        memory.check_pack(cfg, ds, model, 1, device, engine.EVAL_CHUNK)   # one run must fit, by the estimate
         # Sizing a pack from memory measures a real step of 1 and 2 runs: first make sure, by the
         # estimate, that 2 runs fit, else refuse the pack the sweep would train (it needs more).
-        if not budget.fits(cfg, ds, model, min(2, count), device, engine.EVAL_CHUNK):
-            budget.check_pack(cfg, ds, model, min(cfg.pack_size or count, count), device, engine.EVAL_CHUNK)
-        budget.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), device, engine.EVAL_CHUNK)
+        if not memory.fits(cfg, ds, model, min(2, count), device, engine.EVAL_CHUNK):
+            memory.check_pack(cfg, ds, model, min(cfg.pack_size or count, count), device, engine.EVAL_CHUNK)
+        memory.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), device, engine.EVAL_CHUNK)
 
 
 def _group(cfg: Config) -> str:

@@ -110,7 +110,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             row = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
-            record(step, {**row, **rp.measure(theta, first.metrics)})
+            record(step, {**row, **rp.measure(params, first.metrics)})
             record.keep(params, getattr(model, "stats", {}))
 
     # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any

@@ -1,28 +1,142 @@
-"""How many runs fit in memory at once: a pack's size and the passes of the end-of-run λ_c.
+"""Memory: one estimate of what a pack needs, used to size packs and to refuse, before any work,
+what cannot fit on the machine at hand.
 
-Both are read off autograd itself, from the bytes a pass saves for its backward. The budgets are
-fixed numbers, not the free memory of the machine at hand: a sweep's packs (and the checkpoint
-names that hash them) must come out the same on every machine that plans or resumes it.
+A run of a pack holds, while it trains (`run_bytes`):
+- its parameters ρ with their gradient, two optimiser buffers and the update's temporary (5 copies);
+- its blocks of label and Langevin noise (symrun.training.noise.NoiseBlocks: K steps at a time);
+- the activations a training step keeps: twice what autograd saves for backward (the backward
+  pass allocates about as much again), *measured* on the model itself (`per_run_bytes`), or,
+  before anything may be allocated, approximated by 4 × batch × the layer widths (`widths`).
+Outside the step it also keeps 3 more copies (the last logged row, the composed θ, a
+checkpoint), and the pack shares the data, an evaluation pass and neural collapse's class-by-class
+matrices (`pack_bytes`).
+
+Two uses, one estimate:
+- **pack size** (`pack_size`): runs per pack = PACK_BYTES // the measured `run_bytes`. PACK_BYTES is
+  a fixed number, not the free memory of the machine at hand: a sweep's packs (and the checkpoint
+  names that hash them) must come out the same on every machine that plans or resumes it.
+- **refusal** (`check_pack`, `check`): a mistyped size (data.dim=1000000000) or a pack too large
+  for the machine is one `error:` line before any work, not minutes of swapping ended by the
+  kernel's out-of-memory killer. Here the step's activations are the width approximation, so
+  nothing is allocated; the estimate is right to within a small factor: it refuses what cannot
+  fit, not what barely might.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from symrun import models
-from symrun.training import reparam
-from symrun.training.loss import loss_per_run
-from symrun.training.noise import NOISE_BLOCK, NOISE_STEPS
-from symrun.config import Config, to_dict
+from symrun.config import Config, ConfigError, to_dict
 
+GIB = 2**30
 PACK_BYTES = 2 * 2**30     # one pack's training: every run's state and one step's graph
 PASS_BYTES = 512 * 2**20   # one batched Hessian pass of λ_c (symrun.analysis.critical), all its virtual runs
 FALLBACK_PACK = 256        # runs per pack when a model's step cannot be measured
+STATE_COPIES = 5           # ρ, its gradient, two optimiser buffers, the update's temporary
+KEPT_COPIES = 3            # outside the step: the last logged row, the composed θ, a checkpoint
 
+
+class BudgetError(ConfigError):
+    """More memory than the machine has; the message is one line."""
+
+
+# -- what the machine has ---------------------------------------------------------------------
+
+def available(device: torch.device | str = "cpu") -> int:
+    """Bytes that can still be allocated: free CUDA memory on a GPU; else the kernel's
+    MemAvailable, or less under a cgroup memory limit (a container, a SLURM job)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit, used = (Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current"))
+        if limit != "max":
+            free = min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check(need: float, what: str, hint: str, device: torch.device | str = "cpu") -> None:
+    """Refuse, with one line, a need of `need` bytes beyond what is available on `device`."""
+    free = available(device)
+    if need > free:
+        raise BudgetError(f"{what} would need about {need / GIB:.3g} GiB of memory, more than the "
+                          f"{free / GIB:.3g} GiB available on {torch.device(device).type}; {hint}")
+
+
+# -- the estimate -----------------------------------------------------------------------------
+
+def state_bytes(raw_shapes: dict[str, tuple[int, ...]], label_draws: int, dtype_bytes: int) -> int:
+    """One run's optimiser state and noise blocks: STATE_COPIES × its parameters (ρ's shapes,
+    `raw_shapes`), plus K·n values per noise block as NoiseBlocks draws them (n = `label_draws`
+    for label noise, the parameters for Langevin noise)."""
+    from symrun.training.noise import NOISE_BLOCK, NOISE_STEPS
+
+    params = sum(math.prod(s) for s in raw_shapes.values())
+    noise = sum(max(1, min(NOISE_STEPS, NOISE_BLOCK // n)) * n for n in (label_draws, params))
+    return (STATE_COPIES * params + noise) * dtype_bytes
+
+
+def widths(shapes: dict[str, tuple[int, ...]], in_dim: int, out_dim: int) -> int:
+    """An example's activations per run, approximated by the input, the output and every layer's
+    output (each matrix's first axis)."""
+    return in_dim + out_dim + sum(s[0] for s in shapes.values() if len(s) >= 2)
+
+
+def pack_bytes(runs: int, per_run: float, params: int, width: int, examples: int, in_dim: int, classes: int,
+               eval_runs_examples: int, dtype_bytes: int) -> float:
+    """A pack's peak: `runs` × (`per_run`, what a run's training step holds, plus KEPT_COPIES of
+    its `params`), plus what the runs share: the data (and a copy), an evaluation pass of
+    `eval_runs_examples` runs × examples, each `width` activations kept in float64 about four
+    times over, and neural collapse's class × class matrices in float64."""
+    evaluation = min(eval_runs_examples, runs * examples) * width * 8 * 4
+    collapse = 6 * classes**2 * 8 + runs * classes * width * 8
+    data = examples * in_dim * dtype_bytes * 2
+    return runs * (per_run + KEPT_COPIES * params * dtype_bytes) + evaluation + collapse + data
+
+
+def check_pack(cfg: Config, ds, model, runs: int, device: torch.device, eval_runs_examples: int) -> None:
+    """Refuse a pack of `runs` runs of `cfg` (its data `ds`, its packed `model`) that cannot fit."""
+    check(_pack_need(cfg, ds, model, runs, eval_runs_examples), f"a pack of {runs} run(s) of model={cfg.model.name}",
+          "lower pack_size (more, smaller packs) or the model's or the data's size", device)
+
+
+def fits(cfg: Config, ds, model, runs: int, device: torch.device, eval_runs_examples: int) -> bool:
+    """Whether a pack of `runs` runs fits, by the estimate `check_pack` refuses with."""
+    return _pack_need(cfg, ds, model, runs, eval_runs_examples) <= available(device)
+
+
+def _pack_need(cfg: Config, ds, model, runs: int, eval_runs_examples: int) -> float:
+    """The estimate with the step's activations approximated, so that nothing is allocated."""
+    from symrun.training import reparam
+
+    shapes = {k: s for k, (s, _) in model.shapes().items()}
+    raw = reparam.build(cfg, model).raw_shapes()
+    dtype_bytes = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
+    batch = cfg.data.batch_size or len(ds.x)
+    label = (2 if ds.task == "classification" else 1) * batch * (1 if ds.task == "classification" else ds.out_dim)
+    width = widths(shapes, ds.in_dim, ds.out_dim)
+    per_run = state_bytes(raw, label, dtype_bytes) + 4 * batch * width * dtype_bytes
+    examples = len(ds.x) + (0 if ds.x_test is None else len(ds.x_test))
+    return pack_bytes(runs, per_run, sum(math.prod(s) for s in raw.values()), width, examples, ds.in_dim,
+                      ds.n_classes or 0, eval_runs_examples, dtype_bytes)
+
+
+# -- the measured step, for pack sizes --------------------------------------------------------
 
 def saved_bytes(fn: Callable[[], Any]) -> int:
     """Bytes of the tensors autograd saves for backward while `fn()` runs (each storage once:
@@ -48,6 +162,8 @@ def per_run_bytes(step: Callable[[int], Any]) -> int:
 def pack_size(cfg: Config) -> int:
     """Runs per pack for the configs of `cfg`'s shape: `cfg.pack_size` when the user set one, else
     as many as PACK_BYTES holds (`run_bytes`). resnet18 trains each run alone: 1."""
+    from symrun import models
+
     if cfg.pack_size is not None:
         return cfg.pack_size
     if not models.spec(cfg.model.name).packs:
@@ -59,10 +175,11 @@ def pack_size(cfg: Config) -> int:
 
 
 def run_bytes(cfg: Config) -> int:
-    """What one run of a pack holds while it trains: its parameters with their gradient, two
-    optimiser buffers and the update's temporary (5 copies); its blocks of label and Langevin
-    noise (engine.NoiseBlocks: K steps at a time); and twice what a training step saves for its
-    backward, measured on the model itself (the backward pass allocates about as much again)."""
+    """What one run of a pack holds while it trains (`state_bytes` and the step's activations),
+    with the activations measured on a step of the model itself."""
+    from symrun import models
+    from symrun.training import reparam
+    from symrun.training.loss import loss_per_run
 
     x, y, task, in_dim, out_dim = _probe_batch(json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str), cfg.data)
     dtype = getattr(torch, cfg.train.dtype)
@@ -78,10 +195,8 @@ def run_bytes(cfg: Config) -> int:
         loss = loss_per_run(model.forward(rp.network(raw), xb), ys, task)
         return torch.autograd.grad(loss.sum(), list(raw.values()))
 
-    params = sum(math.prod(s) for s in rp.raw_shapes().values())
     label = (2 if task == "classification" else 1) * ys.numel()       # a step's draws, per run
-    noise = sum(max(1, min(NOISE_STEPS, NOISE_BLOCK // n)) * n for n in (label, params))   # K·n, as NoiseBlocks
-    return (5 * params + noise) * (torch.finfo(dtype).bits // 8) + 2 * per_run_bytes(step)
+    return state_bytes(rp.raw_shapes(), label, torch.finfo(dtype).bits // 8) + 2 * per_run_bytes(step)
 
 
 _PROBES: dict[str, tuple] = {}
@@ -90,7 +205,7 @@ _PROBES: dict[str, tuple] = {}
 def _probe_batch(key: str, cfg) -> tuple:
     """(x, y, task, in_dim, out_dim): one training batch of the data `cfg` describes (all of it
     for full-batch GD), as torch tensors; kept per distinct data config (`key`, its JSON)."""
-    from symrun import data as data_mod     # loading data imports this package's budget
+    from symrun import data as data_mod     # loading data checks its size here (`check`)
 
     if key not in _PROBES:
         ds = data_mod.load(cfg)

@@ -12,7 +12,8 @@ parameter dict:
   constraint set cᵢ = (Oᵀθ_p)ᵢ = 0; by the L1 equivalence the penalty on c is λ‖c‖₁, so cᵢ is
   exactly 0 once λ ≥ |∂ℓ/∂cᵢ| at cᵢ = 0. O = I is spred (θ = u⊙v, Ziyin & Wang 2023: an exact
   lasso); `group` trains θ_p = s·w with one scalar s, a sign mirror (s, w) → (−s, −w) whose set
-  is θ_p = 0 (group sparsity).
+  is θ_p = 0 (group sparsity). With `constraint.enforce=false` θ_p is trained as itself and the
+  same constraint is only measured: the baseline DCS is compared against.
 
 This is `torch.nn.utils.parametrize`'s idea (a parameter computed from others in every forward
 pass) applied to symrun's stacked dict of (R, ...) tensors, which are not module attributes.
@@ -114,7 +115,8 @@ class Reparam:
         self.remove_std = cfg.symmetry.remove_std if cfg.symmetry.remove else None
         self.offsets: Optional[Params] = None
         c = cfg.constraint
-        self.kind = c.kind if c.name == "dcs" else None
+        self.kind = c.kind if c.name == "dcs" else None      # the constraint measured, if any
+        self.enforced = self.kind is not None and c.enforce     # and whether DCS enforces it
         self.bases: dict[str, Basis] = {}
         self.constrained: list[str] = []
         if self.kind is None:
@@ -136,7 +138,7 @@ class Reparam:
     # -- the trained parameters ρ ------------------------------------------------------------
 
     def raw_names(self, p: str) -> tuple[str, ...]:
-        if p not in self.constrained:
+        if not self.enforced or p not in self.constrained:
             return (p,)
         return {"sparse": (f"{p}.u", f"{p}.v"), "group": (f"{p}.w", f"{p}.s")}.get(self.kind, (f"{p}.w", f"{p}.u", f"{p}.v"))
 
@@ -207,6 +209,8 @@ class Reparam:
         (u, v) sign mirrors, plus the model's own mirrors that touch no constrained parameter."""
         if self.remove_std is not None:
             return []
+        if not self.enforced:
+            return self.model.symmetries()
         own = [s for s in self.model.symmetries() if not set(_params_of(s)) & set(self.constrained)]
         dcs = [SignFlip(NeuronSet(f"dcs:{p}", tuple(Slot(n, 1) for n in self.raw_names(p)[-2:])))
                for p in self.constrained]
@@ -217,16 +221,18 @@ class Reparam:
         mirrors under symmetry removal (where they should fail), in ρ's names."""
         declared = self.symmetries()
         pool = self.model.candidates() + (self.model.symmetries() if self.remove_std is not None else [])
-        usable = [s for s in pool if not set(_params_of(s)) & set(self.constrained)]
+        usable = [s for s in pool if not (self.enforced and set(_params_of(s)) & set(self.constrained))]
         return [s for s in dict.fromkeys(usable) if s not in declared]
 
     # -- the constraint, measured on θ ----------------------------------------------------------
 
-    def measure(self, theta: Params, cfg: MetricsConfig) -> dict[str, torch.Tensor]:
-        """constraint_violation = ‖Oᵀθ‖ over the constrained parameters (float64), and
-        constraint_zeros = the fraction of coordinates cᵢ = (Oᵀθ)ᵢ with |cᵢ| ≤ constraint_atol."""
+    def measure(self, raw: Params, cfg: MetricsConfig) -> dict[str, torch.Tensor]:
+        """constraint_violation = ‖Oᵀθ‖ over the constrained parameters, and constraint_zeros = the
+        fraction of coordinates cᵢ = (Oᵀθ)ᵢ with |cᵢ| ≤ constraint_atol; enforced by DCS or not.
+        θ is composed from ρ (`raw`) in float64, so an enforced cᵢ = 0 has no round-off floor at 1e-8."""
         if self.kind is None:
             return {}
+        theta = self.network({k: v.detach().double() for k, v in raw.items()})
         coords = []
         for p in self.constrained:
             t = theta[p].double()

@@ -92,10 +92,6 @@ class PackedModel:
         form for `sym`: symrun.analysis.critical then builds the block from Hessian-vector products."""
         return None
 
-    def constraint_violation(self, params: Params) -> torch.Tensor | None:
-        """‖OᵀΘ‖ per run, (R,), for a model with a user-chosen linear constraint; None otherwise."""
-        return None
-
     def probe_metrics(self, params: Params, probe: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
         """Metrics a model reads off its own activations on the probe inputs: {column: (R,)}."""
         return {}
