@@ -138,6 +138,17 @@ def test_no_learning_curve_from_only_the_first_and_last_step(tmp_path, drawn):
     assert not [name for name in drawn if name.startswith("curves_")]
 
 
+def test_names_on_the_x_axis_with_several_series(tmp_path, drawn):
+    """A swept word with more values than the numeric axis becomes the x axis (schedules here):
+    its series are dodged by positions, not by arithmetic on the names."""
+    d = _sweep(tmp_path, "optim.schedule=constant,cosine,step", "optim.weight_decay=0,0.5", "optim.lr_min=0.01")
+    report.build(d)
+    ax = drawn["phase_train_loss_vs_optim.schedule_by_optim.weight_decay"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["constant", "cosine", "step"]
+    xs = {round(float(x), 9) for line in ax.get_lines() for x in line.get_xdata()}
+    assert len(xs) == 6 and all(-0.5 < x < 2.5 for x in xs)     # 3 names × 2 series, side by side
+
+
 def test_heatmap_draws_the_closed_form_boundary(tmp_path, drawn):
     d = _sweep(tmp_path, "optim.weight_decay=0.01,0.1,1.0,2.0,3.0", "noise.label_std=0,0.1,0.2,0.3,0.4")
     report.build(d)

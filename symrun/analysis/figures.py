@@ -83,7 +83,10 @@ def phase_diagram(sweep_dir: Path, done: pd.DataFrame, axis: str, metric: str, s
     fig, (ax,) = figure()
     cats = sorted(done[axis].dropna().unique().tolist()) if categorical(done[axis]) else None
     scale = None if cats is not None else log_scale(done[axis])
-    span = (done[axis][done[axis] > 0].min() if scale else done[axis].min(), done[axis].max())
+    if cats is not None:         # names on the axis: series are dodged in units of its positions
+        span = (0, max(len(cats) - 1, 1))
+    else:
+        span = (done[axis][done[axis] > 0].min() if scale else done[axis].min(), done[axis].max())
     groups = [(None, done)] if series is None else list(done.groupby(series, dropna=False))
     handles, seeds = [], int(done.groupby([axis] + ([series] if series else []), dropna=False).size().max())
     for i, (value, part) in enumerate(groups):
