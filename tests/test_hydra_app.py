@@ -163,3 +163,12 @@ def test_a_folder_name_reaches_hydra_as_written(text):
 
     value = OverridesParser.create().parse_override(f"key={hydra_quoted(literal(text))}").value()
     assert OmegaConf.create({"v": value}).v == text
+
+
+def test_a_pack_jobs_per_run_values_read_back_typed_and_exact():
+    assert values_of('[0, 1, -2]') == [0, 1, -2]
+    assert values_of('[0.1, -0.0, 1e-300, NaN]')[:3] == [0.1, -0.0, 1e-300]
+    assert str(values_of('[-0.0]')[0]) == "-0.0" and values_of('[NaN]')[0] != values_of('[NaN]')[0]
+    assert values_of('["constant", "cosine"]') == ["constant", "cosine"]
+    assert values_of("0.1,0.2") == [0.1, 0.2] and values_of("0,1") == [0, 1]    # as earlier versions wrote them
+    assert values_of([1, 2]) == [1, 2]                                         # a job config written by hand
