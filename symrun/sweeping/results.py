@@ -21,7 +21,8 @@ a run folder back and checks it, symrun.sweeping.tables rebuilds the sweep's tab
 
 Every file symrun writes or reads is written and read through symrun.sweeping.folder, which never follows a
 link inside a sweep folder. Hydra (.hydra/, the job's log) and submitit (.submitit/) write theirs with plain
-open(), so those names are checked not to be links before they write (records.check_folder, job.RunChecks). run_id = readable prefix + hash of the settings that differ from the defaults (open_lth
+open(), so those names are checked not to be links before they write (records.check_folder, job.RunChecks).
+run_id = readable prefix + hash of the settings that differ from the defaults (open_lth
 style: adding a new setting with a default renames no existing run).
 """
 
