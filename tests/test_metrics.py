@@ -78,11 +78,11 @@ def test_stable_rank_is_frobenius_over_spectral_squared():
     assert values(metrics.stable_rank(t([[3.0, 3.0, 3.0], [0.0, 0.0, 0.0]]))) == pytest.approx([3.0, 0.0])
 
 
-def test_rank_metrics_average_over_middle_axes_and_carry_the_suffix():
+def test_rank_metrics_average_over_middle_axes_and_carry_the_qualifier():
     # (R=1, M=2, 3, 3): member 0 has σ = (2, 1, 0), member 1 has σ = (1, 0, 0)
     m0 = known_matrix([2.0, 1.0], 3, 3, seed=6)
     m1 = known_matrix([1.0], 3, 3, seed=8)
-    out = metrics.rank_metrics(torch.stack([m0, m1])[None], rtol=1e-3, suffix=".layer0")
+    out = metrics.rank_metrics(torch.stack([m0, m1])[None], rtol=1e-3, qualifier="layer0")
     assert set(out) == {"rank.layer0", "effective_rank.layer0", "stable_rank.layer0"}
     assert float(out["rank.layer0"][0]) == pytest.approx((2 + 1) / 2)
     eff0 = math.exp(-((2 / 3) * math.log(2 / 3) + (1 / 3) * math.log(1 / 3)))
@@ -453,3 +453,9 @@ def test_constraint_summary_per_kind_on_a_tanh_mlp():
     relu = build(MLPConfig(width=3, depth=1, bias=False, activation="relu"), in_dim=2, out_dim=1)
     m = metrics.measure(relu, params, CFG, probe(2))                # ReLU: permutation mirrors only
     assert "constraint_fraction.rescaling" not in m and values(m["constraint_fraction.permutation"]) == pytest.approx([1 / 3])
+
+
+def test_a_metric_column_is_its_name_or_name_dot_qualifier():
+    assert metrics.column("rank") == "rank" and metrics.column("rank", "") == "rank"
+    assert metrics.column("rank", "layer1.head0") == "rank.layer1.head0"
+    assert metrics.column("critical_wd_max", "rescaling") == "critical_wd_max.rescaling"

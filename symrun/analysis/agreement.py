@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from symrun import data as data_mod
-from symrun.analysis import notation
+from symrun.analysis import metrics, notation
 from symrun.sweeping import folder, records, results
 from symrun.config import ConfigError, to_config
 from symrun.models import registry
@@ -86,7 +86,9 @@ def critical_line(runs: pd.DataFrame, axis: str, metric: str) -> Optional[tuple[
     kind — the largest over its mirrors, median over seeds — at the runs' largest weight decay,
     where the structure is most complete. At a fully symmetric point it is the closed-form
     threshold (e.g. ‖Xᵀy/n‖∞ for the Hadamard model), so the two lines should meet there."""
-    column = f"critical_wd_max.{KIND_OF.get(metric, '')}"
+    if metric not in KIND_OF:
+        return None
+    column = metrics.column("critical_wd_max", KIND_OF[metric])
     if axis != WD or column not in runs:
         return None
     at = runs[axis].max()

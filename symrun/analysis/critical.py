@@ -28,7 +28,7 @@ import torch
 from symrun.analysis import linalg
 from symrun.training import memory
 from symrun.config import MetricsConfig
-from symrun.analysis.metrics import finite_runs, zero_runs
+from symrun.analysis.metrics import column, finite_runs, zero_runs
 from symrun.training.loss import loss_per_run
 from symrun.analysis.symmetries import Mirror, Symmetry, constraint_norms, kind, mirror_size, project, select
 
@@ -150,9 +150,9 @@ def summarize(per_kind: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Columns critical_wd_{min,median,max}.<kind>, each (R,)."""
     out = {}
     for name, values in sorted(per_kind.items()):
-        out[f"critical_wd_min.{name}"] = values.min(dim=1).values
-        out[f"critical_wd_median.{name}"] = values.median(dim=1).values
-        out[f"critical_wd_max.{name}"] = values.max(dim=1).values
+        out[column("critical_wd_min", name)] = values.min(dim=1).values
+        out[column("critical_wd_median", name)] = values.median(dim=1).values
+        out[column("critical_wd_max", name)] = values.max(dim=1).values
     return out
 
 

@@ -124,11 +124,20 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
 GRAM_RESOLUTION = 1e-7
 
 
-def rank_metrics(matrix: torch.Tensor, rtol: float, suffix: str = "", atol: float = 0.0) -> dict[str, torch.Tensor]:
-    """rank, effective_rank, stable_rank of (R, ..., a, b), averaged over any middle axes."""
+def column(metric: str, qualifier: str = "") -> str:
+    """The column of a metric, qualified by what it was measured on when there are several: the
+    plain name (`rank`, over all of them), or `<metric>.<qualifier>` — `rank.layer0`,
+    `rank.layer1.head0`, `critical_wd_max.rescaling`, `constraint_fraction.rescaling`. Every
+    metric column symrun writes is named here."""
+    return f"{metric}.{qualifier}" if qualifier else metric
+
+
+def rank_metrics(matrix: torch.Tensor, rtol: float, qualifier: str = "", atol: float = 0.0) -> dict[str, torch.Tensor]:
+    """rank, effective_rank, stable_rank of (R, ..., a, b), averaged over any middle axes, in the
+    columns of `qualifier` (`column`)."""
     s = singular_values(matrix)
     out = {"rank": numerical_rank(s, rtol, atol), "effective_rank": effective_rank(s), "stable_rank": stable_rank(s)}
-    return {f"{k}{suffix}": v.reshape(v.shape[0], -1).mean(-1) for k, v in out.items()}
+    return {column(k, qualifier): v.reshape(v.shape[0], -1).mean(-1) for k, v in out.items()}
 
 
 def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes: int) -> dict[str, torch.Tensor]:
@@ -186,7 +195,7 @@ def constraint_summary(symmetries, params, atol: float) -> dict[str, torch.Tenso
     everything = torch.cat([n for norms in per_kind.values() for n in norms], dim=1)
     out = {"constraint_distance": everything.mean(dim=1), "constraint_fraction": held(everything)}
     for name, norms in sorted(per_kind.items()):
-        out[f"constraint_fraction.{name}"] = held(torch.cat(norms, dim=1))
+        out[column("constraint_fraction", name)] = held(torch.cat(norms, dim=1))
     return out
 
 
@@ -212,8 +221,8 @@ def measure(model, params, cfg: MetricsConfig, probe: torch.Tensor,
             frac.append(f.reshape(f.shape[0], -1).mean(-1) * groups[ns].shape[-2])
             width += groups[ns].shape[-2]
         out["independent_fraction"] = torch.stack(frac).sum(0) / width
-    for suffix, matrix in model.products(params).items():
-        out.update(rank_metrics(matrix, cfg.rank_rtol, suffix, cfg.rank_atol))
+    for qualifier, matrix in model.products(params).items():
+        out.update(rank_metrics(matrix, cfg.rank_rtol, qualifier, cfg.rank_atol))
     members = model.member_vectors(params)                                     # (R, M, P) or None
     if members is not None:
         dead = dead_groups(members, cfg.sparsity_atol, cfg.sparsity_rtol)

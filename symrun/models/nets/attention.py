@@ -57,7 +57,7 @@ class Attention(PackedModel):
 
     def products(self, params):
         qk = params["query"] @ params["key"]                                         # (R, H, e, e)
-        per_head = {f".head{h}": qk[:, h] for h in range(qk.shape[1])} if qk.shape[1] > 1 else {}
+        per_head = {f"head{h}": qk[:, h] for h in range(qk.shape[1])} if qk.shape[1] > 1 else {}
         return {"": qk, **per_head}
 
     def balance_pair(self, params):

@@ -64,7 +64,8 @@ class PackedModel:
         return self.neuron_sets() if self.permutes_neurons else []
 
     def products(self, params: Params) -> dict[str, torch.Tensor]:
-        """Matrices whose ranks are reported: {column suffix: (R, ..., a, b)}."""
+        """Matrices whose ranks are reported: {qualifier of their columns (symrun.analysis.metrics.column:
+        "" for the plain `rank`, "layer0" for `rank.layer0`): (R, ..., a, b)}."""
         return {}
 
     def member_vectors(self, params: Params) -> torch.Tensor | None:

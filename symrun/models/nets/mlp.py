@@ -143,7 +143,7 @@ class MLP(PackedModel):
         return syms
 
     def products(self, params):
-        return {f".layer{l}": params[f"layers.{l}.weight"] for l in range(len(self.sizes) - 1)}
+        return {f"layer{l}": params[f"layers.{l}.weight"] for l in range(len(self.sizes) - 1)}
 
     def mirror_blocks(self, sym, params, order, x, loss_of):
         """Hidden neurons' sign flips and swaps in closed form (symrun.models.nets.curvature); member swaps

@@ -181,7 +181,7 @@ class ModuleModel(PackedModel):
             if i == 0:
                 out[""] = product
             if len(rotations) > 1:
-                out[f".{name}"] = product
+                out[name] = product
         return out
 
     def _rotation_names(self) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 from torch.func import functional_call
 
 from symrun.config import ConfigError
-from symrun.analysis.metrics import dead_groups, independent_fraction
+from symrun.analysis.metrics import column, dead_groups, independent_fraction
 from symrun.models.nets.base import EVAL_CHUNK, PackedModel, Params, in_chunks, runs_of
 from symrun.models.resnet import ResNetConfig
 from symrun.analysis.symmetries import NeuronSet, Slot, Swap, gather
@@ -154,14 +154,14 @@ class ResNet18(PackedModel):
         for ns in self.channel_sets():
             dead = dead_groups(rms[ns.name].unsqueeze(-1), cfg.sparsity_atol, cfg.sparsity_rtol)    # (R, C)
             frac = independent_fraction(gather(ns, params), cfg.homogeneity_threshold, dead)       # (R,)
-            out[f"dead_fraction.{ns.name}"] = dead.double().mean(-1)
-            out[f"independent_fraction.{ns.name}"] = frac
+            out[column("dead_fraction", ns.name)] = dead.double().mean(-1)
+            out[column("independent_fraction", ns.name)] = frac
             dead_all.append(dead)
             groups, width = groups + frac.double() * dead.shape[-1], width + dead.shape[-1]
         out["dead_fraction"] = torch.cat(dead_all, dim=-1).double().mean(-1)
         out["independent_fraction"] = groups / width
         pen = dead_groups(rms["penultimate"].unsqueeze(-1), cfg.sparsity_atol, cfg.sparsity_rtol)
-        out["dead_fraction.penultimate"] = pen.double().mean(-1)
+        out[column("dead_fraction", "penultimate")] = pen.double().mean(-1)
         return out
 
     def run_arrays(self, params, probe):

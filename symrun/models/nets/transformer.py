@@ -92,7 +92,7 @@ class Transformer(PackedModel):
 
     def products(self, params):
         """W_Q W_Kᵀ: all heads of all layers (averaged: the unsuffixed columns) and each head
-        (`.layer{l}.head{h}`)."""
+        (`layer{l}.head{h}`)."""
         qk = [params[f"layers.{l}.query"] @ params[f"layers.{l}.key"] for l in range(self.cfg.layers)]   # (R, H, d, d)
-        per_head = {f".layer{l}.head{h}": m[:, h] for l, m in enumerate(qk) for h in range(m.shape[1])}
+        per_head = {f"layer{l}.head{h}": m[:, h] for l, m in enumerate(qk) for h in range(m.shape[1])}
         return {"": torch.stack(qk, dim=1), **per_head}
