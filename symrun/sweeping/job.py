@@ -3,9 +3,9 @@
 `task` is the task function every launcher runs — in this process (Hydra's basic launcher), a
 joblib worker or a SLURM node. A pack job's config (its `.hydra/config.yaml`) is the shape its
 runs share plus `pack`: the pack's number, the suite member it belongs to, and under `pack.runs`
-one string per per-run setting that varies, its comma-separated values, one per run
-(symrun.sweeping.sweep.job_overrides). Its
-runs' configs are rebuilt from it as the planner built them — set on copies, not recomposed, not
+one string per per-run setting that varies, a JSON list of its values, one per run
+(symrun.sweeping.sweep.job_overrides; `values_of` reads it). Its runs' configs are rebuilt from
+it as the planner built them — set on copies, not recomposed, not
 read back from the run folders. A job without `pack` is one run: `symrun run` (its folder is
 hydra.run.dir) or a job of another sweeper (`hydra/sweeper=basic`: its job folder).
 
