@@ -129,9 +129,11 @@ def test_a_preempted_pack_is_requeued_and_resumes_from_its_checkpoint(cli, tmp_p
         (script,) = (d / ".submitit").glob("*/*_submission.sh")
         signal_name = re.search(r"--signal=(\w+)@", script.read_text()).group(1)
         subprocess.run(["scancel", f"--signal={signal_name}", job], check=True, timeout=30)
-        # A requeued job waits ~2 minutes before it may start again; let it start at once.
+        # A requeued job waits ~2 minutes before it may start again; let it start sooner. Not in the
+        # same second as the requeue: slurmd revoked the old credential in that second, refuses a
+        # launch whose credential is no newer ("Job credential revoked") and the job then ends.
         _wait_for(lambda: "Restarts=1" in _scontrol(job) and "JobState=PENDING" in _scontrol(job), proc)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True, timeout=30)
         out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
