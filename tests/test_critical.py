@@ -167,7 +167,7 @@ def test_at_end_in_passes_of_one_run_gives_the_same_columns(monkeypatch):
     cfg = Config(model=model_cfg, data=data_cfg).metrics
     x, y, alive = torch.as_tensor(ds.x), torch.as_tensor(ds.y), torch.ones(3, dtype=torch.bool)
     together = critical.at_end(model, rp, params, x, y, "regression", cfg, alive)
-    monkeypatch.setattr(critical.memory, "PASS_BYTES", 1)                     # one run per pass
+    monkeypatch.setattr(critical.memory, "EVAL_BYTES", 1)                     # one run per pass
     assert critical.runs_per_pass(lambda p: model.forward(p, x).sum((1, 2)), params, 4) == 1
     apart = critical.at_end(model, rp, params, x, y, "regression", cfg, alive)
     assert together.keys() == apart.keys()

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from symrun import data
-from symrun.training import engine, noise
+from symrun import models
+from symrun.training import engine, memory, noise
 from symrun.config import (
     Config,
     DigitsDataConfig,
@@ -193,11 +194,12 @@ def _chunk_cases():
 
 @pytest.mark.parametrize("name", ["mlp-digits (neural collapse)", "factorization with a diverging run"])
 def test_metrics_evaluated_in_chunks_of_runs_equal_one_pass_over_the_pack(name, monkeypatch):
-    """A log step evaluates the runs in chunks (engine.EVAL_CHUNK bounds runs × examples); the
-    rows must not depend on the chunking, a diverged run included."""
+    """A log step evaluates the runs in chunks (memory.EVAL_BYTES bounds runs × examples × the
+    model's activations); the rows must not depend on the chunking, a diverged run included."""
     pack, ds = _chunk_cases()[name]
     whole = engine.train_pack(pack, ds)
-    monkeypatch.setattr(engine, "EVAL_CHUNK", 2 * len(ds.x))            # chunks of 2 runs
+    width = models.build(pack[0].model, ds.in_dim, ds.out_dim).example_width()
+    monkeypatch.setattr(memory, "EVAL_BYTES", 2 * len(ds.x) * width * 8 * memory.EVAL_COPIES)   # chunks of 2 runs
     chunked = engine.train_pack(pack, ds)
     assert len(pack) > 2 and [o.status for o in chunked] == [o.status for o in whole]
     for got, want in zip(chunked, whole):

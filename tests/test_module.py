@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from symrun import cli as cli_mod
-from symrun.training import engine
+from symrun import models
+from symrun.models.module import ModuleConfig
+from symrun.training import engine, memory
 from symrun.sweeping import sweep
 
 NETS = textwrap.dedent('''
@@ -180,6 +183,28 @@ def test_a_run_alone_equals_the_same_run_in_a_pack(user, monkeypatch):
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-14, err_msg=k)
         for k in want.state:
             np.testing.assert_allclose(got.state[k].numpy(), want.state[k].numpy(), rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+def test_an_evaluation_in_chunks_of_examples_equals_one_pass(user, monkeypatch):
+    """Autograd off, a module's forward goes through the batch in chunks within memory.EVAL_BYTES
+    (its width measured on the module); the outputs equal one pass over the whole batch."""
+    name, cfg = user
+    monkeypatch.syspath_prepend(str(cfg))
+    model = models.build(ModuleConfig(target=f"{name}.ConvNet", args={"channels": 2}), 64, 10)
+    # the input, conv1 and conv2 (2 × 8 × 8 each) and the readout's 10
+    assert model.example_width() == 64 + 2 * 128 + 10
+    params = model.init_params([0, 1, 2], torch.device("cpu"), torch.float64)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        whole = model.forward(params, x)
+        monkeypatch.setattr(memory, "EVAL_BYTES", 3 * 7 * model.example_width() * 8 * memory.EVAL_COPIES)
+        assert memory.eval_items(model.example_width()) // 3 == 7          # 8 chunks of ≤ 7 examples
+        calls = []
+        inner = model.skeleton.forward
+        monkeypatch.setattr(model.skeleton, "forward", lambda xb: calls.append(1) or inner(xb))
+        chunked = model.forward(params, x)
+    assert len(calls) == 8
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
 
 
 def test_sparsity_of_the_user_mlp_matches_the_built_in_mlp_on_the_same_data_and_seed(user, monkeypatch):

@@ -157,12 +157,12 @@ def summarize(per_kind: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def runs_per_pass(loss_fn: LossFn, params: Params, limit: int) -> int:
-    """Real runs per batched pass (each `limit` virtual runs) within memory.PASS_BYTES, from the
+    """Real runs per batched pass (each `limit` virtual runs) within memory.EVAL_BYTES, from the
     bytes one run's double-backward graph saves; the Hessian-vector product allocates about as
     much again. The closed-form blocks need less than this graph."""
     one = {k: v[:1] for k, v in params.items()}
     graph = memory.saved_bytes(lambda: hvp_at(loss_fn, one))
-    return max(1, memory.PASS_BYTES // (2 * graph * max(1, limit)))
+    return max(1, memory.EVAL_BYTES // (2 * graph * max(1, limit)))
 
 
 def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -224,12 +224,12 @@ def _check_memory(configs: dict[str, Config], groups: dict[str, str], built: dic
     for group, count in runs.items():
         cfg, ds, model = built[group]
         device = engine.resolve_device(cfg.device)
-        memory.check_pack(cfg, ds, model, 1, device, engine.EVAL_CHUNK)   # one run must fit, by the estimate
+        memory.check_pack(cfg, ds, model, 1, device)   # one run must fit, by the estimate
         # Sizing a pack from memory measures a real step of 1 and 2 runs: first make sure, by the
         # estimate, that 2 runs fit, else refuse the pack the sweep would train (it needs more).
-        if not memory.fits(cfg, ds, model, min(2, count), device, engine.EVAL_CHUNK):
-            memory.check_pack(cfg, ds, model, min(cfg.pack_size or count, count), device, engine.EVAL_CHUNK)
-        memory.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), device, engine.EVAL_CHUNK)
+        if not memory.fits(cfg, ds, model, min(2, count), device):
+            memory.check_pack(cfg, ds, model, min(cfg.pack_size or count, count), device)
+        memory.check_pack(cfg, ds, model, min(memory.pack_size(cfg), count), device)
 
 
 def _group(cfg: Config) -> str:

@@ -23,13 +23,10 @@ from symrun.config import PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, t
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed
 from symrun.training import checkpoint as ckpt_mod
-from symrun.training import reparam
+from symrun.training import memory, reparam
 from symrun.training.loss import loss_per_run
 from symrun.training.noise import NoiseBlocks, StepNoise  # noqa: F401 — NoiseBlocks: engine.NoiseBlocks stays
 from symrun.training.optim import PackedOptimizer, Schedule, per_run
-
-
-EVAL_CHUNK = 65536      # runs × training examples per metric evaluation pass (bounds its memory)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,9 +99,9 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     def log(step: int) -> None:
         with torch.no_grad():
             theta = net()
-            # Runs are independent, so they are evaluated in chunks that bound the memory of the
-            # training-set passes (neural collapse holds every example's features, in float64).
-            chunk = max(1, EVAL_CHUNK // len(x))
+            # Runs are independent, so they are evaluated in chunks whose training-set passes fit
+            # memory.EVAL_BYTES (neural collapse holds every example's features, in float64).
+            chunk = max(1, memory.eval_items(model.example_width()) // len(x))
             parts = [evaluate(model, {k: v[i:i + chunk] for k, v in theta.items()}, first, ds.task, x, y, x_test, y_test)
                      for i in range(0, len(cfgs), chunk)]
             row = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -6,10 +6,18 @@ A run of a pack holds, while it trains (`run_bytes`):
 - its blocks of label and Langevin noise (symrun.training.noise.NoiseBlocks: K steps at a time);
 - the activations a training step keeps: twice what autograd saves for backward (the backward
   pass allocates about as much again), *measured* on the model itself (`per_run_bytes`), or,
-  before anything may be allocated, approximated by 4 × batch × the layer widths (`widths`).
+  before anything may be allocated, approximated by 2 × batch × the activations one example
+  produces (the model's `example_width`: about what autograd saves).
 Outside the step it also keeps 3 more copies (the last logged row, the composed θ, a
 checkpoint), and the pack shares the data, an evaluation pass and neural collapse's class-by-class
 matrices (`pack_bytes`).
+
+**One evaluation budget.** Whatever runs without training — the metric passes of a log step
+(symrun.training.engine), a real network's forward over a whole training set in chunks of examples
+(symrun.models.nets.base.in_chunks), a batched Hessian pass of λ_c (symrun.analysis.critical) —
+holds at most EVAL_BYTES at a time: each splits its runs or examples into chunks from the
+bytes one (run, example) needs (`eval_items`), or one run's Hessian graph. Chunks change how
+much is computed at once, never a run's numbers: runs and examples are independent there.
 
 Two uses, one estimate:
 - **pack size** (`pack_size`): runs per pack = PACK_BYTES // the measured `run_bytes`. PACK_BYTES is
@@ -36,7 +44,8 @@ from symrun.config import Config, ConfigError, to_dict
 
 GIB = 2**30
 PACK_BYTES = 2 * 2**30     # one pack's training: every run's state and one step's graph
-PASS_BYTES = 512 * 2**20   # one batched Hessian pass of λ_c (symrun.analysis.critical), all its virtual runs
+EVAL_BYTES = 512 * 2**20   # one evaluation pass: a log step's metrics, a chunked forward, a Hessian pass of λ_c
+EVAL_COPIES = 4            # an evaluation keeps an example's activations about four times over, in float64
 FALLBACK_PACK = 256        # runs per pack when a model's step cannot be measured
 STATE_COPIES = 5           # ρ, its gradient, two optimiser buffers, the update's temporary
 KEPT_COPIES = 3            # outside the step: the last logged row, the composed θ, a checkpoint
@@ -91,49 +100,48 @@ def state_bytes(raw_shapes: dict[str, tuple[int, ...]], label_draws: int, dtype_
     return (STATE_COPIES * params + noise) * dtype_bytes
 
 
-def widths(shapes: dict[str, tuple[int, ...]], in_dim: int, out_dim: int) -> int:
-    """An example's activations per run, approximated by the input, the output and every layer's
-    output (each matrix's first axis)."""
-    return in_dim + out_dim + sum(s[0] for s in shapes.values() if len(s) >= 2)
+def eval_items(width: int) -> int:
+    """(run, example) pairs one evaluation pass holds within EVAL_BYTES, each example `width`
+    activations kept EVAL_COPIES times in float64."""
+    return max(1, EVAL_BYTES // (max(1, width) * 8 * EVAL_COPIES))
 
 
 def pack_bytes(runs: int, per_run: float, params: int, width: int, examples: int, in_dim: int, classes: int,
-               eval_runs_examples: int, dtype_bytes: int) -> float:
+               dtype_bytes: int) -> float:
     """A pack's peak: `runs` × (`per_run`, what a run's training step holds, plus KEPT_COPIES of
-    its `params`), plus what the runs share: the data (and a copy), an evaluation pass of
-    `eval_runs_examples` runs × examples, each `width` activations kept in float64 about four
-    times over, and neural collapse's class × class matrices in float64."""
-    evaluation = min(eval_runs_examples, runs * examples) * width * 8 * 4
+    its `params`), plus what the runs share: the data (and a copy), an evaluation pass (at most
+    EVAL_BYTES; less when all its runs × examples, each `width` activations, take less) and
+    neural collapse's class × class matrices in float64."""
+    evaluation = min(eval_items(width), runs * examples) * width * 8 * EVAL_COPIES
     collapse = 6 * classes**2 * 8 + runs * classes * width * 8
     data = examples * in_dim * dtype_bytes * 2
     return runs * (per_run + KEPT_COPIES * params * dtype_bytes) + evaluation + collapse + data
 
 
-def check_pack(cfg: Config, ds, model, runs: int, device: torch.device, eval_runs_examples: int) -> None:
+def check_pack(cfg: Config, ds, model, runs: int, device: torch.device) -> None:
     """Refuse a pack of `runs` runs of `cfg` (its data `ds`, its packed `model`) that cannot fit."""
-    check(_pack_need(cfg, ds, model, runs, eval_runs_examples), f"a pack of {runs} run(s) of model={cfg.model.name}",
+    check(_pack_need(cfg, ds, model, runs), f"a pack of {runs} run(s) of model={cfg.model.name}",
           "lower pack_size (more, smaller packs) or the model's or the data's size", device)
 
 
-def fits(cfg: Config, ds, model, runs: int, device: torch.device, eval_runs_examples: int) -> bool:
+def fits(cfg: Config, ds, model, runs: int, device: torch.device) -> bool:
     """Whether a pack of `runs` runs fits, by the estimate `check_pack` refuses with."""
-    return _pack_need(cfg, ds, model, runs, eval_runs_examples) <= available(device)
+    return _pack_need(cfg, ds, model, runs) <= available(device)
 
 
-def _pack_need(cfg: Config, ds, model, runs: int, eval_runs_examples: int) -> float:
+def _pack_need(cfg: Config, ds, model, runs: int) -> float:
     """The estimate with the step's activations approximated, so that nothing is allocated."""
     from symrun.training import reparam
 
-    shapes = {k: s for k, (s, _) in model.shapes().items()}
     raw = reparam.build(cfg, model).raw_shapes()
     dtype_bytes = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
     batch = cfg.data.batch_size or len(ds.x)
     label = (2 if ds.task == "classification" else 1) * batch * (1 if ds.task == "classification" else ds.out_dim)
-    width = widths(shapes, ds.in_dim, ds.out_dim)
-    per_run = state_bytes(raw, label, dtype_bytes) + 4 * batch * width * dtype_bytes
+    width = model.example_width()
+    per_run = state_bytes(raw, label, dtype_bytes) + 2 * batch * width * dtype_bytes
     examples = len(ds.x) + (0 if ds.x_test is None else len(ds.x_test))
     return pack_bytes(runs, per_run, sum(math.prod(s) for s in raw.values()), width, examples, ds.in_dim,
-                      ds.n_classes or 0, eval_runs_examples, dtype_bytes)
+                      ds.n_classes or 0, dtype_bytes)
 
 
 # -- the measured step, for pack sizes --------------------------------------------------------

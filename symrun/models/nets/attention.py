@@ -40,6 +40,11 @@ class Attention(PackedModel):
             out["position"] = ((self.t, e), s)      # on the scale of the N(0, 1) input features
         return out
 
+    def example_width(self):
+        """The tokens, each head's queries, keys, values and T × T scores, the heads' outputs."""
+        t, h, k, e = self.t, self.cfg.heads, self.cfg.key_dim, self.e
+        return 2 * t * e + h * t * (3 * k + 2 * t) + t * e + self.o
+
     def forward(self, params, x):
         r = params["query"].shape[0]
         tokens = x.reshape(*x.shape[:-1], self.t, self.e).expand(r, *x.shape[-2:-1], self.t, self.e)  # (R, B, T, e)

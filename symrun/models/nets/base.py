@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from symrun.seeds import generator
+from symrun.training import memory
 from symrun.analysis.symmetries import NeuronSet, SignFlip, Swap, Symmetry
 
 Params = dict[str, torch.Tensor]
@@ -44,6 +45,12 @@ class PackedModel:
         return {k: torch.stack([p[k] for p in per_run]).to(device=device, dtype=dtype) for k in self.shapes()}
 
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def example_width(self) -> int:
+        """Activations one example of one run produces in a forward pass (the input, every
+        layer's output, the output), in elements: what an evaluation pass holds per (run,
+        example), within symrun.training.memory.EVAL_BYTES."""
         raise NotImplementedError
 
     def symmetries(self) -> list[Symmetry]:
@@ -106,13 +113,12 @@ class PackedModel:
         return {k: v[r].detach().cpu().clone() for k, v in params.items()}
 
 
-EVAL_CHUNK = 256   # inputs per forward pass of a real network when no gradient is needed
-
-
-def in_chunks(forward: Callable, params: Params, x: torch.Tensor, size: int = EVAL_CHUNK) -> torch.Tensor:
-    """forward(params, x) over chunks of the batch when autograd is off; x is (B, ...) shared by
-    the runs or (R, B, ...) per run, the output (R, B, ...)."""
+def in_chunks(forward: Callable, params: Params, x: torch.Tensor, width: int) -> torch.Tensor:
+    """forward(params, x) over chunks of the batch when autograd is off, each chunk's runs ×
+    examples × `width` activations within memory.EVAL_BYTES; x is (B, ...) shared by the runs or
+    (R, B, ...) per run, the output (R, B, ...)."""
     axis = 0 if x.dim() == 2 else 1
+    size = max(1, memory.eval_items(width) // runs_of(params))
     if torch.is_grad_enabled() or x.shape[axis] <= size:
         return forward(params, x)
     return torch.cat([forward(params, chunk) for chunk in x.split(size, dim=axis)], dim=1)
@@ -121,3 +127,23 @@ def in_chunks(forward: Callable, params: Params, x: torch.Tensor, size: int = EV
 def runs_of(params: Params) -> int:
     return next(iter(params.values())).shape[0]
 
+
+
+def module_width(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """`example_width` of a torch module, measured: the input's and every leaf module's output
+    elements for the batch x, per example (on the meta device nothing is computed)."""
+    total = [x[0].numel()]
+
+    def count(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output[0].numel()
+
+    leaves = [m for m in net.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            net(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]

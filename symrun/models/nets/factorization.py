@@ -25,6 +25,9 @@ class Factorization(PackedModel):
         s = self.cfg.init_scale
         return {"U": ((self.o, self.h), s / math.sqrt(self.h)), "W": ((self.h, self.d), s / math.sqrt(self.d))}
 
+    def example_width(self):
+        return self.d + self.h + self.o
+
     def forward(self, params, x):
         w, u = params["W"], params["U"]                      # (R, h, d), (R, o, h)
         if x.dim() == 2:        # a shared input (full batch): W x of every run as one GEMM, (R, h, B)

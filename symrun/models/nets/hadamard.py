@@ -22,6 +22,9 @@ class Hadamard(PackedModel):
     def shapes(self):
         return {"u": ((self.d,), self.std), "w": ((self.d,), self.std)}
 
+    def example_width(self):
+        return self.d + 1
+
     def forward(self, params, x):
         s = params["u"] * params["w"]                        # (R, d)
         if x.dim() == 2:        # a shared input (full batch): one GEMM for every run, not R broadcast ones

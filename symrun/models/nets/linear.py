@@ -21,6 +21,9 @@ class Linear(PackedModel):
     def shapes(self):
         return {"w": ((self.o, self.d), self.cfg.init_scale / math.sqrt(self.d))}
 
+    def example_width(self):
+        return self.d + self.o
+
     def forward(self, params, x):
         return x @ params["w"].mT                                        # (R, B, o)
 

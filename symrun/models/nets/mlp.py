@@ -70,6 +70,10 @@ class MLP(PackedModel):
                 out[f"layers.{l}.bias"] = ((m, fan_out), 0.0)
         return out
 
+    def example_width(self):
+        """The input, each member's pre-activations and activations of every hidden layer, its output."""
+        return self.sizes[0] + self.members * (2 * sum(self.sizes[1:-1]) + self.sizes[-1])
+
     def _hidden_t(self, params, x):
         """Activations of the last hidden layer, feature-major: (R, M, width, B)."""
         h = self._layer_t(params, 0, x)

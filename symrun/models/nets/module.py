@@ -28,7 +28,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from symrun.config import ConfigError
 from symrun.models.module import IMPORT_PATH, ModuleConfig
-from symrun.models.nets.base import PackedModel, Params
+from symrun.models.nets.base import PackedModel, Params, in_chunks, module_width
 from symrun.seeds import derive_seed
 from symrun.analysis.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
@@ -81,6 +81,7 @@ class ModuleModel(PackedModel):
         self._shapes = {k: tuple(p.shape) for k, p in params.items()}
         self.buffers = {k: b.detach().clone() for k, b in template.named_buffers()}
         self._refuse_updated_buffers(template, in_dim)
+        self.width = self._width(template, in_dim, out_dim)
         self.skeleton = template.to("meta")
         self._on: dict = {}                          # constant buffers per (device, dtype)
         self.declared = [declared_symmetry(m, i, self._shapes) for i, m in enumerate(cfg.mirrors)]
@@ -110,6 +111,17 @@ class ModuleModel(PackedModel):
             raise ConfigError(f"model._target_={self.cfg.target} updates its buffers ({', '.join(moved)}) as it trains, "
                               "e.g. BatchNorm's running statistics: symrun packs modules whose buffers stay constant "
                               "(use track_running_stats=False, LayerNorm or GroupNorm)")
+
+    def _width(self, template: torch.nn.Module, in_dim: int, out_dim: int) -> int:
+        """`example_width`, measured on the module (one example, autograd off); in + out when
+        its forward cannot run alone (`_probe` then names the error)."""
+        try:
+            return max(in_dim + out_dim, module_width(template, torch.zeros(1, in_dim)))
+        except Exception:  # noqa: BLE001
+            return in_dim + out_dim
+
+    def example_width(self):
+        return self.width
 
     def _probe(self, in_dim: int, out_dim: int) -> None:
         """Two runs on a small batch, as the engine will call it: one line if it cannot be
@@ -156,7 +168,10 @@ class ModuleModel(PackedModel):
         def one(p: Params, xb: torch.Tensor) -> torch.Tensor:
             return functional_call(self.skeleton, (p, buffers), (xb,))
 
-        return vmap(one, in_dims=(0, None if x.dim() == 2 else 0))(params, x)        # (R, B, out)
+        def batched(p: Params, xb: torch.Tensor) -> torch.Tensor:
+            return vmap(one, in_dims=(0, None if xb.dim() == 2 else 0))(p, xb)         # (R, B, out)
+
+        return in_chunks(batched, params, x, self.width)
 
     # -- symmetry: declared mirrors and what they measure -------------------------------------
 

@@ -16,8 +16,9 @@ from torch.func import functional_call
 
 from symrun.config import ConfigError
 from symrun.analysis.metrics import column, dead_groups, independent_fraction
-from symrun.models.nets.base import EVAL_CHUNK, PackedModel, Params, in_chunks, runs_of
+from symrun.models.nets.base import PackedModel, Params, in_chunks, module_width, runs_of
 from symrun.models.resnet import ResNetConfig
+from symrun.training import memory
 from symrun.analysis.symmetries import NeuronSet, Slot, Swap, gather
 
 
@@ -53,6 +54,7 @@ class ResNet18(PackedModel):
             net.maxpool = torch.nn.Identity()
         self.net = net
         self.stats: Params = {}        # BatchNorm running statistics, (R, ...) each; set by init_params
+        self.width = module_width(net, torch.empty(1, 3, side, side, device="meta"))
 
     def shapes(self):
         out = {}
@@ -65,6 +67,10 @@ class ResNet18(PackedModel):
                 std = 0.0
             out[name] = (tuple(p.shape), self.cfg.init_scale * std)
         return out
+
+    def example_width(self):
+        """Measured on the skeleton: every layer's output for one image."""
+        return self.width
 
     def init_params(self, seeds, device, dtype):
         """Parameters; the first call also creates each run's BatchNorm running statistics (mean 0,
@@ -89,7 +95,7 @@ class ResNet18(PackedModel):
         return x.reshape(-1, 3, self.side, self.side)                           # (B, 3, s, s)
 
     def forward(self, params, x):
-        return in_chunks(self._forward, params, x)
+        return in_chunks(self._forward, params, x, self.example_width())
 
     def _forward(self, params, x):
         self.net.train(torch.is_grad_enabled())
@@ -132,7 +138,7 @@ class ResNet18(PackedModel):
             handles = [self.net.get_submodule(f"{b}.bn1").register_forward_hook(record(b, torch.relu)) for b in self.BLOCKS]
             handles.append(self.net.avgpool.register_forward_hook(record("penultimate", lambda t: t.flatten(1))))
             try:
-                for chunk in probe.split(EVAL_CHUNK):
+                for chunk in probe.split(memory.eval_items(self.example_width())):
                     functional_call(self.net, self._tensors(params, r), (self._images(chunk),))
             finally:
                 for h in handles:

@@ -47,6 +47,14 @@ class Transformer(PackedModel):
         out.update({"ln_f.weight": ((d,), 0.0), "ln_f.bias": ((d,), 0.0), "unembed": ((d, v), s / math.sqrt(d))})
         return out
 
+    def example_width(self):
+        """Per layer: two LayerNorms and residual sums of the stream (T × d each), each head's
+        queries, keys, values and T × T scores (masked, then softmaxed), the MLP's hidden units
+        before and after GELU; then the last LayerNorm and the logits (T × V)."""
+        t, d, h, k, f = self.t, self.cfg.d_model, self.cfg.heads, self.k, self.f
+        layer = 4 * t * d + h * t * (3 * k + 3 * t) + 2 * t * f
+        return t + t * d + self.cfg.layers * layer + t * d + t * self.v
+
     def init_params(self, seeds, device, dtype):
         """LayerNorm scales start at 1, shifts at 0."""
         params = super().init_params(seeds, device, dtype)
@@ -62,7 +70,7 @@ class Transformer(PackedModel):
         return F.layer_norm(h, h.shape[-1:]) * weight[:, None, None] + bias[:, None, None]
 
     def forward(self, params, x):
-        return in_chunks(self._forward, params, x)
+        return in_chunks(self._forward, params, x, self.example_width())
 
     def _forward(self, params, x):
         r = runs_of(params)
