@@ -207,6 +207,31 @@ def test_an_evaluation_in_chunks_of_examples_equals_one_pass(user, monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
 
 
+def test_a_pack_of_the_users_module_stepped_in_chunks_over_threads_equals_the_plain_step(user, monkeypatch):
+    """Each thread of a chunked step calls its own copy of the module's skeleton
+    (functional_call swaps a module's tensors while it runs)."""
+    from conftest import assert_same_run
+    from symrun.training import shards
+
+    name, cfg = user
+    monkeypatch.syspath_prepend(str(cfg))
+    cfgs = _configs(["model=module", f"model._target_={name}.ConvNet", "+model.channels=2", "data=digits",
+                     "data.batch_size=16", "optim.weight_decay=0,0.01", "seed=range(0,4)", "train.steps=12",
+                     "train.log_every=6", "train.dtype=float64", "device=cpu"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(shards, "MIN_CHUNK_RUNS", 10**9)
+        plain = engine.train_pack(cfgs)
+        monkeypatch.setattr(shards, "MIN_CHUNK_RUNS", 1)
+        monkeypatch.setattr(shards, "CHUNK_BYTES", 1)               # a chunk per run, over 2 threads
+        chunked = engine.train_pack(cfgs)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(chunked, plain):
+        assert_same_run(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_sparsity_of_the_user_mlp_matches_the_built_in_mlp_on_the_same_data_and_seed(user, monkeypatch):
     """The same network, init and data through model=module and model=mlp: the same training."""
     name, cfg = user

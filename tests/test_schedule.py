@@ -36,13 +36,13 @@ def test_the_engine_steps_each_run_at_its_own_schedule(monkeypatch):
     assert len(plan.packs) == 1                      # schedules are per-run settings: one batched model
     cfgs = list(plan.configs.values())
     seen = []
-    real = optim.PackedOptimizer.step
+    real = optim.PackedOptimizer.advance
 
-    def step(self, params, grads, live):
+    def advance(self, params):             # once a step, after the step's lr is set
         seen.append(self.lr.clone())
-        return real(self, params, grads, live)
+        return real(self, params)
 
-    monkeypatch.setattr(optim.PackedOptimizer, "step", step)
+    monkeypatch.setattr(optim.PackedOptimizer, "advance", advance)
     engine.train_pack(cfgs)
     got = torch.stack(seen)                                                # (steps, R)
     want = torch.tensor([[optim.lr_at(c.optim, t, 12) for c in cfgs] for t in range(1, 13)], dtype=got.dtype)

@@ -27,6 +27,7 @@ from symrun.training import memory, reparam
 from symrun.training.loss import loss_per_run
 from symrun.training.noise import NoiseBlocks, StepNoise  # noqa: F401 — NoiseBlocks: engine.NoiseBlocks stays
 from symrun.training.optim import PackedOptimizer, Schedule, per_run
+from symrun.training.shards import Shards, chunk_bytes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,35 +126,49 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             outcome.resumed_from = start
         if on_step is not None:
             on_step(start)
-    for step in range(start + 1, total + 1):
-        schedule.set(lr, step, record.alive)   # η_t of every run (docs/theory.md §1), 0 once frozen
-        if order is None:                       # full batch: one input shared by every run
-            xb, yb = x, y
-        else:
-            idx = order.next()                  # (R, B)
-            xb, yb = take(x, idx), take(y, idx)  # (R, B, d), (R, B[, o])
-        yb = noise.labels(yb, ds.task, ds.n_classes, step)
-        loss = loss_per_run(model.forward(net(), xb), yb, ds.task)        # (R,)
-        grads = torch.autograd.grad(loss.sum(), list(params.values()))
-        # A run diverges at the step that produced a non-finite value: the parameters of step − 1
-        # whose loss is non-finite, or a non-finite update, which is not applied. Either way the
-        # run is frozen at its last finite parameters. Bookkeeping stays on the device; the
-        # optimiser reads back one bool per step.
-        record.check(step - 1, loss.isfinite())
-        record.check(step, opt.step(params, dict(zip(params, grads)), record.alive))
-        lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run
-        noise.langevin(params, lr, step)
-        if step % log_every == 0 or step % steps == 0:
-            log(step)
-            lr.masked_fill_(~record.alive, 0.0)
-        if step % steps == 0 and task + 1 < tasks.count:       # the next task of the sequence
-            task += 1
-            x, y, x_test, y_test, probe = task_data(task)
-            shrink_and_perturb(rp, params, cfgs, task, record.alive)
-        if checkpoint is not None and every and step % every == 0 and step < total:
-            ckpt_mod.save(checkpoint, step, cfgs, pack_state)
-        if on_step is not None:
-            on_step(1)
+    # a CPU pack's step in chunks of runs over every core (symrun.training.shards)
+    batch = len(x) if order is None else first.data.batch_size
+    run_bytes = chunk_bytes(sum(p[0].numel() for p in params.values()), batch * model.example_width(), dtype.itemsize)
+    shards = Shards(len(cfgs), device, run_bytes, model.threadsafe)
+    with shards.active():
+        for step in range(start + 1, total + 1):
+            schedule.set(lr, step, record.alive)   # η_t of every run (docs/theory.md §1), 0 once frozen
+            # full batch: one input shared by every run; else each run's minibatch (R, B)
+            idx = None if order is None else order.next()
+            yb = noise.labels(y if idx is None else take(y, idx), ds.task, ds.n_classes, step)   # (R, B[, o])
+            per_run_y = yb.dim() > y.dim()
+
+            def loss_of(raw: dict[str, torch.Tensor], runs: slice) -> torch.Tensor:      # (runs,)
+                xb = x if idx is None else take(x, idx[runs])                         # (runs, B, d)
+                out = model.forward(rp.network(raw, runs), xb)
+                return loss_per_run(out, yb[runs] if per_run_y else yb, ds.task)
+
+            def update(raw: dict[str, torch.Tensor], grads: list[torch.Tensor], losses: torch.Tensor,
+                       runs: slice) -> torch.Tensor:
+                return opt.update(raw, dict(zip(raw, grads)), record.alive[runs] & losses.isfinite(), runs)
+
+            # A run diverges at the step that produced a non-finite value: the parameters of step − 1
+            # whose loss is non-finite, or a non-finite update, which is not applied. Either way the
+            # run is frozen at its last finite parameters. Bookkeeping stays on the device; the
+            # optimiser reads back one bool per step.
+            opt.advance(params)
+            loss, updated = shards.step(loss_of, update, params)
+            record.check(step - 1, loss.isfinite())
+            record.check(step, updated)
+            lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run
+            with shards.every_thread():
+                noise.langevin(params, lr, step)
+                if step % log_every == 0 or step % steps == 0:
+                    log(step)
+                    lr.masked_fill_(~record.alive, 0.0)
+                if step % steps == 0 and task + 1 < tasks.count:       # the next task of the sequence
+                    task += 1
+                    x, y, x_test, y_test, probe = task_data(task)
+                    shrink_and_perturb(rp, params, cfgs, task, record.alive)
+                if checkpoint is not None and every and step % every == 0 and step < total:
+                    ckpt_mod.save(checkpoint, step, cfgs, pack_state)
+            if on_step is not None:
+                on_step(1)
     thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive)   # {column: (R,)}
     final = net()
     with torch.no_grad():

@@ -31,21 +31,39 @@ class PackedOptimizer:
         self.state = {k: {} for k in params}
         self.t = 0
 
-    @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], live: torch.Tensor) -> torch.Tensor:
-        """One update of the runs in `live` (R,) bool whose step is finite; every other run keeps
-        its parameters exactly (a diverging run stays at its last finite point, and nothing of it
-        reaches a neighbour's slice). Returns the runs updated, (R,) bool.
+        """One update of every run: `advance`, then `update` over the whole pack."""
+        self.advance(params)
+        return self.update(params, grads, live)
+
+    @torch.no_grad()
+    def advance(self, params: dict[str, torch.Tensor]) -> None:
+        """Start a step: count it, and give every run its state buffers, so that the step's
+        updates may then go in shards of runs side by side (symrun.training.shards). Buffers start
+        at zero: momentum's 0·μ + g is g exactly, torch.optim.SGD's first buffer."""
+        self.t += 1
+        names = ("buf",) if self.name == "sgd" and self.has_momentum else () if self.name == "sgd" else ("m", "v")
+        for k, p in params.items():
+            for name in names:
+                if name not in self.state[k]:
+                    self.state[k][name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], live: torch.Tensor,
+               runs: slice = slice(None)) -> torch.Tensor:
+        """The update of the runs in `live` whose step is finite; every other run keeps its
+        parameters exactly (a diverging run stays at its last finite point, and nothing of it
+        reaches a neighbour's slice). `params` are the pack's runs `runs` (all, or a shard's views),
+        `grads` and `live` ((R,) bool) theirs. Returns the runs updated, (R,) bool.
 
         A step is finite when the per-run sum of its direction is (one read of each direction;
         a sum overflows only for steps of ~1e38, which diverge anyway). The common case, every run
         finite, is read back as one bool per step and then costs nothing more."""
-        self.t += 1
         # Gradients autograd returned in storage of their own are scratch: the decay term is
         # added to them in place (a pass and an allocation saved). Two that share storage (a
         # parameter reached through another's add or cat) are left alone.
         owned = len({g.untyped_storage().data_ptr() for g in grads.values()}) == len(grads)
-        steps = {k: self._direction(k, p, grads[k], owned) for k, p in params.items()}
+        steps = {k: self._direction(k, p, grads[k], owned, runs) for k, p in params.items()}
         updated = live.clone()
         for _, d in steps.values():
             updated &= d.flatten(1).sum(-1).isfinite()
@@ -53,9 +71,9 @@ class PackedOptimizer:
             for _, d in steps.values():
                 d[~updated] = 0.0               # a frozen run's direction may be NaN: 0·NaN ≠ 0
         if self.name == "adamw":                # decoupled decay, of the updated runs only
-            lr = self.lr * updated
+            lr = self.lr[runs] * updated
             for p in params.values():
-                p.mul_(1 - per_run(lr, p) * per_run(self.wd, p))
+                p.mul_(1 - per_run(lr, p) * per_run(self.wd[runs], p))
         for k, p in params.items():
             scale, d = steps[k]
             if scale is None:
@@ -64,27 +82,24 @@ class PackedOptimizer:
                 p.addcmul_(scale, d, value=-1)   # θ − lr·d in one pass
         return updated
 
-    def _direction(self, k: str, p: torch.Tensor, g: torch.Tensor,
-                   owned: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _direction(self, k: str, p: torch.Tensor, g: torch.Tensor, owned: bool = False,
+                   runs: slice = slice(None)) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(scale, d) with this step's θ_new = θ − scale·d (scale None: θ − d), advancing the
-        optimiser's state. `owned`: g may be overwritten."""
-        lr, wd, st = per_run(self.lr, p), per_run(self.wd, p), self.state[k]
+        optimiser's state (its runs `runs`). `owned`: g may be overwritten."""
+        lr, wd = per_run(self.lr[runs], p), per_run(self.wd[runs], p)
+        st = {name: buffer[runs] for name, buffer in self.state[k].items()}
         if self.name == "sgd":
             # One formula for every run, so a run's float path never depends on its pack-mates:
             # with μ = 0 the buffer is 0·buf + g exactly, i.e. plain SGD.
             g = g.addcmul_(wd, p) if owned else torch.addcmul(g, wd, p)     # g + λθ in one pass
             if self.has_momentum:
-                if "buf" in st:
-                    st["buf"].mul_(per_run(self.mom, p)).add_(g)
-                else:
-                    st["buf"] = g.clone()  # torch.optim.SGD: the first step's buffer is the gradient
-                g = st["buf"]
+                g = st["buf"].mul_(per_run(self.mom[runs], p)).add_(g)
             return lr, g
         if self.name == "adam":
             g = g + wd * p
         b1, b2 = self.betas
-        m = st.setdefault("m", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
-        v = st.setdefault("v", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+        m = st["m"].mul_(b1).add_(g, alpha=1 - b1)
+        v = st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
         m_hat, v_hat = m / (1 - b1**self.t), v / (1 - b2**self.t)
         return None, lr * m_hat / (v_hat.sqrt() + self.eps)
 

@@ -167,8 +167,9 @@ class Reparam:
                 raw[names[-2]], raw[names[-1]] = u, torch.ones_like(u)
         return {k: v.clone().requires_grad_() for k, v in raw.items()}
 
-    def network(self, raw: Params) -> Params:
-        """θ, the parameters the model's forward pass and the metrics see."""
+    def network(self, raw: Params, runs: slice = slice(None)) -> Params:
+        """θ, the parameters the model's forward pass and the metrics see; `raw` may be the ρ of
+        the pack's runs `runs` only (a shard, symrun.training.shards)."""
         theta = {}
         for p in self.shapes:
             names = self.raw_names(p)
@@ -181,7 +182,7 @@ class Reparam:
                 w = raw[names[0]] if self.kind != "sparse" else None
                 theta[p] = dcs_theta(w, raw[names[-2]], raw[names[-1]], self.bases[p])
         if self.offsets is not None:
-            theta = {k: v + self.offsets[k] for k, v in theta.items()}
+            theta = {k: v + self.offsets[k][runs] for k, v in theta.items()}
         return theta
 
     def extra_parameters(self) -> int:

@@ -27,6 +27,7 @@ class PackedModel:
 
     permutes_neurons = False   # whether neurons of a layer can be swapped (report independent_fraction)
     second_order = True        # whether a run's end may take Hessian-vector products (symrun.analysis.critical)
+    threadsafe = True          # whether shards of a pack may run its forward on several threads at once
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], float]]:
         """Per-run parameter shapes and initial standard deviations."""

@@ -18,9 +18,11 @@ Its mirrors are the user's declarations (`model.mirrors`), checked against the m
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 import sys
+import threading
 from typing import Iterator
 
 import torch
@@ -83,6 +85,8 @@ class ModuleModel(PackedModel):
         self._refuse_updated_buffers(template, in_dim)
         self.width = self._width(template, in_dim, out_dim)
         self.skeleton = template.to("meta")
+        self._pristine = copy.deepcopy(self.skeleton)  # never called: what other threads copy (`_skeleton`)
+        self._threads = threading.local()
         self._on: dict = {}                          # constant buffers per (device, dtype)
         self.declared = [declared_symmetry(m, i, self._shapes) for i, m in enumerate(cfg.mirrors)]
         self._probe(in_dim, out_dim)
@@ -162,11 +166,21 @@ class ModuleModel(PackedModel):
                              for k, b in self.buffers.items()}
         return self._on[key]
 
+    def _skeleton(self) -> torch.nn.Module:
+        """The skeleton this thread calls: functional_call swaps a module's tensors in and out
+        while it runs, so the threads of a pack's step (symrun.training.shards) each have their own
+        copy (a meta module: no memory)."""
+        net = getattr(self._threads, "net", None)
+        if net is None:       # copied from a skeleton no thread calls: one being called is mid-swap
+            net = self._threads.net = self.skeleton if threading.current_thread() is threading.main_thread() \
+                else copy.deepcopy(self._pristine)
+        return net
+
     def forward(self, params, x):
         buffers = self._buffers(x)
 
         def one(p: Params, xb: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.skeleton, (p, buffers), (xb,))
+            return functional_call(self._skeleton(), (p, buffers), (xb,))
 
         def batched(p: Params, xb: torch.Tensor) -> torch.Tensor:
             return vmap(one, in_dims=(0, None if xb.dim() == 2 else 0))(p, xb)         # (R, B, out)

@@ -38,6 +38,7 @@ class ResNet18(PackedModel):
 
     BLOCKS = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))
     second_order = False   # a forward with autograd on updates the BatchNorm statistics: no λ_c at the end
+    threadsafe = False     # functional_call swaps the skeleton's tensors in place while it runs
 
     def __init__(self, cfg: ResNetConfig, in_dim: int, out_dim: int):
         try:
