@@ -102,9 +102,10 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             theta = net()
             # Runs are independent, so they are evaluated in chunks whose training-set passes fit
             # memory.EVAL_BYTES (neural collapse holds every example's features, in float64).
-            chunk = max(1, memory.eval_items(model.example_width()) // len(x))
-            parts = [evaluate(model, {k: v[i:i + chunk] for k, v in theta.items()}, first, ds.task, x, y, x_test, y_test)
-                     for i in range(0, len(cfgs), chunk)]
+            # The chunks go over the step's threads (symrun.training.shards), at least one each.
+            chunk = max(1, min(memory.eval_items(model.example_width()) // len(x), -(-len(cfgs) // shards.threads)))
+            parts = shards.map(lambda i: evaluate(model, {k: v[i:i + chunk] for k, v in theta.items()}, first, ds.task,
+                                                  x, y, x_test, y_test), range(0, len(cfgs), chunk))
             row = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
@@ -116,21 +117,22 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     start = ckpt_mod.restore(checkpoint, cfgs, pack_state) if checkpoint is not None else 0
     steps, log_every, every = first.train.steps, first.train.log_every, first.train.checkpoint_every
     total = total_steps(first)
-    if start == 0:
-        log(0)
-    else:   # resumed: back to the task the checkpoint was taken in (its switch already applied)
-        task = min(start // steps, tasks.count - 1)
-        if task:
-            x, y, x_test, y_test, probe = task_data(task)
-        for outcome in record.outcomes:
-            outcome.resumed_from = start
-        if on_step is not None:
-            on_step(start)
     # a CPU pack's step in chunks of runs over every core (symrun.training.shards)
     batch = len(x) if order is None else first.data.batch_size
     run_bytes = chunk_bytes(sum(p[0].numel() for p in params.values()), batch * model.example_width(), dtype.itemsize)
     shards = Shards(len(cfgs), device, run_bytes, model.threadsafe)
     with shards.active():
+        if start == 0:
+            with shards.every_thread():
+                log(0)
+        else:   # resumed: back to the task the checkpoint was taken in (its switch already applied)
+            task = min(start // steps, tasks.count - 1)
+            if task:
+                x, y, x_test, y_test, probe = task_data(task)
+            for outcome in record.outcomes:
+                outcome.resumed_from = start
+            if on_step is not None:
+                on_step(start)
         for step in range(start + 1, total + 1):
             schedule.set(lr, step, record.alive)   # η_t of every run (docs/theory.md §1), 0 once frozen
             # full batch: one input shared by every run; else each run's minibatch (R, B)
@@ -169,7 +171,9 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
                     ckpt_mod.save(checkpoint, step, cfgs, pack_state)
             if on_step is not None:
                 on_step(1)
-    thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive)   # {column: (R,)}
+        with shards.every_thread():                                                      # {column: (R,)}
+            thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive,
+                                         shards.map, shards.threads)
     final = net()
     with torch.no_grad():
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures

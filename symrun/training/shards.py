@@ -6,9 +6,11 @@ outgrows the caches (W1 on this project's 2-core machine: 256 runs take 14 ms a 
 intra-op threads, 21 ms on one, while 64 runs take 4.1 ms on one). Runs are independent, so the
 forward, backward and update of a step go instead as chunks of runs (about CHUNK_BYTES each),
 each chunk's three done one after another while its tensors are in cache, the chunks shared out
-over one Python thread per intra-op thread, each with one intra-op thread: torch releases the GIL
-inside its kernels and autograd's engine, so the threads run side by side. Everything else of a
-step (minibatches, label and Langevin noise, metrics, checkpoints) stays one pass over the pack.
+over one Python thread per intra-op thread (at most MAX_THREADS), each with one intra-op thread
+(or the cores shared out): torch releases the GIL inside its kernels and autograd's engine, so
+the threads run side by side. Everything else of a step (minibatches, label and Langevin noise,
+checkpoints) stays one pass over the pack. A log step's evaluation and λ_c at the end go over the
+same threads (`map`), in chunks of runs.
 
 A chunk's parameters are views of the pack's (no copy), updated in place. They are made through
 `.data`, so that each has its own version counter: a chunk updating its runs in place must not
@@ -23,14 +25,17 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 Params = dict[str, torch.Tensor]
+T, R = TypeVar("T"), TypeVar("R")
 
 CHUNK_BYTES = 32 * 2**20   # a chunk's parameters (4 copies: ρ, gradient, buffers) and activations
 MIN_CHUNK_RUNS = 32        # fewer runs than this per thread are not worth a thread's handoff
+MAX_THREADS = 8            # Python threads at most (their kernels' Python share the GIL); on a machine
+                           # with more cores each thread's kernels get cores // threads intra-op threads
 
 LossOf = Callable[[Params, slice], torch.Tensor]
 Update = Callable[[Params, list[torch.Tensor], torch.Tensor, slice], torch.Tensor]
@@ -44,7 +49,7 @@ class Shards:
         """`run_bytes`: what one run's step touches (`chunk_bytes`); `allowed`: whether the model's
         forward may run on several threads at once (PackedModel.threadsafe)."""
         cpu = device.type == "cpu" and allowed
-        threads = max(1, min(torch.get_num_threads(), runs // MIN_CHUNK_RUNS)) if cpu else 1
+        threads = max(1, min(torch.get_num_threads(), MAX_THREADS, runs // MIN_CHUNK_RUNS)) if cpu else 1
         # whole rounds of one chunk per thread, each chunk within CHUNK_BYTES where it can be
         rounds = max(1, -(-runs * run_bytes // (CHUNK_BYTES * threads))) if cpu else 1
         chunks = min(runs, rounds * threads)
@@ -53,6 +58,12 @@ class Shards:
         ranges = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         self.plan = [ranges[i::threads] for i in range(threads)]
         self._pool: ThreadPoolExecutor | None = None
+        self.intra = torch.get_num_threads()           # the machine's intra-op threads (`active` sets them)
+
+    @property
+    def each(self) -> int:
+        """Intra-op threads of each thread's kernels: the machine's, shared out."""
+        return max(1, self.intra // self.threads)
 
     @property
     def plain(self) -> bool:
@@ -60,13 +71,13 @@ class Shards:
 
     @contextmanager
     def active(self) -> Iterator["Shards"]:
-        """While a pack trains: the threads after the first (the caller's), and one intra-op
-        thread each (the machine's again afterwards, for the metrics)."""
+        """While a pack trains: the threads after the first (the caller's), and `each` intra-op
+        threads for each (the machine's again afterwards, for the metrics)."""
         if self.plain:
             yield self
             return
-        intra = torch.get_num_threads()
-        torch.set_num_threads(1)
+        self.intra = torch.get_num_threads()
+        torch.set_num_threads(self.each)
         if self.threads > 1:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="symrun-shard")
         try:
@@ -75,7 +86,7 @@ class Shards:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
-            torch.set_num_threads(intra)
+            torch.set_num_threads(self.intra)
 
     @contextmanager
     def every_thread(self) -> Iterator[None]:
@@ -84,11 +95,34 @@ class Shards:
         if self.plain:
             yield
             return
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.intra)
         try:
             yield
         finally:
-            torch.set_num_threads(1)
+            torch.set_num_threads(self.each)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """[fn(item) for item in items], the items shared out over the threads, `each` intra-op
+        threads each (a log step's evaluation in chunks of runs); in order. Plain: one after another."""
+        items = list(items)
+        if self._pool is None or len(items) < 2:
+            return [fn(item) for item in items]
+        intra = torch.get_num_threads()
+        torch.set_num_threads(self.each)
+        try:
+            per_thread = [items[i::self.threads] for i in range(self.threads)]
+            futures = [self._pool.submit(lambda part: [fn(item) for item in part], part) for part in per_thread[1:]]
+            try:
+                mine = [fn(item) for item in per_thread[0]]
+            finally:
+                errors = [f.exception() for f in futures]
+            for error in errors:
+                if error is not None:
+                    raise error
+            done = [mine] + [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(intra)
+        return [done[i % self.threads][i // self.threads] for i in range(len(items))]
 
     def step(self, loss_of: LossOf, update: Update, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step of the pack: (loss (R,), the runs updated (R,) bool).
