@@ -46,6 +46,7 @@ def two_threads():
 def _chunked(monkeypatch, bytes_per_chunk: int = 1):
     """Chunks of about one run each (a run's step is more than a byte), over 2 threads."""
     monkeypatch.setattr(shards, "MIN_CHUNK_RUNS", 1)
+    monkeypatch.setattr(shards, "MIN_THREAD_BYTES", 1)
     monkeypatch.setattr(shards, "CHUNK_BYTES", bytes_per_chunk)
 
 
@@ -95,14 +96,15 @@ def test_a_chunked_pack_resumes_from_its_checkpoint_as_if_never_stopped(two_thre
         assert_same_run(got, want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("runs, run_bytes, threads", [(1, 10, 2), (31, 10, 2), (64, 10, 2), (256, 250_000, 2),
-                                                      (1000, 250_000, 2), (4352, 17_000, 4), (7, 10**9, 1)])
+@pytest.mark.parametrize("runs, run_bytes, threads", [(1, 10, 2), (31, 10, 2), (64, 10, 2), (64, 17_000, 2),
+                                                      (64, 250_000, 2), (256, 250_000, 2), (1000, 250_000, 2),
+                                                      (4352, 17_000, 4), (7, 10**9, 1)])
 def test_the_chunks_cover_every_run_once_in_whole_rounds_of_the_threads(runs, run_bytes, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     cut = Shards(runs, torch.device("cpu"), run_bytes)
     covered = sorted(r for ranges in cut.plan for s in ranges for r in range(runs)[s])
     assert covered == list(range(runs))
-    assert cut.threads == max(1, min(threads, runs // shards.MIN_CHUNK_RUNS))
+    assert cut.threads == max(1, min(threads, runs // shards.MIN_CHUNK_RUNS, runs * run_bytes // shards.MIN_THREAD_BYTES))
     sizes = [s.stop - s.start for ranges in cut.plan for s in ranges]
     assert max(sizes) - min(sizes) <= 1                                      # balanced
     assert len({len(ranges) for ranges in cut.plan}) == 1                    # every thread, as many chunks
