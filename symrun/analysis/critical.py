@@ -34,7 +34,7 @@ from symrun.analysis.symmetries import Mirror, Symmetry, constraint_norms, kind,
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]           # ρ → per-run loss (R,)
-Spread = Callable[[Callable[[range], dict], range], list]   # [fn(i) for i in items], maybe over threads
+Spread = Callable[[Callable[[int], dict], range], list]   # [fn(i) for i in items], maybe over threads
 
 
 def hvp_at(loss_fn: LossFn, point: Params) -> Callable[[Params], Params]:
