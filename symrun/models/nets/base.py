@@ -129,7 +129,6 @@ def runs_of(params: Params) -> int:
     return next(iter(params.values())).shape[0]
 
 
-
 def module_width(net: torch.nn.Module, x: torch.Tensor) -> int:
     """`example_width` of a torch module, measured: the input's and every leaf module's output
     elements for the batch x, per example (on the meta device nothing is computed)."""
