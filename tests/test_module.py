@@ -221,9 +221,9 @@ def test_a_pack_of_the_users_module_stepped_in_chunks_over_threads_equals_the_pl
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        monkeypatch.setattr(shards, "MIN_CHUNK_RUNS", 10**9)
+        monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 10**9)
         plain = engine.train_pack(cfgs)
-        monkeypatch.setattr(shards, "MIN_CHUNK_RUNS", 1)
+        monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 1)
         monkeypatch.setattr(shards, "MIN_THREAD_BYTES", 1)
         monkeypatch.setattr(shards, "CHUNK_BYTES", 1)               # a chunk per run, over 2 threads
         chunked = engine.train_pack(cfgs)

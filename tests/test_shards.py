@@ -45,7 +45,7 @@ def two_threads():
 
 def _chunked(monkeypatch, bytes_per_chunk: int = 1):
     """Chunks of about one run each (a run's step is more than a byte), over 2 threads."""
-    monkeypatch.setattr(shards, "MIN_CHUNK_RUNS", 1)
+    monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 1)
     monkeypatch.setattr(shards, "MIN_THREAD_BYTES", 1)
     monkeypatch.setattr(shards, "CHUNK_BYTES", bytes_per_chunk)
 
@@ -54,7 +54,7 @@ def _chunked(monkeypatch, bytes_per_chunk: int = 1):
 def test_a_pack_stepped_in_chunks_over_threads_equals_the_plain_step(case, two_threads, monkeypatch):
     cfgs = _configs(*CASES[case])
     assert len(cfgs) >= 20
-    monkeypatch.setattr(shards, "MIN_CHUNK_RUNS", 10**9)        # one thread, one chunk: the plain step
+    monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 10**9)        # one thread, one chunk: the plain step
     monkeypatch.setattr(shards, "CHUNK_BYTES", 10**15)
     plain = engine.train_pack(cfgs)
     seen = []
@@ -104,7 +104,7 @@ def test_the_chunks_cover_every_run_once_in_whole_rounds_of_the_threads(runs, ru
     cut = Shards(runs, torch.device("cpu"), run_bytes)
     covered = sorted(r for ranges in cut.plan for s in ranges for r in range(runs)[s])
     assert covered == list(range(runs))
-    assert cut.threads == max(1, min(threads, runs // shards.MIN_CHUNK_RUNS, runs * run_bytes // shards.MIN_THREAD_BYTES))
+    assert cut.threads == max(1, min(threads, runs // shards.MIN_THREAD_RUNS, runs * run_bytes // shards.MIN_THREAD_BYTES))
     sizes = [s.stop - s.start for ranges in cut.plan for s in ranges]
     assert max(sizes) - min(sizes) <= 1                                      # balanced
     assert len({len(ranges) for ranges in cut.plan}) == 1                    # every thread, as many chunks

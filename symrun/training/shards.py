@@ -32,12 +32,12 @@ import torch
 Params = dict[str, torch.Tensor]
 T, R = TypeVar("T"), TypeVar("R")
 
-CHUNK_BYTES = 32 * 2**20   # a chunk's parameters (4 copies: ρ, gradient, buffers) and activations
-MIN_CHUNK_RUNS = 32        # fewer runs than this per thread are not worth a thread's handoff,
+CHUNK_BYTES = 32 * 2**20       # a chunk's parameters (4 copies: ρ, gradient, buffers) and activations
+MIN_THREAD_RUNS = 32           # fewer runs than this per thread are not worth a thread's handoff,
 MIN_THREAD_BYTES = 4 * 2**20   # nor less work than this (Hadamard, 64 runs, 1.1 MiB: 0.37 ms a step
                                # plain, 0.98 ms over 2 threads; W1, 64 runs, 15 MiB: 4.0 → 3.1 ms)
-MAX_THREADS = 8            # Python threads at most (their kernels' Python share the GIL); on a machine
-                           # with more cores each thread's kernels get cores // threads intra-op threads
+MAX_THREADS = 8                # Python threads at most (their kernels' Python share the GIL); on a
+                               # machine with more cores each gets cores // threads intra-op threads
 
 LossOf = Callable[[Params, slice], torch.Tensor]
 Update = Callable[[Params, list[torch.Tensor], torch.Tensor, slice], torch.Tensor]
@@ -51,7 +51,7 @@ class Shards:
         """`run_bytes`: what one run's step touches (`chunk_bytes`); `allowed`: whether the model's
         forward may run on several threads at once (PackedModel.threadsafe)."""
         cpu = device.type == "cpu" and allowed
-        threads = max(1, min(torch.get_num_threads(), MAX_THREADS, runs // MIN_CHUNK_RUNS,
+        threads = max(1, min(torch.get_num_threads(), MAX_THREADS, runs // MIN_THREAD_RUNS,
                              runs * run_bytes // MIN_THREAD_BYTES)) if cpu else 1
         # whole rounds of one chunk per thread, each chunk within CHUNK_BYTES where it can be
         rounds = max(1, -(-runs * run_bytes // (CHUNK_BYTES * threads))) if cpu else 1
@@ -79,7 +79,6 @@ class Shards:
         if self.plain:
             yield self
             return
-        self.intra = torch.get_num_threads()
         torch.set_num_threads(self.each)
         if self.threads > 1:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="symrun-shard")
@@ -113,19 +112,24 @@ class Shards:
         intra = torch.get_num_threads()
         torch.set_num_threads(self.each)
         try:
-            per_thread = [items[i::self.threads] for i in range(self.threads)]
-            futures = [self._pool.submit(lambda part: [fn(item) for item in part], part) for part in per_thread[1:]]
-            try:
-                mine = [fn(item) for item in per_thread[0]]
-            finally:
-                errors = [f.exception() for f in futures]
-            for error in errors:
-                if error is not None:
-                    raise error
-            done = [mine] + [f.result() for f in futures]
+            done = self._on_threads(lambda part: [fn(item) for item in part],
+                                    [items[i::self.threads] for i in range(self.threads)])
         finally:
             torch.set_num_threads(intra)
         return [done[i % self.threads][i // self.threads] for i in range(len(items))]
+
+    def _on_threads(self, work: Callable[[T], R], parts: list[T]) -> list[R]:
+        """[work(part) for part in parts], part i on thread i (the first on the caller's); once
+        every thread has stopped, the first error any of them raised is raised."""
+        futures = [self._pool.submit(work, part) for part in parts[1:]] if self._pool else []
+        try:
+            mine = work(parts[0])
+        finally:
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        return [mine] + [f.result() for f in futures]
 
     def step(self, loss_of: LossOf, update: Update, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step of the pack: (loss (R,), the runs updated (R,) bool).
@@ -150,14 +154,7 @@ class Shards:
                 loss[runs] = part.detach()
                 updated[runs] = update(leaves, grads, loss[runs], runs)
 
-        futures = [self._pool.submit(chunks, ranges) for ranges in self.plan[1:]] if self._pool else []
-        try:
-            chunks(self.plan[0])
-        finally:
-            errors = [f.exception() for f in futures]     # every thread has stopped
-        for error in errors:
-            if error is not None:
-                raise error
+        self._on_threads(chunks, self.plan)
         return loss, updated
 
 
