@@ -206,6 +206,40 @@ def test_metrics_evaluated_in_chunks_of_runs_equal_one_pass_over_the_pack(name, 
         assert_same_run(got, want)
 
 
+def test_runs_that_start_as_one_network_share_one_evaluation_of_step_0(monkeypatch):
+    """A grid over weight decay starts each seed's runs alike: step 0 evaluates each distinct
+    network once (engine.distinct_runs). Every run's step-0 row is still its own network's, in
+    its place in the pack: the rows equal those of the same pack evaluated run by run."""
+    seeds, wds = [2, 0, 2, 1, 0, 2], [0.0, 0.01, 0.03, 0.0, 0.1, 0.3]
+    pack = [make(MLPConfig(width=16, depth=2), DigitsDataConfig(), seed=s, wd=w, steps=20, log_every=10)
+            for s, w in zip(seeds, wds)]
+    ds = data.load(pack[0].data)
+    evaluated = []
+    evaluate = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda model, params, *a: evaluated.append(len(next(iter(params.values()))))
+                        or evaluate(model, params, *a))
+    shared = engine.train_pack(pack, ds)
+    assert evaluated[0] == len(set(seeds))             # step 0: one evaluation per distinct network
+    monkeypatch.setattr(engine, "distinct_runs", lambda theta: None)
+    alone = engine.train_pack(pack, ds)
+    for got, want in zip(shared, alone):
+        assert_same_run(got, want)
+    first = {s: shared[seeds.index(s)].rows[0] for s in set(seeds)}
+    assert len({first[s]["train_loss"] for s in first}) == len(first)            # the seeds' networks differ
+    for s, run in zip(seeds, shared):
+        assert run.rows[0] == first[s]
+
+
+def test_distinct_runs_tells_networks_apart_by_their_bits():
+    theta = {"w": torch.tensor([[0.0, 1.0], [-0.0, 1.0], [0.0, 1.0], [float("nan"), 2.0], [float("nan"), 2.0]]),
+             "b": torch.tensor([[3.0], [3.0], [3.0], [4.0], [4.0]])}
+    first, index = engine.distinct_runs(theta)
+    groups = [int(first[i]) for i in index]             # each run → the first run holding its network
+    assert groups == [0, 1, 0, 3, 3]                     # −0.0 is not +0.0; the same NaN is the same
+    assert engine.distinct_runs({k: v[:3:2] for k, v in theta.items()}) is not None
+    assert engine.distinct_runs({k: v[:2] for k, v in theta.items()}) is None      # all distinct: nothing to share
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. the packed optimiser is torch.optim on each run
 

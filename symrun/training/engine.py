@@ -100,13 +100,23 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     def log(step: int) -> None:
         with torch.no_grad():
             theta = net()
+            # At step 0 the runs of a seed are one network (a grid over weight decay, lr or noise
+            # starts them alike): each distinct network is evaluated once and its row given to
+            # every run that holds it. A model with running statistics (model.stats) keeps them
+            # per run, outside θ, so its runs are always evaluated one by one.
+            twins = distinct_runs(theta) if step == 0 and not getattr(model, "stats", None) else None
+            if twins is not None:
+                theta = {k: v[twins[0]] for k, v in theta.items()}
+            runs = len(next(iter(theta.values())))
             # Runs are independent, so they are evaluated in chunks whose training-set passes fit
             # memory.EVAL_BYTES (neural collapse holds every example's features, in float64).
             # The chunks go over the step's threads (symrun.training.shards), at least one each.
-            chunk = max(1, min(memory.eval_items(model.example_width()) // len(x), -(-len(cfgs) // shards.threads)))
+            chunk = max(1, min(memory.eval_items(model.example_width()) // len(x), -(-runs // shards.threads)))
             parts = shards.map(lambda i: evaluate(model, {k: v[i:i + chunk] for k, v in theta.items()}, first, ds.task,
-                                                  x, y, x_test, y_test), range(0, len(cfgs), chunk))
+                                                  x, y, x_test, y_test), range(0, runs, chunk))
             row = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            if twins is not None:
+                row = {k: v[twins[1]] for k, v in row.items()}
             if tasks.count > 1:
                 row["task"] = torch.full_like(row["train_loss"], task)
             record(step, {**row, **rp.measure(params, first.metrics)})
@@ -256,6 +266,31 @@ class Recorder:
                 outcome.rows.append({"step": step, **{k: v[i] for k, v in values.items()}})
             elif outcome.status == "finished":
                 outcome.status, outcome.diverged_at = "diverged", stopped_at[i]
+
+
+def distinct_runs(theta: dict[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(the first run holding each distinct network, the index of each run's network among
+    those) when some runs hold bit-for-bit the same parameters (θ (R, ...) per name), else None.
+    Bits, not values: +0.0 and −0.0 are different networks here, and so are two NaNs of different
+    bits. Runs with the same sums of their bits are compared whole with the first of them (a run
+    that differs keeps its own evaluation), in chunks of runs: θ is never copied whole."""
+    bits = [v.detach().reshape(len(v), -1).view(_BITS[v.element_size()]) for v in theta.values()]
+    sums = torch.stack([b.sum(1, dtype=torch.int64) for b in bits], dim=1).tolist()     # (R, names)
+    seen: dict[tuple, int] = {}
+    twin = torch.tensor([seen.setdefault(tuple(key), run) for run, key in enumerate(sums)], device=bits[0].device)
+    runs = torch.arange(len(twin), device=twin.device)
+    if bool((twin == runs).all()):
+        return None
+    step = max(1, memory.EVAL_BYTES // max(1, sum(b.shape[1] * (b.element_size() + 1) for b in bits)))   # a gathered copy, a bool
+    for start in range(0, len(twin), step):
+        part = slice(start, start + step)
+        same = torch.stack([(b[part] == b[twin[part]]).all(1) for b in bits]).all(0)
+        twin[part] = torch.where(same, twin[part], runs[part])
+    firsts, index = torch.unique(twin, return_inverse=True)      # sorted: each network's first run
+    return (firsts, index) if len(firsts) < len(twin) else None
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # a value's bits, as an integer of its size
 
 
 def probe_inputs(x: torch.Tensor, x_test: Optional[torch.Tensor], cfg: Config) -> torch.Tensor:
