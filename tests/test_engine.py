@@ -517,6 +517,56 @@ def test_cpu_tanh_is_torch_tanh_to_an_ulp_with_first_and_second_derivatives(dtyp
     assert torch.autograd.gradgradcheck(tanh, (torch.randn(6, dtype=torch.float64, requires_grad=True),))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matmul_through_numpy_is_torch_matmul_with_first_and_second_derivatives(dtype):
+    """symrun.models.nets.cpu.matmul inside one_thread_blas (numpy's BLAS, one thread) against
+    torch.matmul: the product, strided and expanded operands included, its gradients and a
+    Hessian-vector product through it; numpy's BLAS is on one thread inside and as before after."""
+    from threadpoolctl import threadpool_info
+
+    from symrun.models.nets import cpu
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 1, 7, 4, generator=g, dtype=dtype)
+    b = torch.randn(5, 6, 4, generator=g, dtype=dtype).mT.unsqueeze(1)          # a transposed view, as _layer_t's
+    wide = torch.randn(5, 4, 6, generator=g, dtype=dtype).unsqueeze(1).expand(5, 3, 4, 6)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    before, threads = blas_threads(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    calls = []
+    apply = cpu._NumpyMatmul.apply
+    try:
+        with cpu.one_thread_blas():
+            assert set(blas_threads()) <= {1}
+            cpu._NumpyMatmul.apply = lambda x, y: calls.append(1) or apply(x, y)
+            torch.testing.assert_close(cpu.matmul(a, b), torch.matmul(a, b), **tol)
+            torch.testing.assert_close(cpu.matmul(a.expand(5, 3, 7, 4), wide), torch.matmul(a.expand(5, 3, 7, 4), wide), **tol)
+            assert len(calls) == 2                        # both went through numpy
+            x, w = a.clone().requires_grad_(), b.clone().requires_grad_()
+            v = torch.randn(5, 1, 7, 6, generator=g, dtype=dtype)
+            loss = lambda f: (f(x, w).tanh() * v).sum()   # noqa: E731 — curved, so the Hessian is not zero
+            d_ours = torch.autograd.grad(loss(cpu.matmul), (x, w), create_graph=True)
+            d_ref = torch.autograd.grad(loss(torch.matmul), (x, w), create_graph=True)
+            for ours, ref in zip(d_ours, d_ref):
+                torch.testing.assert_close(ours, ref, **tol)
+            h_ours = torch.autograd.grad(sum((d * d).sum() for d in d_ours), (x, w))
+            h_ref = torch.autograd.grad(sum((d * d).sum() for d in d_ref), (x, w))
+            for ours, ref in zip(h_ours, h_ref):                # float32: two products' rounding, compounded
+                torch.testing.assert_close(ours, ref, **({k: 10 * t for k, t in tol.items()} if dtype == torch.float32 else tol))
+            if dtype == torch.float64:
+                assert torch.autograd.gradgradcheck(cpu.matmul, (x.detach().requires_grad_(), w.detach().requires_grad_()))
+            assert len(calls) > 10                        # the derivatives went through numpy too
+    finally:
+        cpu._NumpyMatmul.apply = apply
+        torch.set_num_threads(threads)
+    assert blas_threads() == before
+    calls.clear()
+    assert torch.equal(cpu.matmul(a, b), torch.matmul(a, b)) and not calls   # outside: torch.matmul itself
+
+
 def test_sgd_step_with_gradients_that_share_storage_updates_each_parameter_from_the_same_gradient():
     """Autograd hands the same buffer to both inputs of an add: the decay of one parameter must not
     be written into the gradient the other one reads (the in-place shortcut is for owned buffers)."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run
+from symrun.models.nets import cpu
 from symrun.models.nets.hadamard import Hadamard
 from symrun.sweeping import sweep
 from symrun.training import engine, shards
@@ -66,9 +67,13 @@ def test_a_pack_stepped_in_chunks_over_threads_equals_the_plain_step(case, two_t
 
     monkeypatch.setattr(Shards, "__init__", spy)
     _chunked(monkeypatch, bytes_per_chunk=10**4)
+    products = []            # the MLP's batched products go through numpy's BLAS on one kernel thread each
+    apply = cpu._NumpyMatmul.apply
+    monkeypatch.setattr(cpu._NumpyMatmul, "apply", lambda a, b: products.append(1) or apply(a, b))
     chunked = engine.train_pack(cfgs)
     (cut,) = seen
     assert cut.threads == 2 and sum(map(len, cut.plan)) > 2                # really cut, really threaded
+    assert bool(products) == case.startswith("mlp")
     assert {o.status for o in plain} >= ({"finished", "diverged"} if "diverging" in case else {"finished"})
     for got, want in zip(chunked, plain):
         assert got.diverged_at == want.diverged_at

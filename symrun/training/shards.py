@@ -24,10 +24,12 @@ own slices of batched ops, as they are in a pack of another size.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
+
+from symrun.models.nets.cpu import one_thread_blas
 
 Params = dict[str, torch.Tensor]
 T, R = TypeVar("T"), TypeVar("R")
@@ -50,11 +52,11 @@ class Shards:
     def __init__(self, runs: int, device: torch.device, run_bytes: int, allowed: bool = True):
         """`run_bytes`: what one run's step touches (`chunk_bytes`); `allowed`: whether the model's
         forward may run on several threads at once (PackedModel.threadsafe)."""
-        cpu = device.type == "cpu" and allowed
+        self.cpu = device.type == "cpu" and allowed
         threads = max(1, min(torch.get_num_threads(), MAX_THREADS, runs // MIN_THREAD_RUNS,
-                             runs * run_bytes // MIN_THREAD_BYTES)) if cpu else 1
+                             runs * run_bytes // MIN_THREAD_BYTES)) if self.cpu else 1
         # whole rounds of one chunk per thread, each chunk within CHUNK_BYTES where it can be
-        rounds = max(1, -(-runs * run_bytes // (CHUNK_BYTES * threads))) if cpu else 1
+        rounds = max(1, -(-runs * run_bytes // (CHUNK_BYTES * threads))) if self.cpu else 1
         chunks = min(runs, rounds * threads)
         self.threads = threads
         bounds = [i * runs // chunks for i in range(chunks + 1)]
@@ -76,14 +78,17 @@ class Shards:
     def active(self) -> Iterator["Shards"]:
         """While a pack trains: the threads after the first (the caller's), and `each` intra-op
         threads for each (the machine's again afterwards, for the metrics)."""
+        blas = one_thread_blas() if self.cpu and self.each == 1 else nullcontext()
         if self.plain:
-            yield self
+            with blas:
+                yield self
             return
         torch.set_num_threads(self.each)
         if self.threads > 1:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="symrun-shard")
         try:
-            yield self
+            with blas:
+                yield self
         finally:
             if self._pool is not None:
                 self._pool.shutdown()

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from symrun.models.nets import curvature
+from symrun.models.nets import cpu, curvature
 from symrun.models.nets.base import PackedModel
 from symrun.models.mlp import EnsembleConfig, MLPConfig
 from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot, Swap, Symmetry
@@ -99,7 +99,7 @@ class MLP(PackedModel):
         else:
             if x.dim() == 3:                      # per-run data (R, B, in): a transposed view
                 x = x.mT.unsqueeze(1).expand(r, m, i, x.shape[1])
-            h = torch.matmul(w, x)
+            h = cpu.matmul(w, x)
         return h if b is None else h + b.unsqueeze(-1)
 
     def _readout(self, params, h_t):
