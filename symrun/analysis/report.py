@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -235,7 +234,8 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str, sweep_dir: Path)
     kept = corr[np.ix_(alive, alive)]
     order = cluster_order(kept)
     ordered = kept[np.ix_(order, order)]
-    fig, ax = plt.subplots(figsize=CORRELATION_FIGSIZE, dpi=CORRELATION_DPI)
+    fig = figures.canvas(CORRELATION_FIGSIZE, dpi=CORRELATION_DPI)
+    ax = fig.subplots()
     if len(ordered):
         image = ax.imshow(np.nan_to_num(ordered), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         fig.colorbar(image, ax=ax, label="correlation over the probe set")
@@ -246,7 +246,6 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str, sweep_dir: Path)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")      # fixed size: a run's own figure, not a paper panel
-    plt.close(fig)
     results.write_atomic(path, buf.getvalue(), sweep_dir)
     return path
 
