@@ -200,9 +200,11 @@ def run_figures(sweep_dir: Path) -> list[Path]:
     runs/<id>/penultimate_correlation.png for model=resnet18. Run folders that are links are
     not entered (the tables report them as damaged)."""
     figures = []
-    for rid in results.run_ids(sweep_dir):
-        if folder.kind(results.run_dir(sweep_dir, rid), sweep_dir) != "dir":
-            continue
+    try:            # what each entry of runs/ is, from one listing (not a walk from the root a run)
+        found = folder.entries(Path(sweep_dir) / "runs", sweep_dir)
+    except results.OutputError:
+        return figures
+    for rid in sorted(name for name, what in found.items() if what == "dir"):
         array = results.run_dir(sweep_dir, rid) / "penultimate_correlation.npy"
         png = array.with_suffix(".png")
         if folder.kind(array, sweep_dir) != "file":
