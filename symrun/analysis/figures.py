@@ -40,9 +40,9 @@ matplotlib.rcParams.update(STYLE)
 
 class Canvas(FigureCanvasAgg):
     """Agg whose renderers share one mathtext parser. Agg makes a renderer per canvas size, and each
-    renderer its own parser whose cache dies with it: a tight save draws twice (to measure, then at
-    the cropped size) and every figure has its own canvas, so the same tick labels ($10^{-3}$ …)
-    were laid out again each time (a quarter of a figure's save)."""
+    renderer its own parser whose cache dies with it: save measures on one renderer and draws on
+    another (at the cropped size), and every figure has its own canvas, so the same tick labels
+    ($10^{-3}$ …) were laid out again each time (a quarter of a figure's save)."""
 
     _mathtext = MathTextParser("path")      # what RendererAgg makes for itself
 
