@@ -32,21 +32,27 @@ PANELS_MAX = 4
 def still_moving(rows: pd.DataFrame, quantities: list[str]) -> Optional[list[str]]:
     """The quantities of one run's rows (sorted by step) that moved in the last tenth: [] when
     converged, None when there are too few rows to tell. A task sequence is judged on its last task."""
-    if "task" in rows and rows["task"].notna().any():
-        rows = rows[rows["task"] == rows["task"].max()]
-    steps = rows["step"].to_numpy()
+    task = rows["task"].to_numpy(float) if "task" in rows else None
+    return _moving(rows["step"].to_numpy(), {q: rows[q].to_numpy(float) for q in quantities}, task)
+
+
+def _moving(steps: np.ndarray, values: dict[str, np.ndarray], task: Optional[np.ndarray]) -> Optional[list[str]]:
+    """still_moving on one run's arrays (each (rows,), sorted by step; NaN where not logged)."""
+    if task is not None and not np.isnan(task).all():
+        last_task = task == np.nanmax(task)
+        steps, values = steps[last_task], {q: v[last_task] for q, v in values.items()}
     if len(steps) < 2:
         return None
     start = int(np.searchsorted(steps, steps[-1] - CONVERGENCE_TAIL * (steps[-1] - steps[0]))) - 1
     if start <= 0 and steps[0] == 0:         # the tail reaches back to the initialisation
         return None
-    tail = rows.iloc[max(start, 0):]
     moving = []
-    for q in quantities:
-        whole, last = rows[q].dropna(), tail[q].dropna()
+    for q, v in values.items():
+        whole, last = v[~np.isnan(v)], v[max(start, 0):]
+        last = last[~np.isnan(last)]
         if len(last) < 2:
             continue
-        scale = min(whole.max() - whole.min(), abs(last.iloc[-1]))
+        scale = min(whole.max() - whole.min(), abs(last[-1]))
         if last.max() - last.min() > CONVERGENCE_TOL * scale and whole.max() > whole.min():
             moving.append(q)
     return moving
@@ -66,13 +72,26 @@ def noisy(runs: pd.DataFrame) -> pd.Series:
 
 
 def unconverged(table: pd.DataFrame, runs: pd.DataFrame, metrics: list[str]) -> dict[str, list[str]]:
-    """run_id → what still moved, for the finished runs that had not converged."""
+    """run_id → what still moved, for the finished runs that had not converged (in the order the
+    table first names them). The table is sorted once and cut into runs, rather than grouped and
+    sorted run by run: pandas' cost per group dominated a sweep of thousands of runs."""
     done = runs[runs["status"] == results.FINISHED]
     quiet = set(done.loc[~noisy(done), "run_id"])
     quantities = [q for q in dict.fromkeys(["train_loss", *metrics]) if q in table]
+    part = table[table["run_id"].isin(set(done["run_id"]))]
+    if part.empty:
+        return {}
+    codes, ids = pd.factorize(part["run_id"])                       # run by first appearance
+    order = np.lexsort((part["step"].to_numpy(), codes))            # by run, then step (stable)
+    codes, steps = codes[order], part["step"].to_numpy()[order]
+    values = {q: part[q].to_numpy(float)[order] for q in quantities}
+    task = part["task"].to_numpy(float)[order] if "task" in part else None
+    cuts = np.flatnonzero(np.diff(codes)) + 1
     out = {}
-    for rid, rows in table[table["run_id"].isin(set(done["run_id"]))].groupby("run_id", sort=False):
-        moving = still_moving(rows.sort_values("step"), [q for q in quantities if q != "train_loss" or rid in quiet])
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(codes)]):
+        rid = ids[codes[lo]]
+        judged = {q: v[lo:hi] for q, v in values.items() if q != "train_loss" or rid in quiet}
+        moving = _moving(steps[lo:hi], judged, None if task is None else task[lo:hi])
         if moving:
             out[rid] = moving
     return out

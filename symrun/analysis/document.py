@@ -96,9 +96,16 @@ def _figures(rep, link) -> list[str]:
 
 def _problems(rep) -> list[str]:
     runs, out = rep.runs, []
-    where = {row["run_id"]: " (" + notation.settings([*rep.axes, "seed"], [row.get(k) for k in [*rep.axes, "seed"]]) + ")"
-             for _, row in runs.iterrows()} if "run_id" in runs else {}
-    for status, what in ((results.FAILED, "failed"), (results.DIVERGED, "diverged"), (results.RUNNING, "interrupted")):
+    listed = ((results.FAILED, "failed"), (results.DIVERGED, "diverged"), (results.RUNNING, "interrupted"))
+    where = {}
+    if "run_id" in runs:         # the settings of the runs listed below only: a row at a time is slow over thousands
+        named = set(rep.unconverged)
+        if "status" in runs:
+            named |= set(runs.loc[runs["status"].isin([status for status, _ in listed]), "run_id"])
+        keys = [*rep.axes, "seed"]
+        where = {row["run_id"]: " (" + notation.settings(keys, [row.get(k) for k in keys]) + ")"
+                 for _, row in runs[runs["run_id"].isin(named)].iterrows()}
+    for status, what in listed:
         part = runs[runs["status"] == status] if "status" in runs else runs.iloc[:0]
         for _, row in part.iterrows():
             why = ""

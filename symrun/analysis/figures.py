@@ -13,19 +13,20 @@ from pathlib import Path
 from typing import Optional
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.mathtext import MathTextParser
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
-from symrun.analysis import agreement, notation  # noqa: E402
-from symrun.sweeping import results  # noqa: E402
+from symrun.analysis import agreement, notation
+from symrun.sweeping import results
 
 COLUMN_WIDTH = 3.4     # inches: one column of a two-column journal page (7.0 for both columns)
 DOUBLE_WIDTH = 7.0
 DPI = 300              # PNG pixels per inch: a column is 1020 px wide
+PAD = 0.03             # inches of margin around what is drawn
 FORMATS = ("png", "pdf", "svg")
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<"]
 DODGE = 0.012          # sideways offset between series, as a fraction of the x axis' span
@@ -37,10 +38,32 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
 matplotlib.rcParams.update(STYLE)
 
 
+class Canvas(FigureCanvasAgg):
+    """Agg whose renderers share one mathtext parser. Agg makes a renderer per canvas size, and each
+    renderer its own parser whose cache dies with it: save measures on one renderer and draws on
+    another (at the cropped size), and every figure has its own canvas, so the same tick labels
+    ($10^{-3}$ …) were laid out again each time (a quarter of a figure's save)."""
+
+    _mathtext = MathTextParser("path")      # what RendererAgg makes for itself
+
+    def get_renderer(self):
+        renderer = super().get_renderer()
+        renderer.mathtext_parser = self._mathtext
+        return renderer
+
+
+def canvas(figsize: tuple[float, float], dpi: Optional[float] = None) -> Figure:
+    """A figure on a Canvas of its own, without pyplot (its list of open figures is not needed
+    to write files): the figure is freed once nothing refers to it."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    Canvas(fig)
+    return fig
+
+
 def figure(width: float = COLUMN_WIDTH, aspect: float = 0.75, ncols: int = 1):
     """A figure `width` inches wide (a column); `ncols` panels share the y axis."""
-    fig, axes = plt.subplots(1, ncols, figsize=(width, width * aspect * (1 if ncols == 1 else 0.6)),
-                             squeeze=False, sharey=ncols > 1)
+    fig = canvas((width, width * aspect * (1 if ncols == 1 else 0.6)))
+    axes = fig.subplots(1, ncols, squeeze=False, sharey=ncols > 1)
     return fig, axes[0]
 
 
@@ -218,13 +241,17 @@ def _boundary(ax, sweep_dir, done, grid, y, metric) -> list:
 
 def save(fig, stem: Path, sweep_dir: Path, formats) -> list[Path]:
     """Render each format to memory, then write it into the sweep folder like every other file
-    (symrun.sweeping.folder); the legend below the axes is kept inside the saved area."""
+    (symrun.sweeping.folder). The saved area is the figure's tight box (the legend below the axes
+    kept inside it) plus PAD, measured once at DPI for every format: bbox_inches="tight" would
+    draw the whole figure once more per format just to measure it (the same PNG bytes, a
+    quarter less time)."""
+    fig.set_dpi(DPI)
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(PAD)
     paths = []
     for fmt in formats:
         buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=DPI, bbox_inches="tight", pad_inches=0.03)
+        fig.savefig(buf, format=fmt, dpi=DPI, bbox_inches=box)
         path = stem.with_name(f"{stem.name}.{fmt}")
         results.write_atomic(path, buf.getvalue(), sweep_dir)
         paths.append(path)
-    plt.close(fig)
     return paths

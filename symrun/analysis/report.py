@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -201,9 +200,11 @@ def run_figures(sweep_dir: Path) -> list[Path]:
     runs/<id>/penultimate_correlation.png for model=resnet18. Run folders that are links are
     not entered (the tables report them as damaged)."""
     figures = []
-    for rid in results.run_ids(sweep_dir):
-        if folder.kind(results.run_dir(sweep_dir, rid), sweep_dir) != "dir":
-            continue
+    try:            # what each entry of runs/ is, from one listing (not a walk from the root a run)
+        found = folder.entries(Path(sweep_dir) / "runs", sweep_dir)
+    except results.OutputError:
+        return figures
+    for rid in sorted(name for name, what in found.items() if what == "dir"):
         array = results.run_dir(sweep_dir, rid) / "penultimate_correlation.npy"
         png = array.with_suffix(".png")
         if folder.kind(array, sweep_dir) != "file":
@@ -235,7 +236,8 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str, sweep_dir: Path)
     kept = corr[np.ix_(alive, alive)]
     order = cluster_order(kept)
     ordered = kept[np.ix_(order, order)]
-    fig, ax = plt.subplots(figsize=CORRELATION_FIGSIZE, dpi=CORRELATION_DPI)
+    fig = figures.canvas(CORRELATION_FIGSIZE, dpi=CORRELATION_DPI)
+    ax = fig.subplots()
     if len(ordered):
         image = ax.imshow(np.nan_to_num(ordered), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         fig.colorbar(image, ax=ax, label="correlation over the probe set")
@@ -246,7 +248,6 @@ def _correlation_figure(corr: np.ndarray, path: Path, run: str, sweep_dir: Path)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")      # fixed size: a run's own figure, not a paper panel
-    plt.close(fig)
     results.write_atomic(path, buf.getvalue(), sweep_dir)
     return path
 
