@@ -500,7 +500,12 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+_LEAVES = frozenset((int, float, str, bool, type(None)))
+
+
 def _plain(v: Any) -> Any:
+    if type(v) in _LEAVES:               # most of a config (checked first: a failed hasattr costs an exception)
+        return v
     if hasattr(v, "to_plain"):           # a config whose keys are not its fields (model=module)
         return v.to_plain()
     if hasattr(type(v), "__dataclass_fields__"):
@@ -607,8 +612,8 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, FileDataConfig):
         checks.append(_target_check(d))
     # No setting means anything at inf or NaN (one that would diverge at once, or allocate forever)
-    infinite = [k for k, v in flatten(to_dict(cfg)).items() if isinstance(v, float) and not math.isfinite(v)]
-    checks.append((not infinite, f"{infinite[0]} must be a finite number, got {_get(cfg, infinite[0])}" if infinite else ""))
+    infinite = _non_finite(to_dict(cfg))
+    checks.append((infinite is None, f"{infinite} must be a finite number, got {_get(cfg, infinite)}" if infinite else ""))
     checks.append(_name_check(cfg.name))
     for ok, message in checks:
         if not ok:
@@ -621,6 +626,18 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, Cifar10DataConfig):
         d.root = str(Path(d.root).expanduser().resolve())
     return cfg
+
+
+def _non_finite(tree: dict, prefix: str = "") -> Optional[str]:
+    """The first setting of `tree` (to_dict's) that is a float at inf or NaN, dotted as flatten
+    names it, else None. Lists are not entered: flatten makes them text."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            if (found := _non_finite(v, f"{prefix}{k}.")) is not None:
+                return found
+        elif isinstance(v, float) and not math.isfinite(v):
+            return f"{prefix}{k}"
+    return None
 
 
 def _get(cfg: Config, dotted: str) -> Any:
