@@ -529,6 +529,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def flattened(cfg: Any) -> dict[str, Any]:
+    """flatten(to_dict(cfg)), in one pass over the dataclasses: run ids, pack keys and validation
+    ask for it once or more a run."""
+    out: dict[str, Any] = {}
+    _flat_into(cfg, "", out)
+    return out
+
+
+def _flat_into(cfg: Any, prefix: str, out: dict[str, Any]) -> None:
+    for name in _field_names(type(cfg)):
+        v = getattr(cfg, name)
+        if type(v) in _LEAVES:
+            out[prefix + name] = v
+        elif hasattr(type(v), "__dataclass_fields__") and not hasattr(v, "to_plain"):
+            _flat_into(v, f"{prefix}{name}.", out)
+        else:                                # lists, mappings, model=module's config: as flatten has them
+            out.update(flatten({name: _plain(v)}, prefix))
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and names once, at the edge; raise ConfigError with a one-line message."""
     m, d, o, n, t, mt = cfg.model, cfg.data, cfg.optim, cfg.noise, cfg.train, cfg.metrics
@@ -612,8 +631,8 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, FileDataConfig):
         checks.append(_target_check(d))
     # No setting means anything at inf or NaN (one that would diverge at once, or allocate forever)
-    infinite = _non_finite(to_dict(cfg))
-    checks.append((infinite is None, f"{infinite} must be a finite number, got {_get(cfg, infinite)}" if infinite else ""))
+    infinite = [k for k, v in flattened(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
+    checks.append((not infinite, f"{infinite[0]} must be a finite number, got {_get(cfg, infinite[0])}" if infinite else ""))
     checks.append(_name_check(cfg.name))
     for ok, message in checks:
         if not ok:
@@ -626,18 +645,6 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, Cifar10DataConfig):
         d.root = str(Path(d.root).expanduser().resolve())
     return cfg
-
-
-def _non_finite(tree: dict, prefix: str = "") -> Optional[str]:
-    """The first setting of `tree` (to_dict's) that is a float at inf or NaN, dotted as flatten
-    names it, else None. Lists are not entered: flatten makes them text."""
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            if (found := _non_finite(v, f"{prefix}{k}.")) is not None:
-                return found
-        elif isinstance(v, float) and not math.isfinite(v):
-            return f"{prefix}{k}"
-    return None
 
 
 def _get(cfg: Config, dotted: str) -> Any:
