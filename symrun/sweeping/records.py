@@ -171,7 +171,7 @@ def _read_config(run: folder.Opened) -> tuple[Optional[dict], Optional[str]]:
 def _same_kind(value, default) -> bool:
     """Whether a saved setting has its default's type (the tables compare and sort them); a
     setting whose default is null may hold any value."""
-    if default is None or value is None:
+    if type(value) is type(default) or default is None or value is None:    # the first: most settings, cheaply
         return True
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)
