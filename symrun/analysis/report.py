@@ -202,13 +202,16 @@ def run_figures(sweep_dir: Path) -> list[Path]:
     not entered (the tables report them as damaged)."""
     figures = []
     for rid in results.run_ids(sweep_dir):
-        if folder.kind(results.run_dir(sweep_dir, rid), sweep_dir) != "dir":
+        run = results.run_dir(sweep_dir, rid)
+        try:
+            inside = folder.entries(run, sweep_dir)    # one listing a run, not a walk per name
+        except folder.OutputError:                     # a link, or a file, in the run folder's place
             continue
-        array = results.run_dir(sweep_dir, rid) / "penultimate_correlation.npy"
+        array = run / "penultimate_correlation.npy"
         png = array.with_suffix(".png")
-        if folder.kind(array, sweep_dir) != "file":
+        if inside.get(array.name) != "file":
             continue
-        if folder.kind(png, sweep_dir) != "file" or png.stat().st_mtime_ns < array.stat().st_mtime_ns:
+        if inside.get(png.name) != "file" or png.stat().st_mtime_ns < array.stat().st_mtime_ns:
             corr = np.load(io.BytesIO(folder.read_bytes(array, sweep_dir)), allow_pickle=False)
             _correlation_figure(corr, png, rid, sweep_dir)
         figures.append(png)
