@@ -82,7 +82,7 @@ def _by_step(rows: pd.DataFrame) -> pd.DataFrame:
     """A run's rows sorted by step: as they are when their steps already increase, as results.csv
     holds them (a sort is ~0.1 ms a run, most of judging one)."""
     steps = rows["step"].to_numpy()
-    return rows if (steps[1:] > steps[:-1]).all() else rows.sort_values("step")
+    return rows if steps.dtype.kind in "iuf" and (steps[1:] > steps[:-1]).all() else rows.sort_values("step")
 
 
 def learning_curves(sweep_dir: Path, table: pd.DataFrame, runs: pd.DataFrame, axes: list[str], metric: str, *,
