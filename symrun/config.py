@@ -500,7 +500,12 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+_LEAVES = frozenset((int, float, str, bool, type(None)))
+
+
 def _plain(v: Any) -> Any:
+    if type(v) in _LEAVES:               # most of a config (checked first: a failed hasattr costs an exception)
+        return v
     if hasattr(v, "to_plain"):           # a config whose keys are not its fields (model=module)
         return v.to_plain()
     if hasattr(type(v), "__dataclass_fields__"):
@@ -522,6 +527,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = str(v) if isinstance(v, (list, tuple)) else v
     return out
+
+
+def flattened(cfg: Any) -> dict[str, Any]:
+    """flatten(to_dict(cfg)), in one pass over the dataclasses: run ids, pack keys and validation
+    ask for it once or more a run."""
+    out: dict[str, Any] = {}
+    _flat_into(cfg, "", out)
+    return out
+
+
+def _flat_into(cfg: Any, prefix: str, out: dict[str, Any]) -> None:
+    for name in _field_names(type(cfg)):
+        v = getattr(cfg, name)
+        if type(v) in _LEAVES:
+            out[prefix + name] = v
+        elif hasattr(type(v), "__dataclass_fields__") and not hasattr(v, "to_plain"):
+            _flat_into(v, f"{prefix}{name}.", out)
+        else:                                # lists, mappings, model=module's config: as flatten has them
+            out.update(flatten({name: _plain(v)}, prefix))
 
 
 def validate(cfg: Config) -> Config:
@@ -607,7 +631,7 @@ def validate(cfg: Config) -> Config:
     if isinstance(d, FileDataConfig):
         checks.append(_target_check(d))
     # No setting means anything at inf or NaN (one that would diverge at once, or allocate forever)
-    infinite = [k for k, v in flatten(to_dict(cfg)).items() if isinstance(v, float) and not math.isfinite(v)]
+    infinite = [k for k, v in flattened(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
     checks.append((not infinite, f"{infinite[0]} must be a finite number, got {_get(cfg, infinite[0])}" if infinite else ""))
     checks.append(_name_check(cfg.name))
     for ok, message in checks:

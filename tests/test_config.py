@@ -178,3 +178,36 @@ def test_to_dict_is_dataclasses_asdict():
         assert out == dataclasses.asdict(cfg) and isinstance(out["optim"]["betas"], type(cfg.optim.betas))
         out["constraint"]["params"].append("x")                     # a copy, not the config's own list
         assert cfg.constraint.params == ["layers.0.weight", "layers.1.bias"]
+
+
+def _configs_to_flatten():
+    from symrun.config import Config, DigitsDataConfig
+    from symrun.models.module import ModuleConfig
+
+    for model in MODEL_OPTIONS.values():
+        for data in DATA_OPTIONS.values():
+            yield Config(model=model(), data=data())
+    yield Config(model=ModuleConfig(target="pkg.Net", args={"hidden": {"width": 4.0}, "sizes": [1, 2]},
+                                    mirrors=[{"kind": "sign"}]), data=DigitsDataConfig())
+
+
+def test_flattened_is_flatten_of_to_dict():
+    """Run ids and pack keys hash config.flattened: it must be flatten(to_dict(cfg)), key for key, in order."""
+    for cfg in _configs_to_flatten():
+        expected = config.flatten(config.to_dict(cfg))
+        assert config.flattened(cfg) == expected and list(config.flattened(cfg)) == list(expected)
+
+
+def test_run_ids_do_not_change_between_versions():
+    """A folder swept by an earlier version resumes only if its runs keep their ids."""
+    from symrun.config import Config, DigitsDataConfig, HadamardConfig, MLPConfig, TeacherDataConfig
+    from symrun.models.module import ModuleConfig
+    from symrun.sweeping import results
+
+    mlp = Config(model=MLPConfig(width=7), data=DigitsDataConfig(), seed=3)
+    mlp.optim.betas, mlp.optim.weight_decay = [0.5, 0.6], 0.01
+    module = Config(model=ModuleConfig(target="pkg.Net", args={"hidden": {"width": 4.0}, "sizes": [1, 2]}, mirrors=[]),
+                    data=DigitsDataConfig())
+    assert results.run_id(Config(model=HadamardConfig(), data=TeacherDataConfig())) == "hadamard-s0-8d48105de6"
+    assert results.run_id(mlp) == "mlp-s3-1db0ee24e0"
+    assert results.run_id(module) == "module-s0-4ec8dc46ad"

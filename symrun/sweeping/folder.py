@@ -57,7 +57,10 @@ def _error(e: OSError, path: Path, verb: str) -> OutputError:
 
 def names(path: Path, root: Path) -> tuple[str, ...]:
     """The names leading from `root` to `path`, read lexically (no link is resolved)."""
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    target, base = os.path.abspath(path), os.path.abspath(root)
+    if target.startswith(base + os.sep):     # the usual case, without relpath's walk (both are normalised)
+        return tuple(target[len(base) + 1:].split(os.sep))
+    rel = os.path.relpath(target, base)
     parts = () if rel == "." else tuple(rel.split(os.sep))
     if parts[:1] == ("..",):
         raise OutputError(f"{path} is not inside {root}")

@@ -171,7 +171,7 @@ def _read_config(run: folder.Opened) -> tuple[Optional[dict], Optional[str]]:
 def _same_kind(value, default) -> bool:
     """Whether a saved setting has its default's type (the tables compare and sort them); a
     setting whose default is null may hold any value."""
-    if default is None or value is None:
+    if type(value) is type(default) or default is None or value is None:    # the first: most settings, cheaply
         return True
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)
@@ -202,9 +202,11 @@ def _read_metrics(run: folder.Opened, info: dict) -> tuple[Optional[pd.DataFrame
     return (None, problem) if problem is not None else (frame, None)
 
 
-def _check_metrics(path: Path, frame: pd.DataFrame, info: dict) -> Optional[str]:
-    """None when `frame` has a step column and ends with the row status.json names as final."""
-    last = frame.iloc[-1].to_dict() if len(frame) else {"step": None}     # no row: not finite at step 0
+def _check_metrics(path: Path, frame: pd.DataFrame, info: dict, last: Optional[dict] = None) -> Optional[str]:
+    """None when `frame` has a step column and ends with the row status.json names as final
+    (`last`: that row as a dict, when the caller has it already)."""
+    if last is None:
+        last = frame.iloc[-1].to_dict() if len(frame) else {"step": None}     # no row: not finite at step 0
     step_ok = "final_step" not in info or last.get("step") == info["final_step"]   # older status.json: unchecked
     values_ok = all(_same(last.get(k), v) for k, v in info.get("final", {}).items())
     if "step" not in frame.columns or not step_ok or not values_ok:
@@ -237,15 +239,17 @@ def read_runs(sweep_dir: Path, rids: list[str]) -> list[RunRecord]:
             path = run_dir(sweep_dir, record.run_id) / "metrics.csv"
             if frames is None or i not in frames:
                 records[i] = read_run(sweep_dir, record.run_id, metrics=True)
-            elif (problem := _check_metrics(path, frames[i], record.info)) is not None:
+            elif (problem := _check_metrics(path, frames[i][0], record.info, last=frames[i][1])) is not None:
                 records[i] = RunRecord(record.run_id, DAMAGED, record.info, record.config, problem=problem)
             else:
-                record.metrics = frames[i]
+                record.metrics = frames[i][0]
     return records
 
 
-def _parse_together(header: str, members: list[tuple[int, str]]) -> Optional[dict[int, pd.DataFrame]]:
-    """The files of one header as one CSV with a leading `__run` column, split back by run."""
+def _parse_together(header: str, members: list[tuple[int, str]]) -> Optional[dict[int, tuple[pd.DataFrame, dict]]]:
+    """The files of one header as one CSV with a leading `__run` column, split back by run:
+    {run: (its rows, its last row as a dict)}, the last rows taken in one call (~8 µs a run,
+    not the ~70 of a row at a time)."""
     lines = [f"__run,{header}\n"]
     for i, body in members:
         lines += [f"{i},{line}\n" for line in body[:-1].split("\n")]
@@ -259,7 +263,8 @@ def _parse_together(header: str, members: list[tuple[int, str]]) -> Optional[dic
         return None
     runs = frame.pop("__run").to_numpy()
     starts = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1), len(runs)]      # a run's rows are together
-    return {int(runs[a]): frame.iloc[a:b].reset_index(drop=True) for a, b in zip(starts, starts[1:])}
+    lasts = frame.iloc[np.asarray(starts[1:]) - 1].to_dict("records")
+    return {int(runs[a]): (frame.iloc[a:b].reset_index(drop=True), last) for a, b, last in zip(starts, starts[1:], lasts)}
 
 
 def _same(a, b) -> bool:

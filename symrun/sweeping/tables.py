@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from symrun.sweeping import records, results
-from symrun.config import EXECUTION_KEYS, Config, ConfigError, flatten, to_dict
+from symrun.config import EXECUTION_KEYS, Config, ConfigError, flattened
 from symrun.sweeping.results import DAMAGED, DIVERGED, FAILED, FINISHED, INTERRUPTED, PENDING, RUNNING
 
 # Columns of runs.csv that say when, where and how a run was trained, from its status.json.
@@ -152,11 +152,11 @@ def check_consistent(sweep_dir: Path, configs: dict[str, Config], swept: list[st
         return
     axes = set(swept) | set(records.read_sweep(sweep_dir)[0].get("swept", []))
     exempt = set(EXECUTION_KEYS) | {"seed"} | axes
-    flat = [flatten(to_dict(c)) for c in configs.values()]
+    flat = [flattened(c) for c in configs.values()]
     fixed = {k: v for k, v in flat[0].items() if k not in exempt and all(f.get(k, v) == v for f in flat)}
     for rid in results.run_ids(sweep_dir):
-        old = records.read_run(sweep_dir, rid).config
-        if rid in configs or old is None:
+        old = records.read_run(sweep_dir, rid).config if rid not in configs else None
+        if old is None:
             continue
         for key, value in fixed.items():
             if key in old and old[key] != value:

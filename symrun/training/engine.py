@@ -19,7 +19,7 @@ import torch
 from symrun import data as data_mod
 from symrun import models
 from symrun.analysis import critical, metrics
-from symrun.config import PER_RUN_KEYS, Config, ConfigError, flatten, to_dict, total_steps
+from symrun.config import PER_RUN_KEYS, Config, ConfigError, flattened, total_steps
 from symrun.data import BatchOrder, Dataset
 from symrun.seeds import derive_seed
 from symrun.training import checkpoint as ckpt_mod
@@ -42,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
 def pack_key(cfg: Config) -> str:
     """Runs with equal keys share every shape and setting but PER_RUN_KEYS: one batched model.
     A model that does not pack (its spec's `packs`) keys on every setting: each run is a pack of one."""
-    flat = flatten(to_dict(cfg))
+    flat = flattened(cfg)
     alone = not models.spec(cfg.model.name).packs
     shared = {k: v for k, v in flat.items() if (alone or k not in PER_RUN_KEYS) and k not in ("name", "pack_size")}
     return json.dumps(shared, sort_keys=True, default=str)
