@@ -31,3 +31,23 @@ def test_a_forked_child_gets_its_own_workers():
     with ctx.Pool(1) as pool:                            # would wait forever on the parent's dead threads
         values = pool.apply_async(linalg.eigvalsh, (a,)).get(timeout=60)
     torch.testing.assert_close(values, torch.linalg.eigvalsh(a), rtol=1e-12, atol=1e-12)
+
+
+def test_each_worker_solves_on_one_intra_op_thread_and_the_caller_keeps_its_own():
+    """A worker left at torch's thread count let MKL start an OpenMP team under it, which slowed
+    every later torch op of the process about threefold: each worker runs on one thread, and the
+    caller's count is what it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+
+    def solve(part):
+        seen.append(torch.get_num_threads())
+        return torch.linalg.eigvalsh(part)
+
+    try:
+        a = torch.randn(8, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(linalg._spread(solve, a @ a.mT), torch.linalg.eigvalsh(a @ a.mT))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
