@@ -78,22 +78,20 @@ class Shards:
     def active(self) -> Iterator["Shards"]:
         """While a pack trains: the threads after the first (the caller's), and `each` intra-op
         threads for each (the machine's again afterwards, for the metrics)."""
-        blas = one_thread_blas() if self.cpu and self.each == 1 else nullcontext()
-        if self.plain:
-            with blas:
+        with one_thread_blas() if self.cpu and self.each == 1 else nullcontext():
+            if self.plain:
                 yield self
-            return
-        torch.set_num_threads(self.each)
-        if self.threads > 1:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="symrun-shard")
-        try:
-            with blas:
+                return
+            torch.set_num_threads(self.each)
+            if self.threads > 1:
+                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="symrun-shard")
+            try:
                 yield self
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-            torch.set_num_threads(self.intra)
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown()
+                    self._pool = None
+                torch.set_num_threads(self.intra)
 
     @contextmanager
     def every_thread(self) -> Iterator[None]:
