@@ -25,13 +25,30 @@ import torch
 _ONE_THREAD = False     # inside one_thread_blas: numpy's BLAS is held to one thread
 
 
+def _transposed(a: np.ndarray) -> bool:
+    """Whether each matrix of `a` is stored column by column (a transposed view), not row by row."""
+    return a.ndim >= 2 and a.shape[-1] > 1 and a.shape[-2] > 1 and a.strides[-2] == a.itemsize != a.strides[-1]
+
+
+def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b through numpy. When exactly one operand is a transposed view, it is copied row by row
+    first: OpenBLAS's small GEMMs with one transposed operand run at about half speed (W1's first
+    layer, 128 × 64 by a transposed 64 × 64 batch: 2.2 ms for 128 runs, against 1.3 ms after a
+    0.2 ms copy). Two transposed operands (a product of transposes) go as they are."""
+    if _transposed(a) != _transposed(b):
+        a, b = (np.ascontiguousarray(a), b) if _transposed(a) else (a, np.ascontiguousarray(b))
+    return np.matmul(a, b)
+
+
 class _NumpyMatmul(torch.autograd.Function):
-    """a @ b for batches of the same shape, (..., n, k) @ (..., k, m), through numpy's BLAS."""
+    """a @ b for batches of the same shape, (..., n, k) @ (..., k, m), through numpy's BLAS. The
+    operands are saved as given, so the backward's products take their transposes as they are
+    stored (the transpose of a view copied for the forward is row by row again)."""
 
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
+        return torch.from_numpy(_product(a.detach().numpy(), b.detach().numpy()))
 
     @staticmethod
     def backward(ctx, grad):
