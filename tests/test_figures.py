@@ -29,6 +29,7 @@ def drawn(monkeypatch):
         return [stem.with_name(stem.name + ".png")]
 
     monkeypatch.setattr(figures, "save", save)
+    monkeypatch.setattr(report, "DRAW_PROCESSES", 1)      # drawn here, where the recorder can see them
     yield kept
     plt.close("all")
 

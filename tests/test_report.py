@@ -153,3 +153,28 @@ def test_measured_critical_weight_decay_is_drawn_from_the_largest_weight_decay(t
     assert agreement.critical_line(runs, "optim.weight_decay", "rank") is None     # no rotation mirrors here
     assert agreement.critical_line(runs, "seed", "sparsity") is None
     assert any(p.name == "phase_sparsity_vs_optim.weight_decay.png" for p in figures)
+
+
+def test_figures_drawn_over_forked_processes_are_the_ones_drawn_in_one(tmp_path, monkeypatch):
+    """report.draw_all shares figures out over forked processes (where it can): the same paths,
+    in the same order, byte for byte; an error in a child is raised in the parent."""
+    if "fork" not in report.multiprocessing.get_all_start_methods():
+        pytest.skip("processes do not fork here")
+    d = _sweep(tmp_path, "optim.weight_decay=0,0.1,1.0", "seed=0,1", "train.log_every=5")
+    monkeypatch.setattr(report, "DRAW_PROCESSES", 1)
+    alone = report.build(d)
+    assert len(alone.figures) >= 4
+    drawn = {p: p.read_bytes() for p in alone.figures}
+    for p in alone.figures:
+        p.unlink()
+    monkeypatch.setattr(report, "DRAW_PROCESSES", 3)
+    forked = report.build(d)
+    assert forked.figures == alone.figures
+    assert all(p.read_bytes() == drawn[p] for p in forked.figures)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a figure that cannot be drawn")
+
+    monkeypatch.setattr(report.figures, "phase_diagram", broken)
+    with pytest.raises(RuntimeError, match="cannot be drawn"):
+        report.build(d)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import ast
 import io
+import multiprocessing
+import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -146,27 +149,65 @@ def _draw(sweep_dir: Path, runs: pd.DataFrame, table: pd.DataFrame, axes: list[s
     done = runs[runs["status"] == results.FINISHED]
     diverged = runs[runs["status"] == results.DIVERGED]
     title = _title(sweep_dir)
-    out: list[Path] = []
+    jobs: list[Callable[[], list[Path]]] = []      # one figure each, drawn by draw_all
     if done.empty:
-        return out
+        return []
     if "task" in table:      # a task sequence: per-task curves come first
         ends = curves.task_ends(table, runs, axes)
         for m in curves.TASK_METRICS:
             if m in ends and ends[m].notna().any():
-                out += curves.task_curves(sweep_dir, ends, axes, m, formats=formats, title=title)
+                jobs.append(partial(curves.task_curves, sweep_dir, ends, axes, m, formats=formats, title=title))
     if len(axes) <= 2:
         for metric in [m for m in ["train_loss", *structure_metrics(runs)] if m in table]:
-            out += curves.learning_curves(sweep_dir, table, runs, axes, metric, formats=formats, title=title)
-    if not 1 <= len(axes) <= 2:   # more axes: the summary table, no phase diagram
-        return out
-    x, other = axes[-1], (axes[0] if len(axes) == 2 else None)
-    for metric in metrics_of(runs):
-        if other is not None and done[other].nunique() > SERIES_MAX:
-            out += figures.heatmap(sweep_dir, done, x, other, metric, formats=formats, title=title)
-        else:
-            out += figures.phase_diagram(sweep_dir, done, x, metric, other, diverged=diverged,
-                                         unconverged=set(late), formats=formats, title=title)
-    return out
+            jobs.append(partial(curves.learning_curves, sweep_dir, table, runs, axes, metric, formats=formats, title=title))
+    if 1 <= len(axes) <= 2:   # more axes: the summary table, no phase diagram
+        x, other = axes[-1], (axes[0] if len(axes) == 2 else None)
+        for metric in metrics_of(runs):
+            if other is not None and done[other].nunique() > SERIES_MAX:
+                jobs.append(partial(figures.heatmap, sweep_dir, done, x, other, metric, formats=formats, title=title))
+            else:
+                jobs.append(partial(figures.phase_diagram, sweep_dir, done, x, metric, other, diverged=diverged,
+                                    unconverged=set(late), formats=formats, title=title))
+    return draw_all(jobs)
+
+
+DRAW_PROCESSES: Optional[int] = None    # processes drawing a report's figures; None: one per core
+
+
+def draw_all(jobs: list[Callable[[], list[Path]]]) -> list[Path]:
+    """The paths each job drew, in the jobs' order.
+
+    Figures are independent of one another and drawing one is Python-bound (matplotlib's layout
+    and Agg), so one process draws them one after another while the machine's other cores sit
+    idle. Where processes fork (Linux), with more than one core and more than two figures, this
+    process draws the first (which warms matplotlib's font and text caches, ~0.1 s), then the
+    rest are shared out over forked processes, one per core: a child starts with the tables and
+    the warm caches in its memory and sends back only the paths it wrote. Every file is the one
+    this process would have drawn (tests/test_report.py compares them byte for byte); an error
+    in a child is raised here. Not in a daemonic process (a pool's worker may not fork its own)."""
+    processes = min(len(jobs) - 1, DRAW_PROCESSES or _cores())
+    if processes < 2 or "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+        return [path for job in jobs for path in job()]
+    global _JOBS
+    first, _JOBS = jobs[0](), jobs
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            drawn = pool.map(_run_job, range(1, len(jobs)), chunksize=1)
+    finally:
+        _JOBS = []
+    return first + [path for paths in drawn for path in paths]
+
+
+_JOBS: list[Callable[[], list[Path]]] = []       # draw_all's jobs, inherited by its forked processes
+
+
+def _run_job(i: int) -> list[Path]:
+    return _JOBS[i]()
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 MANIFEST = "figures.json"     # the sweep-level figures the last report drew
