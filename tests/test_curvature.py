@@ -136,3 +136,18 @@ def test_batched_lanczos_equals_one_mirror_at_a_time():
     for slot in range(3):
         alone = critical.threshold(loss_fn, select(swap, params, order[:, slot]), params, block_size=5)
         torch.testing.assert_close(batched[:, slot], alone, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("changed", ["layers.0.weight", "layers.1.bias", "x"])
+def test_kept_layers_and_pair_products_are_not_reused_after_a_change_in_place(changed):
+    """neuron_blocks keeps a layer's activations (for the layer's other mirrors) and the data's
+    pair products (for the next chunk of runs): a tensor changed in place is computed afresh."""
+    model, params, x, loss_of = setup(MLPConfig(width=6, activation="tanh"), TeacherDataConfig(teacher="mlp", dim=5, out_dim=2))
+    swap = next(s for s in model.symmetries() if isinstance(s, Swap))
+    order = torch.tensor([[0, 3], [1, 2], [4, 0]])
+    before = model.mirror_blocks(swap, params, order, x, loss_of)
+    (x if changed == "x" else params[changed]).mul_(1.7)
+    again = model.mirror_blocks(swap, params, order, x, loss_of)
+    fresh = model.mirror_blocks(swap, {k: v.clone() for k, v in params.items()}, order, x.clone(), loss_of)
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+    assert not torch.allclose(again, before)

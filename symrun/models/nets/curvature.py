@@ -22,16 +22,20 @@ autograd's conventions (relu: σ'(0) = 0 and σ'' = 0), so the block is the one 
 products build (tests/test_curvature.py, to 1e-10 in float64).
 
 Cost: θ₀ differs from θ in neurons i and j only, so a run's layers up to l are computed once for
-all its mirrors; per mirror, z'₀ = z' − Σ u σ(z) + (copies of the merged neuron), the layers above
-z', one backward pass to z', and two small matrix products.
+all its mirrors, and once for a layer's sign flips and swaps together (`_layers`); per mirror,
+z'₀ = z' − Σ u σ(z) + (copies of the merged neuron), the layers above z', one backward pass to
+z', and two small matrix products. The products x̃_a x̃_b of the shared data (A's Gram matrices)
+are formed once per data tensor (`_pair_products`), not once per pass over a chunk of runs.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from symrun.analysis.symmetries import SignFlip, Swap, Symmetry
 
@@ -64,12 +68,7 @@ def neuron_blocks(mlp, sym: Symmetry, params: Params, order: torch.Tensor, x: to
     member, i, j = _neurons(order.reshape(-1), mlp.sizes[layer + 1], flip)
     run = torch.arange(runs, device=order.device).repeat_interleave(m)         # virtual run v = r·M + m
     with torch.no_grad():
-        h = x                                                                  # layer `layer`'s input
-        for k in range(layer):
-            h = mlp.act(mlp._layer_t(params, k, h))                            # (R, M, width, n)
-        z = mlp._layer_t(params, layer, h)                                     # (R, M, width, n)
-        s = mlp.act(z)
-        z_next = mlp._layer_t(params, layer + 1, s)                            # (R, M, out', n)
+        h, s, z_next = _layers(mlp, params, layer, x)
         w = params[f"layers.{layer}.weight"]
         if mlp.cfg.bias:
             w = torch.cat([w, params[f"layers.{layer}.bias"].unsqueeze(-1)], dim=-1)   # w̃: (R, M, width, p)
@@ -92,11 +91,37 @@ def neuron_blocks(mlp, sym: Symmetry, params: Params, order: torch.Tensor, x: to
     if flip or mlp.cfg.activation == "relu":                                   # u = 0 or σ'' = 0: A = 0
         a = b.new_zeros(b.shape[0], b.shape[1], b.shape[1])
     else:
-        a = _weighted_gram(xt, (u_bar.unsqueeze(-1) * delta).sum(1) * d2)     # A, weights (δ'·u) σ''(z)
+        a = _weighted_gram(xt, (u_bar.unsqueeze(-1) * delta).sum(1) * d2,      # A, weights (δ'·u) σ''(z)
+                           x if layer == 0 else None)
     top = torch.cat([a, b], dim=-1)
     bottom = torch.cat([b.mT, b.new_zeros(b.shape[0], b.shape[2], b.shape[2])], dim=-1)
     block = torch.cat([top, bottom], dim=-2)
     return block.view(runs, m, *block.shape[1:])
+
+
+_LAYERS = WeakIdKeyDictionary()     # a layer's weight tensor → (what it was computed from, `_layers`)
+
+
+def _layers(mlp, params: Params, layer: int, x: torch.Tensor):
+    """(layer `layer`'s input, its activations, the next layer's pre-activations) of every run:
+    (R, M, ·, n) each (the input is x itself for layer 0). A layer's sign flips and swaps are
+    asked for in turn with the same tensors (symrun.analysis.critical.thresholds), so the last
+    answer is kept while the layer's weight tensor lives, and reused for the same tensors, none
+    of them changed in place since (their version counters)."""
+    key = params[f"layers.{layer}.weight"]
+    tensors = (x, *params.values())
+    kept = _LAYERS.get(key)
+    if (kept is not None and len(kept[0]) == len(tensors)
+            and all(ref() is t and version == t._version for (ref, version), t in zip(kept[0], tensors))):
+        return kept[1]
+    h = x
+    for k in range(layer):
+        h = mlp.act(mlp._layer_t(params, k, h))                                # (R, M, width, n)
+    s = mlp.act(mlp._layer_t(params, layer, h))                                # (R, M, width, n)
+    out = h, s, mlp._layer_t(params, layer + 1, s)                             # z': (R, M, out', n)
+    # weak references: the entry must not keep its own key (the weight, among the params) alive
+    _LAYERS[key] = ([(weakref.ref(t), t._version) for t in tensors], out)
+    return out
 
 
 def _neurons(index: torch.Tensor, width: int, flip: bool):
@@ -121,22 +146,38 @@ def _cross(xt: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (xt @ g.permute(2, 0, 1).reshape(n, v * o)).view(-1, v, o).transpose(0, 1)
 
 
-def _weighted_gram(xt: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _weighted_gram(xt: torch.Tensor, c: torch.Tensor, data: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Σ_n c_n x̃_n x̃_nᵀ per virtual run: x̃ (p, n) shared or (V, p, n), c (V, n) → (V, p, p).
     For a shared x̃ it is one GEMM, c @ [x̃_n ⊗ x̃_n], over the upper triangles (half the work of
-    V separate products, and no (V, p, n) temporary)."""
+    V separate products, and no (V, p, n) temporary); `data`: the tensor x̃ was made from, whose
+    products are then formed once (`_pair_products`)."""
     p, n = xt.shape[-2:]
     if xt.dim() == 3 or p * (p + 1) // 2 * n > GRAM_VALUES:
         return (xt * c.unsqueeze(-2)) @ xt.mT
-    # rows x̃_a ⊙ x̃_b for a ≤ b in row-major order (triu_indices'), a slice at a time: a gather
-    # by index would cost 6× more
-    products = torch.cat([xt[a] * xt[a:] for a in range(p)])                   # (p(p+1)/2, n)
-    upper = c @ products.T                                                     # (V, p(p+1)/2)
+    upper = c @ _pair_products(xt, data).T                                     # (V, p(p+1)/2)
     i, j = torch.triu_indices(p, p, device=xt.device)
     out = c.new_zeros(len(c), p, p)
     out[:, i, j] = upper
     out[:, j, i] = upper
     return out
+
+
+_PRODUCTS = WeakIdKeyDictionary()   # a data tensor → (its version, `_pair_products` of x̃ made from it)
+
+
+def _pair_products(xt: torch.Tensor, data: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows x̃_a ⊙ x̃_b for a ≤ b in row-major order (triu_indices'): (p(p+1)/2, n), formed a
+    slice at a time (a gather by index would cost 6× more). x̃ made from the `data` tensor
+    (layer 0) is the same for every chunk of runs, so its products are kept while `data` lives
+    and is not changed in place."""
+    kept = _PRODUCTS.get(data) if data is not None else None
+    if (kept is not None and kept[0] == data._version
+            and kept[1].shape == (xt.shape[0] * (xt.shape[0] + 1) // 2, xt.shape[1]) and kept[1].dtype == xt.dtype):
+        return kept[1]
+    products = torch.cat([xt[a] * xt[a:] for a in range(xt.shape[0])])
+    if data is not None:
+        _PRODUCTS[data] = (data._version, products)
+    return products
 
 
 def _with_ones(h: torch.Tensor, bias: bool) -> torch.Tensor:
