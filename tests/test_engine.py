@@ -544,10 +544,11 @@ def test_cpu_matmul_through_numpy_is_torch_matmul_with_first_and_second_derivati
             cpu._NumpyMatmul.apply = lambda x, y: calls.append(1) or apply(x, y)
             torch.testing.assert_close(cpu.matmul(a, b), torch.matmul(a, b), **tol)
             torch.testing.assert_close(cpu.matmul(a.expand(5, 3, 7, 4), wide), torch.matmul(a.expand(5, 3, 7, 4), wide), **tol)
-            a_t = torch.randn(5, 1, 4, 7, generator=g, dtype=dtype).mT                 # the other operand transposed
-            torch.testing.assert_close(cpu.matmul(a_t, b.contiguous()), torch.matmul(a_t, b), **tol)
+            a_t = torch.randn(5, 1, 4, 7, generator=g, dtype=dtype).mT                 # the other operand transposed,
+            torch.testing.assert_close(cpu.matmul(a_t, b.contiguous()), torch.matmul(a_t, b), **tol)   # the larger: (bᵀaᵀ)ᵀ
             torch.testing.assert_close(cpu.matmul(a_t, b), torch.matmul(a_t, b), **tol)    # both: a product of transposes
-            assert len(calls) == 4                        # all went through numpy
+            torch.testing.assert_close(cpu.matmul(a[0, 0], b[0, 0]), torch.matmul(a[0, 0], b[0, 0]), **tol)   # matrices
+            assert len(calls) == 5                        # all went through numpy
             x, w = a.clone().requires_grad_(), b.clone().requires_grad_()
             v = torch.randn(5, 1, 7, 6, generator=g, dtype=dtype)
             loss = lambda f: (f(x, w).tanh() * v).sum()   # noqa: E731 — curved, so the Hessian is not zero

@@ -95,7 +95,7 @@ class MLP(PackedModel):
         r, m, o, i = w.shape
         if x.dim() == 2:
             # A shared input (full batch): one large GEMM over all runs and members.
-            h = (w.reshape(r * m * o, i) @ x.T).view(r, m, o, x.shape[0])
+            h = cpu.matmul(w.reshape(r * m * o, i), x.T).reshape(r, m, o, x.shape[0])
         else:
             if x.dim() == 3:                      # per-run data (R, B, in): a transposed view
                 x = x.mT.unsqueeze(1).expand(r, m, i, x.shape[1])
