@@ -1,3 +1,3 @@
-from symrun.cli import main
+from symrun.cli import entry
 
-main()
+entry()
