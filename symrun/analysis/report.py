@@ -14,6 +14,8 @@ import io
 import multiprocessing
 import os
 import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -179,20 +181,23 @@ def draw_all(jobs: list[Callable[[], list[Path]]]) -> list[Path]:
 
     Figures are independent of one another and drawing one is Python-bound (matplotlib's layout
     and Agg), so one process draws them one after another while the machine's other cores sit
-    idle. Where processes fork (Linux), with more than one core and more than two figures, this
+    idle. On Linux (where forking a process that has loaded these libraries is sound; macOS
+    forbids it to some system frameworks), with more than one core and more than two figures, this
     process draws the first (which warms matplotlib's font and text caches, ~0.1 s), then the
     rest are shared out over forked processes, one per core: a child starts with the tables and
     the warm caches in its memory and sends back only the paths it wrote. Every file is the one
     this process would have drawn (tests/test_report.py compares them byte for byte); an error
-    in a child is raised here. Not in a daemonic process (a pool's worker may not fork its own)."""
+    in a child is raised here, and a child that dies breaks the pool (BrokenProcessPool) rather
+    than leaving this process waiting. Not in a daemonic process (a pool's worker may not fork
+    its own)."""
     processes = min(len(jobs) - 1, DRAW_PROCESSES or _cores())
-    if processes < 2 or "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+    if processes < 2 or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
         return [path for job in jobs for path in job()]
     global _JOBS
     first, _JOBS = jobs[0](), jobs
     try:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            drawn = pool.map(_run_job, range(1, len(jobs)), chunksize=1)
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            drawn = list(pool.map(_run_job, range(1, len(jobs))))
     finally:
         _JOBS = []
     return first + [path for paths in drawn for path in paths]
