@@ -175,6 +175,16 @@ def test_figures_drawn_over_forked_processes_are_the_ones_drawn_in_one(tmp_path,
     assert forked.figures == alone.figures
     assert all(p.read_bytes() == drawn[p] for p in forked.figures)
 
+    def no_semaphores(*args, **kwargs):           # a container without /dev/shm: drawn here instead
+        raise OSError(38, "Function not implemented")
+
+    with monkeypatch.context() as m:
+        m.setattr(report, "ProcessPoolExecutor", no_semaphores)
+        for p in alone.figures:
+            p.unlink()
+        here = report.build(d)
+    assert here.figures == alone.figures and all(p.read_bytes() == drawn[p] for p in here.figures)
+
     def broken(*args, **kwargs):
         raise RuntimeError("a figure that cannot be drawn")
 

@@ -189,14 +189,18 @@ def draw_all(jobs: list[Callable[[], list[Path]]]) -> list[Path]:
     this process would have drawn (tests/test_report.py compares them byte for byte); an error
     in a child is raised here, and a child that dies breaks the pool (BrokenProcessPool) rather
     than leaving this process waiting. Not in a daemonic process (a pool's worker may not fork
-    its own)."""
+    its own); where a process pool cannot be made (no working semaphores), here, one by one."""
     processes = min(len(jobs) - 1, DRAW_PROCESSES or _cores())
     if processes < 2 or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
         return [path for job in jobs for path in job()]
     global _JOBS
     first, _JOBS = jobs[0](), jobs
     try:
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        try:
+            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+        except (OSError, NotImplementedError, ImportError):   # no working semaphores (a container without /dev/shm)
+            return first + [path for job in jobs[1:] for path in job()]
+        with pool:
             drawn = list(pool.map(_run_job, range(1, len(jobs))))
     finally:
         _JOBS = []
