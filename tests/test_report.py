@@ -2,7 +2,9 @@
 
 import os
 import shutil
+import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import matplotlib.image as mpimg
@@ -201,3 +203,50 @@ def test_figures_drawn_over_forked_processes_are_the_ones_drawn_in_one(tmp_path,
     monkeypatch.setattr(report.figures, "phase_diagram", dies)
     with pytest.raises(BrokenProcessPool):
         report.build(d)
+
+
+def test_a_forked_process_lays_out_text_with_fonts_of_its_own():
+    """FreeType fonts cannot be shared across a fork: the figures' shared mathtext parser, whose
+    cached layouts hold the parent's fonts, is replaced in a forked child (two children drawing
+    with the parent's fonts at once failed with FT_Load_Glyph … invalid outline)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("figures are drawn over forked processes on Linux only")
+    from symrun.analysis import figures
+
+    fig = figures.canvas((3, 2))
+    fig.gca().set_xscale("log")
+    fig.gca().set_xlim(1e-3, 1)
+    fig.canvas.draw()                                             # lays out $10^{-3}$ … here
+    parser = figures.Canvas._mathtext
+    parser.parent_of_the_test = True
+    try:
+        with ProcessPoolExecutor(2, mp_context=report.multiprocessing.get_context("fork")) as pool:
+            children = list(pool.map(_inherited_parser_after_drawing, range(2)))
+        assert children == [False, False]
+        assert figures.Canvas._mathtext is parser                   # this process keeps its own
+    finally:
+        del parser.parent_of_the_test
+
+
+def _inherited_parser_after_drawing(_: int) -> bool:
+    from symrun.analysis import figures
+
+    fig = figures.canvas((3, 2))
+    fig.gca().set_xscale("log")
+    fig.gca().set_xlim(1e-3, 1)
+    fig.canvas.draw()
+    return getattr(figures.Canvas._mathtext, "parent_of_the_test", False)
+
+
+def test_output_buffered_when_figures_fork_is_written_once(tmp_path):
+    """What this process had not yet written out when draw_all forks is written once, not again
+    by each child as it ends (multiprocessing flushes the standard streams before it forks)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("figures are drawn over forked processes on Linux only")
+    d = _sweep(tmp_path, "optim.weight_decay=0,0.1,1.0", "seed=0,1", "train.log_every=5")
+    code = ("import sys\nfrom pathlib import Path\nfrom symrun.analysis import report\n"
+            "report.DRAW_PROCESSES = 3\nsys.stdout.write('unflushed-marker')\n"
+            f"assert len(report.build(Path({str(d)!r})).figures) >= 4\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("unflushed-marker") == 1

@@ -9,6 +9,7 @@ Every figure is written in each of `report.formats` (png, pdf, svg) beside the t
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +51,19 @@ class Canvas(FigureCanvasAgg):
         renderer = super().get_renderer()
         renderer.mathtext_parser = self._mathtext
         return renderer
+
+
+def _own_mathtext_after_fork() -> None:
+    """A forked process (symrun.analysis.report.draw_all) lays out its text with a parser of its
+    own. The parent's cached layouts hold its FreeType fonts, which cannot be used across a fork:
+    two children drawing with them at once read each other's place in the shared font file
+    ("FT_Load_Glyph … invalid outline"). matplotlib empties its own font cache at a fork for the
+    same reason."""
+    Canvas._mathtext = MathTextParser("path")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_own_mathtext_after_fork)
 
 
 def canvas(figsize: tuple[float, float], dpi: Optional[float] = None) -> Figure:
