@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -236,17 +235,3 @@ def _inherited_parser_after_drawing(_: int) -> bool:
     fig.gca().set_xlim(1e-3, 1)
     fig.canvas.draw()
     return getattr(figures.Canvas._mathtext, "parent_of_the_test", False)
-
-
-def test_output_buffered_when_figures_fork_is_written_once(tmp_path):
-    """What this process had not yet written out when draw_all forks is written once, not again
-    by each child as it ends (multiprocessing flushes the standard streams before it forks)."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("figures are drawn over forked processes on Linux only")
-    d = _sweep(tmp_path, "optim.weight_decay=0,0.1,1.0", "seed=0,1", "train.log_every=5")
-    code = ("import sys\nfrom pathlib import Path\nfrom symrun.analysis import report\n"
-            "report.DRAW_PROCESSES = 3\nsys.stdout.write('unflushed-marker')\n"
-            f"assert len(report.build(Path({str(d)!r})).figures) >= 4\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("unflushed-marker") == 1

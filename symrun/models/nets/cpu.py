@@ -30,7 +30,9 @@ _ONE_THREAD = False     # inside one_thread_blas: numpy's BLAS is held to one th
 
 def _transposed(a: np.ndarray) -> bool:
     """Whether each matrix of `a` is stored column by column (a transposed view), not row by row."""
-    return a.ndim >= 2 and a.shape[-1] > 1 and a.shape[-2] > 1 and a.strides[-2] == a.itemsize != a.strides[-1]
+    if a.ndim < 2 or a.shape[-1] == 1 or a.shape[-2] == 1:
+        return False
+    return a.strides[-2] == a.itemsize and a.strides[-1] != a.itemsize
 
 
 def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -42,7 +44,8 @@ def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Two transposed operands (a product of transposes) go as they are."""
     if _transposed(a) == _transposed(b):
         return np.matmul(a, b)
-    if (a if _transposed(a) else b).size <= (b if _transposed(a) else a).size:
+    transposed, other = (a, b) if _transposed(a) else (b, a)
+    if transposed.size <= other.size:
         return np.matmul(_rows(a), _rows(b))
     return np.matmul(_rows(b.swapaxes(-1, -2)), _rows(a.swapaxes(-1, -2))).swapaxes(-1, -2)
 

@@ -95,6 +95,7 @@ class MLP(PackedModel):
         r, m, o, i = w.shape
         if x.dim() == 2:
             # A shared input (full batch): one large GEMM over all runs and members.
+            # (reshape, not view: cpu.matmul may hand back a transposed product, symrun.models.nets.cpu)
             h = cpu.matmul(w.reshape(r * m * o, i), x.T).reshape(r, m, o, x.shape[0])
         else:
             if x.dim() == 3:                      # per-run data (R, B, in): a transposed view
