@@ -341,7 +341,7 @@ def profile_step(device: torch.device, steps: int = 30) -> str:
     metric evaluation at step 0 nor the one at the end is in it."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from symrun.models.nets.cpu import _NumpyMatmul
+    from symrun.models.nets.cpu import NUMPY_OP, _NumpyMatmul
     from symrun.models.nets.mlp import _NumpyTanh
 
     cfgs = w1(32, steps, str(device)).configs
@@ -350,9 +350,9 @@ def profile_step(device: torch.device, steps: int = 30) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts, schedule=schedule(wait=2, warmup=2, active=steps - 10, repeat=1)) as prof:
         engine.train_pack(cfgs, dataset, on_step=lambda n: prof.step())
-    # aten ops, and the CPU tanh and batched products, which run in numpy under their autograd
-    # Functions' names (the products' gradients too: matmul's backward is matmul)
-    numpy_ops = {_NumpyTanh.__name__, _NumpyMatmul.__name__}
+    # aten ops, and the CPU tanh and batched products where they run in numpy: under their
+    # autograd Functions' names, or symrun::numpy where a hand-written step calls numpy itself
+    numpy_ops = {_NumpyTanh.__name__, _NumpyMatmul.__name__, NUMPY_OP}
     events = [e for e in prof.key_averages() if e.key.startswith("aten::") or e.key in numpy_ops]
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events)

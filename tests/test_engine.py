@@ -518,13 +518,16 @@ def test_cpu_tanh_is_torch_tanh_to_an_ulp_with_first_and_second_derivatives(dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_matmul_through_numpy_is_torch_matmul_with_first_and_second_derivatives(dtype):
+def test_cpu_matmul_through_numpy_is_torch_matmul_with_first_and_second_derivatives(dtype, monkeypatch):
     """symrun.models.nets.cpu.matmul inside one_thread_blas (numpy's BLAS, one thread) against
     torch.matmul: the product, strided and expanded operands included, its gradients and a
-    Hessian-vector product through it; numpy's BLAS is on one thread inside and as before after."""
+    Hessian-vector product through it; numpy's BLAS is on one thread inside and as before after.
+    The numpy route is the one a CPU not made by Intel takes; here it is taken on any CPU."""
     from threadpoolctl import threadpool_info
 
     from symrun.models.nets import cpu
+
+    monkeypatch.setattr(cpu, "NUMPY_ROUTE", True)
 
     def blas_threads():
         return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
@@ -549,6 +552,10 @@ def test_cpu_matmul_through_numpy_is_torch_matmul_with_first_and_second_derivati
             torch.testing.assert_close(cpu.matmul(a_t, b), torch.matmul(a_t, b), **tol)    # both: a product of transposes
             torch.testing.assert_close(cpu.matmul(a[0, 0], b[0, 0]), torch.matmul(a[0, 0], b[0, 0]), **tol)   # matrices
             assert len(calls) == 5                        # all went through numpy
+            for p, q in [(a, b), (a_t, b.contiguous()), (a.contiguous(), b)]:    # a hand-written backward's products
+                rows = cpu.matmul_rows(p, q)
+                assert rows.is_contiguous()
+                torch.testing.assert_close(rows, torch.matmul(p, q), **tol)
             x, w = a.clone().requires_grad_(), b.clone().requires_grad_()
             v = torch.randn(5, 1, 7, 6, generator=g, dtype=dtype)
             loss = lambda f: (f(x, w).tanh() * v).sum()   # noqa: E731 — curved, so the Hessian is not zero

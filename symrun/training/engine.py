@@ -95,6 +95,9 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     bs = first.data.batch_size
     order = BatchOrder(len(x), bs, [c.seed for c in cfgs], device) if bs is not None and bs < len(x) else None
     record = Recorder(len(cfgs), device)
+    # θ's gradient is ρ's where ρ is θ itself or θ − b (symmetry removal): then a model's
+    # hand-written gradient serves; under DCS's reparametrisation the step goes through autograd
+    by_hand = rp.plain_gradient
     task = 0
 
     def log(step: int) -> None:
@@ -150,10 +153,16 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             yb = noise.labels(y if idx is None else take(y, idx), ds.task, ds.n_classes, step)   # (R, B[, o])
             per_run_y = yb.dim() > y.dim()
 
-            def loss_of(raw: dict[str, torch.Tensor], runs: slice) -> torch.Tensor:      # (runs,)
+            def loss_and_grads(raw: dict[str, torch.Tensor], runs: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
                 xb = x if idx is None else take(x, idx[runs])                         # (runs, B, d)
-                out = model.forward(rp.network(raw, runs), xb)
-                return loss_per_run(out, yb[runs] if per_run_y else yb, ds.task)
+                yr = yb[runs] if per_run_y else yb
+                if by_hand:     # the model's own backward (PackedModel.loss_and_grads), if it has one here
+                    with torch.no_grad():
+                        done = model.loss_and_grads(rp.network(raw, runs), xb, yr, ds.task)
+                    if done is not None:
+                        return done[0], [done[1][k] for k in raw]
+                loss = loss_per_run(model.forward(rp.network(raw, runs), xb), yr, ds.task)        # (runs,)
+                return loss.detach(), list(torch.autograd.grad(loss.sum(), list(raw.values())))
 
             def update(raw: dict[str, torch.Tensor], grads: list[torch.Tensor], losses: torch.Tensor,
                        runs: slice) -> torch.Tensor:
@@ -164,7 +173,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             # run is frozen at its last finite parameters. Bookkeeping stays on the device; the
             # optimiser reads back one bool per step.
             opt.advance(params)
-            loss, updated = shards.step(loss_of, update, params)
+            loss, updated = shards.step(loss_and_grads, update, params)
             record.check(step - 1, loss.isfinite())
             record.check(step, updated)
             lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run

@@ -14,3 +14,25 @@ def loss_per_run(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     shift = out - out.detach().amax(dim=-1, keepdim=True)
     picked = shift.gather(-1, y.expand(out.shape[:-1]).unsqueeze(-1)).squeeze(-1)    # (R, B[, T])
     return (shift.exp().sum(dim=-1).log() - picked).flatten(1).mean(dim=-1)
+
+
+def loss_and_grad_t(out: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_per_run of a feature-major output (R, o, B) — of `out.mT` — and its gradient with
+    respect to `out`, written out, for a model's hand-written step (PackedModel.loss_and_grads):
+    (f − y)/B for half-MSE, (softmax(f) − onehot(y))/B for cross-entropy. `out` is overwritten
+    (it becomes the gradient). Targets as loss_per_run takes them: shared (B[, o]) or per run
+    (R, B[, o])."""
+    n = out.shape[-1]
+    if task == "regression":
+        target = y.mT if y.dim() == out.dim() else y.T
+        grad = out.sub_(target)
+        loss = 0.5 * grad.square().sum(1).mean(-1)
+        return loss, grad.mul_(1.0 / n)
+    out.sub_(out.amax(dim=1, keepdim=True))
+    labels = y.expand(out.shape[0], n).unsqueeze(1)                  # (R, 1, B)
+    picked = out.gather(1, labels).squeeze(1)                        # (R, B)
+    grad = out.exp_()
+    total = grad.sum(dim=1, keepdim=True)
+    loss = (total.squeeze(1).log() - picked).mean(-1)
+    grad.div_(total).scatter_add_(1, labels, grad.new_full((1, 1, 1), -1.0).expand(labels.shape))
+    return loss, grad.mul_(1.0 / n)

@@ -185,6 +185,11 @@ class Reparam:
             theta = {k: v + self.offsets[k][runs] for k, v in theta.items()}
         return theta
 
+    @property
+    def plain_gradient(self) -> bool:
+        """Whether ∂L/∂ρ is ∂L/∂θ, name for name: ρ = θ, or θ = ρ + b (DCS measuring only, or not at all)."""
+        return not self.enforced
+
     def extra_parameters(self) -> int:
         """Parameters per run beyond the model's own (the cost of DCS)."""
         own = sum(math.prod(s) for s in self.shapes.values())

@@ -41,7 +41,7 @@ MIN_THREAD_BYTES = 4 * 2**20   # nor less work than this (Hadamard, 64 runs, 1.1
 MAX_THREADS = 8                # Python threads at most (their kernels' Python share the GIL); on a
                                # machine with more cores each gets cores // threads intra-op threads
 
-LossOf = Callable[[Params, slice], torch.Tensor]
+LossAndGrads = Callable[[Params, slice], tuple[torch.Tensor, list[torch.Tensor]]]
 Update = Callable[[Params, list[torch.Tensor], torch.Tensor, slice], torch.Tensor]
 
 
@@ -134,16 +134,15 @@ class Shards:
                 raise error
         return [mine] + [f.result() for f in futures]
 
-    def step(self, loss_of: LossOf, update: Update, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, loss_and_grads: LossAndGrads, update: Update, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step of the pack: (loss (R,), the runs updated (R,) bool).
 
-        Each chunk takes loss_of(ρ of its runs, their slice), their per-run losses, and its
-        gradient, then update(ρ of its runs, their gradients, their losses, their slice), which
-        updates those parameters in place and returns the runs it updated."""
+        Each chunk takes loss_and_grads(ρ of its runs, their slice) — their per-run losses and
+        the gradients of their sum, one per parameter, in order — then update(ρ of its runs,
+        their gradients, their losses, their slice), which updates those parameters in place and
+        returns the runs it updated."""
         if self.plain:
-            loss = loss_of(params, slice(None))
-            grads = list(torch.autograd.grad(loss.sum(), list(params.values())))
-            loss = loss.detach()
+            loss, grads = loss_and_grads(params, slice(None))
             return loss, update(params, grads, loss, slice(None))
         first = next(iter(params.values()))
         loss = torch.empty(first.shape[0], dtype=first.dtype, device=first.device)
@@ -152,9 +151,7 @@ class Shards:
         def chunks(ranges: list[slice]) -> None:
             for runs in ranges:
                 leaves = {k: v.data[runs].requires_grad_() for k, v in params.items()}
-                part = loss_of(leaves, runs)
-                grads = list(torch.autograd.grad(part.sum(), list(leaves.values())))
-                loss[runs] = part.detach()
+                loss[runs], grads = loss_and_grads(leaves, runs)
                 updated[runs] = update(leaves, grads, loss[runs], runs)
 
         self._on_threads(chunks, self.plan)

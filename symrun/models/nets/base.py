@@ -48,6 +48,14 @@ class PackedModel:
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor,
+                       task: str) -> tuple[torch.Tensor, Params] | None:
+        """A training step's loss per run, (R,) — loss_per_run of `forward(params, x)` — and its
+        gradient with respect to each of `params`, written out by hand (no autograd graph: a
+        small model's step is otherwise mostly the graph's bookkeeping). None where the model has
+        none for this input: the step then goes through autograd. Called under torch.no_grad."""
+        return None
+
     def example_width(self) -> int:
         """Activations one example of one run produces in a forward pass (the input, every
         layer's output, the output), in elements: what an evaluation pass holds per (run,

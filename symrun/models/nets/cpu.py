@@ -10,7 +10,12 @@ same holds for an evaluation's larger products (symrun.training.engine.evaluate,
 on the same threads): the full-batch first layer, 3,584 × 64 by 64 × 1,797, takes 21 ms through
 torch and 9 ms through numpy.
 
-The numpy route is taken only inside `one_thread_blas`, which a pack enters when its step runs
+On an Intel CPU, where MKL is at home, torch's products are as fast as numpy's (W1's five
+products of a 128-run chunk: 3.4 ms either way on a 2-core Xeon with AMX), and a hand-written
+step (MLP.loss_and_grads) is faster through torch: 6.6 against 7.8 ms a chunk, as numpy's route
+copies the transposed operand that MKL reads as it is. So the numpy route is taken only where
+torch's BLAS is MKL on a CPU of another vendor (`NUMPY_ROUTE`), and there only inside
+`one_thread_blas`, which a pack enters when its step runs
 one kernel thread per Python thread (symrun.training.shards.Shards.active): there numpy's BLAS is
 held to one thread too, as torch's are. Elsewhere (a pack on every core, a GPU, `symrun check`)
 `matmul` is torch.matmul. Its backward is `matmul` again, so products through it differentiate
@@ -19,6 +24,7 @@ twice (Hessian-vector products) as torch.matmul does.
 
 from __future__ import annotations
 
+import platform
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,6 +32,22 @@ import numpy as np
 import torch
 
 _ONE_THREAD = False     # inside one_thread_blas: numpy's BLAS is held to one thread
+NUMPY_OP = "symrun::numpy"  # what a profile calls the numpy kernels a hand-written step calls directly
+
+
+def _vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD, …), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "GenuineIntel" if "intel" in platform.processor().lower() else ""
+
+
+NUMPY_ROUTE = not (torch.backends.mkl.is_available() and _vendor() == "GenuineIntel")
 
 
 def _transposed(a: np.ndarray) -> bool:
@@ -35,17 +57,18 @@ def _transposed(a: np.ndarray) -> bool:
     return a.strides[-2] == a.itemsize and a.strides[-1] != a.itemsize
 
 
-def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _product(a: np.ndarray, b: np.ndarray, rows: bool = False) -> np.ndarray:
     """a @ b through numpy. OpenBLAS runs a small GEMM with exactly one transposed operand at
     about half speed, so then one operand is copied first, the smaller: the transposed one, row
     by row (W1's first layer, 128 × 64 by a transposed 64 × 64 batch: 2.2 ms for 128 runs,
     against 1.3 ms after a 0.2 ms copy), or the other, to compute (bᵀ aᵀ)ᵀ (an evaluation's
     (R, N, 128) features, stored feature-major, by (R, 128, 30): 23 ms as they are, 12 ms so).
-    Two transposed operands (a product of transposes) go as they are."""
+    Two transposed operands (a product of transposes) go as they are. `rows`: the result row by
+    row, as np.matmul makes it (the transposed operand is copied whichever is smaller)."""
     if _transposed(a) == _transposed(b):
         return np.matmul(a, b)
     transposed, other = (a, b) if _transposed(a) else (b, a)
-    if transposed.size <= other.size:
+    if rows or transposed.size <= other.size:
         return np.matmul(_rows(a), _rows(b))
     return np.matmul(_rows(b.swapaxes(-1, -2)), _rows(a.swapaxes(-1, -2))).swapaxes(-1, -2)
 
@@ -75,10 +98,24 @@ class _NumpyMatmul(torch.autograd.Function):
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.matmul(a, b); through numpy for CPU float32/float64 matrices, or batches of them with
     the same batch shape, inside `one_thread_blas` on one kernel thread."""
-    if (_ONE_THREAD and a.dim() >= 2 and a.shape[:-2] == b.shape[:-2] and b.dim() == a.dim() and a.device.type == "cpu"
-            and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64) and torch.get_num_threads() == 1):
+    if _numpy_route(a, b):
         return _NumpyMatmul.apply(a, b)
     return torch.matmul(a, b)
+
+
+def matmul_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`matmul` without autograd, its result stored row by row (contiguous), as torch.matmul's
+    is: for a hand-written backward's weight gradients, which the optimiser then reads in the
+    parameter's own layout."""
+    if _numpy_route(a, b):
+        with torch.profiler.record_function(NUMPY_OP):
+            return torch.from_numpy(_product(a.numpy(), b.numpy(), rows=True))
+    return torch.matmul(a, b)
+
+
+def _numpy_route(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (_ONE_THREAD and NUMPY_ROUTE and a.dim() >= 2 and a.shape[:-2] == b.shape[:-2] and b.dim() == a.dim() and a.device.type == "cpu"
+            and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64) and torch.get_num_threads() == 1)
 
 
 @contextmanager

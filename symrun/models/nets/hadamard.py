@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from symrun.models.nets.base import PackedModel
+from symrun.training.loss import loss_and_grad_t
 from symrun.config import ConfigError
 from symrun.models.hadamard import HadamardConfig
 from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot
@@ -30,6 +31,16 @@ class Hadamard(PackedModel):
         if x.dim() == 2:        # a shared input (full batch): one GEMM for every run, not R broadcast ones
             return (s @ x.T).unsqueeze(-1)                   # (R, B, 1)
         return x @ s.unsqueeze(-1)                           # per-run minibatches (R, B, d) → (R, B, 1)
+
+    def loss_and_grads(self, params, x, y, task):
+        """∂L/∂u = w ⊙ g and ∂L/∂w = u ⊙ g, g = Xᵀ(f − y)/B the gradient in s = u ⊙ w."""
+        u, w = params["u"], params["w"]
+        s = u * w
+        out = (s @ x.T if x.dim() == 2 else (x @ s.unsqueeze(-1)).squeeze(-1)).unsqueeze(1)    # (R, 1, B)
+        loss, delta = loss_and_grad_t(out, y, task)
+        delta = delta.squeeze(1)                                                         # (R, B)
+        g = delta @ x if x.dim() == 2 else (delta.unsqueeze(1) @ x).squeeze(1)           # (R, d)
+        return loss, {"u": g * w, "w": g.mul_(u)}
 
     def coefficients(self) -> NeuronSet:
         return NeuronSet("coef", (Slot("u", 1), Slot("w", 1)))

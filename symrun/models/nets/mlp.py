@@ -9,6 +9,7 @@ import torch
 
 from symrun.models.nets import cpu, curvature
 from symrun.models.nets.base import PackedModel
+from symrun.training.loss import loss_and_grad_t
 from symrun.models.mlp import EnsembleConfig, MLPConfig
 from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot, Swap, Symmetry
 
@@ -45,6 +46,22 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 _ACTIVATIONS = {"tanh": tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
+
+
+def tanh_(x: torch.Tensor) -> torch.Tensor:
+    """torch.tanh_, through numpy on the CPU for float32/float64 (as `tanh`)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        with torch.profiler.record_function(cpu.NUMPY_OP):
+            np.tanh(x.numpy(), out=x.numpy())
+        return x
+    return x.tanh_()
+
+
+# In place, for a hand-written step (MLP.loss_and_grads): σ(z) overwriting z, and δ = g ⊙ σ'(z)
+# from the activation σ(z) — the kernels autograd's own backward of tanh and relu uses.
+_ACTIVATE = {"tanh": tanh_, "relu": torch.relu_}
+_BACKWARD = {"tanh": torch.ops.aten.tanh_backward,
+             "relu": lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0)}
 
 
 class MLP(PackedModel):
@@ -91,17 +108,60 @@ class MLP(PackedModel):
         weight and input gradients autograd derives from it — writes a contiguous result of the
         parameter's own (out, in) layout, so the optimiser's update reads it without a strided
         pass; and the wide dimension (the batch) is the GEMMs' long one."""
-        w, b = params[f"layers.{l}.weight"], params.get(f"layers.{l}.bias")
+        h, b = self._linear_t(params, l, x), params.get(f"layers.{l}.bias")
+        return h if b is None else h + b.unsqueeze(-1)
+
+    def _linear_t(self, params, l: int, x):
+        """W x for layer l, feature-major (R, M, out, B), x as `_layer_t` takes it."""
+        w = params[f"layers.{l}.weight"]
         r, m, o, i = w.shape
         if x.dim() == 2:
             # A shared input (full batch): one large GEMM over all runs and members.
             # (reshape, not view: cpu.matmul may hand back a transposed product, symrun.models.nets.cpu)
-            h = cpu.matmul(w.reshape(r * m * o, i), x.T).reshape(r, m, o, x.shape[0])
-        else:
-            if x.dim() == 3:                      # per-run data (R, B, in): a transposed view
-                x = x.mT.unsqueeze(1).expand(r, m, i, x.shape[1])
-            h = cpu.matmul(w, x)
-        return h if b is None else h + b.unsqueeze(-1)
+            return cpu.matmul(w.reshape(r * m * o, i), x.T).reshape(r, m, o, x.shape[0])
+        if x.dim() == 3:                      # per-run data (R, B, in): a transposed view
+            x = x.mT.unsqueeze(1).expand(r, m, i, x.shape[1])
+        return cpu.matmul(w, x)
+
+    def loss_and_grads(self, params, x, y, task):
+        """The forward pass feature-major as `forward` does it, then its backward written out:
+        layer by layer, δ = Wᵀδ' ⊙ σ'(z) and ∂W = δ aᵀ, ∂b = Σ_B δ. Every hidden activation is
+        made in place from its pre-activation (one array per layer, no graph)."""
+        if self.cfg.activation not in _BACKWARD:
+            return None
+        depth, m = self.cfg.depth, self.members
+        inputs = [x]                                          # each layer's input; hidden ones (R, M, in, B)
+        for l in range(depth):
+            inputs.append(_ACTIVATE[self.cfg.activation](self._pre_t(params, l, inputs[-1])))
+        out = self._pre_t(params, depth, inputs[-1])          # (R, M, o, B)
+        loss, delta = loss_and_grad_t(out[:, 0] if m == 1 else out.mean(1), y, task)
+        delta = delta.unsqueeze(1) if m == 1 else (delta / m).unsqueeze(1).expand(out.shape)
+        grads = {}
+        for l in range(depth, -1, -1):
+            a = inputs[l]
+            if l < depth:                                     # back through layer l's activation
+                w_next = params[f"layers.{l + 1}.weight"]
+                delta = _BACKWARD[self.cfg.activation](cpu.matmul_rows(w_next.mT, delta), inputs[l + 1])
+            grads[f"layers.{l}.weight"] = self._weight_grad(delta, a, params[f"layers.{l}.weight"].shape)
+            if self.cfg.bias:
+                grads[f"layers.{l}.bias"] = delta.sum(-1)
+        return loss, grads
+
+    def _pre_t(self, params, l: int, x):
+        """`_layer_t`'s W x + b, the bias added in place."""
+        h, b = self._linear_t(params, l, x), params.get(f"layers.{l}.bias")
+        return h if b is None else h.add_(b.unsqueeze(-1))
+
+    @staticmethod
+    def _weight_grad(delta, a, shape):
+        """∂W = δ aᵀ summed over the batch, (R, M, out, in), for δ (R, M, out, B) and the layer's
+        input a: shared data (B, in), per-run data (R, B, in) or activations (R, M, in, B)."""
+        r, m, o, i = shape
+        if a.dim() == 2:
+            return cpu.matmul_rows(delta.reshape(r * m * o, -1), a).view(shape)
+        if a.dim() == 3:
+            return cpu.matmul_rows(delta.reshape(r, m * o, -1), a).view(shape)
+        return cpu.matmul_rows(delta, a.mT)
 
     def _readout(self, params, h_t):
         """Each member's outputs from its last hidden layer (R, M, width, B): (R, M, B, out)."""
