@@ -316,13 +316,13 @@ def evaluate(model, params, cfg: Config, task: str, x, y, x_test, y_test) -> dic
     out, features = model.forward_penultimate(params, x)
     row = {"train_loss": loss_per_run(out, y, task)}
     if task == "classification":
-        row["train_accuracy"] = (out.argmax(-1) == y).double().flatten(1).mean(-1)
+        row["train_accuracy"] = (metrics.top(out) == y).double().flatten(1).mean(-1)
     probe_features = features
     if x_test is not None:
         out_test, probe_features = model.forward_penultimate(params, x_test)
         row["test_loss"] = loss_per_run(out_test, y_test, task)
         if task == "classification":
-            row["accuracy"] = (out_test.argmax(-1) == y_test).double().flatten(1).mean(-1)
+            row["accuracy"] = (metrics.top(out_test) == y_test).double().flatten(1).mean(-1)
     # svd/eigh raise on non-finite input, so a run that diverged (its train_loss says so; a run
     # frozen at huge finite parameters would overflow its Gram matrices) is measured at zero and
     # gets NaN metrics: one bad run must not stop its whole pack.

@@ -93,11 +93,13 @@ class MLP(PackedModel):
 
     def _hidden_t(self, params, x):
         """Activations of the last hidden layer, feature-major: (R, M, width, B)."""
-        h = self._layer_t(params, 0, x)
+        # without a graph to keep (an evaluation), bias and activation go in place
+        layer, act = (self._layer_t, self.act) if torch.is_grad_enabled() else (self._pre_t, _ACTIVATE.get(self.cfg.activation, self.act))
+        h = layer(params, 0, x)
         for l in range(self.cfg.depth):
             if l > 0:
-                h = self._layer_t(params, l, h)
-            h = self.act(h)
+                h = layer(params, l, h)
+            h = act(h)
         return h
 
     def _layer_t(self, params, l: int, x):
