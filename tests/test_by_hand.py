@@ -130,3 +130,19 @@ def test_a_pack_trained_by_hand_ends_where_autograd_takes_it(monkeypatch, batch_
         for k in a.state:
             torch.testing.assert_close(a.state[k], b.state[k], rtol=1e-9, atol=1e-11, msg=k)
         assert a.rows[-1]["train_loss"] == pytest.approx(b.rows[-1]["train_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("how", ["full", "minibatch"])
+@pytest.mark.parametrize("model_cfg,data_cfg", CASES[:-1] + [(MLPConfig(width=5, depth=2, activation="gelu"), TEACHER)],
+                         ids=lambda c: getattr(c, "name", ""))
+def test_a_forward_without_a_graph_is_the_forward_with_one(model_cfg, data_cfg, how):
+    """Evaluations run the MLP's forward under no_grad, biases and activations in place."""
+    ds, model, params, x, y, idx = setup(model_cfg, data_cfg)
+    xb = x if how == "full" else engine.take(x, idx)
+    with torch.no_grad():
+        out, pen = model.forward_penultimate(params, xb)
+    want, want_pen = model.forward_penultimate({k: v.clone().requires_grad_() for k, v in params.items()}, xb)
+    assert torch.equal(out, want.detach())
+    assert (pen is None) == (want_pen is None)
+    if pen is not None:
+        assert torch.equal(pen[0], want_pen[0].detach())

@@ -94,7 +94,9 @@ class MLP(PackedModel):
     def _hidden_t(self, params, x):
         """Activations of the last hidden layer, feature-major: (R, M, width, B)."""
         # without a graph to keep (an evaluation), bias and activation go in place
-        layer, act = (self._layer_t, self.act) if torch.is_grad_enabled() else (self._pre_t, _ACTIVATE.get(self.cfg.activation, self.act))
+        layer, act = self._layer_t, self.act
+        if not torch.is_grad_enabled():
+            layer, act = self._pre_t, _ACTIVATE.get(self.cfg.activation, self.act)
         h = layer(params, 0, x)
         for l in range(self.cfg.depth):
             if l > 0:
