@@ -30,7 +30,7 @@ CASES = [
     (MLPConfig(width=7, depth=2, activation="relu", bias=False), DigitsDataConfig()),
     (EnsembleConfig(members=3, width=4, activation="tanh"), TEACHER),
     (EnsembleConfig(members=2, width=4, depth=2, activation="relu"), DigitsDataConfig()),
-    (HadamardConfig(), TeacherDataConfig(teacher="sparse", dim=8, out_dim=1)),
+    (HadamardConfig(), TeacherDataConfig(teacher="sparse_linear", dim=8, out_dim=1)),
 ]
 
 
@@ -146,3 +146,23 @@ def test_a_forward_without_a_graph_is_the_forward_with_one(model_cfg, data_cfg, 
     assert (pen is None) == (want_pen is None)
     if pen is not None:
         assert torch.equal(pen[0], want_pen[0].detach())
+
+
+def test_runs_diverge_at_the_same_step_by_hand_and_through_autograd(monkeypatch):
+    """A grid whose large learning rates blow up: each run stops at the same step either way,
+    and the runs that do not diverge end at the same parameters."""
+    cfgs = []
+    for lr in (0.05, 0.5, 5.0, 50.0):
+        for seed in (0, 1):
+            c = Config(model=HadamardConfig(), data=TeacherDataConfig(teacher="sparse_linear", dim=8, out_dim=1), seed=seed)
+            c.optim.lr, c.optim.weight_decay, c.train.steps, c.train.log_every = lr, 0.01, 40, 10
+            c.train.dtype, c.metrics.critical_mirrors = "float64", 0
+            cfgs.append(validate(c))
+    by_hand = engine.train_pack(cfgs)
+    monkeypatch.setattr(reparam.Reparam, "plain_gradient", property(lambda self: False))
+    through_autograd = engine.train_pack(cfgs)
+    assert {o.status for o in by_hand} == {"finished", "diverged"}
+    for a, b in zip(by_hand, through_autograd):
+        assert (a.status, a.diverged_at) == (b.status, b.diverged_at)
+        for k in a.state:
+            torch.testing.assert_close(a.state[k], b.state[k], rtol=1e-9, atol=1e-11, msg=k)
