@@ -1,7 +1,7 @@
 """A batched matmul through numpy's BLAS, for a CPU pack's step when each thread runs one kernel thread.
 
 A pack's batched products are many small GEMMs: W1's step multiplies, per run, 128 × 64 by
-64 × 64 (and its gradients). On this project's 2-core AMD EPYC, one thread each, torch's CPU
+64 × 64 (and its gradients). On a 2-core AMD EPYC, one thread each, torch's CPU
 `bmm` (MKL) does these at 40–65 GFLOP/s and numpy's `matmul` (OpenBLAS, one `gemm` per matrix)
 at 80–110, the same shapes back to back; together the five products of a 128-run W1 chunk take
 6.3 ms through torch and 3.4 ms through numpy. numpy releases the GIL in `matmul`, so the
@@ -13,12 +13,11 @@ torch and 9 ms through numpy.
 On an Intel CPU, where MKL is at home, torch's products are as fast as numpy's (W1's five
 products of a 128-run chunk: 3.4 ms either way on a 2-core Xeon with AMX), and a hand-written
 step (MLP.loss_and_grads) is faster through torch: 6.6 against 7.8 ms a chunk, as numpy's route
-copies the transposed operand that MKL reads as it is. So the numpy route is taken only where
-torch's BLAS is MKL on a CPU of another vendor (`NUMPY_ROUTE`), and there only inside
-`one_thread_blas`, which a pack enters when its step runs
-one kernel thread per Python thread (symrun.training.shards.Shards.active): there numpy's BLAS is
-held to one thread too, as torch's are. Elsewhere (a pack on every core, a GPU, `symrun check`)
-`matmul` is torch.matmul. Its backward is `matmul` again, so products through it differentiate
+copies the transposed operand that MKL reads as it is. So the numpy route is skipped where
+torch's BLAS is MKL on an Intel CPU (`NUMPY_ROUTE`); elsewhere it is taken only inside
+`one_thread_blas`, which a pack enters when its step runs one kernel thread per Python thread
+(symrun.training.shards.Shards.active): there numpy's BLAS is held to one thread too, as torch's
+are. Outside it (a pack on every core, a GPU, `symrun check`) `matmul` is torch.matmul. Its backward is `matmul` again, so products through it differentiate
 twice (Hessian-vector products) as torch.matmul does.
 """
 
@@ -114,8 +113,10 @@ def matmul_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _numpy_route(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (_ONE_THREAD and NUMPY_ROUTE and a.dim() >= 2 and a.shape[:-2] == b.shape[:-2] and b.dim() == a.dim() and a.device.type == "cpu"
-            and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64) and torch.get_num_threads() == 1)
+    """Whether a @ b goes through numpy here: see the module's docstring."""
+    return (_ONE_THREAD and NUMPY_ROUTE and a.dim() >= 2 and b.dim() == a.dim() and a.shape[:-2] == b.shape[:-2]
+            and a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
+            and torch.get_num_threads() == 1)
 
 
 @contextmanager
