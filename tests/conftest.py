@@ -12,8 +12,8 @@ import torch
 def cli(tmp_path):
     """Run the real `symrun` command in a subprocess, with outputs under tmp_path."""
 
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        env = {**os.environ, "NO_COLOR": "1"}   # no COLUMNS: errors must stay one line at 80 columns
+    def run(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "NO_COLOR": "1", **(env or {})}   # no COLUMNS: errors must stay one line at 80 columns
         proc = subprocess.run([sys.executable, "-m", "symrun", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         if check and proc.returncode != 0:
