@@ -95,9 +95,6 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     bs = first.data.batch_size
     order = BatchOrder(len(x), bs, [c.seed for c in cfgs], device) if bs is not None and bs < len(x) else None
     record = Recorder(len(cfgs), device)
-    # θ's gradient is ρ's where ρ is θ itself or θ − b (symmetry removal): then a model's
-    # hand-written gradient serves; under DCS's reparametrisation the step goes through autograd
-    by_hand = rp.plain_gradient
     task = 0
 
     def log(step: int) -> None:
@@ -156,7 +153,9 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             def loss_and_grads(raw: dict[str, torch.Tensor], runs: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
                 xb = x if idx is None else take(x, idx[runs])                         # (runs, B, d)
                 yr = yb[runs] if per_run_y else yb
-                if by_hand:     # the model's own backward (PackedModel.loss_and_grads), if it has one here
+                # the model's own backward (PackedModel.loss_and_grads), if it has one here and θ's
+                # gradient is ρ's (not under DCS's reparametrisation)
+                if rp.plain_gradient:
                     with torch.no_grad():
                         done = model.loss_and_grads(rp.network(raw, runs), xb, yr, ds.task)
                     if done is not None:

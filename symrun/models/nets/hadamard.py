@@ -35,11 +35,8 @@ class Hadamard(PackedModel):
     def loss_and_grads(self, params, x, y, task):
         """∂L/∂u = w ⊙ g and ∂L/∂w = u ⊙ g, g = Xᵀ(f − y)/B the gradient in s = u ⊙ w."""
         u, w = params["u"], params["w"]
-        s = u * w
-        out = (s @ x.T if x.dim() == 2 else (x @ s.unsqueeze(-1)).squeeze(-1)).unsqueeze(1)    # (R, 1, B)
-        loss, delta = loss_and_grad_t(out, y, task)
-        delta = delta.squeeze(1)                                                         # (R, B)
-        g = delta @ x if x.dim() == 2 else (delta.unsqueeze(1) @ x).squeeze(1)           # (R, d)
+        loss, delta = loss_and_grad_t(self.forward(params, x).mT, y, task)               # δ: (R, 1, B)
+        g = (delta @ x).squeeze(1)                                                       # (R, d)
         return loss, {"u": g * w, "w": g.mul_(u)}
 
     def coefficients(self) -> NeuronSet:

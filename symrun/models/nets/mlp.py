@@ -57,8 +57,8 @@ def tanh_(x: torch.Tensor) -> torch.Tensor:
     return x.tanh_()
 
 
-# In place, for a hand-written step (MLP.loss_and_grads): σ(z) overwriting z, and δ = g ⊙ σ'(z)
-# from the activation σ(z) — the kernels autograd's own backward of tanh and relu uses.
+# Without a graph (an evaluation, MLP.loss_and_grads): σ(z) overwriting z; and for the hand-written
+# step δ = g ⊙ σ'(z) from the activation σ(z), the kernels autograd's own backward of tanh and relu uses.
 _ACTIVATE = {"tanh": tanh_, "relu": torch.relu_}
 _BACKWARD = {"tanh": torch.ops.aten.tanh_backward,
              "relu": lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0)}
@@ -93,16 +93,16 @@ class MLP(PackedModel):
 
     def _hidden_t(self, params, x):
         """Activations of the last hidden layer, feature-major: (R, M, width, B)."""
-        # without a graph to keep (an evaluation), bias and activation go in place
-        layer, act = self._layer_t, self.act
-        if not torch.is_grad_enabled():
-            layer, act = self._pre_t, _ACTIVATE.get(self.cfg.activation, self.act)
-        h = layer(params, 0, x)
+        h = self._layer_t(params, 0, x)
         for l in range(self.cfg.depth):
             if l > 0:
-                h = layer(params, l, h)
-            h = act(h)
+                h = self._layer_t(params, l, h)
+            h = self._act(h)
         return h
+
+    def _act(self, h):
+        """σ(h); without a graph to keep (an evaluation, a hand-written step), in place where it can be."""
+        return self.act(h) if torch.is_grad_enabled() else _ACTIVATE.get(self.cfg.activation, self.act)(h)
 
     def _layer_t(self, params, l: int, x):
         """W x + b for layer l of every run and member, feature-major: (R, M, out, B). x is data,
@@ -111,9 +111,12 @@ class MLP(PackedModel):
         Feature-major is the layout in which every matmul of a training step — forward, and the
         weight and input gradients autograd derives from it — writes a contiguous result of the
         parameter's own (out, in) layout, so the optimiser's update reads it without a strided
-        pass; and the wide dimension (the batch) is the GEMMs' long one."""
+        pass; and the wide dimension (the batch) is the GEMMs' long one. Without a graph to keep,
+        the bias is added in place."""
         h, b = self._linear_t(params, l, x), params.get(f"layers.{l}.bias")
-        return h if b is None else h + b.unsqueeze(-1)
+        if b is None:
+            return h
+        return h + b.unsqueeze(-1) if torch.is_grad_enabled() else h.add_(b.unsqueeze(-1))
 
     def _linear_t(self, params, l: int, x):
         """W x for layer l, feature-major (R, M, out, B), x as `_layer_t` takes it."""
@@ -136,8 +139,8 @@ class MLP(PackedModel):
         depth, m = self.cfg.depth, self.members
         inputs = [x]                                          # each layer's input; hidden ones (R, M, in, B)
         for l in range(depth):
-            inputs.append(_ACTIVATE[self.cfg.activation](self._pre_t(params, l, inputs[-1])))
-        out = self._pre_t(params, depth, inputs[-1])          # (R, M, o, B)
+            inputs.append(self._act(self._layer_t(params, l, inputs[-1])))
+        out = self._layer_t(params, depth, inputs[-1])        # (R, M, o, B)
         loss, delta = loss_and_grad_t(out[:, 0] if m == 1 else out.mean(1), y, task)
         delta = delta.unsqueeze(1) if m == 1 else (delta / m).unsqueeze(1).expand(out.shape)
         grads = {}
@@ -150,11 +153,6 @@ class MLP(PackedModel):
             if self.cfg.bias:
                 grads[f"layers.{l}.bias"] = delta.sum(-1)
         return loss, grads
-
-    def _pre_t(self, params, l: int, x):
-        """`_layer_t`'s W x + b, the bias added in place."""
-        h, b = self._linear_t(params, l, x), params.get(f"layers.{l}.bias")
-        return h if b is None else h.add_(b.unsqueeze(-1))
 
     @staticmethod
     def _weight_grad(delta, a, shape):
