@@ -5,9 +5,11 @@ figures) against the two scripts a PyTorch user would write for the same grid
 (symrun.baselines: a lean loop per run and the torch.func ensembling recipe), each its own
 process run with this Python, one after another. The lean loop trains the runs one after
 another, so it is timed on its first `lean_runs` runs and scaled: its start-up (the process's
-time outside training) plus its training time × runs / lean_runs. Each way is timed `repeat`
-times and the fastest kept. A cProfile of one more `symrun sweep` process says where its time
-goes, by phase (`PHASES`).
+time outside training) plus its training time × runs / lean_runs. The three ways are timed in
+`repeat` rounds, each round one of each back to back, so a machine whose speed drifts over
+minutes (a shared host's) slows a round's three alike: the table gives each way's fastest, and
+the ratios within each round say how far the drift moved them. A cProfile of one more
+`symrun sweep` process says where its time goes, by phase (`PHASES`).
 """
 
 from __future__ import annotations
@@ -160,12 +162,18 @@ class Result:
     lean_scaled: float                # seconds for every run of the grid
     torch_func: Timing
     profile: dict[str, float]
+    rounds: list[tuple[float, float, float]] = field(default_factory=list)   # (sweep, lean scaled, torch.func) s
+
+    def ratios(self, baseline: int) -> list[float]:
+        """Per round: the baseline's seconds (1 lean loop, 2 torch.func) over the sweep's."""
+        return [r[baseline] / r[0] for r in self.rounds]
 
 
 def measure(grid: Grid, device: str, repeat: int = 1, say: Callable[[str], None] = print,
             where: Optional[Path] = None) -> Result:
-    """Every way on `grid` on `device`, `repeat` times each (the fastest kept), then one profiled
-    sweep; in a new folder inside `where` (default: a temporary folder, removed afterwards)."""
+    """Every way on `grid` on `device` in `repeat` rounds (each round the three back to back; the
+    fastest of each way kept, and every round's seconds), then one profiled sweep; in a new
+    folder inside `where` (default: a temporary folder, removed afterwards)."""
     with contextlib.ExitStack() as stack:
         if where is None:
             where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="symrun-bench-")))
@@ -180,22 +188,25 @@ def measure(grid: Grid, device: str, repeat: int = 1, say: Callable[[str], None]
         args, script = [*grid.sweep, f"device={device}"], [*grid.script, "--device", device]
         sweep_cmd = lambda out: [python, "-m", "symrun", "sweep", "--outputs", str(work / out), *args]  # noqa: E731
 
-        def best(make: Callable[[int], list[str]]) -> Timing:
-            return min((timed(make(i), work) for i in range(repeat)), key=lambda t: t.wall)
+        def scaled(t: Timing) -> float:
+            train = trained_seconds(t.stdout)
+            return t.wall - train + train * grid.runs / grid.lean_runs
 
-        sweep = best(lambda i: sweep_cmd(f"sweep-{i}"))
-        say(f"{grid.name}: symrun sweep {sweep.wall:.1f} s")
-        lean = best(lambda i: [python, str(scripts["lean"]), *script, "--runs", str(grid.lean_runs),
-                               "--out", str(work / "lean.csv")])
-        train = trained_seconds(lean.stdout)
-        lean_scaled = lean.wall - train + train * grid.runs / grid.lean_runs
-        say(f"{grid.name}: lean loop {lean.wall:.1f} s on {grid.lean_runs} runs → {lean_scaled:.1f} s for {grid.runs}")
-        torch_func = best(lambda i: [python, str(scripts["torch_func"]), *script, "--out", str(work / "func.csv")])
-        say(f"{grid.name}: torch.func {torch_func.wall:.1f} s")
+        sweeps, leans, funcs = [], [], []
+        for i in range(repeat):           # a round: one of each, back to back
+            sweeps.append(timed(sweep_cmd(f"sweep-{i}"), work))
+            leans.append(timed([python, str(scripts["lean"]), *script, "--runs", str(grid.lean_runs),
+                                "--out", str(work / "lean.csv")], work))
+            funcs.append(timed([python, str(scripts["torch_func"]), *script, "--out", str(work / "func.csv")], work))
+            say(f"{grid.name}, round {i + 1}: symrun sweep {sweeps[-1].wall:.1f} s, lean loop {leans[-1].wall:.1f} s on "
+                f"{grid.lean_runs} runs → {scaled(leans[-1]):.1f} s for {grid.runs}, torch.func {funcs[-1].wall:.1f} s")
+        fastest = lambda ts: min(ts, key=lambda t: t.wall)  # noqa: E731
+        sweep, lean, torch_func = fastest(sweeps), fastest(leans), fastest(funcs)
+        rounds = [(s.wall, scaled(le), f.wall) for s, le, f in zip(sweeps, leans, funcs)]
         prof = work / "sweep.prof"
         timed([python, "-m", "cProfile", "-o", str(prof), "-m", "symrun", "sweep", "--outputs", str(work / "profiled"),
                *args], work)
-        return Result(grid, sweep, lean, lean_scaled, torch_func, phases(prof))
+        return Result(grid, sweep, lean, scaled(lean), torch_func, phases(prof), rounds)
 
 
 def report(results: list[Result], repeat: int) -> str:
@@ -210,7 +221,11 @@ def report(results: list[Result], repeat: int) -> str:
                      f"{around:.0%}"])
     parts = [markdown_table(["workload", "runs", "`symrun sweep` s", "lean loop s", "torch.func s", "vs lean loop",
                              "vs torch.func", "around training"], rows), "",
-             f"Seconds are wall-clock of whole processes, the fastest of {repeat}. The lean loop is timed on its first "
+             f"Seconds are wall-clock of whole processes, the fastest of {repeat} rounds (a round: the three ways back "
+             "to back); the ratios are of the fastest. Within each round: "
+             + "; ".join(f"{r.grid.short} {_spread(r.ratios(1))}× the lean loop, {_spread(r.ratios(2), 2)}× torch.func"
+                         for r in results)
+             + ". The lean loop is timed on its first "
              "runs and scaled (its start-up plus its training time × runs / runs timed): "
              + "; ".join(f"{r.grid.short}: {r.grid.lean_runs} runs in {r.lean.wall:.1f} s, "
                          f"{trained_seconds(r.lean.stdout):.1f} s of them training" for r in results)
@@ -229,6 +244,12 @@ def report(results: list[Result], repeat: int) -> str:
                       "overhead inflates the Python-heavy phases, so read shares more than seconds):", "",
                   markdown_table(["phase", "seconds", "share"], lines)]
     return "\n".join(parts)
+
+
+def _spread(values: list[float], digits: int = 1) -> str:
+    """'a' for one value, 'a–b' (lowest–highest) for more."""
+    lo, hi = min(values), max(values)
+    return f"{lo:.{digits}f}" if len(values) == 1 or f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}–{hi:.{digits}f}"
 
 
 def run(device: str, quick: bool, steps: Optional[int], repeat: int, say: Callable[[str], None] = print) -> str:

@@ -40,7 +40,8 @@ def test_quick_bench_writes_every_workload(tmp_path):
     bench.main(["--quick", "--steps", "3", "--naive-runs", "1", "--write", str(out)])
     text = out.read_text()
     for name in ("W1 mlp", "label flips p = 0.1", "hadamard", "factorization", "Pack-size scaling", "fp32 matmul peak",
-                 "as a whole process", "`symrun sweep` s", "torch.func s", "Where `symrun sweep` spends its time"):
+                 "as a whole process", "`symrun sweep` s", "torch.func s", "Where `symrun sweep` spends its time",
+                 "Within each round"):
         assert name in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| W1 mlp")]
     assert len(rows) == 3 and all("×" in r for r in rows)        # 8 and 32 runs, 8 with label flips
