@@ -98,6 +98,16 @@ def test_batch_order_of_a_run_does_not_depend_on_its_neighbours():
         BatchOrder(3, 4, [0], torch.device("cpu"))
 
 
+def test_runs_of_one_seed_share_an_order_drawn_once_and_equal_to_a_run_alone():
+    alone = BatchOrder(10, 3, [7], torch.device("cpu"))
+    packed = BatchOrder(10, 3, [7, 1, 7, 7], torch.device("cpu"))
+    assert len(packed.distinct) == 2 and packed.generators[0] is packed.generators[3]
+    for _ in range(7):
+        a, p = alone.next(), packed.next()
+        assert torch.equal(p[0], a[0]) and torch.equal(p[2], a[0]) and torch.equal(p[3], a[0])
+        assert not torch.equal(p[1], a[0])
+
+
 def test_degenerate_files_are_refused(tmp_path):
     pd.DataFrame({"a": [], "t": []}).to_csv(tmp_path / "empty.csv", index=False)
     with pytest.raises(DataError, match="no rows"):

@@ -242,13 +242,21 @@ class BatchOrder:
 
     A run's order depends only on (its seed, n, batch_size), never on the other runs of its
     pack. The last partial batch of an epoch is dropped so every step has the same shape.
+
+    Runs of one seed (a grid over weight decay, lr or noise) share one stream, so each epoch's
+    permutation is drawn once per distinct seed. `generators` still has one entry per run (those
+    of a seed are one object), as a checkpoint saves and restores them.
     """
 
     def __init__(self, n: int, batch_size: int, seeds: list[int], device: torch.device):
         if batch_size > n:
             raise DataError(f"data.batch_size={batch_size} exceeds the {n} training examples")
         self.n, self.batch_size, self.device = n, batch_size, device
-        self.generators = [generator(s, "data-order") for s in seeds]
+        streams = {s: generator(s, "data-order") for s in dict.fromkeys(seeds)}
+        self.generators = [streams[s] for s in seeds]
+        self.distinct = list(streams.values())
+        position = {s: i for i, s in enumerate(streams)}
+        self.index = torch.tensor([position[s] for s in seeds])               # run → its seed's stream
         self.per_epoch = n // batch_size
         self.step_in_epoch = self.per_epoch  # draw an epoch at the first call
         self.perm: torch.Tensor | None = None
@@ -256,8 +264,8 @@ class BatchOrder:
     def next(self) -> torch.Tensor:
         """Indices of the next minibatch, (R, B)."""
         if self.step_in_epoch == self.per_epoch:
-            perms = [torch.randperm(self.n, generator=g) for g in self.generators]
-            self.perm = torch.stack(perms).to(self.device)  # (R, n)
+            perms = torch.stack([torch.randperm(self.n, generator=g) for g in self.distinct])
+            self.perm = (perms if len(self.distinct) == len(self.generators) else perms[self.index]).to(self.device)  # (R, n)
             self.step_in_epoch = 0
         s = self.step_in_epoch * self.batch_size
         self.step_in_epoch += 1
