@@ -173,3 +173,14 @@ def test_at_end_in_passes_of_one_run_gives_the_same_columns(monkeypatch):
     assert together.keys() == apart.keys()
     for k in together:
         torch.testing.assert_close(apart[k], together[k], rtol=1e-12, atol=1e-14)
+
+
+def test_nearest_mirrors_are_a_stable_sorts_first_ones_ties_included(monkeypatch):
+    # distances with many ties (a symmetric point has every mirror at 0) and without
+    for trial in range(60):
+        g = torch.Generator().manual_seed(trial)
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        norms = torch.randint(0, 4, (5, n), generator=g).double() / 3 if trial % 2 else torch.rand(5, n, generator=g, dtype=torch.float64)
+        limit = int(torch.randint(1, 70, (1,), generator=g))
+        monkeypatch.setattr(critical, "constraint_norms", lambda sym, params: norms)
+        assert torch.equal(critical.nearest(None, {}, limit), norms.sort(dim=1, stable=True).indices[:, :limit])

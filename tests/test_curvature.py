@@ -13,6 +13,7 @@ from symrun.training import reparam
 from symrun.models.nets import curvature
 from symrun.config import Config, DigitsDataConfig, EnsembleConfig, MLPConfig, TeacherDataConfig
 from symrun.training.engine import loss_per_run
+from symrun.training.loss import RunLoss
 from symrun.models import build
 from symrun.analysis.symmetries import SignFlip, Swap, project, select
 
@@ -56,9 +57,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("by_hand", [False, True], ids=["autograd", "by-hand"])
 @pytest.mark.parametrize("model_cfg,data_cfg", CASES, ids=lambda c: getattr(c, "name", ""))
-def test_closed_form_blocks_equal_hessian_vector_products(model_cfg, data_cfg):
+def test_closed_form_blocks_equal_hessian_vector_products(model_cfg, data_cfg, by_hand):
     model, params, x, loss_of = setup(model_cfg, data_cfg)
+    if by_hand:     # δ' of the output layer written out (RunLoss.grad_t), as symrun.analysis.critical asks
+        ds = data.load(data_cfg)
+        y = torch.as_tensor(ds.y[:len(x)]) if ds.task == "classification" else torch.as_tensor(ds.y[:len(x)], dtype=F64)
+        loss_of = RunLoss(y, ds.task)
     g = torch.Generator().manual_seed(1)
     checked = 0
     for sym in model.symmetries():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -36,3 +38,19 @@ def loss_and_grad_t(out: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torc
     loss = (total.squeeze(1).log() - picked).mean(-1)
     grad.div_(total).scatter_add_(1, labels, grad.new_full((1, 1, 1), -1.0).expand(labels.shape))
     return loss, grad.mul_(1.0 / n)
+
+
+@dataclass(frozen=True)
+class RunLoss:
+    """loss_per_run with its targets bound, out (R, B, o) ↦ (R,), for code that takes a loss as a
+    function of the output (symrun.analysis.critical); `grad_t` is its gradient with respect to a
+    feature-major output (R, o, B), written out (loss_and_grad_t: `out_t` is overwritten)."""
+
+    y: torch.Tensor
+    task: str
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        return loss_per_run(out, self.y, self.task)
+
+    def grad_t(self, out_t: torch.Tensor) -> torch.Tensor:
+        return loss_and_grad_t(out_t, self.y, self.task)[1]

@@ -67,6 +67,9 @@ def neuron_blocks(mlp, sym: Symmetry, params: Params, order: torch.Tensor, x: to
     runs, m = order.shape
     member, i, j = _neurons(order.reshape(-1), mlp.sizes[layer + 1], flip)
     run = torch.arange(runs, device=order.device).repeat_interleave(m)         # virtual run v = r·M + m
+    # δ' = ∂L/∂z' by hand where z' is the output and the loss says how (symrun.training.loss.RunLoss),
+    # else by autograd through the layers above
+    by_hand = layer + 1 == mlp.cfg.depth and hasattr(loss_of, "grad_t")
     with torch.no_grad():
         h, s, z_next = _layers(mlp, params, layer, x)
         w = params[f"layers.{layer}.weight"]
@@ -82,10 +85,19 @@ def neuron_blocks(mlp, sym: Symmetry, params: Params, order: torch.Tensor, x: to
         if not flip:
             shift = shift - u[run, member, :, j, None] * s[run, member, j, None, :] + 2 * u_bar[..., None] * mlp.act(z_bar)[:, None]
         z0 = z_next[run]                                                       # z' at θ₀, every member
-        z0[torch.arange(len(run)), member] += shift
-    z0.requires_grad_()
-    out = _above(mlp, params, run, layer + 1, z0)                              # (V, n, o)
-    delta = torch.autograd.grad(loss_of(out).sum(), z0)[0][torch.arange(len(run)), member]   # δ': (V, out', n)
+        # z0[v, member[v]] += shift[v], as slabs added in place (an indexed += gathers and scatters)
+        members = z0.shape[1]
+        z0.view(-1, *z0.shape[2:]).index_add_(0, torch.arange(len(run), device=run.device) * members + member, shift)
+        if by_hand:
+            # z' is the output (each member's): δ' written out, of the members' mean, which
+            # passes 1/M of it to each member; z0 is this call's own copy, and is overwritten
+            delta = loss_of.grad_t(z0[:, 0] if members == 1 else z0.mean(1))        # δ': (V, out', n)
+            if members > 1:
+                delta = delta / members
+    if not by_hand:
+        z0.requires_grad_()
+        out = _above(mlp, params, run, layer + 1, z0)                          # (V, n, o)
+        delta = torch.autograd.grad(loss_of(out).sum(), z0)[0][torch.arange(len(run)), member]   # δ': (V, out', n)
     d1, d2 = derivatives(mlp.cfg.activation, z_bar)
     b = _cross(xt, delta * d1.unsqueeze(1))                                    # B: (V, p, out')
     if flip or mlp.cfg.activation == "relu":                                   # u = 0 or σ'' = 0: A = 0
