@@ -69,7 +69,7 @@ def write_fake_cifar(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
 
 
 # Columns of runs.csv that say when, where and how a run executed, not what it computed.
-PROVENANCE = {"wall_time_s", "started_at", "finished_at", "git_commit", "git_dirty", "torch", "resolved_device",
+PROVENANCE = {"wall_time_s", "train_time_s", "started_at", "finished_at", "git_commit", "git_dirty", "torch", "resolved_device",
               "pack", "pack_runs", "pack_size", "slurm_job_id", "resumed_from", "train.checkpoint_every"}
 
 

@@ -80,3 +80,14 @@ def test_the_baseline_scripts_train_the_same_grid(tmp_path):
     assert len(part) == 4
     mlp, _ = _script(tmp_path, "torch_func", "--model", "mlp", "--batch", "64", "--steps", "30", "--wds", "0", "--seeds", "2")
     assert len(mlp) == 3 and all(float(r[2]) < 2.3 for r in mlp[1:])          # below chance level, ln 10
+
+
+def test_a_sweeps_training_seconds_are_its_packs_train_time_summed(cli, tmp_path):
+    import json
+
+    cli("sweep", "--outputs", "out", "model=hadamard", "data.n=40,50", "seed=0,1", "train.steps=300")
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/*/runs/*/status.json")]
+    per_pack = {s["pack"]: s["train_time_s"] for s in statuses}
+    assert len(statuses) == 4 and len(per_pack) == 2                  # two data sizes: two packs
+    assert all(0 < s["train_time_s"] < s["wall_time_s"] for s in statuses)   # the steps, not the pack's metrics
+    assert wholebench.sweep_trained_seconds(tmp_path / "out") == pytest.approx(sum(per_pack.values()), rel=1e-12)

@@ -20,7 +20,7 @@ from symrun.sweeping import folder, results
 GRID = ["model=hadamard", "data.n=40,50,60,70,80,90", "seed=0,1", "data.batch_size=20", "noise.label_std=0.1",
         "noise.temperature=1e-4", "train.steps=2000", "train.log_every=500"]
 # Columns that say when, where and by what a run was trained, not what it computed.
-TIMING_AND_PROVENANCE = ["wall_time_s", "started_at", "finished_at", "torch", "git_commit", "git_dirty",
+TIMING_AND_PROVENANCE = ["wall_time_s", "train_time_s", "started_at", "finished_at", "torch", "git_commit", "git_dirty",
                          "resolved_device", "pack_runs"]
 
 

@@ -140,7 +140,8 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
     wall = time.perf_counter() - start
     results.write_runs(sweep_dir, [(rid, out.status, out.rows, out.state, out.arrays,
                                     dict(diverged_at=out.diverged_at, resumed_from=out.resumed_from or None,
-                                         finished_at=results.now(), wall_time_s=wall, **info))
+                                         finished_at=results.now(), wall_time_s=wall, train_time_s=out.train_seconds,
+                                         **info))
                                    for rid, out in zip(ids, outcomes) if rid in todo])
     results.remove_checkpoint(sweep_dir, ids)       # every run is recorded: the checkpoint has served
     return {"pack": index, "runs": len(todo), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}

@@ -19,7 +19,7 @@ from symrun.config import EXECUTION_KEYS, Config, ConfigError, flattened
 from symrun.sweeping.results import DAMAGED, DIVERGED, FAILED, FINISHED, INTERRUPTED, PENDING, RUNNING
 
 # Columns of runs.csv that say when, where and how a run was trained, from its status.json.
-PROVENANCE = ("wall_time_s", "pack", "pack_runs", "torch", "git_commit", "git_dirty", "diverged_at", "resumed_from",
+PROVENANCE = ("wall_time_s", "train_time_s", "pack", "pack_runs", "torch", "git_commit", "git_dirty", "diverged_at", "resumed_from",
               "error", "started_at", "finished_at", "slurm_job_id")
 
 

@@ -10,6 +10,7 @@ pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exac
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -56,6 +57,7 @@ class RunOutcome:
     diverged_at: Optional[int] = None
     arrays: dict[str, torch.Tensor] = field(default_factory=dict)   # model.run_arrays, for the run's figures
     resumed_from: int = 0                          # the checkpoint's step when the pack was resumed
+    train_seconds: float = 0.0                     # the pack's time in its training steps (not its metrics)
 
 
 def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
@@ -143,7 +145,9 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
                 outcome.resumed_from = start
             if on_step is not None:
                 on_step(start)
+        train_seconds = 0.0      # in the steps themselves: not the logged rows' metrics, nor checkpoints
         for step in range(start + 1, total + 1):
+            begun = time.perf_counter()
             schedule.set(lr, step, record.alive)   # η_t of every run (docs/theory.md §1), 0 once frozen
             # full batch: one input shared by every run; else each run's minibatch (R, B)
             idx = None if order is None else order.next()
@@ -178,6 +182,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run
             with shards.every_thread():
                 noise.langevin(params, lr, step)
+                train_seconds += time.perf_counter() - begun
                 if step % log_every == 0 or step % steps == 0:
                     log(step)
                     lr.masked_fill_(~record.alive, 0.0)
@@ -197,6 +202,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures
         kept = rp.network(record.kept) if not bool(record.alive.all()) else final
     for i, outcome in enumerate(record.outcomes):
+        outcome.train_seconds = train_seconds
         if outcome.status == "finished":
             outcome.state = model.run_state(final, i)
             outcome.arrays = {k: v[i].cpu() for k, v in arrays.items()}
