@@ -148,3 +148,40 @@ def test_config_yaml_dumps_a_shape_once_not_each_run(preset, tmp_path, monkeypat
     shapes = {repr(results._with_slots(t)[0]) for t in trees}
     assert results._with_slots(trees[0])[1] is not None and len(results._with_slots(trees[0])[1]) > 10
     assert len(whole) <= len(shapes) < len(trees)
+
+
+@pytest.mark.parametrize("preset", ["rescaling_sparsity", "plasticity", "dcs", "rotation_noise"])
+def test_a_config_read_by_its_shape_is_what_yaml_parses(preset, tmp_path, monkeypatch):
+    """A new process reads a sweep's config.yaml files by matching them against the shape of one
+    parsed before (results._read_yaml): every value, of every type, is the one yaml.load gives,
+    and a file that differs anywhere outside the per-run values is parsed whole."""
+    from symrun.config import to_dict
+
+    monkeypatch.setattr(results, "_SHAPES", [])
+    monkeypatch.setattr(results, "_VALUES", {})
+    whole = []
+    load = yaml.load
+    monkeypatch.setattr(yaml, "load", lambda raw, *a, **k: (whole.append(raw) if isinstance(raw, bytes) and len(raw) > 60 else None,
+                                                                 load(raw, *a, **k))[1])
+    values = [0, 1, -1, 0.0, -0.0, 0.1, 1e-05, 1e300, float("inf"), float("-inf"), float("nan"), True, False, None, 12345678901]
+    words = ["cosine", "0.1", "yes", "null", "a:b", "#x", "-", "'q'", "x" * 40, "é", "~", "two words"]
+    numbers, others = [], []
+    configs = [cfg for p in sweep.plans([f"experiment={preset}"], tmp_path) for cfg in list(p.configs.values())[:3]]
+    for cfg in configs:
+        tree = to_dict(cfg)
+        numbers.append(results.config_yaml(tree))
+        for i, value in enumerate(values):
+            tree["seed"], tree["optim"]["weight_decay"], tree["noise"]["temperature"] = values[-1 - i], value, values[i - 3]
+            numbers.append(results.config_yaml(tree))
+        for word in words:                                  # quoted, non-ASCII or two words: parsed whole
+            tree["optim"]["schedule"] = word
+            others.append(results.config_yaml(tree))
+    texts = numbers + others + [numbers[0].replace("seed: ", "seed:  "), numbers[0].replace("\n", "\n\n", 1),
+                                numbers[1] + "extra: 1\n"]
+    for k, text in enumerate(texts):
+        raw = text.encode()
+        assert repr(results._read_yaml(raw)) == repr(load(raw, Loader=results.YAML_LOADER))   # same values, same types
+        if k == len(numbers) - 1:           # every number went by its shape: one file per shape parsed whole
+            assert 0 < len(whole) <= len({repr(results._with_slots(to_dict(c))[0]) for c in configs})
+    with pytest.raises(yaml.YAMLError):
+        results._read_yaml(numbers[0].replace("seed: ", "seed: [").encode())

@@ -262,9 +262,19 @@ def _parse_together(header: str, members: list[tuple[int, str]]) -> Optional[dic
     if frame.empty or frame["__run"].dtype.kind != "i":
         return None
     runs = frame.pop("__run").to_numpy()
+    # read_csv leaves a block per column; one per dtype makes each run's slice, and the tables'
+    # concatenation of them, ~3× cheaper
+    frame = frame.copy()
     starts = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1), len(runs)]      # a run's rows are together
     lasts = frame.iloc[np.asarray(starts[1:]) - 1].to_dict("records")
-    return {int(runs[a]): (frame.iloc[a:b].reset_index(drop=True), last) for a, b, last in zip(starts, starts[1:], lasts)}
+    return {int(runs[a]): (_rows(frame, a, b), last) for a, b, last in zip(starts, starts[1:], lasts)}
+
+
+def _rows(frame: pd.DataFrame, a: int, b: int) -> pd.DataFrame:
+    """Rows a:b of `frame`, indexed from 0 as a file of their own reads (without reset_index's copy)."""
+    part = frame.iloc[a:b]
+    part.index = pd.RangeIndex(b - a)
+    return part
 
 
 def _same(a, b) -> bool:
