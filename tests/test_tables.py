@@ -3,6 +3,7 @@ parsed together, and config.yaml files this process wrote taken from memory."""
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -176,11 +177,19 @@ def test_a_config_read_by_its_shape_is_what_yaml_parses(preset, tmp_path, monkey
         for word in words:                                  # quoted, non-ASCII or two words: parsed whole
             tree["optim"]["schedule"] = word
             others.append(results.config_yaml(tree))
-    texts = numbers + others + [numbers[0].replace("seed: ", "seed:  "), numbers[0].replace("\n", "\n\n", 1),
-                                numbers[1] + "extra: 1\n"]
+    edited = [numbers[0].replace("seed: ", "seed:  "), numbers[0].replace("\n", "\n\n", 1), numbers[1] + "extra: 1\n"]
+    edited += [re.sub(r"\nseed: [^\n]*", "\nseed: " + text, numbers[1]) for text in
+               ["-", "---", "...", "-1", "+.5", ".inf", "-.Inf", ".NaN", "0x1F", "1_000", "1e5", "Yes", "off", "~", "-x"]]
+    texts = numbers + others + edited
+    def read(how, raw):
+        try:
+            return repr(how(raw))                           # the same values of the same types
+        except yaml.YAMLError as e:
+            return type(e).__name__                         # or the same error
+
     for k, text in enumerate(texts):
         raw = text.encode()
-        assert repr(results._read_yaml(raw)) == repr(load(raw, Loader=results.YAML_LOADER))   # same values, same types
+        assert read(results._read_yaml, raw) == read(lambda r: load(r, Loader=results.YAML_LOADER), raw)
         if k == len(numbers) - 1:           # every number went by its shape: one file per shape parsed whole
             assert 0 < len(whole) <= len({repr(results._with_slots(to_dict(c))[0]) for c in configs})
     with pytest.raises(yaml.YAMLError):

@@ -382,7 +382,10 @@ def parse_config(path: Path, raw: bytes) -> Any:
 # a group for each per-run value, the tree with slot names there, each slot's (group, name)).
 _SHAPES: list[tuple[re.Pattern, dict, list[tuple[str, str]]]] = []
 _SHAPES_KEPT = 16
-_PLAIN = rb"([-+.0-9A-Za-z_]+)"      # a number, bool, null or word: YAML reads it alone as in a mapping
+# A per-run value's text that YAML reads alone as it reads it in its mapping: a word that starts
+# with a letter (bools and null among them), or a number (.inf and .nan included) — not `-`, `---`
+# or `...`, which a mapping reads otherwise.
+_PLAIN = rb"([A-Za-z_][-+.0-9A-Za-z_]*|[-+]?(?:\.?[0-9][-+.0-9A-Za-z_]*|\.(?:inf|Inf|INF|nan|NaN|NAN)))"
 _VALUES: dict[bytes, Any] = {}
 
 
