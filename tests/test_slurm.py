@@ -153,6 +153,38 @@ def test_a_preempted_pack_is_requeued_and_resumes_from_its_checkpoint(cli, tmp_p
     assert_same_tables(d, sweep_dirs(tmp_path / "local")[0])
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_cancelled_without_a_result_ends_the_sweep_with_one_line(tmp_path, slurm_partition):
+    """A job that ends without writing its result (cancelled here; killed for memory or its node
+    lost elsewhere) stops the sweep with one line naming the way back, also where the cluster
+    keeps no accounting (this one: sacct cannot say the job ended), instead of waiting forever."""
+    proc = subprocess.Popen([sys.executable, "-m", "symrun", "sweep", "model=hadamard", "train.steps=5000000",
+                             "train.log_every=1000000", "hydra/launcher=slurm", f"hydra.launcher.partition={slurm_partition}",
+                             "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+                             "hydra.launcher.timeout_min=20", "--outputs", "slurm"],
+                            cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    job = None
+    try:
+        def running():
+            found = list((tmp_path / "slurm").glob("*/*/runs/*/status.json"))
+            return found and results.read_json(found[0]).get("slurm_job_id")
+        job = _wait_for(running, proc)                      # the pack is training on the node
+        subprocess.run(["scancel", job], check=True, timeout=30)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        if job is not None:
+            subprocess.run(["scancel", job], timeout=30)
+    assert proc.returncode != 0, out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert "a job ended without a result" in line and "rerun with hydra.sweep.dir=" in line, out
+    assert "Bypassing sacct error" not in out                   # no warning every few seconds either
+    (d,) = sweep_dirs(tmp_path / "slurm")
+    assert set(results.read_csv(d / "runs.csv")["status"]) <= {"running", "interrupted"}
+
+
 def _scontrol(job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
 
@@ -176,3 +208,42 @@ def test_the_shipped_cluster_preset_composes_with_overrides():
         assert launcher._target_.endswith("SlurmLauncher")
         assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3
         assert list(launcher.setup) == ["export OMP_NUM_THREADS=8"]
+
+
+def test_without_accounting_a_job_no_longer_queued_has_ended(monkeypatch):
+    """symrun.sweeping.slurm_watch, without a cluster: where sacct cannot tell, a job is waited on
+    while squeue lists it (or squeue does not answer), and has ended once it does not."""
+    pytest.importorskip("submitit")
+    from symrun.sweeping import slurm_watch
+
+    listed: dict = {"ids": {"7_0", "7_1"}}
+    asked = []
+    monkeypatch.setattr(slurm_watch, "sacct_answers", lambda: asked.append(1) or False)
+    monkeypatch.setattr(slurm_watch, "queued", lambda: listed["ids"])
+    watcher = slurm_watch._watcher_class()(delay_s=1)
+    for job_id in ("7_0", "7_1"):
+        watcher.register_job(job_id)
+    watcher.update()
+    assert [watcher.get_state(j, mode="cache") for j in ("7_0", "7_1")] == ["UNKNOWN", "UNKNOWN"]
+    listed["ids"] = None                            # squeue did not answer: nothing is decided
+    watcher.update()
+    assert not watcher.is_done("7_1", mode="cache")
+    listed["ids"] = {"7_0"}                         # task 1 left the queue, task 0 still runs
+    watcher.update()
+    assert watcher.is_done("7_1", mode="cache") and not watcher.is_done("7_0", mode="cache")
+    assert watcher.get_state("7_1", mode="cache") == slurm_watch.ENDED
+    listed["ids"] = set()
+    watcher.update()
+    assert watcher.is_done("7_0", mode="cache") and len(asked) == 1      # sacct asked once, then left alone
+
+
+def test_the_queue_watcher_replaces_submitits_once(monkeypatch):
+    submitit_slurm = pytest.importorskip("submitit.slurm.slurm")
+    from symrun.sweeping import slurm_watch
+
+    monkeypatch.setattr(submitit_slurm.SlurmJob, "watcher", submitit_slurm.SlurmInfoWatcher(delay_s=600))
+    slurm_watch.install()
+    installed = submitit_slurm.SlurmJob.watcher
+    assert installed.accounting is None and installed._delay_s == 600
+    slurm_watch.install()
+    assert submitit_slurm.SlurmJob.watcher is installed

@@ -195,6 +195,10 @@ def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process:
         for r in returns:
             _ = r.return_value         # a task's exception here is a bug: raise it as it is
         return
+    if type(launcher).__module__.startswith("hydra_plugins.hydra_submitit_launcher"):
+        from symrun.sweeping import slurm_watch
+
+        slurm_watch.install()        # a job that ends without a result is seen to end, accounting or not
     with display().training(sum(len(pack) for p in plans for pack in p.packs), "runs ended") as advance:
         since = results.now()
         with _polling(lambda: sum(runs_done(p, since) for p in plans), advance):
