@@ -384,7 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="steps of every workload (default: 1000 for W1 and the engine, 500 for the Hadamard grid)")
     parser.add_argument("--naive-runs", type=int, default=16, help="runs the naive way is timed on, per workload")
-    parser.add_argument("--repeat", type=int, default=3, help="time each way this many times, keep the fastest")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="time each way this many times (the whole processes in rounds, one of each back to back), "
+                             "keep the fastest")
     parser.add_argument("--quick", action="store_true", help="small grids: a smoke run, not a measurement")
     parser.add_argument("--profile", action="store_true", help="add a profile of one packed W1 step")
     parser.add_argument("--write", nargs="?", const="BENCHMARKS.md", default=None, metavar="FILE",
