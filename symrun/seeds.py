@@ -7,8 +7,10 @@ symmetry-removal offsets are the same whichever other runs (or streams) exist be
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:       # torch waits for the code that draws: `symrun report` and `status` need none
+    import torch
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -19,6 +21,8 @@ def derive_seed(seed: int, purpose: str) -> int:
 
 def generator(seed: int, purpose: str, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator on `device` for the (seed, purpose) stream."""
+    import torch
+
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, purpose))
     return g

@@ -209,3 +209,15 @@ def test_help_and_list_do_not_import_torch_hydra_or_pandas(args, allowed):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str(sorted(allowed))
+
+
+def test_reading_a_sweep_back_does_not_import_torch(cli, tmp_path):
+    # `symrun status`, `collect` and `report` read files: torch (1–2 s of start-up) waits for training.
+    cli("sweep", "model=hadamard", "seed=0,1", "train.steps=20", "--outputs", "out")
+    (sweep_dir,) = [p.parent for p in (tmp_path / "out").glob("*/*/sweep.json")]
+    for args in (["status", str(sweep_dir)], ["collect", str(sweep_dir)], ["report", str(sweep_dir)]):
+        code = ("import sys\nfrom symrun import cli\ntry:\n    cli.main(%r)\nexcept SystemExit as e:\n"
+                "    assert not e.code, e.code\nprint('torch' in sys.modules)" % args)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == "False", args

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from symrun import data as data_mod
-from symrun.analysis import metrics, notation
+from symrun.analysis import notation
 from symrun.sweeping import folder, records, results
 from symrun.config import ConfigError, to_config
 from symrun.models import registry
@@ -88,7 +88,7 @@ def critical_line(runs: pd.DataFrame, axis: str, metric: str) -> Optional[tuple[
     threshold (e.g. ‖Xᵀy/n‖∞ for the Hadamard model), so the two lines should meet there."""
     if metric not in KIND_OF:
         return None
-    column = metrics.column("critical_wd_max", KIND_OF[metric])
+    column = notation.column("critical_wd_max", KIND_OF[metric])
     if axis != WD or column not in runs:
         return None
     at = runs[axis].max()

@@ -11,6 +11,7 @@ import torch
 from symrun.analysis import linalg
 from symrun.config import MetricsConfig
 from symrun.analysis.symmetries import constraint_norms, gather, kind
+from symrun.analysis.notation import column  # noqa: F401 — metrics.column, as every caller names a column
 
 
 def dead_groups(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
@@ -128,14 +129,6 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
 
 
 GRAM_RESOLUTION = 1e-7
-
-
-def column(metric: str, qualifier: str = "") -> str:
-    """The column of a metric, qualified by what it was measured on when there are several: the
-    plain name (`rank`, over all of them), or `<metric>.<qualifier>` — `rank.layer0`,
-    `rank.layer1.head0`, `critical_wd_max.rescaling`, `constraint_fraction.rescaling`. Every
-    metric column symrun writes is named here."""
-    return f"{metric}.{qualifier}" if qualifier else metric
 
 
 def rank_metrics(matrix: torch.Tensor, rtol: float, qualifier: str = "", atol: float = 0.0) -> dict[str, torch.Tensor]:

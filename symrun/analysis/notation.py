@@ -62,6 +62,14 @@ METRICS: dict[str, str] = {
 }
 
 
+def column(metric: str, qualifier: str = "") -> str:
+    """The column of a metric, qualified by what it was measured on when there are several: the
+    plain name (`rank`, over all of them), or `<metric>.<qualifier>` — `rank.layer0`,
+    `rank.layer1.head0`, `critical_wd_max.rescaling`, `constraint_fraction.rescaling`. Every
+    metric column symrun writes is named here (symrun.analysis.metrics.column is this)."""
+    return f"{metric}.{qualifier}" if qualifier else metric
+
+
 def symbol(key: str) -> str:
     """λ for optim.weight_decay; the key itself when it has no symbol."""
     return SETTINGS.get(key, (key, key))[0]

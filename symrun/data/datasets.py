@@ -12,16 +12,18 @@ import functools
 import gzip
 import importlib.util
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 
 from symrun.training import memory
 from symrun.data import corpora
 from symrun.data.dataset import DataError, Dataset
 from symrun.config import Cifar10DataConfig, DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig, TextDataConfig
 from symrun.seeds import derive_seed, generator
+
+if TYPE_CHECKING:       # torch waits for the minibatch orders: reading a sweep back needs none
+    import torch
 
 
 def load(cfg: DataConfig) -> Dataset:
@@ -251,6 +253,8 @@ class BatchOrder:
     def __init__(self, n: int, batch_size: int, seeds: list[int], device: torch.device):
         if batch_size > n:
             raise DataError(f"data.batch_size={batch_size} exceeds the {n} training examples")
+        import torch
+
         self.n, self.batch_size, self.device = n, batch_size, device
         streams = {s: generator(s, "data-order") for s in dict.fromkeys(seeds)}
         self.generators = [streams[s] for s in seeds]
@@ -264,6 +268,8 @@ class BatchOrder:
     def next(self) -> torch.Tensor:
         """Indices of the next minibatch, (R, B)."""
         if self.step_in_epoch == self.per_epoch:
+            import torch
+
             perms = torch.stack([torch.randperm(self.n, generator=g) for g in self.distinct])
             self.perm = (perms if len(self.distinct) == len(self.generators) else perms[self.index]).to(self.device)  # (R, n)
             self.step_in_epoch = 0

@@ -43,15 +43,17 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
-import torch
 import yaml
 
 from symrun.sweeping import folder
 from symrun.config import EXECUTION_KEYS, PER_RUN_KEYS, Config, default_values, flattened, to_dict
 from symrun.sweeping.folder import OutputError, one_sync, read_bytes, write_atomic  # noqa: F401 — part of this module's API
+
+if TYPE_CHECKING:       # torch is imported where a run's parameters are: reading tables back needs none
+    import torch
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
 PENDING = "pending"           # planned (config.yaml written) but never started: no status.json yet
@@ -479,6 +481,7 @@ def write_runs(sweep_dir: Path, runs: list[tuple[str, str, list[dict], Optional[
 
 def _write_files(sweep_dir: Path, rid: str, rows: list[dict], params: Optional[dict], arrays: Optional[dict]) -> None:
     import numpy as np
+    import torch
 
     with folder.opened(run_dir(sweep_dir, rid), sweep_dir) as d:
         d.write_atomic("metrics.csv", csv_text(rows))
@@ -501,6 +504,8 @@ def load_params(path: Path) -> dict[str, torch.Tensor]:
 
     torch.load with weights_only=True unpickles only tensors and plain containers, so a file
     holding arbitrary Python objects is refused instead of executed."""
+    import torch
+
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -515,6 +520,8 @@ def load_params(path: Path) -> dict[str, torch.Tensor]:
 
 def provenance(device: str) -> dict:
     """Git commit and dirty flag (when run from a checkout), torch version, device."""
+    import torch
+
     info = {"torch": torch.__version__, "device": device, "git_commit": None, "git_dirty": None,
             "slurm_job_id": slurm_job_id()}
     here = Path(__file__).resolve().parent

@@ -36,11 +36,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from symrun.config import Config, ConfigError, to_dict
+
+if TYPE_CHECKING:       # torch is imported where a function needs it: a data file's check needs none
+    import torch
 
 GIB = 2**30
 PACK_BYTES = 2 * 2**30     # one pack's training: every run's state and one step's graph
@@ -60,9 +61,10 @@ class BudgetError(ConfigError):
 def available(device: torch.device | str = "cpu") -> int:
     """Bytes that can still be allocated: free CUDA memory on a GPU; else the kernel's
     MemAvailable, or less under a cgroup memory limit (a container, a SLURM job)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if _kind(device) == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -84,7 +86,12 @@ def check(need: float, what: str, hint: str, device: torch.device | str = "cpu")
     free = available(device)
     if need > free:
         raise BudgetError(f"{what} would need about {need / GIB:.3g} GiB of memory, more than the "
-                          f"{free / GIB:.3g} GiB available on {torch.device(device).type}; {hint}")
+                          f"{free / GIB:.3g} GiB available on {_kind(device)}; {hint}")
+
+
+def _kind(device: torch.device | str) -> str:
+    """'cpu' or 'cuda' (torch.device(device).type, without importing torch for a string)."""
+    return device.split(":")[0] if isinstance(device, str) else device.type
 
 
 # -- the estimate -----------------------------------------------------------------------------
@@ -131,6 +138,8 @@ def fits(cfg: Config, ds, model, runs: int, device: torch.device) -> bool:
 
 def _pack_need(cfg: Config, ds, model, runs: int) -> float:
     """The estimate with the step's activations approximated, so that nothing is allocated."""
+    import torch
+
     from symrun.training import reparam
 
     raw = reparam.build(cfg, model).raw_shapes()
@@ -149,6 +158,8 @@ def _pack_need(cfg: Config, ds, model, runs: int) -> float:
 def saved_bytes(fn: Callable[[], Any]) -> int:
     """Bytes of the tensors autograd saves for backward while `fn()` runs (each storage once:
     views of one tensor, e.g. a shared input broadcast to every run, are counted once)."""
+    import torch
+
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -185,6 +196,8 @@ def pack_size(cfg: Config) -> int:
 def run_bytes(cfg: Config) -> int:
     """What one run of a pack holds while it trains (`state_bytes` and the step's activations),
     with the activations measured on a step of the model itself."""
+    import torch
+
     from symrun import models
     from symrun.training import reparam
     from symrun.training.loss import loss_per_run
@@ -213,6 +226,8 @@ _PROBES: dict[str, tuple] = {}
 def _probe_batch(key: str, cfg) -> tuple:
     """(x, y, task, in_dim, out_dim): one training batch of the data `cfg` describes (all of it
     for full-batch GD), as torch tensors; kept per distinct data config (`key`, its JSON)."""
+    import torch
+
     from symrun import data as data_mod     # loading data checks its size here (`check`)
 
     if key not in _PROBES:
