@@ -150,12 +150,12 @@ def timed(cmd: list[str], cwd: Path) -> Timing:
 def sweep_trained_seconds(out: Path) -> float:
     """The seconds a finished sweep in the outputs folder `out` spent in training steps: each
     pack's train_time_s (runs.csv; the runs of a pack share it), summed over packs."""
-    import pandas as pd
+    from symrun.sweeping import results
 
     tables = sorted(Path(out).glob("*/*/runs.csv"))
     if len(tables) != 1:
         raise RuntimeError(f"expected one sweep's runs.csv under {out}, found {len(tables)}")
-    runs = pd.read_csv(tables[0])
+    runs = results.read_csv(tables[0])
     return float(runs.groupby("pack")["train_time_s"].max().sum())
 
 

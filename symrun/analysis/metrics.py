@@ -11,7 +11,7 @@ import torch
 from symrun.analysis import linalg
 from symrun.config import MetricsConfig
 from symrun.analysis.symmetries import constraint_norms, gather, kind
-from symrun.analysis.notation import column  # noqa: F401 — metrics.column, as every caller names a column
+from symrun.analysis.notation import column  # noqa: F401 — re-exported: callers name columns as metrics.column
 
 
 def dead_groups(groups: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:

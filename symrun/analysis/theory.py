@@ -59,6 +59,7 @@ def lasso_path(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.array(lams), np.array(betas)
     last = int(np.argmax(np.abs(corr)))
     signs = {last: float(np.sign(corr[last]))}
+    # a bound, not a count: the path has O(d) events; should it stop short, coordinate descent answers
     for _ in range(8 * (d + 1)):
         active = np.array(list(signs))
         try:

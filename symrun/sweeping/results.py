@@ -317,7 +317,7 @@ def config_yaml(tree: dict) -> str:
     those, and each run's numbers are put in the slots, each as YAML writes that number alone
     (the same text: tests/test_tables.py). A value that is not a plain number or a short word,
     or a shape whose slots cannot be told apart, is dumped whole."""
-    shape, values = _with_slots(tree)
+    shape, values, _ = _with_slots(tree)
     if values is None:
         return yaml.dump(tree, Dumper=YAML_DUMPER, sort_keys=False)
     key = repr(shape)
@@ -332,10 +332,11 @@ def config_yaml(tree: dict) -> str:
     return template.format(*(_scalar(v) for v in values))
 
 
-def _with_slots(tree: dict) -> tuple[dict, Optional[list]]:
-    """(`tree` with each per-run setting's value replaced by a slot name, those values), or
-    (tree, None) when one of them is not a plain number, bool, null or short word."""
-    shape, values = dict(tree), []
+def _with_slots(tree: dict) -> tuple[dict, Optional[list], list[tuple[str, str]]]:
+    """(`tree` with each per-run setting's value replaced by a slot name, those values, each
+    slot's (group, name)), or (tree, None, []) when one of them is not a plain number, bool,
+    null or short word."""
+    shape, values, slots = dict(tree), [], []
     for key in PER_RUN_KEYS:
         group, _, name = key.rpartition(".")
         node = shape if not group else shape.get(group)
@@ -343,12 +344,13 @@ def _with_slots(tree: dict) -> tuple[dict, Optional[list]]:
             continue
         value = node[name]
         if not (type(value) in (int, float, bool, type(None)) or _short_word(value)):
-            return tree, None
+            return tree, None, []
         if group:
             node = shape[group] = dict(node)
         node[name] = _SLOT.format(len(values))
         values.append(value)
-    return shape, values
+        slots.append((group, name))
+    return shape, values, slots
 
 
 def _short_word(value: Any) -> bool:
@@ -416,24 +418,19 @@ def _read_yaml(raw: bytes) -> Any:
 
 
 def _learn_shape(tree: dict) -> None:
-    shape, values = _with_slots(tree)
+    shape, values, slots = _with_slots(tree)
     if not values:
         return
     text = yaml.dump(shape, Dumper=YAML_DUMPER, sort_keys=False).encode("utf-8")
-    slots, pattern = [], re.escape(text)
+    pattern, where = re.escape(text), []
     for i in range(len(values)):
         slot = _SLOT.format(i).encode()
         if text.count(b" " + slot + b"\n") != 1 or text.count(slot) != 1:
             return
         pattern = pattern.replace(re.escape(slot), _PLAIN)
-    for key in PER_RUN_KEYS:
-        group, _, name = key.rpartition(".")
-        node = shape if not group else shape.get(group)
-        if isinstance(node, dict) and node.get(name) == _SLOT.format(len(slots)):
-            slots.append((group, name))
-    if len(slots) == len(values):      # the pattern's groups come in the text's order
-        where = [text.index(_SLOT.format(i).encode()) for i in range(len(slots))]
-        _SHAPES.append((re.compile(pattern, re.DOTALL), shape, [slots[i] for i in sorted(range(len(slots)), key=where.__getitem__)]))
+        where.append(text.index(slot))
+    # the pattern's groups come in the text's order, not the slots'
+    _SHAPES.append((re.compile(pattern, re.DOTALL), shape, [slots[i] for i in sorted(range(len(slots)), key=where.__getitem__)]))
 
 
 def _copied(node: Any) -> Any:

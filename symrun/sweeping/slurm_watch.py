@@ -15,6 +15,7 @@ asked once whether it answers; where it does not, it is not called again (nor wa
 
 from __future__ import annotations
 
+import functools
 import getpass
 import subprocess
 import time
@@ -23,7 +24,9 @@ from typing import Optional
 ENDED = "ENDED (no longer queued; without SLURM accounting, how it ended is unknown)"
 
 
+@functools.cache
 def _watcher_class():
+    """QueueWatcher, made once (submitit is imported only where a submitit launcher runs)."""
     from submitit.slurm.slurm import SlurmInfoWatcher
 
     class QueueWatcher(SlurmInfoWatcher):
@@ -92,7 +95,7 @@ def install() -> None:
     except ImportError:
         return
     current = SlurmJob.watcher
-    if getattr(current, "accounting", "absent") != "absent":
+    if isinstance(current, _watcher_class()):
         return
     needed = ("_registered", "_finished", "_info_dict", "_num_calls", "_last_status_check")
     if not all(hasattr(current, name) for name in needed):
