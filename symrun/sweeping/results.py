@@ -434,8 +434,8 @@ def _learn_shape(tree: dict) -> None:
 
 
 def _copied(node: Any) -> Any:
-    """A copy of a tree of dicts and lists (its leaves are immutable): copy.deepcopy, 4× faster
-    on a config (0.065 against 0.27 s for 4,352), which it also copies in `_read_yaml`."""
+    """A copy of a tree of dicts and lists (its leaves are immutable), as copy.deepcopy makes one,
+    4× faster on a config (0.065 against 0.27 s for 4,352 of them)."""
     if isinstance(node, dict):
         return {k: _copied(v) for k, v in node.items()}
     if isinstance(node, list):
