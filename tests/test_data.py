@@ -131,3 +131,17 @@ def test_digits_read_without_scikit_learn_are_load_digits():
     assert np.array_equal(y, bunch.target)
     with pytest.raises(ValueError):         # shared by every load in the process: read-only
         x[0, 0] = 1.0
+
+
+def test_a_data_files_digest_is_of_its_bytes_and_none_for_what_is_not_a_regular_file(tmp_path):
+    import hashlib
+    import os
+
+    from symrun.data import datasets, digest
+
+    (tmp_path / "d.csv").write_bytes(b"a,t\n1,2\n")
+    assert digest(FileDataConfig(path=str(tmp_path / "d.csv"))) == hashlib.sha256(b"a,t\n1,2\n").hexdigest()
+    assert digest(DigitsDataConfig()) is None and digest(TeacherDataConfig()) is None      # they read no file of the user's
+    os.mkfifo(tmp_path / "fifo.csv")          # no writer: a blocking read would hang
+    assert datasets.file_digest(tmp_path / "fifo.csv") is None
+    assert datasets.file_digest(tmp_path) is None and datasets.file_digest(tmp_path / "missing.csv") is None

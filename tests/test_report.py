@@ -1,5 +1,7 @@
 """Report: figure layout by the grid's shape, and a summary that agrees with the runs table."""
 
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -7,6 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import matplotlib.image as mpimg
+import numpy as np
 import pytest
 
 from symrun.analysis import agreement, report
@@ -72,6 +75,59 @@ def test_theory_agreement_counts_grid_points_on_the_closed_form(tmp_path):
     report.build(barely)
     (line,) = report.theory_agreement(barely)
     assert line.startswith("sparsity: 0 of 3")          # two steps from a random init: nothing is zero yet
+
+
+def _regression_file(path, seed):
+    rng = np.random.default_rng(seed)
+    x, beta = rng.normal(size=(100, 20)), np.r_[np.ones(4), np.zeros(16)]
+    np.savez(path, x=x, y=x @ beta + 0.1 * rng.normal(size=100))
+    return path
+
+
+def test_a_closed_form_reads_only_the_data_file_the_runs_recorded(tmp_path, monkeypatch):
+    """A received folder's config.yaml can name any file on this machine; the report reads it for
+    a closed form only when its SHA-256 is the one the runs recorded when they trained."""
+    mine = _regression_file(tmp_path / "mine.npz", 0)
+    grid = ["data=file", f"data.path={mine}", "data.batch_size=null", "optim.weight_decay=0.05,0.3", "optim.lr=0.3"]
+    d = _sweep(tmp_path / "own", *grid)
+    report.build(d)
+    runs = results.read_csv(d / "runs.csv")
+    assert set(runs["data_sha256"]) == {hashlib.sha256(mine.read_bytes()).hexdigest()}
+    (line,) = report.theory_agreement(d)
+    assert line.startswith("sparsity: ") and "on the lasso solution" in line
+
+    loaded = []
+    real_load = agreement.data_mod.load
+    monkeypatch.setattr(agreement.data_mod, "load", lambda cfg: loaded.append(cfg.path) or real_load(cfg))
+
+    def received(name, edit):
+        copy = tmp_path / name
+        shutil.copytree(d, copy)
+        for run in (copy / "runs").iterdir():
+            edit(run)
+        monkeypatch.setattr(agreement, "_SETUPS", {})     # a new process, as `symrun report` is
+        report.build(copy)
+        return report.theory_agreement(copy)
+
+    private = _regression_file(tmp_path / "private.npz", 1)
+    elsewhere = lambda run: (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(mine), str(private)))  # noqa: E731
+    assert received("elsewhere", elsewhere) == [
+        f"no closed form drawn: data.path {private} is not the file these runs were trained on "
+        "(missing, or its SHA-256 differs from the one their status.json records)"]
+    assert str(private) not in loaded
+
+    def unrecorded(run):
+        status = json.loads((run / "status.json").read_text())
+        del status["data_sha256"]
+        (run / "status.json").write_text(json.dumps(status))
+    (line,) = received("older", unrecorded)
+    assert line.startswith(f"no closed form drawn: the runs recorded no digest of data.path {mine}")
+
+    loaded.clear()
+    _regression_file(mine, 2)                # the file the runs were trained on, changed since
+    (line,) = received("changed", lambda run: None)
+    assert line.startswith(f"no closed form drawn: data.path {mine} is not the file these runs were trained on")
+    assert loaded == []
 
 
 def test_gallery_section_holds_command_agreement_figure_and_table(tmp_path, monkeypatch):

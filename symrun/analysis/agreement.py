@@ -33,19 +33,21 @@ AGREEMENT_TOL = {"sparsity": 0.025, "rank": 0.5}
 
 def _closed_form_setup(sweep_dir: Path, runs: pd.DataFrame):
     """(cfg, dataset) of the runs' first config when a closed form can apply to it, else None.
-    A received folder's data may not be on this machine: then there is no line to draw."""
+    A received folder's data may not be on this machine, or not be what its runs were trained on
+    (`unverified_data`): then there is no line to draw."""
     if runs.empty or runs["optim.name"].iloc[0] == "adamw":    # decoupled decay: the thresholds do not apply
         return None
     spec = registry.specs().get(runs["model.name"].iloc[0])
     if spec is None or spec.theory is None:     # the models with a closed form
         return None
     try:
-        tree = results.load_config_dict(sweep_dir, runs["run_id"].iloc[0])
-        key = repr(tree)
+        tree, recorded, key = _setup_key(sweep_dir, runs)
         if key not in _SETUPS:          # one report asks once per figure: the data is built once
             cfg = to_config(tree)
             if cfg.symmetry.remove or cfg.constraint.name != "none":   # other objectives
                 _SETUPS[key] = None
+            elif (why := unverified_data(cfg, recorded)) is not None:
+                _SETUPS[key], _REFUSED[key] = None, why
             else:
                 ds = data_mod.load(cfg.data)
                 _SETUPS[key] = (cfg, ds) if ds.task == "regression" else None
@@ -54,8 +56,52 @@ def _closed_form_setup(sweep_dir: Path, runs: pd.DataFrame):
     return _SETUPS[key]
 
 
-# config (its repr) → _closed_form_setup's answer; the data a config names is the same data
+def _setup_key(sweep_dir: Path, runs: pd.DataFrame) -> tuple[dict, tuple[str, ...], str]:
+    """(the runs' first config, the data digests the runs recorded, the two as a cache key)."""
+    recorded = tuple(sorted(map(str, runs["data_sha256"].dropna().unique()))) if "data_sha256" in runs else ()
+    tree = results.load_config_dict(sweep_dir, runs["run_id"].iloc[0])
+    return tree, recorded, repr((tree, recorded))
+
+
+# (config, recorded digests) → _closed_form_setup's answer; the data a config names is the same data
 _SETUPS: dict[str, Optional[tuple]] = {}
+# …and, where it refused a config's data file, why
+_REFUSED: dict[str, str] = {}
+
+
+def refusal(sweep_dir: Path, runs: pd.DataFrame) -> Optional[str]:
+    """Why these runs have no closed form drawn although their model has one: their data file is
+    not known to be what they were trained on (`unverified_data`); else None."""
+    if _closed_form_setup(sweep_dir, runs) is not None:
+        return None
+    try:
+        return _REFUSED.get(_setup_key(sweep_dir, runs)[2])
+    except (ConfigError, OSError):
+        return None
+
+
+def unverified_data(cfg, recorded: tuple[str, ...]) -> Optional[str]:
+    """Why the data file a run's config names must not be read for its closed form, or None when
+    it may (the config reads no file, or the file holds what the runs were trained on).
+
+    config.yaml says which file the runs were trained on, but a folder received from someone else
+    could name any file on this machine (a private data set, whose closed form would then be drawn
+    into the report they get back). So the file is read only when its SHA-256 is the one the runs
+    recorded when they trained (status.json's data_sha256): a folder can then only make symrun
+    read a file whose exact content its author already knew. The same check keeps a line from
+    being drawn from a file that changed since the runs were trained."""
+    path = data_mod.source_file(cfg.data)
+    if path is None:
+        return None
+    if not recorded:
+        return (f"no closed form drawn: the runs recorded no digest of data.path {path} "
+                "(trained before symrun recorded one), so it is not known to be their data; rerun the sweep to draw it")
+    if len(recorded) > 1:
+        return f"no closed form drawn: the runs were trained on {len(recorded)} different versions of data.path {path}"
+    if data_mod.digest(cfg.data) != recorded[0]:
+        return (f"no closed form drawn: data.path {path} is not the file these runs were trained on "
+                "(missing, or its SHA-256 differs from the one their status.json records)")
+    return None
 
 
 def theory_line(sweep_dir: Path, runs: pd.DataFrame, axis: str, metric: str, grid=None):
@@ -116,7 +162,7 @@ def theory_agreement(sweep_dir: Path, axes: list[str], done: pd.DataFrame) -> li
     if not axes or axes[-1] != WD or len(axes) > 2 or done.empty:
         return []
     series = axes[0] if len(axes) == 2 else None
-    lines = []
+    lines: list[str] = []
     for value, part in ([(None, done)] if series is None else list(done.groupby(series, dropna=False))):
         for metric in [m for m in AGREEMENT_TOL if m in part]:
             means = part.groupby(WD)[metric].mean()
@@ -133,7 +179,9 @@ def theory_agreement(sweep_dir: Path, axes: list[str], done: pd.DataFrame) -> li
                 hits = int((np.abs(means.to_numpy() - ys) <= AGREEMENT_TOL[metric]).sum())
                 lines.append(f"{metric}{where}: {hits} of {len(means)} weight decays on the {label} "
                              f"(|mean − theory| ≤ {AGREEMENT_TOL[metric]})")
-    return lines
+        if (why := refusal(sweep_dir, part)) is not None:
+            lines.append(why)
+    return list(dict.fromkeys(lines))
 
 
 def removal_contrast(axes: list[str], done: pd.DataFrame, structure: list[str]) -> list[str]:

@@ -3,6 +3,6 @@
 and the corpora read from disk (corpora: CIFAR-10, text)."""
 
 from symrun.data.dataset import DataError, Dataset
-from symrun.data.datasets import BatchOrder, for_task, load
+from symrun.data.datasets import BatchOrder, digest, for_task, load, source_file
 
-__all__ = ["BatchOrder", "DataError", "Dataset", "for_task", "load"]
+__all__ = ["BatchOrder", "DataError", "Dataset", "digest", "for_task", "load", "source_file"]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -39,6 +42,47 @@ def load(cfg: DataConfig) -> Dataset:
     if isinstance(cfg, (Cifar10DataConfig, TextDataConfig)):
         return corpora.cifar10(cfg) if isinstance(cfg, Cifar10DataConfig) else corpora.text(cfg)
     raise DataError(f"unknown data option '{cfg.name}'")
+
+
+def source_file(cfg: DataConfig) -> Optional[Path]:
+    """The one file a data option reads, as it reads it (data=file, data=text with a path), else None."""
+    if isinstance(cfg, (FileDataConfig, TextDataConfig)) and cfg.path is not None:
+        return Path(cfg.path).expanduser()
+    return None
+
+
+def file_digest(path: Path) -> Optional[str]:
+    """The SHA-256 of a regular file's bytes, or None when `path` is not one (missing, a folder, a
+    FIFO or a device: opened without blocking and never read). A file read before in this process
+    and unchanged since (the same inode, size and modification time) is not read again: a sweep's
+    packs share one data file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with os.fdopen(fd, "rb") as f:
+        if key not in _DIGESTS:
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+
+
+def digest(cfg: DataConfig) -> Optional[str]:
+    """The SHA-256 of the file a data option reads (`source_file`), None where it reads none. A
+    run records it (status.json, runs.csv's data_sha256), so that a report reads back only the
+    data its runs were trained on (symrun.analysis.agreement)."""
+    path = source_file(cfg)
+    return None if path is None else file_digest(path)
 
 
 @functools.lru_cache(maxsize=1)

@@ -108,6 +108,7 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
     already finished — a kill, or a requeued job, after some were written — are never written
     again. A folder that cannot be written (a full disk) raises OutputError: the sweep stops,
     resumable."""
+    from symrun import data
     from symrun.training import engine
     from symrun.sweeping import folder, records, results
 
@@ -121,6 +122,8 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
         return {"pack": index, "runs": 0}
     info = {"pack": index, "pack_runs": len(ids), "started_at": results.now(),
             **results.provenance(str(engine.resolve_device(configs[0].device)))}
+    if (digest := data.digest(configs[0].data)) is not None:     # a pack's runs share their data
+        info["data_sha256"] = digest      # what a report checks the data file against before reading it
     with results.one_sync(sweep_dir):
         for rid in todo:
             results.write_status(sweep_dir, rid, results.RUNNING, **info)

@@ -21,6 +21,8 @@ from symrun.sweeping.results import DAMAGED, DIVERGED, FAILED, FINISHED, INTERRU
 # Columns of runs.csv that say when, where and how a run was trained, from its status.json.
 PROVENANCE = ("wall_time_s", "train_time_s", "pack", "pack_runs", "torch", "git_commit", "git_dirty", "diverged_at", "resumed_from",
               "error", "started_at", "finished_at", "slurm_job_id")
+# …and those only runs trained on a data file have (symrun.data.digest)
+DATA_PROVENANCE = ("data_sha256",)
 
 
 def grid_order(sweep_dir: Path) -> list[str]:
@@ -63,6 +65,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if extra["pack_runs"] is None:
             extra["pack_runs"] = st.get("pack_size")          # its name before it left the config's column
         extra["resolved_device"] = st.get("device")           # `device` stays the configured value
+        extra.update({k: st[k] for k in DATA_PROVENANCE if k in st})
         run_rows.append({"run_id": rid, "status": record.status, **cfg, **st.get("final", {}), **extra})
         if record.metrics is not None and len(record.metrics):
             result_frames.append((rid, cfg, record.metrics))
