@@ -32,6 +32,16 @@ def test_csv_targets_and_task_inference(tmp_path):
     assert two.task == "regression" and two.out_dim == 2 and two.in_dim == 1
 
 
+def test_negative_whole_targets_taken_for_labels_name_data_task_regression(tmp_path):
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([1.0, -1.0, 2.0, -2.0, 0.0, 1.0]))
+    with pytest.raises(DataError, match=r"must be non-negative integers \(data.task=auto took .* set data.task=regression"):
+        load(FileDataConfig(path=str(tmp_path / "d.npz")))
+    with pytest.raises(DataError, match=r"must be non-negative integers$"):     # asked for: no guess to correct
+        load(FileDataConfig(path=str(tmp_path / "d.npz"), task="classification"))
+    assert load(FileDataConfig(path=str(tmp_path / "d.npz"), task="regression")).y[:, 0].tolist() == [1, -1, 2, -2, 0, 1]
+
+
 def test_test_fraction_splits_without_overlap(tmp_path):
     x = np.arange(40, dtype=float).reshape(20, 2)
     np.savez(tmp_path / "d.npz", x=x, y=x[:, 0] * 0.5)

@@ -228,7 +228,8 @@ def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) ->
             raise DataError(f"{name} must be numeric")
         if a is not None and not np.isfinite(np.asarray(a, dtype=np.float64)).all():
             raise DataError(f"{name} contains NaN or infinite values")
-    if task == "auto":
+    inferred = task == "auto"
+    if inferred:
         task = _infer_task(np.asarray(y))
     if x_test is None and test_fraction > 0:
         perm = np.random.default_rng(derive_seed(seed, "split")).permutation(len(x))
@@ -239,7 +240,13 @@ def _finish(x, y, x_test, y_test, task: str, test_fraction: float, seed: int) ->
         raise DataError("the training set is empty")
     n_classes = None
     if task == "classification":
-        y, y_test = _labels(y, "y"), None if y_test is None else _labels(y_test, "y_test")
+        try:
+            y, y_test = _labels(y, "y"), None if y_test is None else _labels(y_test, "y_test")
+        except DataError as e:
+            if not inferred:
+                raise
+            raise DataError(f"{e} (data.task=auto took y's few whole numbers for class labels: "
+                            "set data.task=regression if they are a regression target)") from None
         n_classes = int(max(y.max(), -1 if y_test is None else y_test.max())) + 1
     else:
         y = _as_2d(np.asarray(y, dtype=np.float64), "y")
