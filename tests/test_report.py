@@ -130,6 +130,19 @@ def test_a_closed_form_reads_only_the_data_file_the_runs_recorded(tmp_path, monk
     assert loaded == []
 
 
+def test_classification_data_is_never_loaded_for_a_regression_closed_form(tmp_path, monkeypatch):
+    d = _sweep(tmp_path, "model=mlp", "model.width=8", "data=digits", "optim.weight_decay=0,0.1", "metrics.critical_mirrors=0")
+    report.build(d)
+    runs = results.read_csv(d / "runs.csv")
+    monkeypatch.setattr(agreement, "_SETUPS", {})
+
+    def load(cfg):
+        raise AssertionError(f"loaded {cfg.name} for a closed form")
+    monkeypatch.setattr(agreement.data_mod, "load", load)
+    assert agreement.theory_line(d, runs, agreement.WD, "sparsity") is None
+    assert report.theory_agreement(d) == []
+
+
 def test_gallery_section_holds_command_agreement_figure_and_table(tmp_path, monkeypatch):
     from symrun import gallery
 

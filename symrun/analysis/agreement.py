@@ -44,8 +44,8 @@ def _closed_form_setup(sweep_dir: Path, runs: pd.DataFrame):
         tree, recorded, key = _setup_key(sweep_dir, runs)
         if key not in _SETUPS:          # one report asks once per figure: the data is built once
             cfg = to_config(tree)
-            if cfg.symmetry.remove or cfg.constraint.name != "none":   # other objectives
-                _SETUPS[key] = None
+            if cfg.symmetry.remove or cfg.constraint.name != "none" or _classification(cfg.data):
+                _SETUPS[key] = None      # other objectives, or data the regression closed forms do not cover
             elif (why := unverified_data(cfg, recorded)) is not None:
                 _SETUPS[key], _REFUSED[key] = None, why
             else:
@@ -69,10 +69,16 @@ _SETUPS: dict[str, Optional[tuple]] = {}
 _REFUSED: dict[str, str] = {}
 
 
+def _classification(data) -> bool:
+    """Whether a data config is a classification task before it is loaded (digits, CIFAR-10 and
+    text always are; a file when it says so): its data is then never read for a closed form."""
+    return data.name in ("digits", "cifar10", "text") or (data.name == "file" and data.task == "classification")
+
+
 def refusal(sweep_dir: Path, runs: pd.DataFrame) -> Optional[str]:
     """Why these runs have no closed form drawn although their model has one: their data file is
     not known to be what they were trained on (`unverified_data`); else None."""
-    if _closed_form_setup(sweep_dir, runs) is not None:
+    if runs.empty or _closed_form_setup(sweep_dir, runs) is not None:
         return None
     try:
         return _REFUSED.get(_setup_key(sweep_dir, runs)[2])
