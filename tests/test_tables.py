@@ -152,6 +152,58 @@ def test_config_yaml_dumps_a_shape_once_not_each_run(preset, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("preset", ["rescaling_sparsity", "plasticity", "dcs", "rotation_noise"])
+def test_a_config_checked_by_its_shape_reads_as_checked_whole(preset, tmp_path, monkeypatch):
+    """records reads a config.yaml of a known shape (one this process wrote, or one matching a
+    shape read before) from the shape's checks and its per-run values: the same flat config, or
+    the same problem, as the file parsed and checked whole, in a new process or this one."""
+    from symrun.config import to_dict
+    from symrun.sweeping import folder, records
+
+    configs = [cfg for p in sweep.plans([f"experiment={preset}"], tmp_path / "plan") for cfg in list(p.configs.values())[:3]]
+    rids = []
+    for i, cfg in enumerate(configs):
+        rid = f"r{i}"
+        results.save_config(tmp_path, rid, cfg)            # written here: known by its bytes
+        rids.append(rid)
+        tree = to_dict(cfg)
+        for j, (seed, wd) in enumerate([(7, 0.5), ("abc", 0.1), (1.5, 0.1), (None, 0.1), (3, "yes"), (3, None),
+                                        (3, float("nan")), (-0.0, 1e300), (True, 0)]):
+            tree["seed"], tree["optim"]["weight_decay"] = seed, wd
+            path = results.run_dir(tmp_path, f"r{i}-{j}") / "config.yaml"
+            path.parent.mkdir(parents=True)
+            path.write_text(results.config_yaml(tree))
+            rids.append(f"r{i}-{j}")
+    damaged = results.run_dir(tmp_path, "r0-0") / "config.yaml"
+    damaged.write_text(damaged.read_text().replace("  name: ", "  name: x", 1))     # the shape itself fails a check
+    (results.run_dir(tmp_path, "r1") / "config.yaml").write_text("seed: 1\n")
+
+    def read_all():
+        out = []
+        for rid in rids:
+            with folder.opened(results.run_dir(tmp_path, rid), tmp_path, create=False) as run:
+                out.append(records._read_config(run))
+        return out
+
+    by_shape, real, checked = [], results.read_shaped, records._shape_checked
+    for fresh in (False, True):                    # this process, then as a new one reads them
+        if fresh:
+            monkeypatch.setattr(results, "WRITTEN_CONFIGS", {})
+        monkeypatch.setattr(results, "_SHAPES", [])
+        monkeypatch.setattr(records, "_SHAPE_CHECKS", {})
+        taken = []
+        monkeypatch.setattr(records, "_shape_checked", lambda *a: (lambda got: (taken.append(got is not None), got)[1])(checked(*a)))
+        monkeypatch.setattr(results, "read_shaped", real)
+        fast = read_all()
+        monkeypatch.setattr(results, "read_shaped", lambda path, raw: None)
+        assert fast == read_all()
+        by_shape.append(sum(taken))
+    assert min(by_shape) >= 2 * len(configs)       # most sound files went by their shape, in both passes
+    problems = [problem for _, problem in fast if problem]
+    assert any("seed: 'abc' is not a value of its type" in p for p in problems)
+    assert any("unknown model" in p for p in problems) and any("no model and data sections" in p for p in problems)
+
+
+@pytest.mark.parametrize("preset", ["rescaling_sparsity", "plasticity", "dcs", "rotation_noise"])
 def test_a_config_read_by_its_shape_is_what_yaml_parses(preset, tmp_path, monkeypatch):
     """A new process reads a sweep's config.yaml files by matching them against the shape of one
     parsed before (results._read_yaml): every value, of every type, is the one yaml.load gives,

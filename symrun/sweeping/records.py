@@ -15,7 +15,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -146,13 +146,22 @@ def _read_status(run: folder.Opened, rid: str) -> tuple[Optional[dict], Optional
 def _read_config(run: folder.Opened) -> tuple[Optional[dict], Optional[str]]:
     path = run.path / "config.yaml"
     try:
-        cfg = results.parse_config(path, run.read_bytes(path.name))
+        raw = run.read_bytes(path.name)
+        shaped = results.read_shaped(path, raw)
+        if shaped is not None and (checked := _shape_checked(*shaped)) is not None:
+            return checked
+        cfg = results.parse_config(path, raw)
     except FileNotFoundError:
         return None, _damaged(path, "missing")
     except OutputError as e:
         return None, str(e)
     except (yaml.YAMLError, UnicodeDecodeError):
         return None, _damaged(path, "not valid YAML")
+    return _checked(path, cfg)
+
+
+def _checked(path: Path, cfg: Any) -> tuple[Optional[dict], Optional[str]]:
+    """A parsed config.yaml, flattened, or why it is not a run's config."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("data"), dict):
         return None, _damaged(path, "not a run's config: no model and data sections")
     model, data = cfg["model"].get("name"), cfg["data"].get("name")
@@ -166,6 +175,56 @@ def _read_config(run: folder.Opened) -> tuple[Optional[dict], Optional[str]]:
     if wrong:
         return None, _damaged(path, f"{wrong[0]}: {flat[wrong[0]]!r} is not a value of its type")
     return flat, None
+
+
+def _shape_checked(shape: results.Shape, values: list) -> Optional[tuple[dict, Optional[str]]]:
+    """_read_config of a file of a known shape, from the shape's checks and its per-run values:
+    what `_checked` gives for its parsed tree, ~5× faster (a 4,608-run folder is read by every
+    status, collect and report). None when the shape itself fails a check (the file is then
+    checked whole, for the same message)."""
+    known = _SHAPE_CHECKS.get((shape.key, shape.slots))
+    if known is None:
+        known = _SHAPE_CHECKS[(shape.key, shape.slots)] = _check_shape(shape)
+    if known is False:
+        return None
+    template, keys, missing, typed, defaults = known
+    flat = dict(template)
+    flat.update(zip(keys, values))
+    required = [k for k in missing if flat[k] in (None, MISSING)]
+    if required:
+        return None
+    wrong = [k for k in typed if not _same_kind(flat[k], defaults[k])]
+    if wrong:
+        return None
+    return flat, None
+
+
+def _check_shape(shape: results.Shape):
+    """(the shape's flat config, its slots' flat keys, those of them a value is required for (in
+    the defaults' order) and those with a default to match (in the config's order), the defaults),
+    or False when what the slots do not hold fails a check of _checked."""
+    tree = shape.tree
+    if not isinstance(tree.get("model"), dict) or not isinstance(tree.get("data"), dict):
+        return False
+    model, data = tree["model"].get("name"), tree["data"].get("name")
+    if model not in model_options() or data not in DATA_OPTIONS:
+        return False
+    flat, defaults = flatten(tree), default_values(model_options()[model], DATA_OPTIONS[data])
+    keys = tuple(f"{group}.{name}" if group else name for group, name in shape.slots)
+    if len(set(keys)) != len(keys) or not all(k in flat for k in keys):
+        return False
+    fixed = [k for k in flat if k not in keys]
+    if any(v == MISSING and k not in keys and flat.get(k) in (None, MISSING) for k, v in defaults.items()):
+        return False
+    if any(k in defaults and not _same_kind(flat[k], defaults[k]) for k in fixed):
+        return False
+    missing = [k for k, v in defaults.items() if v == MISSING and k in keys]
+    typed = [k for k in flat if k in keys and k in defaults]
+    return flat, keys, missing, typed, defaults
+
+
+# (shape key, its slots) → _check_shape's answer
+_SHAPE_CHECKS: dict[tuple, Any] = {}
 
 
 def _same_kind(value, default) -> bool:

@@ -42,6 +42,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -296,17 +297,28 @@ YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # builds a config's 60-odd nodes in Python: ~0.4 ms a run, 2 s at the end of a 4,608-run sweep);
 # a file changed since is parsed. Safe YAML round-trips the plain values of a config exactly
 # (tests/test_tables.py checks the two agree).
-WRITTEN_CONFIGS: dict[str, tuple[bytes, dict]] = {}
+WRITTEN_CONFIGS: dict[str, tuple[bytes, dict, Optional[tuple[Shape, list]]]] = {}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the config.yaml files of a grid share: the config with a slot name in place of each
+    per-run value (config.PER_RUN_KEYS), and each slot's (group, name), in the order a file's
+    values come in (`read_shaped`). `key` tells shapes apart."""
+    key: str
+    tree: dict
+    slots: tuple[tuple[str, str], ...]
 
 
 def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
     path, tree = run_dir(sweep_dir, rid) / "config.yaml", to_dict(cfg)
-    text = config_yaml(tree).encode("utf-8")
-    write_atomic(path, text, sweep_dir)
-    WRITTEN_CONFIGS[os.path.abspath(path)] = (text, tree)
+    text, shaped = _dumped(tree)
+    data = text.encode("utf-8")
+    write_atomic(path, data, sweep_dir)
+    WRITTEN_CONFIGS[os.path.abspath(path)] = (data, tree, shaped)
 
 
-_TEMPLATES: dict[str, Optional[str]] = {}
+_TEMPLATES: dict[str, Optional[tuple[str, Shape]]] = {}
 _SCALARS: dict[tuple, str] = {}
 _SLOT = "symrun_per_run_value_{}_"      # the closing _ keeps slot 1 from being a prefix of slot 10
 
@@ -317,19 +329,24 @@ def config_yaml(tree: dict) -> str:
     those, and each run's numbers are put in the slots, each as YAML writes that number alone
     (the same text: tests/test_tables.py). A value that is not a plain number or a short word,
     or a shape whose slots cannot be told apart, is dumped whole."""
-    shape, values, _ = _with_slots(tree)
+    return _dumped(tree)[0]
+
+
+def _dumped(tree: dict) -> tuple[str, Optional[tuple[Shape, list]]]:
+    """(config_yaml(tree), its shape and per-run values when it was written from a template)."""
+    shape, values, slots = _with_slots(tree)
     if values is None:
-        return yaml.dump(tree, Dumper=YAML_DUMPER, sort_keys=False)
+        return yaml.dump(tree, Dumper=YAML_DUMPER, sort_keys=False), None
     key = repr(shape)
     if key not in _TEMPLATES:
         text = yaml.dump(shape, Dumper=YAML_DUMPER, sort_keys=False)
-        slots = [_SLOT.format(i) for i in range(len(values))]
-        ok = all(text.count(f" {slot}\n") == 1 and text.count(slot) == 1 for slot in slots)
-        _TEMPLATES[key] = _as_format(text, slots) if ok else None
+        names = [_SLOT.format(i) for i in range(len(values))]
+        ok = all(text.count(f" {slot}\n") == 1 and text.count(slot) == 1 for slot in names)
+        _TEMPLATES[key] = (_as_format(text, names), Shape(key, _copied(shape), tuple(slots))) if ok else None
     template = _TEMPLATES[key]
     if template is None:
-        return yaml.dump(tree, Dumper=YAML_DUMPER, sort_keys=False)
-    return template.format(*(_scalar(v) for v in values))
+        return yaml.dump(tree, Dumper=YAML_DUMPER, sort_keys=False), None
+    return template[0].format(*(_scalar(v) for v in values)), (template[1], values)
 
 
 def _with_slots(tree: dict) -> tuple[dict, Optional[list], list[tuple[str, str]]]:
@@ -382,9 +399,28 @@ def parse_config(path: Path, raw: bytes) -> Any:
     return _read_yaml(raw)
 
 
-# The shapes of config.yaml read so far (config_yaml's, in reverse): (its text as a pattern with
-# a group for each per-run value, the tree with slot names there, each slot's (group, name)).
-_SHAPES: list[tuple[re.Pattern, dict, list[tuple[str, str]]]] = []
+def read_shaped(path: Path, raw: bytes) -> Optional[tuple[Shape, list]]:
+    """(its shape, its per-run values) for a config.yaml whose bytes this process wrote, or that
+    matches a shape read before (`_read_yaml`): what parse_config would give, without building
+    the tree; None for any other file (parse_config reads it)."""
+    known = WRITTEN_CONFIGS.get(os.path.abspath(path))
+    if known is not None and known[0] == raw:
+        return known[2]
+    for pattern, shape in _SHAPES:
+        if (found := pattern.fullmatch(raw)) is not None:
+            return shape, [_value(text) for text in found.groups()]
+    return None
+
+
+def _value(text: bytes) -> Any:
+    if text not in _VALUES:
+        _VALUES[text] = yaml.load(text, Loader=YAML_LOADER)
+    return _VALUES[text]
+
+
+# The shapes of config.yaml read so far (config_yaml's, in reverse): its text as a pattern with a
+# group for each per-run value, and the shape (whose slots are in the groups' order).
+_SHAPES: list[tuple[re.Pattern, Shape]] = []
 _SHAPES_KEPT = 16
 # A per-run value's text that YAML reads alone as it reads it in its mapping: a word that starts
 # with a letter (bools and null among them), or a number (.inf and .nan included) — not `-`, `---`
@@ -401,15 +437,13 @@ def _read_yaml(raw: bytes) -> Any:
     2.3 s of PyYAML building ~150 nodes a file. A file that does not match every byte of a known shape
     outside those values, or holds there anything but a plain number or word, is parsed whole
     (tests/test_tables.py checks the two agree)."""
-    for pattern, shape, slots in _SHAPES:
+    for pattern, shape in _SHAPES:
         found = pattern.fullmatch(raw)
         if found is None:
             continue
-        tree = _copied(shape)
-        for (group, name), text in zip(slots, found.groups()):
-            if text not in _VALUES:
-                _VALUES[text] = yaml.load(text, Loader=YAML_LOADER)
-            (tree[group] if group else tree)[name] = _VALUES[text]
+        tree = _copied(shape.tree)
+        for (group, name), text in zip(shape.slots, found.groups()):
+            (tree[group] if group else tree)[name] = _value(text)
         return tree
     tree = yaml.load(raw, Loader=YAML_LOADER)
     if isinstance(tree, dict) and len(_SHAPES) < _SHAPES_KEPT:
@@ -430,7 +464,8 @@ def _learn_shape(tree: dict) -> None:
         pattern = pattern.replace(re.escape(slot), _PLAIN)
         where.append(text.index(slot))
     # the pattern's groups come in the text's order, not the slots'
-    _SHAPES.append((re.compile(pattern, re.DOTALL), shape, [slots[i] for i in sorted(range(len(slots)), key=where.__getitem__)]))
+    order = sorted(range(len(slots)), key=where.__getitem__)
+    _SHAPES.append((re.compile(pattern, re.DOTALL), Shape(repr(shape), shape, tuple(slots[i] for i in order))))
 
 
 def _copied(node: Any) -> Any:
