@@ -202,6 +202,29 @@ def test_writes_never_follow_a_link_inside_the_folder(tmp_path, victim):
     assert sorted(os.listdir(root)) == ["a", "file"], "no temporary file is left behind"
 
 
+def test_run_folders_written_in_a_batch_never_follow_a_link(tmp_path, victim):
+    """results.write_statuses/save_configs/write_runs open runs/ once and each run's folder in it:
+    a run folder that is a link is refused by name, and the runs before it are written."""
+    root = tmp_path / "root"
+    (root / "runs").mkdir(parents=True)
+    (root / "runs" / "b").symlink_to(victim / "dir", target_is_directory=True)
+    before = _snapshot(victim)
+    with pytest.raises(folder.OutputError, match=r"runs/b is a symbolic link"):
+        results.write_statuses(root, [("a", results.RUNNING, {}), ("b", results.RUNNING, {}), ("c", results.RUNNING, {})])
+    assert results.status(root, "a") == {"run_id": "a", "status": results.RUNNING} and not (root / "runs" / "c").exists()
+    with pytest.raises(folder.OutputError, match=r"runs/b is a symbolic link"):
+        results.write_runs(root, [("b", results.FINISHED, [{"step": 0, "train_loss": 1.0}], None, None, {})])
+    (root / "runs" / "b").unlink()
+    (root / "runs").rename(root / "elsewhere")
+    (root / "runs").symlink_to(victim / "dir", target_is_directory=True)
+    with pytest.raises(folder.OutputError, match=r"root/runs is a symbolic link"):
+        results.write_statuses(root, [("a", results.FINISHED, {})])
+    with folder.folders(root / "elsewhere", root, create=False) as runs:
+        with pytest.raises(FileNotFoundError):
+            runs.opened("missing", create=False).__enter__()
+    assert _snapshot(victim) == before
+
+
 def test_the_sweep_folder_itself_may_be_a_link_the_user_made(received, tmp_path):
     real = _copy(received, tmp_path)
     alias = tmp_path / "alias"

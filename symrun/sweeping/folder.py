@@ -80,20 +80,25 @@ def _opened(root: Path, folders: tuple[str, ...], create: bool) -> Iterator[int]
         raise FileNotFoundError(errno.ENOENT, "no such folder", str(root)) from None
     try:
         for i, name in enumerate(folders):
-            try:
-                inner = _open_folder(name, fd, create)
-            except OSError as e:
-                where = Path(root, *folders[: i + 1])
-                if isinstance(e, FileNotFoundError):
-                    raise
-                if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
-                    raise link_error(where) from None
-                raise _error(e, where, "open") from None
+            inner = _step(name, fd, create, Path(root, *folders[: i + 1]))
             os.close(fd)
             fd = inner
         yield fd
     finally:
         os.close(fd)
+
+
+def _step(name: str, fd: int, create: bool, where: Path) -> int:
+    """_open_folder, its errors named after `where` (the folder's path): FileNotFoundError when
+    it is missing and not `create`, OutputError when it is a link or cannot be opened."""
+    try:
+        return _open_folder(name, fd, create)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
+            raise link_error(where) from None
+        raise _error(e, where, "open") from None
 
 
 def _open_folder(name: str, fd: int, create: bool) -> int:
@@ -181,6 +186,38 @@ def opened(path: Path, root: Path, create: bool = True) -> Iterator[Opened]:
         except OSError as e:
             raise _error(e, Path(path), "write") from None
         yield Opened(fd, Path(path))
+
+
+class Folders:
+    """A folder inside a sweep folder, opened once as `opened` opens it, for many folders in it
+    by name: a sweep's runs/, whose thousands of run folders each cost one openat (made as
+    needed) instead of a walk from the root. The folder stays the one opened: it is not looked up
+    by its path again, so a link put at its name meanwhile is never followed either."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    @contextlib.contextmanager
+    def opened(self, name: str, create: bool = True) -> Iterator[Opened]:
+        """The folder `name` in this one, as `opened` would give it (the same errors)."""
+        where = self.path / name
+        try:
+            fd = _step(name, self.fd, create, where)
+        except FileNotFoundError:
+            if create:
+                raise _error(OSError(errno.ENOENT, "no such folder"), where, "write") from None
+            raise
+        try:
+            yield Opened(fd, where)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def folders(path: Path, root: Path, create: bool = True) -> Iterator[Folders]:
+    """The folder `path` inside `root`, opened once (`opened`), to open many folders in it."""
+    with opened(path, root, create) as parent:
+        yield Folders(parent.fd, parent.path)
 
 
 @contextlib.contextmanager

@@ -125,8 +125,7 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
     if (digest := data.digest(configs[0].data)) is not None:     # a pack's runs share their data
         info["data_sha256"] = digest      # what a report checks the data file against before reading it
     with results.one_sync(sweep_dir):
-        for rid in todo:
-            results.write_status(sweep_dir, rid, results.RUNNING, **info)
+        results.write_statuses(sweep_dir, [(rid, results.RUNNING, info) for rid in todo])
     start = time.perf_counter()
     training = set(todo)        # looked up once a run below: a list would cost runs² (0.17 s at 4,608)
     ckpt = results.checkpoint_path(sweep_dir, ids)
@@ -136,10 +135,10 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
         raise                            # the folder cannot be written (disk full): stop, resumable
     except Exception as e:  # noqa: BLE001 — recorded per run; neighbours in other packs go on
         error = f"{type(e).__name__}: {e}"
+        failed = dict(error=error, traceback=traceback.format_exc(), finished_at=results.now(),
+                      wall_time_s=time.perf_counter() - start, **info)
         with results.one_sync(sweep_dir):
-            for rid in todo:
-                results.write_status(sweep_dir, rid, results.FAILED, error=error, traceback=traceback.format_exc(),
-                                     finished_at=results.now(), wall_time_s=time.perf_counter() - start, **info)
+            results.write_statuses(sweep_dir, [(rid, results.FAILED, failed) for rid in todo])
         return {"pack": index, "runs": len(todo), "failed": len(todo)}
     wall = time.perf_counter() - start
     results.write_runs(sweep_dir, [(rid, out.status, out.rows, out.state, out.arrays,

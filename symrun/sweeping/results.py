@@ -44,7 +44,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import pandas as pd
 import yaml
@@ -311,11 +311,20 @@ class Shape:
 
 
 def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
-    path, tree = run_dir(sweep_dir, rid) / "config.yaml", to_dict(cfg)
-    text, shaped = _dumped(tree)
-    data = text.encode("utf-8")
-    write_atomic(path, data, sweep_dir)
-    WRITTEN_CONFIGS[os.path.abspath(path)] = (data, tree, shaped)
+    save_configs(sweep_dir, [(rid, cfg)])
+
+
+def save_configs(sweep_dir: Path, configs: Iterable[tuple[str, Config]]) -> None:
+    """Each (run id, config) as runs/<run id>/config.yaml, runs/ opened once for all."""
+    base = os.path.abspath(os.path.join(sweep_dir, "runs"))
+    with folder.folders(Path(sweep_dir, "runs"), sweep_dir) as runs:
+        for rid, cfg in configs:
+            tree = to_dict(cfg)
+            text, shaped = _dumped(tree)
+            data = text.encode("utf-8")
+            with runs.opened(rid) as d:
+                d.write_atomic("config.yaml", data)
+            WRITTEN_CONFIGS[os.path.join(base, rid, "config.yaml")] = (data, tree, shaped)
 
 
 _TEMPLATES: dict[str, Optional[tuple[str, Shape]]] = {}
@@ -488,7 +497,15 @@ def status(sweep_dir: Path, rid: str) -> Optional[dict]:
 
 
 def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
-    write_json(run_dir(sweep_dir, rid) / "status.json", {"run_id": rid, "status": state, **info}, sweep_dir)
+    write_statuses(sweep_dir, [(rid, state, info)])
+
+
+def write_statuses(sweep_dir: Path, statuses: Iterable[tuple[str, str, dict]]) -> None:
+    """Each (run id, state, info) as runs/<run id>/status.json, runs/ opened once for all."""
+    with folder.folders(Path(sweep_dir, "runs"), sweep_dir) as runs:
+        for rid, state, info in statuses:
+            with runs.opened(rid) as d:
+                d.write_atomic("status.json", json.dumps({"run_id": rid, "status": state, **info}, indent=2, default=str) + "\n")
 
 
 def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
@@ -503,29 +520,29 @@ def write_runs(sweep_dir: Path, runs: list[tuple[str, str, list[dict], Optional[
     """write_run for many runs, (rid, state, rows, params, arrays, info) each, with two syncs in
     all: every run's files made durable together, then every status.json, so that no completion
     marker reaches the disk before its run's files."""
-    with one_sync(sweep_dir):
+    with one_sync(sweep_dir), folder.folders(Path(sweep_dir, "runs"), sweep_dir) as folders:
         for rid, _, rows, params, arrays, _ in runs:
-            _write_files(sweep_dir, rid, rows, params, arrays)
+            with folders.opened(rid) as d:
+                _write_files(d, rows, params, arrays)
     with one_sync(sweep_dir):
-        for rid, state, rows, _, _, info in runs:
-            final = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
-            write_status(sweep_dir, rid, state, final=final, final_step=rows[-1]["step"] if rows else None, **info)
+        write_statuses(sweep_dir, [(rid, state, {"final": {k: v for k, v in rows[-1].items() if k != "step"} if rows else {},
+                                                 "final_step": rows[-1]["step"] if rows else None, **info})
+                                   for rid, state, rows, _, _, info in runs])
 
 
-def _write_files(sweep_dir: Path, rid: str, rows: list[dict], params: Optional[dict], arrays: Optional[dict]) -> None:
+def _write_files(d: folder.Opened, rows: list[dict], params: Optional[dict], arrays: Optional[dict]) -> None:
     import numpy as np
     import torch
 
-    with folder.opened(run_dir(sweep_dir, rid), sweep_dir) as d:
-        d.write_atomic("metrics.csv", csv_text(rows))
-        if params is not None:
-            buf = io.BytesIO()
-            torch.save(params, buf)
-            d.write_atomic("params.pt", buf.getvalue())
-        for name, array in (arrays or {}).items():
-            buf = io.BytesIO()
-            np.save(buf, array.numpy() if isinstance(array, torch.Tensor) else array, allow_pickle=False)
-            d.write_atomic(f"{name}.npy", buf.getvalue())
+    d.write_atomic("metrics.csv", csv_text(rows))
+    if params is not None:
+        buf = io.BytesIO()
+        torch.save(params, buf)
+        d.write_atomic("params.pt", buf.getvalue())
+    for name, array in (arrays or {}).items():
+        buf = io.BytesIO()
+        np.save(buf, array.numpy() if isinstance(array, torch.Tensor) else array, allow_pickle=False)
+        d.write_atomic(f"{name}.npy", buf.getvalue())
 
 
 class ParamsError(ValueError):

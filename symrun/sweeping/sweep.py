@@ -309,10 +309,8 @@ def write_plan(p: Plan) -> Path:
         "launches": launches + [{"at": results.now(), "overrides": p.overrides, "runs": len(p.configs),
                                  "already_finished": len(p.finished), "packs": len(p.packs)}]})
     finished = set(p.finished)
-    with results.one_sync(p.sweep_dir):
-        for rid, cfg in p.configs.items():
-            if rid not in finished:             # a finished run's folder is never touched again
-                results.save_config(p.sweep_dir, rid, cfg)
+    with results.one_sync(p.sweep_dir):       # a finished run's folder is never touched again
+        results.save_configs(p.sweep_dir, [(rid, cfg) for rid, cfg in p.configs.items() if rid not in finished])
     return results.write_launch_plan(p.sweep_dir, len(launches), {"sweep_dir": os.path.abspath(p.sweep_dir),
                                                                   "grid": list(p.configs), "packs": p.packs})
 
