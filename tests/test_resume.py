@@ -51,16 +51,19 @@ def test_extending_a_sweep_gives_the_tables_and_figures_of_the_whole_grid_swept_
 def _interrupt_after_first_write(monkeypatch):
     """A kill while a pack writes its runs: the first run is recorded (its status.json, the
     completion marker, written last), then the process dies."""
-    real, calls = results.write_status, []
+    real, calls = results.write_statuses, []
 
-    def write_status(sweep_dir, rid, state, **info):
-        if state != results.RUNNING:
-            if calls:
-                raise KeyboardInterrupt
-            calls.append(rid)
-        return real(sweep_dir, rid, state, **info)
+    def write_statuses(sweep_dir, statuses):
+        def killed_after_the_first():
+            for rid, state, info in statuses:
+                if state != results.RUNNING:
+                    if calls:
+                        raise KeyboardInterrupt
+                    calls.append(rid)
+                yield rid, state, info
+        return real(sweep_dir, killed_after_the_first())
 
-    monkeypatch.setattr(results, "write_status", write_status)
+    monkeypatch.setattr(results, "write_statuses", write_statuses)
     return calls
 
 

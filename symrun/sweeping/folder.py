@@ -168,6 +168,10 @@ class Opened:
     def read_bytes(self, name: str) -> bytes:
         return _read_at(self.fd, name, self.path / name)
 
+    def kind(self, name: str) -> Optional[str]:
+        """`kind` of the entry `name` in this folder."""
+        return _kind_at(self.fd, name)
+
 
 @contextlib.contextmanager
 def opened(path: Path, root: Path, create: bool = True) -> Iterator[Opened]:
@@ -282,7 +286,14 @@ def kind(path: Path, root: Path) -> Optional[str]:
     *folders, name = names(path, root)
     try:
         with _opened(Path(root), tuple(folders), create=False) as fd:
-            mode = os.lstat(name, dir_fd=fd).st_mode
+            return _kind_at(fd, name)
+    except FileNotFoundError:
+        return None
+
+
+def _kind_at(fd: int, name: str) -> Optional[str]:
+    try:
+        mode = os.lstat(name, dir_fd=fd).st_mode
     except FileNotFoundError:
         return None
     return ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)

@@ -110,13 +110,14 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
     resumable."""
     from symrun import data
     from symrun.training import engine
-    from symrun.sweeping import folder, records, results
+    from symrun.sweeping import records, results
 
     sweep_dir = Path(sweep_dir)
     ids = [results.run_id(c) for c in configs]
-    for rid in ids:          # the planner wrote each run's config.yaml: a run it did not plan is a bug
-        if folder.kind(results.run_dir(sweep_dir, rid) / "config.yaml", sweep_dir) != "file":
-            raise RuntimeError(f"pack {index} holds run {rid}, which was not planned in {sweep_dir}")
+    with records.runs_folder(sweep_dir) as runs:     # the planner wrote each run's config.yaml:
+        for rid in ids:                               # a run it did not plan is a bug
+            if runs is None or _config_kind(runs, rid) != "file":
+                raise RuntimeError(f"pack {index} holds run {rid}, which was not planned in {sweep_dir}")
     todo = records.needing_training(sweep_dir, ids)
     if not todo:
         return {"pack": index, "runs": 0}
@@ -148,6 +149,15 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
                                    for rid, out in zip(ids, outcomes) if rid in training])
     results.remove_checkpoint(sweep_dir, ids)       # every run is recorded: the checkpoint has served
     return {"pack": index, "runs": len(todo), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
+
+
+def _config_kind(runs, rid: str) -> Optional[str]:
+    """folder.kind of runs/<rid>/config.yaml, through the sweep's runs/ opened once."""
+    try:
+        with runs.opened(rid, create=False) as run:
+            return run.kind("config.yaml")
+    except FileNotFoundError:
+        return None
 
 
 def run_plan(plan, on_step: Optional[Callable[[int], None]] = None) -> list[dict]:

@@ -55,13 +55,16 @@ def read_run(sweep_dir: Path, rid: str, metrics: bool = False, config: bool = Tr
     return _read_run(sweep_dir, rid, "parsed" if metrics else None, config)[0]
 
 
-def _read_run(sweep_dir: Path, rid: str, metrics: Optional[str], config: bool) -> tuple[RunRecord, Optional[str]]:
-    """read_run, through one opening of the run's folder; `metrics` "raw": (the record, the text
-    of its metrics.csv, unchecked, when its status says there is one)."""
-    sweep_dir, d = Path(sweep_dir), run_dir(sweep_dir, rid)
+def _read_run(sweep_dir: Path, rid: str, metrics: Optional[str], config: bool,
+              runs: Optional[folder.Folders] = None) -> tuple[RunRecord, Optional[str]]:
+    """read_run, through one opening of the run's folder (in `runs`, the sweep's runs/ opened
+    once, when given); `metrics` "raw": (the record, the text of its metrics.csv, unchecked,
+    when its status says there is one)."""
+    sweep_dir = Path(sweep_dir)
     with contextlib.ExitStack() as stack:
         try:
-            run = stack.enter_context(folder.opened(d, sweep_dir, create=False))
+            run = stack.enter_context(runs.opened(rid, create=False) if runs is not None
+                                      else folder.opened(run_dir(sweep_dir, rid), sweep_dir, create=False))
         except FileNotFoundError:
             return RunRecord(rid, PENDING), None
         except OutputError as e:                   # the run's folder, or runs/, is a link or a file
@@ -279,7 +282,8 @@ def read_runs(sweep_dir: Path, rids: list[str]) -> list[RunRecord]:
     line instead of one each (~0.5 ms a run of parser start-up). A group that does not parse
     whole, and a file with a quote in it, go one file at a time, through read_run's checks."""
     sweep_dir = Path(sweep_dir)
-    read = [_read_run(sweep_dir, rid, "raw", True) for rid in rids]
+    with runs_folder(sweep_dir) as runs:
+        read = [_read_run(sweep_dir, rid, "raw", True, runs) for rid in rids]
     records = [record for record, _ in read]
     groups: dict[str, list[tuple[int, str]]] = {}
     for i, (record, raw) in enumerate(read):
@@ -342,6 +346,18 @@ def _same(a, b) -> bool:
     return a == b
 
 
+@contextlib.contextmanager
+def runs_folder(sweep_dir: Path):
+    """The sweep's runs/ opened once (folder.folders), to read many runs; None when it cannot be
+    (missing, a link, not a folder): each run is then read on its own, which says why."""
+    with contextlib.ExitStack() as stack:
+        try:
+            runs = stack.enter_context(folder.folders(Path(sweep_dir, "runs"), Path(sweep_dir), create=False))
+        except OSError:
+            runs = None
+        yield runs
+
+
 def is_finished(sweep_dir: Path, rid: str) -> bool:
     """Whether the run's status.json says finished (whatever the state of its other files)."""
     info = read_run(sweep_dir, rid, config=False).info
@@ -352,7 +368,10 @@ def needs_training(sweep_dir: Path, rid: str) -> bool:
     """Whether a sweep trains this run: its status.json is missing or says it did not finish.
     A finished run, or one whose status.json cannot be read (it may be a finished one), is never
     trained again: its files are replaced only when the user deletes its folder."""
-    record = read_run(sweep_dir, rid, config=False)
+    return _needs_training(read_run(sweep_dir, rid, config=False))
+
+
+def _needs_training(record: RunRecord) -> bool:
     return record.status == PENDING or (record.info is not None and record.info["status"] != FINISHED)
 
 
@@ -360,7 +379,8 @@ def needing_training(sweep_dir: Path, rids) -> list[str]:
     """The runs of `rids` that needs_training says a sweep trains, in order; a run whose folder
     is not there at all is read no further."""
     present = _present(sweep_dir)
-    return [rid for rid in rids if rid not in present or needs_training(sweep_dir, rid)]
+    with runs_folder(sweep_dir) as runs:
+        return [rid for rid in rids if rid not in present or _needs_training(_read_run(sweep_dir, rid, None, False, runs)[0])]
 
 
 def _present(sweep_dir: Path) -> set[str]:
