@@ -225,6 +225,21 @@ def test_run_folders_written_in_a_batch_never_follow_a_link(tmp_path, victim):
     assert _snapshot(victim) == before
 
 
+def test_a_pack_job_refuses_a_run_not_planned_and_a_runs_folder_that_is_a_link(tmp_path, victim):
+    plan = sweep.plan(["train.steps=2", "train.log_every=2", "seed=0,1"], tmp_path)
+    sweep.write_plan(plan)
+    configs = list(plan.configs.values())
+    stranger = list(sweep.plan(["train.steps=2", "train.log_every=2", "seed=5"], tmp_path / "other").configs.values())
+    with pytest.raises(RuntimeError, match=f"pack 0 holds run {results.run_id(stranger[0])}, which was not planned"):
+        job.run_pack(plan.sweep_dir, 0, configs + stranger)
+    before = _snapshot(victim)
+    (plan.sweep_dir / "runs").rename(plan.sweep_dir / "moved")
+    (plan.sweep_dir / "runs").symlink_to(victim / "dir", target_is_directory=True)
+    with pytest.raises(folder.OutputError, match=r"runs is a symbolic link"):
+        job.run_pack(plan.sweep_dir, 0, configs)
+    assert _snapshot(victim) == before
+
+
 def test_the_sweep_folder_itself_may_be_a_link_the_user_made(received, tmp_path):
     real = _copy(received, tmp_path)
     alias = tmp_path / "alias"

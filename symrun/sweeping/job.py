@@ -114,10 +114,9 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
 
     sweep_dir = Path(sweep_dir)
     ids = [results.run_id(c) for c in configs]
-    with records.runs_folder(sweep_dir) as runs:     # the planner wrote each run's config.yaml:
-        for rid in ids:                               # a run it did not plan is a bug
-            if runs is None or _config_kind(runs, rid) != "file":
-                raise RuntimeError(f"pack {index} holds run {rid}, which was not planned in {sweep_dir}")
+    unplanned = _unplanned(sweep_dir, ids)      # the planner wrote each run's config.yaml: a run it did not plan is a bug
+    if unplanned is not None:
+        raise RuntimeError(f"pack {index} holds run {unplanned}, which was not planned in {sweep_dir}")
     todo = records.needing_training(sweep_dir, ids)
     if not todo:
         return {"pack": index, "runs": 0}
@@ -151,13 +150,22 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
     return {"pack": index, "runs": len(todo), "diverged": sum(o.status == results.DIVERGED for o in outcomes)}
 
 
-def _config_kind(runs, rid: str) -> Optional[str]:
-    """folder.kind of runs/<rid>/config.yaml, through the sweep's runs/ opened once."""
+def _unplanned(sweep_dir: Path, ids: list[str]) -> Optional[str]:
+    """The first of `ids` without a runs/<id>/config.yaml file, through runs/ opened once; a link
+    on the way raises OutputError, as folder.kind does."""
+    from symrun.sweeping import folder
+
+    def kind(runs: folder.Folders, rid: str) -> Optional[str]:
+        try:
+            with runs.opened(rid, create=False) as run:
+                return run.kind("config.yaml")
+        except FileNotFoundError:
+            return None
     try:
-        with runs.opened(rid, create=False) as run:
-            return run.kind("config.yaml")
+        with folder.folders(Path(sweep_dir, "runs"), sweep_dir, create=False) as runs:
+            return next((rid for rid in ids if kind(runs, rid) != "file"), None)
     except FileNotFoundError:
-        return None
+        return ids[0] if ids else None
 
 
 def run_plan(plan, on_step: Optional[Callable[[int], None]] = None) -> list[dict]:

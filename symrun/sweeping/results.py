@@ -474,7 +474,7 @@ def _learn_shape(tree: dict) -> None:
         where.append(text.index(slot))
     # the pattern's groups come in the text's order, not the slots'
     order = sorted(range(len(slots)), key=where.__getitem__)
-    _SHAPES.append((re.compile(pattern, re.DOTALL), Shape(repr(shape), shape, tuple(slots[i] for i in order))))
+    _SHAPES.append((re.compile(pattern, re.DOTALL), Shape(repr(shape), _copied(shape), tuple(slots[i] for i in order))))
 
 
 def _copied(node: Any) -> Any:
