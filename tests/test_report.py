@@ -110,7 +110,8 @@ def test_a_closed_form_reads_only_the_data_file_the_runs_recorded(tmp_path, monk
         return report.theory_agreement(copy)
 
     private = _regression_file(tmp_path / "private.npz", 1)
-    elsewhere = lambda run: (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(mine), str(private)))  # noqa: E731
+    def elsewhere(run):
+        (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(mine), str(private)))
     assert received("elsewhere", elsewhere) == [
         f"no closed form drawn: data.path {private} is not the file these runs were trained on "
         "(missing, or its SHA-256 differs from the one their status.json records)"]

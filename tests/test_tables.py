@@ -191,7 +191,12 @@ def test_a_config_checked_by_its_shape_reads_as_checked_whole(preset, tmp_path, 
         monkeypatch.setattr(results, "_SHAPES", [])
         monkeypatch.setattr(records, "_SHAPE_CHECKS", {})
         taken = []
-        monkeypatch.setattr(records, "_shape_checked", lambda *a: (lambda got: (taken.append(got is not None), got)[1])(checked(*a)))
+
+        def counted(*args):
+            got = checked(*args)
+            taken.append(got is not None)
+            return got
+        monkeypatch.setattr(records, "_shape_checked", counted)
         monkeypatch.setattr(results, "read_shaped", real)
         fast = read_all()
         monkeypatch.setattr(results, "read_shaped", lambda path, raw: None)

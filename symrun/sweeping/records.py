@@ -199,9 +199,9 @@ def _shape_checked(shape: results.Shape, values: list) -> Optional[tuple[dict, O
 
 
 def _check_shape(shape: results.Shape):
-    """(the shape's flat config, its slots' flat keys, those of them a value is required for (in
-    the defaults' order) and those with a default to match (in the config's order), the defaults),
-    or False when what the slots do not hold fails a check of _checked."""
+    """(the shape's flat config, its slots' flat keys, those of them a value is required for,
+    those with a default whose type a value must have, the defaults), or False when what the
+    slots do not hold fails a check of _checked."""
     tree = shape.tree
     if not isinstance(tree.get("model"), dict) or not isinstance(tree.get("data"), dict):
         return False
@@ -210,8 +210,6 @@ def _check_shape(shape: results.Shape):
         return False
     flat, defaults = flatten(tree), default_values(model_options()[model], DATA_OPTIONS[data])
     keys = tuple(f"{group}.{name}" if group else name for group, name in shape.slots)
-    if len(set(keys)) != len(keys) or not all(k in flat for k in keys):
-        return False
     fixed = [k for k in flat if k not in keys]
     if any(v == MISSING and k not in keys and flat.get(k) in (None, MISSING) for k, v in defaults.items()):
         return False
