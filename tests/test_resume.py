@@ -54,14 +54,14 @@ def _interrupt_after_first_write(monkeypatch):
     real, calls = results.write_statuses, []
 
     def write_statuses(sweep_dir, statuses):
-        def killed_after_the_first():
-            for rid, state, info in statuses:
-                if state != results.RUNNING:
-                    if calls:
-                        raise KeyboardInterrupt
-                    calls.append(rid)
-                yield rid, state, info
-        return real(sweep_dir, killed_after_the_first())
+        statuses = list(statuses)
+        for i, (rid, state, _) in enumerate(statuses):
+            if state != results.RUNNING:
+                if calls:               # the statuses before this one are written, then the kill
+                    real(sweep_dir, statuses[:i])
+                    raise KeyboardInterrupt
+                calls.append(rid)
+        return real(sweep_dir, statuses)
 
     monkeypatch.setattr(results, "write_statuses", write_statuses)
     return calls

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import io
 import multiprocessing
-import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -190,7 +189,7 @@ def draw_all(jobs: list[Callable[[], list[Path]]]) -> list[Path]:
     in a child is raised here, and a child that dies breaks the pool (BrokenProcessPool) rather
     than leaving this process waiting. Not in a daemonic process (a pool's worker may not fork
     its own); where a process pool cannot be made (no working semaphores), here, one by one."""
-    processes = min(len(jobs) - 1, DRAW_PROCESSES or _cores())
+    processes = min(len(jobs) - 1, DRAW_PROCESSES or folder.cores())
     if processes < 2 or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
         return [path for job in jobs for path in job()]
     global _JOBS
@@ -212,11 +211,6 @@ _JOBS: list[Callable[[], list[Path]]] = []       # draw_all's jobs, inherited by
 
 def _run_job(i: int) -> list[Path]:
     return _JOBS[i]()
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 MANIFEST = "figures.json"     # the sweep-level figures the last report drew

@@ -317,14 +317,17 @@ def save_config(sweep_dir: Path, rid: str, cfg: Config) -> None:
 def save_configs(sweep_dir: Path, configs: Iterable[tuple[str, Config]]) -> None:
     """Each (run id, config) as runs/<run id>/config.yaml, runs/ opened once for all."""
     base = os.path.abspath(os.path.join(sweep_dir, "runs"))
+    written = {}
+    for rid, cfg in configs:      # composed in this process, which keeps them for reading back
+        tree = to_dict(cfg)
+        text, shaped = _dumped(tree)
+        written[rid] = (text.encode("utf-8"), tree, shaped)
     with folder.folders(Path(sweep_dir, "runs"), sweep_dir) as runs:
-        for rid, cfg in configs:
-            tree = to_dict(cfg)
-            text, shaped = _dumped(tree)
-            data = text.encode("utf-8")
+        def save(rid: str) -> None:
             with runs.opened(rid) as d:
-                d.write_atomic("config.yaml", data)
-            WRITTEN_CONFIGS[os.path.join(base, rid, "config.yaml")] = (data, tree, shaped)
+                d.write_atomic("config.yaml", written[rid][0])
+        folder.each(save, list(written))
+    WRITTEN_CONFIGS.update((os.path.join(base, rid, "config.yaml"), kept) for rid, kept in written.items())
 
 
 _TEMPLATES: dict[str, Optional[tuple[str, Shape]]] = {}
@@ -503,9 +506,11 @@ def write_status(sweep_dir: Path, rid: str, state: str, **info: Any) -> None:
 def write_statuses(sweep_dir: Path, statuses: Iterable[tuple[str, str, dict]]) -> None:
     """Each (run id, state, info) as runs/<run id>/status.json, runs/ opened once for all."""
     with folder.folders(Path(sweep_dir, "runs"), sweep_dir) as runs:
-        for rid, state, info in statuses:
+        def write(item: tuple[str, str, dict]) -> None:
+            rid, state, info = item
             with runs.opened(rid) as d:
                 d.write_atomic("status.json", json.dumps({"run_id": rid, "status": state, **info}, indent=2, default=str) + "\n")
+        folder.each(write, list(statuses))
 
 
 def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
@@ -521,9 +526,11 @@ def write_runs(sweep_dir: Path, runs: list[tuple[str, str, list[dict], Optional[
     all: every run's files made durable together, then every status.json, so that no completion
     marker reaches the disk before its run's files."""
     with one_sync(sweep_dir), folder.folders(Path(sweep_dir, "runs"), sweep_dir) as folders:
-        for rid, _, rows, params, arrays, _ in runs:
+        def write(run: tuple) -> None:
+            rid, _, rows, params, arrays, _ = run
             with folders.opened(rid) as d:
                 _write_files(d, rows, params, arrays)
+        folder.each(write, runs)
     with one_sync(sweep_dir):
         write_statuses(sweep_dir, [(rid, state, {"final": {k: v for k, v in rows[-1].items() if k != "step"} if rows else {},
                                                  "final_step": rows[-1]["step"] if rows else None, **info})
