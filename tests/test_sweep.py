@@ -92,3 +92,37 @@ def test_a_diverged_runs_row_and_parameters_describe_the_same_step(tmp_path):
     assert bad["status"] == "diverged" and bad["diverged_at"] == 0
     assert not (results.run_dir(plan.sweep_dir, bad["run_id"]) / "params.pt").exists()
     assert (results.run_dir(plan.sweep_dir, bad["run_id"]) / "metrics.csv").read_text() == "step\n"
+
+
+@pytest.mark.parametrize("args", [
+    ["model=hadamard", "data.batch_size=null", "train.steps=2", "train.log_every=2", "optim.weight_decay=0,0.1",
+     "seed=0,1,2", "data.n=20"],
+    ["experiment=symmetry_removal", "train.steps=2", "train.log_every=2", "seed=0"],
+], ids=["sweep", "suite"])
+def test_a_job_in_this_process_takes_its_packs_configs_from_the_plan(tmp_path, monkeypatch, args):
+    """In-process (Hydra's basic launcher), a pack job takes its runs' configs and ids from the
+    plan (job.PLANNED): the same configs, ids, folder and pack number its job config builds."""
+    from hydra.core.hydra_config import HydraConfig
+    from typer.testing import CliRunner
+
+    from symrun import cli as cli_mod
+    from symrun.sweeping import job, results
+
+    real, built, seen = job.task, job.pack_configs, []
+
+    def task(cfg):
+        planned = job.PLANNED[tuple(HydraConfig.get().overrides.task)]
+        sweep_dir, index, configs = built(cfg)
+        assert planned == (sweep_dir, index, [results.run_id(c) for c in configs], configs)
+        seen.append(index)
+        return real(cfg)
+
+    def not_built(cfg):
+        raise AssertionError("the job built its configs again")
+
+    monkeypatch.setattr(job, "task", task)
+    monkeypatch.setattr(job, "pack_configs", not_built)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", str(tmp_path / "out"), *args])
+    assert result.exit_code == 0, result.output
+    assert seen and job.PLANNED == {}, "every job checked; the plan is let go after the launch"

@@ -108,12 +108,12 @@ def run_sweep(comp: Composer, launcher: Any, arguments: list[str], dry_run: bool
         path = sweep_mod.write_launch(folder, written) if suite else written[0][1]
         k = int(path.parent.name)
         results.write_atomic(results.launch_config(folder, k), OmegaConf.to_yaml(comp.master))   # as Hydra's sweepers do
-        jobs = [sweep_mod.job_overrides(p, i, folder, k, p.sweep_dir.name if suite else None)
-                for p in plans for i in range(len(p.packs))]
+        packs = [(p, i) for p in plans for i in range(len(p.packs))]
+        jobs = [sweep_mod.job_overrides(p, i, folder, k, p.sweep_dir.name if suite else None) for p, i in packs]
         what = "suite" if suite else "sweep"
         in_process = comp.master.hydra.launcher._target_ == BASIC_LAUNCHER
         try:
-            _launch(launcher, jobs, plans, in_process)
+            _launch(launcher, jobs, plans, in_process, packs)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: the {what} in {folder} stopped; runs that finished are kept. To resume "
                               f"it, run the same command with hydra.sweep.dir={folder}") from None
@@ -178,9 +178,11 @@ def submission_error(e: BaseException) -> Optional[str]:
             f"({', '.join('hydra.launcher.' + k for k in keys)}) on the command line and run again")
 
 
-def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process: bool) -> None:
+def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process: bool,
+            packs: list[tuple[Plan, int]]) -> None:
     """Every job through the launcher, under a progress bar: steps when the jobs run in this
-    process, ended runs (from their status files) when they run elsewhere."""
+    process (each job taking its pack's configs from the plan: job.PLANNED), ended runs (from
+    their status files) when they run elsewhere. `packs`: each job's plan and pack number."""
     from symrun.sweeping import job, results
 
     if not jobs:
@@ -188,10 +190,13 @@ def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process:
     if in_process:
         with display().training(sum(p.steps for p in plans), "training steps (all packs)") as advance:
             job.ON_STEP = advance
+            job.PLANNED = {job.task_overrides(overrides): (p.sweep_dir, i, list(p.packs[i]),
+                                                           [p.configs[rid] for rid in p.packs[i]])
+                           for overrides, (p, i) in zip(jobs, packs)}
             try:
                 returns = launcher.launch(jobs, initial_job_idx=0)
             finally:
-                job.ON_STEP = None
+                job.ON_STEP, job.PLANNED = None, {}
         for r in returns:
             _ = r.return_value         # a task's exception here is a bug: raise it as it is
         return
