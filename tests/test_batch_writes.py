@@ -106,3 +106,12 @@ def test_a_sweep_written_in_forked_parts_has_the_tables_of_one_written_here(tmp_
     for run in (shared / "runs").iterdir():
         assert sorted(os.listdir(run)) == sorted(os.listdir(here / "runs" / run.name))
         assert results.load_params(run / "params.pt").keys() == results.load_params(here / "runs" / run.name / "params.pt").keys()
+
+
+def test_a_refused_fork_leaves_no_pipe_open(tmp_path, shared_out, monkeypatch):
+    def refuse():
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(os, "fork", refuse)
+    before = set(os.listdir("/proc/self/fd"))
+    folder.each(_writer(tmp_path), [f"f{i:03d}" for i in range(40)])
+    assert set(os.listdir("/proc/self/fd")) <= before, "the pipe made for the refused copy is closed"

@@ -36,7 +36,7 @@ TEMP_SUFFIX = ".tmp"   # write_atomic's temporary names: .<name>.<8 hex>.tmp
 
 
 T = TypeVar("T")
-EACH_MIN = 512    # items a process below which `each` does its batch here, one after another
+EACH_MIN = 512    # the fewest items `each` gives a part: a smaller batch is written here, one item after another
 
 
 class OutputError(OSError):
@@ -358,7 +358,6 @@ def open_lock(path: Path) -> int:
     return fd
 
 
-
 def each(fn: Callable[[T], None], items: Sequence[T]) -> None:
     """fn(item) for every item (writing a batch of run folders' files), shared out in contiguous
     parts over this process and forked copies of it, one part per core, when each part gets at
@@ -407,7 +406,12 @@ def _forked(fn: Callable[[T], None], items: Sequence[T]) -> tuple[int, int]:
     handlers, no buffers flushed: they are the parent's); (its pid, the pipe its error comes
     back through)."""
     read, write = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read)
+        os.close(write)
+        raise
     if pid:
         os.close(write)
         return pid, read

@@ -117,13 +117,13 @@ def _in(folder: str) -> Iterator[None]:
 
 def run_pack(sweep_dir: Path, index: int, configs: list[Config],
              on_step: Optional[Callable[[int], None]] = None, ids: Optional[list[str]] = None) -> dict:
-    """Train pack `index` of the sweep in `sweep_dir` — these runs' configs, planned there, with
-    their run ids when the caller has them from the plan — and record every run. Never raises for a run's failure: a pack that fails marks its runs failed,
-    with the error, and the sweep goes on. The pack is trained whole, as planned, so each run's
-    numbers are those of this pack (float rounding depends on a pack's size), but runs of it
-    already finished — a kill, or a requeued job, after some were written — are never written
-    again. A folder that cannot be written (a full disk) raises OutputError: the sweep stops,
-    resumable."""
+    """Train pack `index` of the sweep in `sweep_dir` — these runs' configs, planned there, and
+    their run ids when the caller has them from the plan — and record every run. Never raises
+    for a run's failure: a pack that fails marks its runs failed, with the error, and the sweep
+    goes on. The pack is trained whole, as planned, so each run's numbers are those of this
+    pack (float rounding depends on a pack's size), but runs of it already finished — a kill, or
+    a requeued job, after some were written — are never written again. A folder that cannot be
+    written (a full disk) raises OutputError: the sweep stops, resumable."""
     from symrun import data
     from symrun.training import engine
     from symrun.sweeping import records, results
