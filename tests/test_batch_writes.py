@@ -2,6 +2,7 @@
 with the files, errors and tables that writing them one after another here gives."""
 
 import os
+import signal
 import sys
 
 import pytest
@@ -51,14 +52,28 @@ def test_another_error_in_a_forked_part_names_it(tmp_path, shared_out):
         folder.each(_writer(tmp_path, "f039", ValueError("bad item")), [f"f{i:03d}" for i in range(40)])
 
 
-def test_a_forked_part_that_dies_is_an_error_and_this_process_still_finishes_its_own(tmp_path, shared_out):
+@pytest.mark.parametrize("end, how", [(lambda: os._exit(3), "exit status 3"),
+                                      (lambda: os.kill(os.getpid(), signal.SIGKILL), "killed by signal 9")])
+def test_a_forked_part_that_dies_stops_the_sweep_resumable_and_this_process_finishes_its_own(tmp_path, shared_out,
+                                                                                              end, how):
+    """A copy killed (the OOM killer) is an OutputError, as a folder that cannot be written: the
+    sweep stops with one line and resumes; the runs of this process's own part are written."""
     def write(name: str) -> None:
         if name == "f039":
-            os._exit(3)
+            end()
         folder.write_atomic(tmp_path / name, "x", tmp_path)
-    with pytest.raises(RuntimeError, match=r"ended without finishing \(exit status 3\)"):
+    with pytest.raises(folder.OutputError, match=rf"ended before it had written them all \({how}\)"):
         folder.each(write, [f"f{i:03d}" for i in range(40)])
     assert "f000" in os.listdir(tmp_path) and "f019" in os.listdir(tmp_path)
+
+
+def test_a_forked_part_interrupted_is_an_interrupt_here(tmp_path, shared_out):
+    def write(name: str) -> None:
+        if name == "f039":
+            raise KeyboardInterrupt
+        folder.write_atomic(tmp_path / name, "x", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        folder.each(write, [f"f{i:03d}" for i in range(40)])
 
 
 def test_this_process_error_waits_for_the_forked_parts(tmp_path, shared_out):

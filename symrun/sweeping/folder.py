@@ -375,8 +375,8 @@ def each(fn: Callable[[T], None], items: Sequence[T]) -> None:
 
     Every copy is waited for before this returns or raises, whatever happened here, so no file
     is still being written afterwards. An error here is raised as it is; otherwise a copy's
-    error is raised here (OutputError as OutputError: a full disk stops the sweep, resumable,
-    as it would one after another)."""
+    error is raised here (`_reaped`: an OutputError as itself, so a full disk stops the sweep,
+    resumable, as it would one after another; a copy killed, as an OutputError too)."""
     parts = min(cores(), len(items) // EACH_MIN) if sys.platform.startswith("linux") else 1
     if parts < 2:
         for item in items:
@@ -431,8 +431,11 @@ def _forked(fn: Callable[[T], None], items: Sequence[T]) -> tuple[int, int]:
         os._exit(code)
 
 
-def _reaped(pid: int, pipe: int) -> Optional[Exception]:
-    """Wait for the forked copy `pid`: its error, or None when it did all its items."""
+def _reaped(pid: int, pipe: int) -> Optional[BaseException]:
+    """Wait for the forked copy `pid`: its error, or None when it did all its items. A copy
+    interrupted (Ctrl-C) is a KeyboardInterrupt here; one that ended without a word (killed:
+    the kernel's OOM killer, a signal) is an OutputError, as a folder that cannot be written:
+    the sweep stops, resumable; another error in it (a bug) is a RuntimeError naming it."""
     with os.fdopen(pipe, "rb") as f:
         sent = f.read().decode("utf-8", "replace")
     _, status_ = os.waitpid(pid, 0)
@@ -442,9 +445,13 @@ def _reaped(pid: int, pipe: int) -> Optional[Exception]:
     kind, _, message = sent.partition("\0")
     if kind == "OutputError":
         return OutputError(message)
+    if kind == "KeyboardInterrupt":
+        return KeyboardInterrupt()
     if sent:
         return RuntimeError(f"a process writing a sweep's files failed: {kind}: {message}")
-    return RuntimeError(f"a process writing a sweep's files ended without finishing (exit status {code})")
+    how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    return OutputError(f"a process writing the sweep's files ended before it had written them all ({how}); "
+                       "the runs it was writing are not recorded")
 
 
 def cores() -> int:
