@@ -36,7 +36,7 @@ TEMP_SUFFIX = ".tmp"   # write_atomic's temporary names: .<name>.<8 hex>.tmp
 
 
 T = TypeVar("T")
-EACH_MIN = 512    # the fewest items `each` gives a part: a smaller batch is written here, one item after another
+WRITE_PART_MIN = 512    # the fewest items `write_each` gives a part: a smaller batch is written here
 
 
 class OutputError(OSError):
@@ -358,10 +358,10 @@ def open_lock(path: Path) -> int:
     return fd
 
 
-def each(fn: Callable[[T], None], items: Sequence[T]) -> None:
+def write_each(fn: Callable[[T], None], items: Sequence[T]) -> None:
     """fn(item) for every item (writing a batch of run folders' files), shared out in contiguous
     parts over this process and forked copies of it, one part per core, when each part gets at
-    least EACH_MIN items (on Linux; elsewhere, for fewer items, or when no process can be
+    least WRITE_PART_MIN items (on Linux; elsewhere, for fewer items, or when no process can be
     forked, one after another here).
 
     A run's files cost little Python and many system calls (a folder, and for each file a
@@ -377,7 +377,7 @@ def each(fn: Callable[[T], None], items: Sequence[T]) -> None:
     is still being written afterwards. An error here is raised as it is; otherwise a copy's
     error is raised here (`_reaped`: an OutputError as itself, so a full disk stops the sweep,
     resumable, as it would one after another; a copy killed, as an OutputError too)."""
-    parts = min(cores(), len(items) // EACH_MIN) if sys.platform.startswith("linux") else 1
+    parts = min(cores(), len(items) // WRITE_PART_MIN) if sys.platform.startswith("linux") else 1
     if parts < 2:
         for item in items:
             fn(item)

@@ -326,7 +326,7 @@ def save_configs(sweep_dir: Path, configs: Iterable[tuple[str, Config]]) -> None
         def save(rid: str) -> None:
             with runs.opened(rid) as d:
                 d.write_atomic("config.yaml", written[rid][0])
-        folder.each(save, list(written))
+        folder.write_each(save, list(written))
     WRITTEN_CONFIGS.update((os.path.join(base, rid, "config.yaml"), kept) for rid, kept in written.items())
 
 
@@ -510,7 +510,7 @@ def write_statuses(sweep_dir: Path, statuses: Iterable[tuple[str, str, dict]]) -
             rid, state, info = item
             with runs.opened(rid) as d:
                 d.write_atomic("status.json", json.dumps({"run_id": rid, "status": state, **info}, indent=2, default=str) + "\n")
-        folder.each(write, list(statuses))
+        folder.write_each(write, list(statuses))
 
 
 def write_run(sweep_dir: Path, rid: str, state: str, rows: list[dict], params: Optional[dict],
@@ -530,7 +530,7 @@ def write_runs(sweep_dir: Path, runs: list[tuple[str, str, list[dict], Optional[
             rid, _, rows, params, arrays, _ = run
             with folders.opened(rid) as d:
                 _write_files(d, rows, params, arrays)
-        folder.each(write, runs)
+        folder.write_each(write, runs)
     with one_sync(sweep_dir):
         write_statuses(sweep_dir, [(rid, state, {"final": {k: v for k, v in rows[-1].items() if k != "step"} if rows else {},
                                                  "final_step": rows[-1]["step"] if rows else None, **info})
