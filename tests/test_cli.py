@@ -21,6 +21,9 @@ def test_sweep_writes_tidy_tables_and_a_rerun_trains_nothing(cli, tmp_path):
     first = cli("sweep", *TINY)
     (d,) = sweep_dirs(tmp_path / "outputs")
     assert "4 runs in 1 pack" in first.stdout
+    # the launcher's line for the job counts its per-run lists (the job's own overrides hold them)
+    assert "+pack.runs.seed=<4 values> +pack.runs.optim.weight_decay=<4 values>" in first.stdout
+    assert "'[" not in first.stdout
     runs = pd.read_csv(d / "runs.csv")
     assert len(runs) == 4 and set(runs["status"]) == {"finished"}
     for col in ["run_id", "status", "optim.weight_decay", "seed", "model.name", "data.n", "train_loss",
@@ -61,7 +64,8 @@ def test_sweep_writes_tidy_tables_and_a_rerun_trains_nothing(cli, tmp_path):
 @pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
                                       ["hydra/launcher=submitit_local"]])
 def test_sweep_through_another_launcher_runs_every_pack(cli, tmp_path, launcher):
-    cli("sweep", "model=hadamard,factorization", "seed=0,1", "train.steps=5", "train.log_every=5", *launcher)
+    shown = cli("sweep", "model=hadamard,factorization", "seed=0,1", "train.steps=5", "train.log_every=5", *launcher)
+    assert "+pack.index=1 +pack.runs.seed=<2 values>" in shown.stdout + shown.stderr and "'[" not in shown.stdout
     (d,) = sweep_dirs(tmp_path / "outputs")
     runs = pd.read_csv(d / "runs.csv")
     assert len(runs) == 4 and set(runs["status"]) == {"finished"}

@@ -10,6 +10,7 @@ What the user sees goes through a `Display`, which the symrun command sets (`use
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -187,6 +188,14 @@ def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process:
 
     if not jobs:
         return
+    with _short_job_lines(jobs, [len(p.packs[i]) for p, i in packs]):
+        _launch_jobs(launcher, jobs, plans, in_process, packs)
+
+
+def _launch_jobs(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process: bool,
+                 packs: list[tuple[Plan, int]]) -> None:
+    from symrun.sweeping import job, results
+
     if in_process:
         with display().training(sum(p.steps for p in plans), "training steps (all packs)") as advance:
             job.ON_STEP = advance
@@ -220,6 +229,31 @@ def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process:
             if folder_error(e) is not None:
                 raise
             raise LaunchError(f"a job failed ({type(e).__name__}: {_first_line(e)})") from e
+
+
+@contextlib.contextmanager
+def _short_job_lines(jobs: list[list[str]], runs: list[int]) -> Iterator[None]:
+    """While the launcher runs, the line its log has for each job ("#3 : model=mlp …
+    +pack.index=3 +pack.runs.seed='[0, 1, …]'": Hydra's launchers log one per job, each in its
+    own module) shows each per-run list as its count of values, `+pack.runs.seed=<256 values>`.
+    The lists are for the job to read; one of a 4,352-run pack is a 45 KB line on the terminal.
+    `runs`: each job's pack size. Done as records are made, so it reaches every launcher's log."""
+    short = {o: f"{o.split('=', 1)[0]}=<{n} values>" for overrides, n in zip(jobs, runs)
+             for o in overrides if o.startswith("+pack.runs.")}
+    make = logging.getLogRecordFactory()
+
+    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made = make(*args, **kwargs)
+        if isinstance(made.msg, str) and " +pack.runs." in made.msg and not made.args:
+            head, *tails = made.msg.split(" +pack.runs.")     # the per-run lists come last in a job's overrides
+            made.msg = " ".join([head, *(short.get("+pack.runs." + t, "+pack.runs." + t) for t in tails)])
+        return made
+
+    logging.setLogRecordFactory(record)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make)
 
 
 @contextlib.contextmanager
