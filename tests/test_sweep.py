@@ -126,3 +126,25 @@ def test_a_job_in_this_process_takes_its_packs_configs_from_the_plan(tmp_path, m
     result = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", str(tmp_path / "out"), *args])
     assert result.exit_code == 0, result.output
     assert seen and job.PLANNED == {}, "every job checked; the plan is let go after the launch"
+
+
+def test_jobs_with_the_same_overrides_build_their_own_configs(tmp_path):
+    """Two jobs whose overrides are alike would share one entry of job.PLANNED, and one would
+    train the other's runs: then no job takes its configs from the plan."""
+    from types import SimpleNamespace
+
+    from symrun.sweeping import job, launch
+
+    seen = []
+
+    class Launcher:
+        def launch(self, jobs, initial_job_idx):
+            seen.append(dict(job.PLANNED))
+            return []
+
+    plan = SimpleNamespace(sweep_dir=tmp_path, packs=[["a"], ["b"]], configs={"a": "config a", "b": "config b"}, steps=1)
+    launch._launch(Launcher(), [["x=1", "+pack.index=0"], ["x=1", "+pack.index=1"]], [plan], True, [(plan, 0), (plan, 1)])
+    assert seen[-1] == {("x=1", "+pack.index=0"): (tmp_path, 0, ["a"], ["config a"]),
+                        ("x=1", "+pack.index=1"): (tmp_path, 1, ["b"], ["config b"])}
+    launch._launch(Launcher(), [["x=1"], ["x=1", "hydra.job.num=1"]], [plan], True, [(plan, 0), (plan, 1)])
+    assert seen[-1] == {} and job.PLANNED == {}
