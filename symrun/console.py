@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from symrun.analysis.report import Report
 
 console = Console()
 err = Console(stderr=True)
@@ -52,8 +55,10 @@ class Shown:
             task = progress.add_task(unit, total=total)
             yield lambda n: progress.advance(task, n)
 
-    def report(self, sweep_dir: Path) -> None:
-        show_report(sweep_dir)
+    def report(self, sweep_dir: Path) -> dict[str, str]:
+        from symrun.sweeping.launch import statuses
+
+        return statuses(show_report(sweep_dir).runs)
 
 
 def _show_plan(p) -> None:
@@ -107,8 +112,8 @@ def _flat(cfg) -> dict:
     return flatten(to_dict(cfg))
 
 
-def show_report(sweep_dir: Path, formats=None) -> None:
-    """Rebuild a sweep's tables, figures and report.md, and show its summary."""
+def show_report(sweep_dir: Path, formats=None) -> "Report":
+    """Rebuild a sweep's tables, figures and report.md, show its summary, and return the report."""
     from symrun.analysis import report as report_mod
     from symrun.sweeping import results
 
@@ -137,6 +142,7 @@ def show_report(sweep_dir: Path, formats=None) -> None:
     failed = {s: n for s, n in rep.status_counts.items() if s not in (results.FINISHED, results.DAMAGED)}
     if failed:
         err.print(f"[yellow]warning:[/yellow] {report_mod.status_line(failed)} (see runs/<run_id>/status.json)")
+    return rep
 
 
 def warn_damaged(problems: list[str]) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional, Protocol
 
 if TYPE_CHECKING:        # torch and pandas wait for real work: `symrun run --cfg job` needs neither
+    import pandas as pd
+
     from symrun.sweeping.composition import Composer
     from symrun.sweeping.sweep import Plan
 
@@ -43,7 +45,8 @@ class Display(Protocol):
     def planned(self, plans: list[Plan]) -> None: ...
     def dry_run(self, plans: list[Plan]) -> None: ...
     def training(self, total: int, unit: str) -> ContextManager[Callable[[int], None]]: ...
-    def report(self, sweep_dir: Path) -> None: ...
+    def report(self, sweep_dir: Path) -> dict[str, str]:
+        """Write (and show) the sweep's tables; each tabulated run's status, by run id."""
 
 
 class Quiet:
@@ -62,10 +65,15 @@ class Quiet:
     def training(self, total: int, unit: str) -> Iterator[Callable[[int], None]]:
         yield lambda n: None
 
-    def report(self, sweep_dir: Path) -> None:
+    def report(self, sweep_dir: Path) -> dict[str, str]:
         from symrun.sweeping import tables
 
-        tables.write_tables(sweep_dir)
+        return statuses(tables.write_tables(sweep_dir)[0])
+
+
+def statuses(runs: "pd.DataFrame") -> dict[str, str]:
+    """{run id: status} of a runs table (runs.csv's rows)."""
+    return dict(zip(runs["run_id"], runs["status"])) if "run_id" in runs else {}
 
 
 _DISPLAY: list[Display] = [Quiet()]
@@ -129,14 +137,15 @@ def run_sweep(comp: Composer, launcher: Any, arguments: list[str], dry_run: bool
                 display().report(p.sweep_dir)
             raise LaunchError(f"{_first_line(e)}; other jobs may still run. See `symrun status {folder}`; rerun "
                               f"with hydra.sweep.dir={folder} to finish the {what}") from None
+        tabulated = []
         for p in plans:
             try:
-                display().report(p.sweep_dir)
+                tabulated.append(display().report(p.sweep_dir))
             except results.OutputError as e:     # every run is recorded; only the tables or figures are missing
                 raise LaunchError(f"{e} (every run is recorded: then `symrun report {folder}` writes the tables "
                                   "and figures)") from None
-    failed = sum(records.read_run(p.sweep_dir, rid, config=False).status == results.FAILED
-                 for p in plans for rid in p.configs)
+    # the grid's runs that failed, as the tables just read them from their folders
+    failed = sum(shown.get(rid) == results.FAILED for p, shown in zip(plans, tabulated) for rid in p.configs)
     if failed:
         raise RunsFailed(f"{failed} of {sum(len(p.configs) for p in plans)} runs failed; `symrun status {folder}` says "
                          f"why. Fix the cause, then rerun with hydra.sweep.dir={folder} to train them again")
@@ -184,8 +193,6 @@ def _launch(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_process:
     """Every job through the launcher, under a progress bar: steps when the jobs run in this
     process (each job taking its pack's configs from the plan: job.PLANNED), ended runs (from
     their status files) when they run elsewhere. `packs`: each job's plan and pack number."""
-    from symrun.sweeping import job, results
-
     if not jobs:
         return
     with _short_job_lines(jobs, [len(p.packs[i]) for p, i in packs]):
