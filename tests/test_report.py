@@ -305,3 +305,18 @@ def _inherited_parser_after_drawing(_: int) -> bool:
     fig.gca().set_xlim(1e-3, 1)
     fig.canvas.draw()
     return getattr(figures.Canvas._mathtext, "parent_of_the_test", False)
+
+
+def test_runs_own_figures_are_looked_for_where_a_model_saves_their_arrays(tmp_path):
+    """A run's own figure is drawn from the array it saved; runs of models that save none
+    (ModelSpec.run_figures) are not looked in. An array put in a hadamard run's folder is
+    drawn only when the runs' models are not known (a damaged config) or one saves arrays."""
+    d = _sweep(tmp_path, "seed=0,1")
+    rid = results.run_ids(d)[0]
+    np.save(d / "runs" / rid / "penultimate_correlation.npy", np.eye(3))
+    png = d / "runs" / rid / "penultimate_correlation.png"
+    assert report.run_figures(d, {"hadamard"}) == [] and not png.exists()
+    assert report.build(d).figures and not png.exists()
+    assert report.run_figures(d, {"hadamard", None}) == [png] and png.exists()
+    png.unlink()
+    assert report.run_figures(d, {"hadamard", "resnet18"}) == [png] == report.run_figures(d)

@@ -34,6 +34,9 @@ class ModelSpec:
     """The structure metrics its phase diagrams show, first (those a run logs)."""
     packs: bool = True
     """False: each run is a pack of its own (a network too large to stack)."""
+    run_figures: bool = False
+    """True: each run saves arrays for figures of its own (PackedModel.run_arrays), which the
+    report draws beside them (symrun.analysis.report.run_figures)."""
     reads: Optional[str] = None
     """The one data option it reads, which in turn needs this model (transformer: text)."""
     checks: Callable[[Any], list[Check]] = field(default=lambda cfg: [])

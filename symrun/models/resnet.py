@@ -19,4 +19,4 @@ class ResNetConfig(ModelConfig):
 
 
 SPEC = ModelSpec("resnet18", ResNetConfig, "symrun.models.nets.resnet:ResNet18",
-                 primary=("dead_fraction", "independent_fraction"), packs=False)
+                 primary=("dead_fraction", "independent_fraction"), packs=False, run_figures=True)
