@@ -15,10 +15,12 @@ from symrun.analysis.symmetries import NeuronSet, SignFlip, Slot, Swap, Symmetry
 
 
 class _NumpyTanh(torch.autograd.Function):
-    """tanh on CPU through numpy's vectorised kernel: torch's CPU tanh is a scalar loop (the same
-    speed at every ATEN_CPU_CAPABILITY), 3.5× slower on 2M float32 values with 2 cores than
-    numpy's SIMD tanh on one; both are within an ulp or so of the exact value (relative error
-    ≤ 1.1e-7 in float32 and 2.3e-16 in float64, near 0 included). The backward is torch's own
+    """tanh on CPU through numpy's vectorised kernel. On the 2-core AMD EPYC it was written on,
+    torch's CPU tanh ran as a scalar loop (the same speed at every ATEN_CPU_CAPABILITY), 3.5×
+    slower on 2M float32 values with 2 cores than numpy's SIMD tanh on one; on a 2-core Intel
+    Xeon (AVX-512) the two kernels are even (0.78 and 0.77 ms on one core), so this costs
+    nothing where torch's is vectorised. Both are within an ulp or so of the exact value
+    (relative error ≤ 1.1e-7 in float32 and 2.3e-16 in float64, near 0 included). The backward is torch's own
     tanh_backward of the saved output, itself differentiable, so Hessian-vector products
     (symrun.analysis.critical, symrun check) differentiate through it as through torch.tanh."""
 
