@@ -52,3 +52,38 @@ def test_packs_of_other_sizes_agree_within_the_stated_tolerance(workload, dtype,
             for k in want.state:
                 np.testing.assert_allclose(got.state[k].double().numpy(), want.state[k].double().numpy(), rtol=rtol,
                                            atol=atol, err_msg=f"parameter {k}, pack of {size}")
+
+
+def test_a_pack_is_checked_as_its_pack_keys_would(tmp_path):
+    """engine.one_pack (fields a config shares with the first by identity skipped) answers what
+    comparing every config's pack_key answers: on a plan's configs, and with a config that
+    differs in a model setting, a training setting, a per-run setting, the model, a user
+    module's argument (1 against 1.0), and a non-packing model's seed."""
+    import dataclasses
+
+    import pytest
+
+    from symrun.models.module import ModuleConfig
+    from symrun.models.resnet import ResNetConfig
+
+    plan = sweep.plan(["model=mlp", "data=digits", "optim.weight_decay=0,0.1", "seed=0,1", "model.width=8"], tmp_path)
+    cfgs = list(plan.configs.values())
+    first = cfgs[0]
+    replaced = lambda cfg, part, **kw: dataclasses.replace(cfg, **{part: dataclasses.replace(getattr(cfg, part), **kw)})  # noqa: E731
+    module = dataclasses.replace(first, model=ModuleConfig(target="m.M", args={"h": 1}))
+    resnet = dataclasses.replace(first, model=ResNetConfig())
+    cases = {"the plan": cfgs,
+             "a model setting": [*cfgs, replaced(first, "model", width=9)],
+             "a training setting": [*cfgs, replaced(first, "train", steps=first.train.steps + 1)],
+             "a per-run setting": [*cfgs, replaced(first, "optim", lr=0.5)],
+             "another model": [*cfgs, module],
+             "1 against 1.0": [module, dataclasses.replace(module, model=ModuleConfig(target="m.M", args={"h": 1.0}))],
+             "a module's seeds": [module, dataclasses.replace(module, seed=5)],
+             "a non-packing model's seeds": [resnet, dataclasses.replace(resnet, seed=5)]}
+    answers = {name: engine.one_pack(c) for name, c in cases.items()}
+    assert answers == {name: len({engine.pack_key(c) for c in cfgs_}) == 1 for name, cfgs_ in cases.items()}
+    assert answers == {"the plan": True, "a model setting": False, "a training setting": False, "a per-run setting": True,
+                       "another model": False, "1 against 1.0": False, "a module's seeds": True,
+                       "a non-packing model's seeds": False}
+    with pytest.raises(ValueError, match="may differ only in"):
+        engine.train_pack(cases["a model setting"])
