@@ -148,3 +148,28 @@ def test_jobs_with_the_same_overrides_build_their_own_configs(tmp_path):
                         ("x=1", "+pack.index=1"): (tmp_path, 1, ["b"], ["config b"])}
     launch._launch(Launcher(), [["x=1"], ["x=1", "hydra.job.num=1"]], [plan], True, [(plan, 0), (plan, 1)])
     assert seen[-1] == {} and job.PLANNED == {}
+
+
+def test_a_sweep_counts_the_failed_runs_of_its_own_grid(tmp_path, monkeypatch):
+    """The failed runs a sweep reports (exit 1) are its grid's, from the tables its report reads:
+    a run that failed in an earlier sweep into the folder, outside this grid, is not counted."""
+    from typer.testing import CliRunner
+
+    from symrun import cli as cli_mod
+    from symrun.training import engine
+
+    monkeypatch.chdir(tmp_path)
+    grid = ["model=hadamard", "train.steps=2", "train.log_every=2", "data.n=20"]
+    real = engine.train_pack
+    monkeypatch.setattr(engine, "train_pack", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("simulated")))
+    failed = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", "out", *grid, "seed=0,1"])
+    assert failed.exit_code == 1 and "2 of 2 runs failed" in failed.output
+    (d,) = [p.parent for p in (tmp_path / "out").glob("*/*/sweep.json")]
+    monkeypatch.setattr(engine, "train_pack", real)
+    other = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", "out", *grid, "seed=2", f"hydra.sweep.dir={d}"])
+    assert other.exit_code == 0, other.output
+    again = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", "out", *grid, "seed=1,2", f"hydra.sweep.dir={d}"])
+    assert again.exit_code == 0, again.output          # seed=1 trained again, now without the patch
+    monkeypatch.setattr(engine, "train_pack", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("simulated")))
+    third = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", "out", *grid, "seed=0,2,3", f"hydra.sweep.dir={d}"])
+    assert third.exit_code == 1 and "2 of 3 runs failed" in third.output   # seed=0 again and seed=3; seed=2 finished
