@@ -540,23 +540,19 @@ def flattened(cfg: Any) -> dict[str, Any]:
 def flattened_field(cfg: Any, name: str) -> dict[str, Any]:
     """The entries of flattened(cfg) under its field `name`."""
     out: dict[str, Any] = {}
-    _flat_field(cfg, name, "", out)
+    _flat_into(cfg, "", out, (name,))
     return out
 
 
-def _flat_into(cfg: Any, prefix: str, out: dict[str, Any]) -> None:
-    for name in _field_names(type(cfg)):
-        _flat_field(cfg, name, prefix, out)
-
-
-def _flat_field(cfg: Any, name: str, prefix: str, out: dict[str, Any]) -> None:
-    v = getattr(cfg, name)
-    if type(v) in _LEAVES:
-        out[prefix + name] = v
-    elif hasattr(type(v), "__dataclass_fields__") and not hasattr(v, "to_plain"):
-        _flat_into(v, f"{prefix}{name}.", out)
-    else:                                    # lists, mappings, model=module's config: as flatten has them
-        out.update(flatten({name: _plain(v)}, prefix))
+def _flat_into(cfg: Any, prefix: str, out: dict[str, Any], names: Optional[tuple[str, ...]] = None) -> None:
+    for name in names or _field_names(type(cfg)):
+        v = getattr(cfg, name)
+        if type(v) in _LEAVES:
+            out[prefix + name] = v
+        elif hasattr(type(v), "__dataclass_fields__") and not hasattr(v, "to_plain"):
+            _flat_into(v, f"{prefix}{name}.", out)
+        else:                                # lists, mappings, model=module's config: as flatten has them
+            out.update(flatten({name: _plain(v)}, prefix))
 
 
 def validate(cfg: Config) -> Config:
