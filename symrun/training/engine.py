@@ -9,9 +9,9 @@ pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -57,7 +57,7 @@ def one_pack(cfgs: list[Config]) -> bool:
     """Whether every config has the first's pack_key, compared field by field: a field a config
     shares with the first config by identity is equal to it. A plan's configs share all their
     fields but the per-run ones (seed, optim), so only those are compared: for 4,352 runs,
-    ~0.03 s instead of 0.23 s of pack keys."""
+    0.08 s instead of 0.25 s of pack keys."""
     first, fields = cfgs[0], [f.name for f in dataclasses.fields(cfgs[0])]
     alone = {c.model.name for c in cfgs} != {first.model.name} or not models.spec(first.model.name).packs
     if alone:
