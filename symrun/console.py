@@ -56,9 +56,9 @@ class Shown:
             yield lambda n: progress.advance(task, n)
 
     def report(self, sweep_dir: Path) -> dict[str, str]:
-        from symrun.sweeping.launch import statuses
+        from symrun.sweeping import tables
 
-        return statuses(show_report(sweep_dir).runs)
+        return tables.statuses(show_report(sweep_dir).runs)
 
 
 def _show_plan(p) -> None:

@@ -61,8 +61,6 @@ def test_a_pack_is_checked_as_its_pack_keys_would(tmp_path):
     module's argument (1 against 1.0), and a non-packing model's seed."""
     import dataclasses
 
-    import pytest
-
     from symrun.models.module import ModuleConfig
     from symrun.models.resnet import ResNetConfig
 

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional, Protocol
 
 if TYPE_CHECKING:        # torch and pandas wait for real work: `symrun run --cfg job` needs neither
-    import pandas as pd
-
     from symrun.sweeping.composition import Composer
     from symrun.sweeping.sweep import Plan
 
@@ -68,12 +66,7 @@ class Quiet:
     def report(self, sweep_dir: Path) -> dict[str, str]:
         from symrun.sweeping import tables
 
-        return statuses(tables.write_tables(sweep_dir)[0])
-
-
-def statuses(runs: "pd.DataFrame") -> dict[str, str]:
-    """{run id: status} of a runs table (runs.csv's rows)."""
-    return dict(zip(runs["run_id"], runs["status"])) if "run_id" in runs else {}
+        return tables.statuses(tables.write_tables(sweep_dir)[0])
 
 
 _DISPLAY: list[Display] = [Quiet()]

@@ -94,6 +94,11 @@ def write_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, res
 
 
+def statuses(runs: pd.DataFrame) -> dict[str, str]:
+    """{run id: status} of a runs table (runs.csv's rows)."""
+    return dict(zip(runs["run_id"], runs["status"])) if "run_id" in runs else {}
+
+
 def problems(sweep_dir: Path, runs: pd.DataFrame) -> list[str]:
     """One line per part of the folder that cannot be read back: sweep.json or runs/ (a link),
     and each damaged run's file."""

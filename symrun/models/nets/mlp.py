@@ -20,9 +20,10 @@ class _NumpyTanh(torch.autograd.Function):
     slower on 2M float32 values with 2 cores than numpy's SIMD tanh on one; on a 2-core Intel
     Xeon (AVX-512) the two kernels are even (0.78 and 0.77 ms on one core), so this costs
     nothing where torch's is vectorised. Both are within an ulp or so of the exact value
-    (relative error ≤ 1.1e-7 in float32 and 2.3e-16 in float64, near 0 included). The backward is torch's own
-    tanh_backward of the saved output, itself differentiable, so Hessian-vector products
-    (symrun.analysis.critical, symrun check) differentiate through it as through torch.tanh."""
+    (relative error ≤ 1.1e-7 in float32 and 2.3e-16 in float64, near 0 included). The
+    backward is torch's own tanh_backward of the saved output, itself differentiable, so
+    Hessian-vector products (symrun.analysis.critical, symrun check) differentiate through it as
+    through torch.tanh."""
 
     # forward(ctx, x), not forward(x) + setup_context: with setup_context, Function.apply binds
     # its arguments through inspect.signature on every call (~35 µs, a step's worth at 8 runs).
