@@ -251,7 +251,7 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_a_line_on_resuming_and_its_runs_inte
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
     deadline = time.monotonic() + 120
-    while "running" not in _statuses(d).values():
+    while not results.started_runs(d):           # a pack's record: its runs are running
         assert time.monotonic() < deadline and child.poll() is None, "the sweep never started a pack"
         time.sleep(0.02)
     child.send_signal(signal.SIGINT)

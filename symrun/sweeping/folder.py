@@ -329,6 +329,18 @@ def remove(path: Path, root: Path) -> bool:
     return True
 
 
+def remove_if_empty(path: Path, root: Path) -> bool:
+    """Delete the folder `path` inside `root` when it is empty; False when it is not (or is
+    missing, or is a link, which is never followed nor removed)."""
+    *folders, name = names(path, root)
+    try:
+        with _opened(Path(root), tuple(folders), create=False) as fd:
+            os.rmdir(name, dir_fd=fd)
+    except OSError:         # not empty, missing, a link or a file (ENOTDIR), or on the way to it
+        return False
+    return True
+
+
 def remove_temps(root: Path, folders: list[Path]) -> list[Path]:
     """Delete write_atomic's temporary files (`.<name>.<hex>.tmp`) that a killed process left in
     `folders` (inside `root`); folders that are links, or missing, are skipped, never entered."""

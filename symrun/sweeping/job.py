@@ -140,8 +140,7 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
             **results.provenance(str(engine.resolve_device(configs[0].device)))}
     if (digest := data.digest(configs[0].data)) is not None:     # a pack's runs share their data
         info["data_sha256"] = digest      # what a report checks the data file against before reading it
-    with results.one_sync(sweep_dir):
-        results.write_statuses(sweep_dir, [(rid, results.RUNNING, info) for rid in todo])
+    results.write_pack_start(sweep_dir, ids, todo, info)      # its runs read as running from here on
     start = time.perf_counter()
     training = set(todo)        # looked up once a run below: a list would cost runs² (0.17 s at 4,608)
     ckpt = results.checkpoint_path(sweep_dir, ids)
@@ -187,8 +186,12 @@ def _unplanned(sweep_dir: Path, ids: list[str]) -> Optional[str]:
 def run_plan(plan, on_step: Optional[Callable[[int], None]] = None) -> list[dict]:
     """Train every pack of a written plan (sweep.write_plan) here, without a launcher: the
     gallery and tests. A launcher's jobs get the same configs through their job configs."""
-    return [run_pack(plan.sweep_dir, i, [plan.configs[rid] for rid in pack], on_step=on_step, ids=pack)
+    from symrun.sweeping import results
+
+    done = [run_pack(plan.sweep_dir, i, [plan.configs[rid] for rid in pack], on_step=on_step, ids=pack)
             for i, pack in enumerate(plan.packs)]
+    results.remove_empty_checkpoints(plan.sweep_dir)
+    return done
 
 
 def run_one(cfg: DictConfig) -> dict:
@@ -214,6 +217,7 @@ def run_one(cfg: DictConfig) -> dict:
     if plan.packs:
         with shown.training(total_steps(config), "training steps") as advance:
             run_pack(folder, 0, [config], on_step=advance)
+        results.remove_empty_checkpoints(folder)
     tables.write_tables(folder)
     shown.report(folder)
     info = records.read_run(folder, rid, config=False).info or {}

@@ -132,6 +132,7 @@ def run_sweep(comp: Composer, launcher: Any, arguments: list[str], dry_run: bool
                               f"with hydra.sweep.dir={folder} to finish the {what}") from None
         tabulated = []
         for p in plans:
+            results.remove_empty_checkpoints(p.sweep_dir)      # every job has ended
             try:
                 tabulated.append(display().report(p.sweep_dir))
             except results.OutputError as e:     # every run is recorded; only the tables or figures are missing

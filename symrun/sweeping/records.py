@@ -51,15 +51,19 @@ def read_run(sweep_dir: Path, rid: str, metrics: bool = False, config: bool = Tr
     """Read runs/<rid>/ without following a link and check what it holds (config.yaml unless
     `config` is false, metrics.csv when `metrics`). A file that cannot be read back (empty, not the
     right kind of content, truncated, a link) makes the run DAMAGED with a one-line `problem`
-    (`info` is kept when status.json itself is sound); nothing is repaired."""
+    (`info` is kept when status.json itself is sound); nothing is repaired. A run without a
+    status.json is PENDING here, whether or not a pack has started it: `read_runs` (what the
+    tables and `symrun status` read) also reads the packs' records and says RUNNING."""
     return _read_run(sweep_dir, rid, "parsed" if metrics else None, config)[0]
 
 
 def _read_run(sweep_dir: Path, rid: str, metrics: Optional[str], config: bool,
-              runs: Optional[folder.Folders] = None) -> tuple[RunRecord, Optional[str]]:
+              runs: Optional[folder.Folders] = None,
+              started: Optional[dict[str, dict]] = None) -> tuple[RunRecord, Optional[str]]:
     """read_run, through one opening of the run's folder (in `runs`, the sweep's runs/ opened
     once, when given); `metrics` "raw": (the record, the text of its metrics.csv, unchecked,
-    when its status says there is one)."""
+    when its status says there is one). `started` (results.started_runs): the status a started
+    pack's record gives a run that has no status.json of its own yet."""
     sweep_dir = Path(sweep_dir)
     with contextlib.ExitStack() as stack:
         try:
@@ -73,8 +77,10 @@ def _read_run(sweep_dir: Path, rid: str, metrics: Optional[str], config: bool,
         cfg, config_problem = _read_config(run) if config else (None, None)
         if problem is not None:
             return RunRecord(rid, DAMAGED, config=cfg, problem=problem), None
-        if info is None:       # never started; a folder without config.yaml yet was cut short while planned
-            return RunRecord(rid, PENDING, config=cfg), None
+        if info is None:
+            if started is None or rid not in started:   # never started; a folder without config.yaml yet was cut short while planned
+                return RunRecord(rid, PENDING, config=cfg), None
+            info = started[rid]                          # its pack is training it (or was, until a kill)
         if config_problem is not None:
             return RunRecord(rid, DAMAGED, info, problem=config_problem), None
         record = RunRecord(rid, info["status"], info, cfg)
@@ -271,13 +277,15 @@ def _check_metrics(path: Path, frame: pd.DataFrame, info: dict, last: Optional[d
 
 
 def read_runs(sweep_dir: Path, rids: list[str]) -> list[RunRecord]:
-    """read_run(…, metrics=True) for many runs, with the same records and the same problems,
-    their metrics.csv files parsed together: one pandas parse for all files with the same header
+    """read_run(…, metrics=True) for many runs, with the same records and the same problems
+    (and RUNNING for a run that a started pack's record lists, results.write_pack_start, and that
+    has no status.json yet), their metrics.csv files parsed together: one pandas parse for all files with the same header
     line instead of one each (~0.5 ms a run of parser start-up). A group that does not parse
     whole, and a file with a quote in it, go one file at a time, through read_run's checks."""
     sweep_dir = Path(sweep_dir)
+    started = results.started_runs(sweep_dir)
     with runs_folder(sweep_dir) as runs:
-        read = [_read_run(sweep_dir, rid, "raw", True, runs) for rid in rids]
+        read = [_read_run(sweep_dir, rid, "raw", True, runs, started) for rid in rids]
     records = [record for record, _ in read]
     groups: dict[str, list[tuple[int, str]]] = {}
     for i, (record, raw) in enumerate(read):
@@ -420,8 +428,10 @@ def _check_names(root: Path, names: list[str]) -> None:
 
 def remove_stale_temps(sweep_dir: Path) -> list[Path]:
     """Delete what a killed sweep left behind: write_atomic's temporary files in the sweep folder,
-    its run folders and checkpoints/, and checkpoints of packs whose runs all finished since.
-    Links are never entered. Call it holding the sweep's lock."""
+    its run folders and checkpoints/, checkpoints of packs whose runs all finished since, and
+    records of started packs (results.write_pack_start) without a checkpoint whose runs all have
+    a status.json of their own since (trained again in another pack, or failed). Links are never
+    entered. Call it holding the sweep's lock."""
     sweep_dir = Path(sweep_dir)
     runs = [sweep_dir / "runs" / rid for rid in run_ids(sweep_dir)]
     stale = folder.remove_temps(sweep_dir, [sweep_dir, sweep_dir / "checkpoints", *runs])
@@ -429,6 +439,11 @@ def remove_stale_temps(sweep_dir: Path) -> list[Path]:
         if all(is_finished(sweep_dir, rid) for rid in ids):
             remove_checkpoint(sweep_dir, ids)
             stale.append(checkpoint_path(sweep_dir, ids))
+    for path, running, _ in results.pack_records(sweep_dir):
+        if (folder.kind(path.with_suffix(".pt"), sweep_dir) is None
+                and all(read_run(sweep_dir, rid, config=False).info is not None for rid in running)):
+            folder.remove(path, sweep_dir)
+            stale.append(path)
     return stale
 
 

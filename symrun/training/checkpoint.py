@@ -27,7 +27,7 @@ from symrun.config import Config
 from symrun.data import BatchOrder
 from symrun.training.optim import PackedOptimizer
 from symrun.sweeping.folder import read_bytes
-from symrun.sweeping.results import run_id, write_atomic, write_json
+from symrun.sweeping.results import read_json, run_id, write_atomic, write_json
 
 if TYPE_CHECKING:   # engine imports this module
     from symrun.training.engine import Recorder
@@ -50,7 +50,9 @@ class PackState:
 def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
     """Write the pack's state after `step` steps to `path` (a sweep's checkpoints/<hash>.pt,
     results.checkpoint_path), atomically, and its run ids beside it (<hash>.json), which a rerun
-    of the sweep reads to keep the pack together (sweep.schedule)."""
+    of the sweep reads to keep the pack together (sweep.schedule). A sidecar already there is
+    the pack's own record (results.write_pack_start: its run ids, and which runs it trains),
+    and is kept when it holds these run ids."""
     order = None if s.order is None else {"perm": s.order.perm, "step_in_epoch": s.order.step_in_epoch,
                                           "generators": [g.get_state() for g in s.order.generators]}
     state = {
@@ -63,7 +65,10 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     root = Path(path).parent.parent          # the sweep folder: no link inside it is followed
-    write_json(Path(path).with_suffix(".json"), {"run_ids": state["run_ids"]}, root)
+    sidecar = Path(path).with_suffix(".json")
+    record = read_json(sidecar, root)
+    if not isinstance(record, dict) or record.get("run_ids") != state["run_ids"]:
+        write_json(sidecar, {"run_ids": state["run_ids"]}, root)
     write_atomic(Path(path), buf.getvalue(), root)
 
 
