@@ -173,3 +173,23 @@ def test_a_sweep_counts_the_failed_runs_of_its_own_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "train_pack", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("simulated")))
     third = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", "out", *grid, "seed=0,2,3", f"hydra.sweep.dir={d}"])
     assert third.exit_code == 1 and "2 of 3 runs failed" in third.output   # seed=0 again and seed=3; seed=2 finished
+
+
+def test_a_plans_run_ids_are_those_of_run_id_and_every_combination_is_validated(tmp_path):
+    """Planning names a shape's runs from its first run's settings plus each run's own per-run
+    values (results.RunIds), and validates each combination of per-run values but the seed once.
+    Values equal to their defaults (seed 0, weight decay 0, lr_min 0.0) leave the id's settings,
+    as in run_id: weight decay 0 and -0.0 name one run, and so do lr_min 0.0 and 0."""
+    from symrun import config
+
+    args = ["model=hadamard,mlp", "train.steps=2", "seed=0,1,2", "optim.weight_decay=0,-0.0,0.01",
+            "optim.lr=0.1,1", "optim.lr_min=0.0,0", "noise.label_std=0,0.1"]
+    plan = sweep.plan(args, tmp_path)
+    assert len(plan.configs) == 2 * 3 * 2 * 2 * 1 * 2
+    assert list(plan.configs) == [results.run_id(c) for c in plan.configs.values()]
+    # a config with its own values of the per-run keys is named as in full, not from the shape
+    first = next(iter(plan.configs.values()))
+    ids = results.RunIds(first, ["seed", "optim.weight_decay", "optim.lr", "optim.lr_min", "noise.label_std"])
+    assert all(ids(c) == rid for rid, c in plan.configs.items() if c.model.name == first.model.name)
+    with pytest.raises(config.ConfigError, match="optim.weight_decay must be >= 0, got -0.5"):
+        sweep.plan(["model=hadamard", "seed=0,1,2", "optim.weight_decay=0.1,-0.5"], tmp_path)

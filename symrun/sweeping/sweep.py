@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hydra.core.override_parser.types import Transformer
 
@@ -191,6 +191,7 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
     configs: dict[str, Config] = {}
     settings: dict[str, tuple[Setting, ...]] = {}
     groups: dict[str, str] = {}
+    ids: dict[tuple, Callable[[Config], str]] = {}     # (overrides, per-run keys) → the run ids of its runs
     for point in itertools.product(*axes):
         key = tuple(s.text for s in point if not s.per_run)
         if key not in shapes:
@@ -200,9 +201,13 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
             parameters[shapes[key][2]] = sum(math.prod(s) for s, _ in model.shapes().values())
             built[shapes[key][2]] = shape.config, ds, model
         shape, task, group = shapes[key]
-        cfg = shape.run({s.key: s.value for s in point if s.per_run})
+        values = {s.key: s.value for s in point if s.per_run}
+        cfg = shape.run(values)
         check_noise(cfg, task)
-        rid = results.run_id(cfg)
+        named = (key, tuple(values))
+        if named not in ids:      # an interpolation may carry a per-run value anywhere: ids in full
+            ids[named] = results.run_id if shape.interpolated else results.RunIds(cfg, values)
+        rid = ids[named](cfg)
         configs[rid], settings[rid] = cfg, point
         # An interpolation may carry a per-run value into any setting: such runs are grouped by their own.
         groups[rid] = rid if not models.spec(cfg.model.name).packs else _group(cfg) if shape.interpolated else group
