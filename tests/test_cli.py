@@ -1,6 +1,7 @@
 """The real `symrun` command end to end on tiny grids (subprocesses, as a user runs it)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -225,3 +226,22 @@ def test_reading_a_sweep_back_does_not_import_torch(cli, tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().splitlines()[-1] == "False", args
+
+
+def _entry(tmp_path, before: str, *args: str) -> subprocess.CompletedProcess:
+    code = f"import atexit, sys, threading, time\n{before}\nfrom symrun import cli\nsys.argv = ['symrun', *{list(args)!r}]\ncli.entry()\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NO_COLOR": "1"})
+
+
+def test_the_program_ends_with_its_status_its_output_and_its_atexit_handlers(tmp_path):
+    """cli.entry ends the process without the interpreter's tear-down (os._exit): what it printed
+    (to pipes, so buffered) arrives, atexit handlers run, the exit status is the command's, and a
+    thread still running is waited for."""
+    done = _entry(tmp_path, "atexit.register(lambda: print('handler ran'))", "list")
+    assert done.returncode == 0 and "config groups" in done.stdout and done.stdout.rstrip().endswith("handler ran")
+    refused = _entry(tmp_path, "", "status", str(tmp_path / "nowhere"))
+    assert refused.returncode == 2 and refused.stderr.startswith("error: no sweep folders")
+    thread = ("threading.Thread(target=lambda: (time.sleep(1), open('late.txt', 'w').write('written'))).start()")
+    assert _entry(tmp_path, thread, "list").returncode == 0
+    assert (tmp_path / "late.txt").read_text() == "written"
