@@ -106,14 +106,15 @@ def test_a_job_in_this_process_takes_its_packs_configs_from_the_plan(tmp_path, m
     from typer.testing import CliRunner
 
     from symrun import cli as cli_mod
-    from symrun.sweeping import job, results
+    from symrun.sweeping import job, records, results
 
     real, built, seen = job.task, job.pack_configs, []
 
     def task(cfg):
         planned = job.PLANNED[tuple(HydraConfig.get().overrides.task)]
         sweep_dir, index, configs = built(cfg)
-        assert planned == (sweep_dir, index, [results.run_id(c) for c in configs], configs)
+        ids = [results.run_id(c) for c in configs]
+        assert planned == (sweep_dir, index, ids, configs, records.needing_training(sweep_dir, ids))
         seen.append(index)
         return real(cfg)
 
@@ -142,10 +143,11 @@ def test_jobs_with_the_same_overrides_build_their_own_configs(tmp_path):
             seen.append(dict(job.PLANNED))
             return []
 
-    plan = SimpleNamespace(sweep_dir=tmp_path, packs=[["a"], ["b"]], configs={"a": "config a", "b": "config b"}, steps=1)
+    plan = SimpleNamespace(sweep_dir=tmp_path, packs=[["a", "c"], ["b"]], configs={"a": "config a", "b": "config b",
+                                                                                  "c": "config c"}, finished=["c"], steps=1)
     launch._launch(Launcher(), [["x=1", "+pack.index=0"], ["x=1", "+pack.index=1"]], [plan], True, [(plan, 0), (plan, 1)])
-    assert seen[-1] == {("x=1", "+pack.index=0"): (tmp_path, 0, ["a"], ["config a"]),
-                        ("x=1", "+pack.index=1"): (tmp_path, 1, ["b"], ["config b"])}
+    assert seen[-1] == {("x=1", "+pack.index=0"): (tmp_path, 0, ["a", "c"], ["config a", "config c"], ["a"]),
+                        ("x=1", "+pack.index=1"): (tmp_path, 1, ["b"], ["config b"], ["b"])}
     launch._launch(Launcher(), [["x=1"], ["x=1", "hydra.job.num=1"]], [plan], True, [(plan, 0), (plan, 1)])
     assert seen[-1] == {} and job.PLANNED == {}
 

@@ -38,10 +38,12 @@ register_configs()
 ON_STEP: Optional[Callable[[int], None]] = None
 # The packs the symrun command planned and launches in this process (Hydra's basic launcher),
 # by their jobs' overrides, set for that launch only: (sweep folder, pack number, run ids,
-# configs). A job composed from those overrides holds the plan's configs, so it takes them from
-# here instead of building every run's config again and hashing its id (for 4,352 runs,
-# 0.3–0.5 s and 0.4 s); a job launched anywhere else builds them from its config.
-PLANNED: dict[tuple[str, ...], tuple[Path, int, list[str], list[Config]]] = {}
+# configs, the runs to train). A job composed from those overrides holds the plan's configs, so
+# it takes them from here instead of building every run's config again and hashing its id (for
+# 4,352 runs, 0.3–0.5 s and 0.4 s), and which of its runs to train: the plan read that, holding
+# the folder's lock, and wrote their configs. A job launched anywhere else builds them from its
+# config and reads its runs' folders.
+PLANNED: dict[tuple[str, ...], tuple[Path, int, list[str], list[Config], list[str]]] = {}
 
 
 def task(cfg: DictConfig) -> dict:
@@ -52,8 +54,8 @@ def task(cfg: DictConfig) -> dict:
     if "pack" in cfg:
         planned = PLANNED.get(tuple(HydraConfig.get().overrides.task))     # the job's overrides, less Hydra's
         if planned is not None:
-            sweep_dir, index, ids, configs = planned
-            return run_pack(sweep_dir, index, configs, on_step=ON_STEP, ids=ids)
+            sweep_dir, index, ids, configs, todo = planned
+            return run_pack(sweep_dir, index, configs, on_step=ON_STEP, ids=ids, todo=todo)
         sweep_dir, index, configs = pack_configs(cfg)
         return run_pack(sweep_dir, index, configs, on_step=ON_STEP)
     return run_one(cfg)
@@ -116,9 +118,12 @@ def _in(folder: str) -> Iterator[None]:
 
 
 def run_pack(sweep_dir: Path, index: int, configs: list[Config],
-             on_step: Optional[Callable[[int], None]] = None, ids: Optional[list[str]] = None) -> dict:
+             on_step: Optional[Callable[[int], None]] = None, ids: Optional[list[str]] = None,
+             todo: Optional[list[str]] = None) -> dict:
     """Train pack `index` of the sweep in `sweep_dir` — these runs' configs, planned there, and
-    their run ids when the caller has them from the plan — and record every run. Never raises
+    their run ids when the caller has them from the plan, and which of them to train when the
+    plan was made in this process holding the folder's lock (`PLANNED`; else each run's folder
+    says: a requeued job finds some written) — and record every run. Never raises
     for a run's failure: a pack that fails marks its runs failed, with the error, and the sweep
     goes on. The pack is trained whole, as planned, so each run's numbers are those of this
     pack (float rounding depends on a pack's size), but runs of it already finished — a kill, or
@@ -130,10 +135,11 @@ def run_pack(sweep_dir: Path, index: int, configs: list[Config],
 
     sweep_dir = Path(sweep_dir)
     ids = list(ids) if ids is not None else [results.run_id(c) for c in configs]
-    unplanned = _unplanned(sweep_dir, ids)      # the planner wrote each run's config.yaml: a run it did not plan is a bug
-    if unplanned is not None:
-        raise RuntimeError(f"pack {index} holds run {unplanned}, which was not planned in {sweep_dir}")
-    todo = records.needing_training(sweep_dir, ids)
+    if todo is None:
+        unplanned = _unplanned(sweep_dir, ids)      # the planner wrote each run's config.yaml: a run it did not plan is a bug
+        if unplanned is not None:
+            raise RuntimeError(f"pack {index} holds run {unplanned}, which was not planned in {sweep_dir}")
+        todo = records.needing_training(sweep_dir, ids)
     if not todo:
         return {"pack": index, "runs": 0}
     info = {"pack": index, "pack_runs": len(ids), "started_at": results.now(),
