@@ -280,11 +280,12 @@ def _end(status: int) -> None:
     collecting what they hold, 0.2–0.3 s of every symrun command (measured at the end of a
     sweep: 0.24–0.36 s from `main`'s end to the process's, 0.06–0.11 s so), for memory the OS
     takes back anyway. Files symrun writes are closed when written (symrun.sweeping.folder).
-    While a thread other than this one and daemons still runs, the interpreter ends as usual
-    (it waits for them): only its last collections are skipped, the objects left frozen out of
-    the collector."""
+    While a thread other than this one and daemons still runs, or a profiler or tracer watches
+    (cProfile, coverage: they write their results as the interpreter ends), it ends as usual:
+    only its last collections are skipped, the objects left frozen out of the collector."""
     gc.freeze()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if sys.getprofile() is not None or sys.gettrace() is not None or any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -236,8 +236,8 @@ def _entry(tmp_path, before: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_program_ends_with_its_status_its_output_and_its_atexit_handlers(tmp_path):
     """cli.entry ends the process without the interpreter's tear-down (os._exit): what it printed
-    (to pipes, so buffered) arrives, atexit handlers run, the exit status is the command's, and a
-    thread still running is waited for."""
+    (to pipes, so buffered) arrives, atexit handlers run, the exit status is the command's; a
+    thread still running is waited for, and a profiler gets to write its results."""
     done = _entry(tmp_path, "atexit.register(lambda: print('handler ran'))", "list")
     assert done.returncode == 0 and "config groups" in done.stdout and done.stdout.rstrip().endswith("handler ran")
     refused = _entry(tmp_path, "", "status", str(tmp_path / "nowhere"))
@@ -245,3 +245,6 @@ def test_the_program_ends_with_its_status_its_output_and_its_atexit_handlers(tmp
     thread = ("threading.Thread(target=lambda: (time.sleep(1), open('late.txt', 'w').write('written'))).start()")
     assert _entry(tmp_path, thread, "list").returncode == 0
     assert (tmp_path / "late.txt").read_text() == "written"
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "list.prof"), "-m", "symrun", "list"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert profiled.returncode == 0 and (tmp_path / "list.prof").stat().st_size > 0, "a profiler writes its results"
