@@ -37,7 +37,7 @@ def test_a_started_pack_writes_one_record_and_its_runs_read_as_running(killed):
     (record,) = (d / "checkpoints").iterdir()
     assert record == results.checkpoint_path(d, pack).with_suffix(".json")
     assert json.loads(record.read_text())["running"] == pack
-    (run,) = [r for r in records.read_runs(d, pack[:1])]
+    (run,) = records.read_runs(d, pack[:1])
     assert run.status == results.RUNNING and run.info["pack"] == 0 and run.info["run_id"] == pack[0]
     assert "started_at" in run.info and run.config["seed"] == 0
     assert records.read_run(d, pack[0]).status == results.PENDING      # one run's own files say nothing more

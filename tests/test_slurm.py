@@ -125,7 +125,7 @@ def test_a_preempted_pack_is_requeued_and_resumes_from_its_checkpoint(cli, tmp_p
     try:
         ckpt = _wait_for(lambda: next(iter((tmp_path / "slurm").glob("*/*/checkpoints/*.pt")), None), proc)
         (d,) = sweep_dirs(tmp_path / "slurm")
-        job = results.status(d, next((d / "runs").iterdir()).name)["slurm_job_id"]
+        job = next(iter(results.started_runs(d).values()))["slurm_job_id"]     # the pack's record says
         (script,) = (d / ".submitit").glob("*/*_submission.sh")
         signal_name = re.search(r"--signal=(\w+)@", script.read_text()).group(1)
         subprocess.run(["scancel", f"--signal={signal_name}", job], check=True, timeout=30)
@@ -168,8 +168,8 @@ def test_a_job_cancelled_without_a_result_ends_the_sweep_with_one_line(tmp_path,
     job = None
     try:
         def running():
-            found = list((tmp_path / "slurm").glob("*/*/runs/*/status.json"))
-            return found and results.read_json(found[0]).get("slurm_job_id")
+            found = [started for d in sweep_dirs(tmp_path / "slurm") for started in results.started_runs(d).values()]
+            return found and found[0].get("slurm_job_id")
         job = _wait_for(running, proc)                      # the pack is training on the node
         subprocess.run(["scancel", job], check=True, timeout=30)
         out, _ = proc.communicate(timeout=300)

@@ -278,10 +278,11 @@ def _check_metrics(path: Path, frame: pd.DataFrame, info: dict, last: Optional[d
 
 def read_runs(sweep_dir: Path, rids: list[str]) -> list[RunRecord]:
     """read_run(…, metrics=True) for many runs, with the same records and the same problems
-    (and RUNNING for a run that a started pack's record lists, results.write_pack_start, and that
-    has no status.json yet), their metrics.csv files parsed together: one pandas parse for all files with the same header
-    line instead of one each (~0.5 ms a run of parser start-up). A group that does not parse
-    whole, and a file with a quote in it, go one file at a time, through read_run's checks."""
+    (and RUNNING for a run without a status.json yet that a started pack's record lists,
+    results.write_pack_start), their metrics.csv files parsed together: one pandas parse for all
+    files with the same header line instead of one each (~0.5 ms a run of parser start-up). A
+    group that does not parse whole, and a file with a quote in it, go one file at a time,
+    through read_run's checks."""
     sweep_dir = Path(sweep_dir)
     started = results.started_runs(sweep_dir)
     with runs_folder(sweep_dir) as runs:

@@ -232,9 +232,10 @@ class RunIds:
 
     def __init__(self, first: Config, keys: Iterable[str]):
         self.keys = [(k, k.split(".")) for k in keys]
-        assert all(k in PER_RUN_KEYS for k, _ in self.keys), self.keys
+        per_run = {k for k, _ in self.keys}
+        assert per_run <= set(PER_RUN_KEYS), per_run
         self.defaults = default_values(type(first.model), type(first.data))
-        self.fixed = {k: v for k, v in _changed(first).items() if k not in dict(self.keys)}
+        self.fixed = {k: v for k, v in _changed(first).items() if k not in per_run}
 
     def __call__(self, cfg: Config) -> str:
         changed = dict(self.fixed)
@@ -301,8 +302,8 @@ def pack_records(sweep_dir: Path) -> list[tuple[Path, list[str], dict]]:
 
 def remove_empty_checkpoints(sweep_dir: Path) -> None:
     """Delete checkpoints/ when nothing is left in it: the sweep's packs have all written their
-    runs, and their records and checkpoints went with them. Only when no pack of the folder is
-    running (a pack would make it again as it wrote its record)."""
+    runs, and their records and checkpoints went with them. Call it when no pack of the folder
+    runs (one writing its record meanwhile could find its folder gone)."""
     folder.remove_if_empty(Path(sweep_dir) / "checkpoints", Path(sweep_dir))
 
 
