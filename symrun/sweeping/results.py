@@ -285,15 +285,8 @@ def started_runs(sweep_dir: Path) -> dict[str, dict]:
 def pack_records(sweep_dir: Path) -> list[tuple[Path, list[str], dict]]:
     """(path, the runs it started, the pack's info) of each started pack's record in
     checkpoints/ that can be read back (`write_pack_start`)."""
-    sweep_dir = Path(sweep_dir)
-    try:
-        found = folder.entries(sweep_dir / "checkpoints", sweep_dir)
-    except OutputError:
-        return []
     out = []
-    for name in sorted(n for n, what in found.items() if what == "file" and n.endswith(".json")):
-        path = sweep_dir / "checkpoints" / name
-        record = read_json(path, sweep_dir)
+    for path, record in _sidecars(Path(sweep_dir))[1]:
         running, info = (record.get("running"), record.get("info")) if isinstance(record, dict) else (None, None)
         if isinstance(running, list) and all(isinstance(r, str) for r in running) and isinstance(info, dict):
             out.append((path, running, info))
@@ -310,19 +303,26 @@ def remove_empty_checkpoints(sweep_dir: Path) -> None:
 def checkpointed_packs(sweep_dir: Path) -> list[list[str]]:
     """The run ids of each pack with a checkpoint in the folder (from the .json beside each .pt)."""
     sweep_dir = Path(sweep_dir)
+    found, sidecars = _sidecars(sweep_dir)
+    packs = []
+    for path, sidecar in sidecars:
+        ids = sidecar.get("run_ids") if isinstance(sidecar, dict) else None
+        state = path.with_suffix(".pt").name
+        if (isinstance(ids, list) and ids and all(isinstance(r, str) for r in ids)
+                and found.get(state) == "file" and checkpoint_path(sweep_dir, ids).name == state):
+            packs.append(ids)
+    return packs
+
+
+def _sidecars(sweep_dir: Path) -> tuple[dict[str, str], list[tuple[Path, Any]]]:
+    """checkpoints/'s entries ({name: kind}, folder.entries) and each .json file's path and JSON
+    (None where it cannot be read back), by name; nothing when checkpoints/ cannot be entered."""
     try:
         found = folder.entries(sweep_dir / "checkpoints", sweep_dir)
     except OutputError:
-        return []
-    packs = []
-    for name in sorted(found):
-        sidecar = read_json(sweep_dir / "checkpoints" / name, sweep_dir) if name.endswith(".json") else None
-        ids = sidecar.get("run_ids") if isinstance(sidecar, dict) else None
-        if (isinstance(ids, list) and ids and all(isinstance(r, str) for r in ids)
-                and found.get(name.removesuffix(".json") + ".pt") == "file"
-                and checkpoint_path(sweep_dir, ids).name == name.removesuffix(".json") + ".pt"):
-            packs.append(ids)
-    return packs
+        return {}, []
+    return found, [(sweep_dir / "checkpoints" / name, read_json(sweep_dir / "checkpoints" / name, sweep_dir))
+                   for name in sorted(found) if found[name] == "file" and name.endswith(".json")]
 
 
 def write_json(path: Path, obj: Any, root: Optional[Path] = None) -> None:
