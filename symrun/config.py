@@ -556,7 +556,9 @@ def _flat_into(cfg: Any, prefix: str, out: dict[str, Any], names: Optional[tuple
 
 
 def validate(cfg: Config) -> Config:
-    """Check ranges and names once, at the edge; raise ConfigError with a one-line message."""
+    """Check ranges and names once, at the edge; raise ConfigError with a one-line message. No
+    check reads a run's `seed`: a grid's runs that differ in it alone are validated once
+    (composition.Shape.run), so a check of the seed would have to go there too."""
     m, d, o, n, t, mt = cfg.model, cfg.data, cfg.optim, cfg.noise, cfg.train, cfg.metrics
     checks = [
         (o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}"),

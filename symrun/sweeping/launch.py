@@ -200,13 +200,11 @@ def _launch_jobs(launcher: Any, jobs: list[list[str]], plans: list[Plan], in_pro
     if in_process:
         with display().training(sum(p.steps for p in plans), "training steps (all packs)") as advance:
             job.ON_STEP = advance
-            planned = {}
-            for overrides, (p, i) in zip(jobs, packs):
-                if i == 0:                        # a plan's first pack (`packs` goes plan by plan)
-                    finished = set(p.finished)
-                planned[job.task_overrides(overrides)] = (p.sweep_dir, i, list(p.packs[i]),
-                                                          [p.configs[rid] for rid in p.packs[i]],
-                                                          [rid for rid in p.packs[i] if rid not in finished])
+            finished = {p.sweep_dir: set(p.finished) for p in plans}
+            planned = {job.task_overrides(overrides): (p.sweep_dir, i, list(p.packs[i]),
+                                                       [p.configs[rid] for rid in p.packs[i]],
+                                                       [rid for rid in p.packs[i] if rid not in finished[p.sweep_dir]])
+                       for overrides, (p, i) in zip(jobs, packs)}
             # each job's overrides name its pack (+pack.index, +pack.member): two alike would
             # share an entry, so then every job builds its own configs
             job.PLANNED = planned if len(planned) == len(jobs) else {}
