@@ -207,9 +207,10 @@ def test_an_evaluation_in_chunks_of_examples_equals_one_pass(user, monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
 
 
-def test_a_pack_of_the_users_module_stepped_in_chunks_over_threads_equals_the_plain_step(user, monkeypatch):
-    """Each thread of a chunked step calls its own copy of the module's skeleton
-    (functional_call swaps a module's tensors while it runs)."""
+def test_a_pack_of_the_users_module_trained_as_parts_over_threads_equals_the_plain_pack(user, monkeypatch):
+    """Each part's thread calls its own copy of the module's skeleton (functional_call swaps a
+    module's tensors while it runs), and the parts draw their runs' initialisations one at a time
+    (from torch's generator, which is the process's)."""
     from conftest import assert_same_run
     from symrun.training import shards
 
@@ -225,7 +226,7 @@ def test_a_pack_of_the_users_module_stepped_in_chunks_over_threads_equals_the_pl
         plain = engine.train_pack(cfgs)
         monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 1)
         monkeypatch.setattr(shards, "MIN_THREAD_BYTES", 1)
-        monkeypatch.setattr(shards, "CHUNK_BYTES", 1)               # a chunk per run, over 2 threads
+        monkeypatch.setattr(shards, "CHUNK_BYTES", 1)               # two parts, a chunk per run
         chunked = engine.train_pack(cfgs)
     finally:
         torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
-"""symrun.training.shards: a CPU pack's step in chunks of runs over threads gives every run the
-numbers the plain step over the whole pack gives; the chunks cover every run once; a failure in
-any chunk's thread fails the step."""
+"""symrun.training.shards: a CPU pack trained as parts over threads, each part's step in chunks
+of runs, gives every run the numbers the plain pack gives; its checkpoint is the pack's whatever
+its parts, so it resumes on any number of threads; the parts cover every run once, a seed's runs
+together; a failure or an interruption in any part stops them all, with its own error."""
 
 import threading
 from pathlib import Path
@@ -13,7 +14,7 @@ from symrun.models.nets import cpu
 from symrun.models.nets.hadamard import Hadamard
 from symrun.sweeping import sweep
 from symrun.training import engine, shards
-from symrun.training.shards import Shards
+from symrun.training.shards import Shards, Split
 
 
 def _configs(*args: str):
@@ -44,96 +45,147 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
-def _chunked(monkeypatch, bytes_per_chunk: int = 1):
-    """Chunks of about one run each (a run's step is more than a byte), over 2 threads."""
+def _cut(monkeypatch, bytes_per_chunk: int = 1):
+    """Two parts of any pack (on two threads), their steps in chunks of about `bytes_per_chunk`
+    (one run each by default: a run's step is more than a byte)."""
     monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 1)
     monkeypatch.setattr(shards, "MIN_THREAD_BYTES", 1)
     monkeypatch.setattr(shards, "CHUNK_BYTES", bytes_per_chunk)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_pack_stepped_in_chunks_over_threads_equals_the_plain_step(case, two_threads, monkeypatch):
-    cfgs = _configs(*CASES[case])
-    assert len(cfgs) >= 20
-    monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 10**9)        # one thread, one chunk: the plain step
+def _whole(monkeypatch):
+    """One part, one chunk: the plain step over the whole pack."""
+    monkeypatch.setattr(shards, "MIN_THREAD_RUNS", 10**9)
     monkeypatch.setattr(shards, "CHUNK_BYTES", 10**15)
-    plain = engine.train_pack(cfgs)
-    seen = []
-    real = Shards.__init__
+
+
+def _spy(monkeypatch, cls) -> list:
+    """Every instance of `cls` made from here on."""
+    seen, real = [], cls.__init__
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
         seen.append(self)
 
-    monkeypatch.setattr(Shards, "__init__", spy)
-    _chunked(monkeypatch, bytes_per_chunk=10**4)
+    monkeypatch.setattr(cls, "__init__", spy)
+    return seen
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_pack_trained_as_parts_in_chunks_equals_the_plain_pack(case, two_threads, monkeypatch):
+    cfgs = _configs(*CASES[case])
+    assert len(cfgs) >= 20
+    _whole(monkeypatch)
+    plain = engine.train_pack(cfgs)
+    splits, chunked = _spy(monkeypatch, Split), _spy(monkeypatch, Shards)
+    _cut(monkeypatch, bytes_per_chunk=10**4)
     # the MLP's batched products go through numpy's BLAS on one kernel thread each (the route a
     # CPU not made by Intel takes; taken here on any CPU)
     monkeypatch.setattr(cpu, "NUMPY_ROUTE", True)
     products = []
     apply = cpu._NumpyMatmul.apply
     monkeypatch.setattr(cpu._NumpyMatmul, "apply", lambda a, b: products.append(1) or apply(a, b))
-    chunked = engine.train_pack(cfgs)
-    (cut,) = seen
-    assert cut.threads == 2 and sum(map(len, cut.plan)) > 2                # really cut, really threaded
+    cut = engine.train_pack(cfgs)
+    (split,) = splits
+    assert split.threads == 2 and all(len(s.chunks) > 1 for s in chunked)    # really split, really chunked
     assert bool(products) == case.startswith("mlp")
     assert {o.status for o in plain} >= ({"finished", "diverged"} if "diverging" in case else {"finished"})
-    for got, want in zip(chunked, plain):
+    for got, want in zip(cut, plain):
         assert got.diverged_at == want.diverged_at
         assert_same_run(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_a_chunked_pack_resumes_from_its_checkpoint_as_if_never_stopped(two_threads, monkeypatch, tmp_path):
-    _chunked(monkeypatch, bytes_per_chunk=10**4)
+class Stop(Exception):
+    pass
+
+
+def _stop_at(steps: int):
+    """An on_step that raises Stop once `steps` steps are done."""
+    seen = [0]
+
+    def on_step(n: int) -> None:
+        seen[0] += n
+        if seen[0] == steps:
+            raise Stop
+    return on_step
+
+
+@pytest.mark.parametrize("parts_before, parts_after", [(2, 2), (2, 1), (1, 2)])
+def test_a_pack_resumes_from_its_checkpoint_as_if_never_stopped_on_any_number_of_threads(
+        parts_before, parts_after, two_threads, monkeypatch, tmp_path):
     cfgs = _configs(*CASES["mlp, minibatches, momentum, label flips"], "train.checkpoint_every=10")
+    _whole(monkeypatch)
     whole = engine.train_pack(cfgs)
     ckpt = tmp_path / "pack.pt"
-
-    class Stop(Exception):
-        pass
-
-    def stop_at(n, seen=[0]):                                                # noqa: B006 — a counter
-        seen[0] += n
-        if seen[0] == 25:
-            raise Stop
+    splits = _spy(monkeypatch, Split)
+    _cut(monkeypatch, bytes_per_chunk=10**4) if parts_before == 2 else _whole(monkeypatch)
     with pytest.raises(Stop):
-        engine.train_pack(cfgs, on_step=stop_at, checkpoint=ckpt)
+        engine.train_pack(cfgs, on_step=_stop_at(25), checkpoint=ckpt)
+    _cut(monkeypatch, bytes_per_chunk=10**4) if parts_after == 2 else _whole(monkeypatch)
     resumed = engine.train_pack(cfgs, checkpoint=ckpt)
+    assert [s.threads for s in splits] == [parts_before, parts_after]
     assert all(o.resumed_from == 20 for o in resumed)
     for got, want in zip(resumed, whole):
         assert_same_run(got, want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("runs, run_bytes, threads", [(1, 10, 2), (31, 10, 2), (64, 10, 2), (64, 17_000, 2),
-                                                      (64, 250_000, 2), (256, 250_000, 2), (1000, 250_000, 2),
-                                                      (4352, 17_000, 4), (7, 10**9, 1)])
-def test_the_chunks_cover_every_run_once_in_whole_rounds_of_the_threads(runs, run_bytes, threads, monkeypatch):
+@pytest.mark.parametrize("seeds, run_bytes, threads", [
+    (list(range(1)), 10, 2), (list(range(31)), 10, 2), ([s for _ in range(8) for s in range(8)], 10, 2),
+    (list(range(64)), 17_000, 2), ([s for _ in range(8) for s in range(32)], 250_000, 2),
+    ([s for s in range(5) for _ in range(200)], 250_000, 2), ([s for _ in range(17) for s in range(256)], 17_000, 4),
+    (list(range(7)), 10**9, 1)])
+def test_the_parts_cover_every_run_once_a_seeds_runs_together(seeds, run_bytes, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    cut = Shards(runs, torch.device("cpu"), run_bytes)
-    covered = sorted(r for ranges in cut.plan for s in ranges for r in range(runs)[s])
-    assert covered == list(range(runs))
-    assert cut.threads == max(1, min(threads, runs // shards.MIN_THREAD_RUNS, runs * run_bytes // shards.MIN_THREAD_BYTES))
-    sizes = [s.stop - s.start for ranges in cut.plan for s in ranges]
+    runs = len(seeds)
+    split = Split(seeds, torch.device("cpu"), run_bytes)
+    assert sorted(r for part in split.parts for r in part) == list(range(runs))
+    assert all(part == sorted(part) for part in split.parts)
+    assert split.threads == len(split.parts) == max(1, min(threads, runs // shards.MIN_THREAD_RUNS,
+                                                           runs * run_bytes // shards.MIN_THREAD_BYTES))
+    sizes = [len(part) for part in split.parts]
     assert max(sizes) - min(sizes) <= 1                                      # balanced
-    assert len({len(ranges) for ranges in cut.plan}) == 1                    # every thread, as many chunks
-    if len(sizes) > threads:                                                 # cut for the cache, not only the threads
-        assert max(sizes) * run_bytes <= 1.01 * shards.CHUNK_BYTES + run_bytes
-    assert Shards(runs, torch.device("cpu"), run_bytes, allowed=False).plain
+    # a seed is cut only where a boundary between parts falls inside its runs
+    parts_of = {s: {i for i, part in enumerate(split.parts) for r in part if seeds[r] == s} for s in seeds}
+    assert sum(len(p) - 1 for p in parts_of.values()) <= split.threads - 1
+    assert Split(seeds, torch.device("cpu"), run_bytes, allowed=False).threads == 1
+    chunked = Shards(runs, torch.device("cpu"), run_bytes)
+    assert [r for s in chunked.chunks for r in range(runs)[s]] == list(range(runs))
+    if len(chunked.chunks) > 1:                                              # cut for the cache
+        assert max(s.stop - s.start for s in chunked.chunks) * run_bytes <= 1.01 * shards.CHUNK_BYTES + run_bytes
 
 
-def test_a_failure_in_any_chunks_thread_fails_the_step_with_its_own_error(two_threads, monkeypatch):
-    _chunked(monkeypatch)
-    cfgs = _configs("model=hadamard", "seed=range(0,8)", "train.steps=5", "train.log_every=5")
+def test_a_failure_in_any_part_stops_the_pack_with_its_own_error(two_threads, monkeypatch):
+    _cut(monkeypatch)
+    cfgs = _configs("model=hadamard", "seed=range(0,8)", "train.steps=50", "train.log_every=50")
     real, trained = Hadamard.loss_and_grads, []
 
     def loss_and_grads(self, params, *args):                            # a training chunk: one run each
         trained.append(threading.current_thread().name)
-        if len(trained) == 5:                     # a chunk of step 1 on whichever thread takes it
-            raise FloatingPointError("chunk 5 failed")
+        if trained.count("symrun-part-1") == 9:   # in the second part's third step
+            raise FloatingPointError("chunk failed")
         return real(self, params, *args)
 
     monkeypatch.setattr(Hadamard, "loss_and_grads", loss_and_grads)
-    with pytest.raises(FloatingPointError, match="chunk 5 failed"):
+    with pytest.raises(FloatingPointError, match="chunk failed"):
         engine.train_pack(cfgs)
-    assert len(set(trained)) == 2                                            # both threads trained
+    assert len(set(trained)) == 2                                            # both parts trained
+    assert len(trained) < 4 * 50                                             # the first stopped within a few steps
     assert torch.get_num_threads() == 2                                      # the machine's threads again
+    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+
+
+def test_an_interruption_in_the_callers_part_stops_every_part_before_the_error_is_raised(two_threads, monkeypatch):
+    _cut(monkeypatch, bytes_per_chunk=10**15)
+    cfgs = _configs("model=hadamard", "seed=range(0,8)", "train.steps=2000", "train.log_every=2000")
+    real, trained = Hadamard.loss_and_grads, []
+
+    def loss_and_grads(self, params, *args):
+        trained.append(threading.current_thread().name)
+        return real(self, params, *args)
+
+    monkeypatch.setattr(Hadamard, "loss_and_grads", loss_and_grads)
+    with pytest.raises(Stop):                                        # as a Ctrl-C would, in the caller's thread
+        engine.train_pack(cfgs, on_step=_stop_at(5))
+    assert trained.count("MainThread") == 5
+    assert 0 < trained.count("symrun-part-1") < 2000                          # stopped, not run to its end
+    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []

@@ -34,7 +34,6 @@ from symrun.analysis.symmetries import Mirror, Symmetry, constraint_norms, kind,
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]           # ρ → per-run loss (R,)
-Spread = Callable[[Callable[[int], dict], range], list]   # [fn(i) for i in items], maybe over threads
 
 
 def hvp_at(loss_fn: LossFn, point: Params) -> Callable[[Params], Params]:
@@ -184,8 +183,7 @@ def runs_per_pass(loss_fn: LossFn, params: Params, limit: int) -> int:
     return max(1, memory.EVAL_BYTES // (2 * graph * max(1, limit)))
 
 
-def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: torch.Tensor,
-           spread: Spread = lambda fn, items: [fn(i) for i in items], threads: int = 1) -> dict[str, torch.Tensor]:
+def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: torch.Tensor) -> dict[str, torch.Tensor]:
     """The end-of-run columns, in float64 on the training set (no noise); runs that diverged
     (`alive` false) or whose parameters are not finite get NaN, and are measured at 0 so that
     they cannot stop the others. Empty when `metrics.critical_mirrors` = 0 or nothing is declared.
@@ -193,10 +191,7 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
     The loss is on every training example when there are at most `metrics.critical_examples`,
     else on the first that many. `critical_wd_examples` says how many; `critical_wd_exact` is 1
     when that was all of them and every block was solved whole (closed form, or at most
-    `metrics.critical_block` Hessian-vector products), 0 when λ_c is an estimate.
-
-    `spread(fn, items)` is [fn(item) for item in items], done on `threads` threads by the engine
-    (symrun.training.shards); the passes are cut so that each thread has one at least."""
+    `metrics.critical_block` Hessian-vector products), 0 when λ_c is an estimate."""
     symmetries = rp.symmetries()
     if cfg.critical_mirrors == 0 or not symmetries or not model.second_order:
         return {}
@@ -219,10 +214,10 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
 
     # Runs are independent (a block-diagonal Hessian), so they go in chunks that bound memory.
     runs = len(finite)
-    chunk = min(runs_per_pass(loss_fn, safe, cfg.critical_mirrors), -(-runs // threads))
-    parts = spread(lambda i: summarize(thresholds(loss_fn, symmetries, {k: v[i:i + chunk] for k, v in safe.items()},
-                                                  cfg.critical_mirrors, cfg.critical_block, closed)),
-                   range(0, runs, chunk))
+    chunk = runs_per_pass(loss_fn, safe, cfg.critical_mirrors)
+    parts = [summarize(thresholds(loss_fn, symmetries, {k: v[i:i + chunk] for k, v in safe.items()},
+                                  cfg.critical_mirrors, cfg.critical_block, closed))
+             for i in range(0, runs, chunk)]
     cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     cols = {k: torch.where(finite, v, torch.full_like(v, float("nan"))) for k, v in cols.items()}
     whole = all(s in solved_whole or mirror_size(s, safe) <= cfg.critical_block for s in symmetries)

@@ -47,21 +47,68 @@ class PackState:
     stats: dict[str, torch.Tensor]  # a model's running statistics (BatchNorm), (R, ...) each
 
 
-def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
-    """Write the pack's state after `step` steps to `path` (a sweep's checkpoints/<hash>.pt,
-    results.checkpoint_path), atomically, and its run ids beside it (<hash>.json), which a rerun
-    of the sweep reads to keep the pack together (sweep.schedule). A sidecar already there is
-    the pack's own record (results.write_pack_start: its run ids, and which runs it trains),
-    and is kept when it holds these run ids."""
+def snapshot(step: int, s: PackState) -> dict:
+    """The state of a pack (or of a part of one, symrun.training.shards.Split) after `step`
+    steps: every entry per run along its first axis or in run order, but the _WHOLE ones. It
+    holds the live tensors: it is saved before training goes on."""
     order = None if s.order is None else {"perm": s.order.perm, "step_in_epoch": s.order.step_in_epoch,
                                           "generators": [g.get_state() for g in s.order.generators]}
-    state = {
-        "format": FORMAT, "step": step, "run_ids": [run_id(c) for c in cfgs],
+    return {
+        "format": FORMAT, "step": step,
         "params": s.params, "stats": s.stats, "lr": s.lr, "opt_t": s.opt.t, "opt_state": s.opt.state, "order": order,
         "outcomes": [{"status": o.status, "rows": o.rows, "diverged_at": o.diverged_at} for o in s.record.outcomes],
         "alive": s.record.alive, "stopped_at": s.record.stopped_at,
         "kept": s.record.kept, "kept_stats": s.record.kept_stats,
     }
+
+
+_WHOLE = ("format", "step", "opt_t", "step_in_epoch", "run_ids")   # the pack's, the same in each part
+
+
+def join(states: list[dict], parts: list[list[int]]) -> dict:
+    """The pack's state from its parts' snapshots, part i holding the pack's runs parts[i]."""
+    if len(states) == 1:
+        return states[0]
+    back = torch.argsort(torch.tensor([r for part in parts for r in part]))    # pack run → place in the parts' order
+
+    def merge(key: str, values: list):
+        if key in _WHOLE or values[0] is None:
+            return values[0]
+        if isinstance(values[0], dict):
+            return {k: merge(k, [v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], torch.Tensor):
+            joined = torch.cat(values)
+            return joined[back.to(joined.device)]
+        joined = [item for v in values for item in v]
+        return [joined[i] for i in back.tolist()]
+
+    return {k: merge(k, [s[k] for s in states]) for k in states[0]}
+
+
+def part(state: dict, runs: list[int]) -> dict:
+    """The state of the pack's runs `runs` (ascending), as a part of the pack holding them would save it."""
+    if runs == list(range(len(state["outcomes"]))):
+        return state
+
+    def pick(key: str, value):
+        if key in _WHOLE or value is None:
+            return value
+        if isinstance(value, dict):
+            return {k: pick(k, v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            return value[torch.tensor(runs, device=value.device)]
+        return [value[i] for i in runs]
+
+    return {k: pick(k, v) for k, v in state.items()}
+
+
+def save(path: Path, cfgs: list[Config], state: dict) -> None:
+    """Write the pack's state (`snapshot`, or `join` of its parts') to `path` (a sweep's
+    checkpoints/<hash>.pt, results.checkpoint_path), atomically, and its run ids beside it
+    (<hash>.json), which a rerun of the sweep reads to keep the pack together (sweep.schedule).
+    A sidecar already there is the pack's own record (results.write_pack_start: its run ids,
+    and which runs it trains), and is kept when it holds these run ids."""
+    state = {**state, "run_ids": [run_id(c) for c in cfgs]}
     buf = io.BytesIO()
     torch.save(state, buf)
     root = Path(path).parent.parent          # the sweep folder: no link inside it is followed
@@ -72,24 +119,29 @@ def save(path: Path, step: int, cfgs: list[Config], s: PackState) -> None:
     write_atomic(Path(path), buf.getvalue(), root)
 
 
-def restore(path: Path, cfgs: list[Config], s: PackState) -> int:
-    """Load `path` into the live objects and return its step; 0 (nothing changed) when there is no
-    checkpoint or it belongs to other runs (the run ids, hashes of the configs, must match)."""
+def load(path: Path, cfgs: list[Config], device: torch.device) -> Optional[dict]:
+    """The pack's state saved at `path`; None when there is no checkpoint or it belongs to other
+    runs (the run ids, hashes of the configs, must match) or to another format."""
     path = Path(path)
-    device = s.lr.device
     try:
         raw = read_bytes(path, path.parent.parent)
     except FileNotFoundError:
-        return 0
+        return None
     try:
         state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 — atomic writes make this rare; say what to do
         raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to train the pack "
                            "from the start") from e
     if not isinstance(state, dict):
-        return 0
+        return None
     if state.get("format") != FORMAT or state.get("run_ids") != [run_id(c) for c in cfgs]:
-        return 0
+        return None
+    return state
+
+
+def restore(state: dict, s: PackState) -> int:
+    """Load a saved state (`load`, or its `part` for a part's runs) into the live objects and
+    return its step."""
     with torch.no_grad():
         for k, p in s.params.items():
             p.copy_(state["params"][k])

@@ -9,8 +9,11 @@ pack is the *sum* of per-run losses: runs are disjoint slices, so each gets exac
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +26,14 @@ from symrun import models
 from symrun.analysis import critical, metrics
 from symrun.config import PER_RUN_KEYS, Config, ConfigError, flattened, flattened_field, total_steps
 from symrun.data import BatchOrder, Dataset
+from symrun.models.nets.base import PackedModel
 from symrun.seeds import derive_seed
 from symrun.training import checkpoint as ckpt_mod
 from symrun.training import memory, reparam
 from symrun.training.loss import loss_per_run
 from symrun.training.noise import NoiseBlocks, StepNoise  # noqa: F401 — NoiseBlocks: engine.NoiseBlocks stays
 from symrun.training.optim import PackedOptimizer, Schedule, per_run
-from symrun.training.shards import Shards, chunk_bytes
+from symrun.training.shards import Shards, Split, chunk_bytes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,28 +96,84 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     The configs must share everything but config.PER_RUN_KEYS (symrun.sweeping.sweep groups them so).
     `on_step(n)` is called as steps complete (for a progress bar). With a `checkpoint` path the pack
     continues from the state saved there, if any, and saves it every `train.checkpoint_every` steps.
+    On a CPU the pack trains as parts, one per core, side by side (symrun.training.shards.Split).
     """
     if not one_pack(cfgs):
         raise ValueError("the configs of a pack may differ only in " + ", ".join(PER_RUN_KEYS))
     first = cfgs[0]
     device, dtype = resolve_device(first.device), getattr(torch, first.train.dtype)
     ds = dataset if dataset is not None else data_mod.load(first.data)
-    tensor = lambda a, dt=dtype: None if a is None else torch.as_tensor(a, device=device, dtype=dt)  # noqa: E731
-    ydt = torch.long if ds.task == "classification" else dtype
-    tasks = first.tasks
-
-    def task_data(k: int):
-        t = data_mod.for_task(ds, tasks.change, first.data.seed, k)
-        x_t, x_test_t = tensor(t.x), tensor(t.x_test)
-        return x_t, tensor(t.y, ydt), x_test_t, tensor(t.y_test, ydt), probe_inputs(x_t, x_test_t, first)
-
-    x, y, x_test, y_test, probe = task_data(0)
     model = models.build(first.model, ds.in_dim, ds.out_dim)
-    hp = lambda get: torch.tensor([get(c) for c in cfgs], device=device, dtype=dtype)  # noqa: E731
-    lr, wd = hp(lambda c: c.optim.lr), hp(lambda c: c.optim.weight_decay)
     # The optimiser trains ρ; the network uses θ = g(ρ): θ itself, θ + b under symmetry removal,
     # or DCS's (I − OOᵀ)w + O(u⊙v) on constrained parameters. Weight decay acts on ρ.
     rp = reparam.build(first, model)
+    pack = _Pack(cfgs, ds, model, rp, device, dtype, on_step, checkpoint)
+    n = len(pack.task_data(0)[0])
+    batch = n if first.data.batch_size is None else min(n, first.data.batch_size)
+    pack.run_bytes = chunk_bytes(sum(math.prod(s) for s in rp.raw_shapes().values()), batch * model.example_width(),
+                                 dtype.itemsize)
+    pack.split = Split([c.seed for c in cfgs], device, pack.run_bytes, model.threadsafe)
+    if checkpoint is not None:
+        pack.saved = ckpt_mod.load(checkpoint, cfgs, device)
+    with pack.split.active():
+        done = pack.split.run(lambda i: _train_part(pack, i))
+    outcomes: list = [None] * len(cfgs)
+    seconds = max(s for _, s in done)               # the pack's time in its steps, its parts side by side
+    for runs, (part, _) in zip(pack.split.parts, done):
+        for r, outcome in zip(runs, part):
+            outcome.train_seconds, outcomes[r] = seconds, outcome
+    return outcomes
+
+
+@dataclass
+class _Pack:
+    """What the parts of a pack share (symrun.training.shards.Split); each trains its own runs."""
+
+    cfgs: list[Config]
+    ds: Dataset
+    model: PackedModel
+    rp: reparam.Reparam
+    device: torch.device
+    dtype: torch.dtype
+    on_step: Optional[Callable[[int], None]]       # called by the first part, for the pack
+    checkpoint: Optional[Path]
+    run_bytes: int = 0                             # what one run's step touches (shards.chunk_bytes)
+    split: Optional[Split] = None
+    saved: Optional[dict] = None                   # the checkpoint's state, when the pack resumes
+    tasks: dict = field(default_factory=dict)      # task k → its tensors, made once for every part
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def task_data(self, k: int) -> tuple:
+        """(x, y, x_test, y_test, probe) of task k, on the pack's device: made by the first part
+        that asks, then shared (read only)."""
+        with self.lock:
+            if k not in self.tasks:
+                first = self.cfgs[0]
+                t = data_mod.for_task(self.ds, first.tasks.change, first.data.seed, k)
+                tensor = lambda a, dt=self.dtype: None if a is None else torch.as_tensor(a, device=self.device, dtype=dt)  # noqa: E731
+                ydt = torch.long if self.ds.task == "classification" else self.dtype
+                x, x_test = tensor(t.x), tensor(t.x_test)
+                self.tasks[k] = (x, tensor(t.y, ydt), x_test, tensor(t.y_test, ydt), probe_inputs(x, x_test, first))
+            return self.tasks[k]
+
+    def save(self, i: int, step: int, state: ckpt_mod.PackState) -> None:
+        """Part i's state after `step` steps, saved with the other parts' as the pack's checkpoint
+        once every part has reached that step."""
+        self.split.meet(i, ckpt_mod.snapshot(step, state),
+                        lambda states: ckpt_mod.save(self.checkpoint, self.cfgs, ckpt_mod.join(states, self.split.parts)))
+
+
+def _train_part(pack: _Pack, i: int) -> tuple[list[RunOutcome], float]:
+    """Train the pack's runs split.parts[i], from the checkpoint's state if there is one: their
+    outcomes, in order, and the seconds spent in training steps (not the logged rows' metrics,
+    nor checkpoints)."""
+    part = pack.split.parts[i]
+    cfgs, model, ds, device, dtype = [pack.cfgs[r] for r in part], pack.model, pack.ds, pack.device, pack.dtype
+    first, tasks, task = cfgs[0], cfgs[0].tasks, 0
+    x, y, x_test, y_test, probe = pack.task_data(0)
+    hp = lambda get: torch.tensor([get(c) for c in cfgs], device=device, dtype=dtype)  # noqa: E731
+    lr, wd = hp(lambda c: c.optim.lr), hp(lambda c: c.optim.weight_decay)
+    rp = copy.copy(pack.rp)         # its own offsets b under symmetry removal, for these runs
     params = rp.init([c.seed for c in cfgs], device, dtype)
     net = lambda: rp.network(params)  # noqa: E731
     opt = PackedOptimizer(first.optim, params, lr, wd, hp(lambda c: c.optim.momentum))
@@ -122,7 +182,7 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     bs = first.data.batch_size
     order = BatchOrder(len(x), bs, [c.seed for c in cfgs], device) if bs is not None and bs < len(x) else None
     record = Recorder(len(cfgs), device)
-    task = 0
+    on_step = pack.on_step if i == 0 else None
 
     def log(step: int) -> None:
         with torch.no_grad():
@@ -134,13 +194,11 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
             twins = distinct_runs(theta) if step == 0 and not getattr(model, "stats", None) else None
             if twins is not None:
                 theta = {k: v[twins[0]] for k, v in theta.items()}
-            runs = len(next(iter(theta.values())))
             # Runs are independent, so they are evaluated in chunks whose training-set passes fit
             # memory.EVAL_BYTES (neural collapse holds every example's features, in float64).
-            # The chunks go over the step's threads (symrun.training.shards), at least one each.
-            chunk = max(1, min(memory.eval_items(model.example_width()) // len(x), -(-runs // shards.threads)))
-            parts = shards.map(lambda i: evaluate(model, {k: v[i:i + chunk] for k, v in theta.items()}, first, ds.task,
-                                                  x, y, x_test, y_test), range(0, runs, chunk))
+            chunk = max(1, memory.eval_items(model.example_width()) // len(x))
+            parts = [evaluate(model, {k: v[j:j + chunk] for k, v in theta.items()}, first, ds.task, x, y, x_test, y_test)
+                     for j in range(0, len(next(iter(theta.values()))), chunk)]
             row = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             if twins is not None:
                 row = {k: v[twins[1]] for k, v in row.items()}
@@ -151,90 +209,82 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
 
     # model.stats: running statistics a model updates as it trains (resnet18's BatchNorm), if any
     pack_state = ckpt_mod.PackState(params, opt, lr, order, record, getattr(model, "stats", {}))
-    start = ckpt_mod.restore(checkpoint, cfgs, pack_state) if checkpoint is not None else 0
+    start = ckpt_mod.restore(ckpt_mod.part(pack.saved, part), pack_state) if pack.saved is not None else 0
     steps, log_every, every = first.train.steps, first.train.log_every, first.train.checkpoint_every
     total = total_steps(first)
-    # a CPU pack's step in chunks of runs over every core (symrun.training.shards)
-    batch = len(x) if order is None else first.data.batch_size
-    run_bytes = chunk_bytes(sum(p[0].numel() for p in params.values()), batch * model.example_width(), dtype.itemsize)
-    shards = Shards(len(cfgs), device, run_bytes, model.threadsafe)
-    with shards.active():
-        if start == 0:
-            with shards.every_thread():
-                log(0)
-        else:   # resumed: back to the task the checkpoint was taken in (its switch already applied)
-            task = min(start // steps, tasks.count - 1)
-            if task:
-                x, y, x_test, y_test, probe = task_data(task)
-            for outcome in record.outcomes:
-                outcome.resumed_from = start
-            if on_step is not None:
-                on_step(start)
-        train_seconds = 0.0      # in the steps themselves: not the logged rows' metrics, nor checkpoints
-        for step in range(start + 1, total + 1):
-            begun = time.perf_counter()
-            schedule.set(lr, step, record.alive)   # η_t of every run (docs/theory.md §1), 0 once frozen
-            # full batch: one input shared by every run; else each run's minibatch (R, B)
-            idx = None if order is None else order.next()
-            yb = noise.labels(y if idx is None else take(y, idx), ds.task, ds.n_classes, step)   # (R, B[, o])
-            per_run_y = yb.dim() > y.dim()
+    shards = Shards(len(cfgs), device, pack.run_bytes)       # the part's step in chunks that fit the cache
+    if start == 0:
+        log(0)
+    else:   # resumed: back to the task the checkpoint was taken in (its switch already applied)
+        task = min(start // steps, tasks.count - 1)
+        if task:
+            x, y, x_test, y_test, probe = pack.task_data(task)
+        for outcome in record.outcomes:
+            outcome.resumed_from = start
+        if on_step is not None:
+            on_step(start)
+    train_seconds = 0.0
+    for step in range(start + 1, total + 1):
+        pack.split.check()                         # another part failed, or the caller was interrupted
+        begun = time.perf_counter()
+        schedule.set(lr, step, record.alive)   # η_t of every run (docs/theory.md §1), 0 once frozen
+        # full batch: one input shared by every run; else each run's minibatch (R, B)
+        idx = None if order is None else order.next()
+        yb = noise.labels(y if idx is None else take(y, idx), ds.task, ds.n_classes, step)   # (R, B[, o])
+        per_run_y = yb.dim() > y.dim()
 
-            def loss_and_grads(raw: dict[str, torch.Tensor], runs: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
-                xb = x if idx is None else take(x, idx[runs])                         # (runs, B, d)
-                yr = yb[runs] if per_run_y else yb
-                # the model's own backward (PackedModel.loss_and_grads), if it has one here and θ's
-                # gradient is ρ's (not under DCS's reparametrisation)
-                if rp.plain_gradient:
-                    with torch.no_grad():
-                        done = model.loss_and_grads(rp.network(raw, runs), xb, yr, ds.task)
-                    if done is not None:
-                        return done[0], [done[1][k] for k in raw]
-                loss = loss_per_run(model.forward(rp.network(raw, runs), xb), yr, ds.task)        # (runs,)
-                return loss.detach(), list(torch.autograd.grad(loss.sum(), list(raw.values())))
+        def loss_and_grads(raw: dict[str, torch.Tensor], runs: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            xb = x if idx is None else take(x, idx[runs])                         # (runs, B, d)
+            yr = yb[runs] if per_run_y else yb
+            # the model's own backward (PackedModel.loss_and_grads), if it has one here and θ's
+            # gradient is ρ's (not under DCS's reparametrisation)
+            if rp.plain_gradient:
+                with torch.no_grad():
+                    done = model.loss_and_grads(rp.network(raw, runs), xb, yr, ds.task)
+                if done is not None:
+                    return done[0], [done[1][k] for k in raw]
+            loss = loss_per_run(model.forward(rp.network(raw, runs), xb), yr, ds.task)        # (runs,)
+            return loss.detach(), list(torch.autograd.grad(loss.sum(), list(raw.values())))
 
-            def update(raw: dict[str, torch.Tensor], grads: list[torch.Tensor], losses: torch.Tensor,
-                       runs: slice) -> torch.Tensor:
-                return opt.update(raw, dict(zip(raw, grads)), record.alive[runs] & losses.isfinite(), runs)
+        def update(raw: dict[str, torch.Tensor], grads: list[torch.Tensor], losses: torch.Tensor,
+                   runs: slice) -> torch.Tensor:
+            return opt.update(raw, dict(zip(raw, grads)), record.alive[runs] & losses.isfinite(), runs)
 
-            # A run diverges at the step that produced a non-finite value: the parameters of step − 1
-            # whose loss is non-finite, or a non-finite update, which is not applied. Either way the
-            # run is frozen at its last finite parameters. Bookkeeping stays on the device; the
-            # optimiser reads back one bool per step.
-            opt.advance(params)
-            loss, updated = shards.step(loss_and_grads, update, params)
-            record.check(step - 1, loss.isfinite())
-            record.check(step, updated)
-            lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run
-            with shards.every_thread():
-                noise.langevin(params, lr, step)
-                train_seconds += time.perf_counter() - begun
-                if step % log_every == 0 or step % steps == 0:
-                    log(step)
-                    lr.masked_fill_(~record.alive, 0.0)
-                if step % steps == 0 and task + 1 < tasks.count:       # the next task of the sequence
-                    task += 1
-                    x, y, x_test, y_test, probe = task_data(task)
-                    shrink_and_perturb(rp, params, cfgs, task, record.alive)
-                if checkpoint is not None and every and step % every == 0 and step < total:
-                    ckpt_mod.save(checkpoint, step, cfgs, pack_state)
-            if on_step is not None:
-                on_step(1)
-        with shards.every_thread():                                                      # {column: (R,)}
-            thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive,
-                                         shards.map, shards.threads)
+        # A run diverges at the step that produced a non-finite value: the parameters of step − 1
+        # whose loss is non-finite, or a non-finite update, which is not applied. Either way the
+        # run is frozen at its last finite parameters. Bookkeeping stays on the device; the
+        # optimiser reads back one bool per step.
+        opt.advance(params)
+        loss, updated = shards.step(loss_and_grads, update, params)
+        record.check(step - 1, loss.isfinite())
+        record.check(step, updated)
+        lr.masked_fill_(~record.alive, 0.0)     # no Langevin noise for a frozen run
+        noise.langevin(params, lr, step)
+        train_seconds += time.perf_counter() - begun
+        if step % log_every == 0 or step % steps == 0:
+            log(step)
+            lr.masked_fill_(~record.alive, 0.0)
+        if step % steps == 0 and task + 1 < tasks.count:       # the next task of the sequence
+            task += 1
+            x, y, x_test, y_test, probe = pack.task_data(task)
+            shrink_and_perturb(rp, params, cfgs, task, record.alive)
+        if pack.checkpoint is not None and every and step % every == 0 and step < total:
+            pack.save(i, step, pack_state)
+        if on_step is not None:
+            on_step(1)
+    thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive)   # {column: (R,)}
     final = net()
     with torch.no_grad():
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures
         kept = rp.network(record.kept) if not bool(record.alive.all()) else final
-    for i, outcome in enumerate(record.outcomes):
-        outcome.train_seconds = train_seconds
+    for r, outcome in enumerate(record.outcomes):
         if outcome.status == "finished":
-            outcome.state = model.run_state(final, i)
-            outcome.arrays = {k: v[i].cpu() for k, v in arrays.items()}
-            outcome.rows[-1].update({k: float(v[i]) for k, v in thresholds.items()})
+            outcome.state = model.run_state(final, r)
+            outcome.arrays = {k: v[r].cpu() for k, v in arrays.items()}
+            outcome.rows[-1].update({k: float(v[r]) for k, v in thresholds.items()})
         elif outcome.rows:   # diverged: the parameters of its last row, which is its row in runs.csv
-            outcome.state = {**model.run_state(kept, i), **{k: v[i].cpu().clone() for k, v in record.kept_stats.items()}}
-    return record.outcomes
+            outcome.state = {**model.run_state(kept, r), **{k: v[r].cpu().clone() for k, v in record.kept_stats.items()}}
+    return record.outcomes, train_seconds
 
 
 @torch.no_grad()

@@ -1,160 +1,174 @@
-"""A CPU pack's training step in chunks of runs, spread over one thread per core.
+"""A CPU pack's training cut two ways: into parts, one per core, each trained as its own loop
+side by side (`Split`); and each part's step into chunks of runs that fit the cache (`Shards`).
 
 On a CPU, torch splits each op of a step over its intra-op threads; for a pack's small batched
 GEMMs and elementwise ops that split costs more than it gains, and a pack of hundreds of runs
 outgrows the caches (W1 on this project's 2-core machine: 256 runs take 14 ms a step on 2
-intra-op threads, 21 ms on one, while 64 runs take 4.1 ms on one). Runs are independent, so the
-forward, backward and update of a step go instead as chunks of runs (about CHUNK_BYTES each),
-each chunk's three done one after another while its tensors are in cache, the chunks shared out
-over one Python thread per intra-op thread (at most MAX_THREADS), each with one intra-op thread
-(or the cores shared out): torch releases the GIL inside its kernels and autograd's engine, so
-the threads run side by side. Everything else of a step (minibatches, label and Langevin noise,
-checkpoints) stays one pass over the pack. A log step's evaluation and λ_c at the end go over the
-same threads (`map`), in chunks of runs.
+intra-op threads, 21 ms on one, while 64 runs take 4.1 ms on one). Runs are independent — a
+run's numbers never depend on the runs it trains beside (symrun.training.engine) — so a pack on T
+threads trains as T parts, each its whole training loop over its own runs (every step, the
+evaluations, λ_c at the end) on one Python thread with the cores shared out as intra-op threads:
+torch releases the GIL inside its kernels, so the parts run side by side. They meet only where
+the pack must be whole, at a checkpoint (`Split.meet`).
 
-A chunk's parameters are views of the pack's (no copy), updated in place. They are made through
-`.data`, so that each has its own version counter: a chunk updating its runs in place must not
-look, to autograd, like a change to what another chunk's forward saved (it is not: chunks share
-no parameter memory).
+Parts, rather than the pack's step handed out to the threads in chunks and gathered every step:
+then the threads wait for each other a thousand times, a step's own bookkeeping (minibatches,
+labels, divergence checks) runs on one thread while the others idle, and on a virtual machine a
+core that idles every few milliseconds comes back to cold caches. W1, 256 runs, 1,000 steps on 2
+cores: 9.3–10.3 s of steps stepped together, 7.2–8.2 s as two parts.
 
-A run's numbers do not depend on the chunks: each run's forward, backward and update are its
-own slices of batched ops, as they are in a pack of another size.
+Runs of a seed go to one part where they can: they share a minibatch stream, and a grid over
+weight decay starts them as one network, evaluated once at step 0.
+
+Within a part, its step goes as chunks of runs (about CHUNK_BYTES each), each chunk's forward,
+backward and update one after another while its tensors are in cache. A chunk's parameters are
+views of the part's (no copy), updated in place, made through `.data` so that each has its own
+version counter: a chunk updating its runs in place must not look, to autograd, like a change
+to what another chunk's forward saved (it is not: chunks share no parameter memory).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 from symrun.models.nets.cpu import one_thread_blas
 
 Params = dict[str, torch.Tensor]
-T, R = TypeVar("T"), TypeVar("R")
+R = TypeVar("R")
 
 CHUNK_BYTES = 32 * 2**20       # a chunk's parameters (4 copies: ρ, gradient, buffers) and activations
-MIN_THREAD_RUNS = 32           # fewer runs than this per thread are not worth a thread's handoff,
-MIN_THREAD_BYTES = 4 * 2**20   # nor less work than this (Hadamard, 64 runs, 1.1 MiB: 0.37 ms a step
-                               # plain, 0.98 ms over 2 threads; W1, 64 runs, 15 MiB: 4.0 → 3.1 ms)
-MAX_THREADS = 8                # Python threads at most (their kernels' Python share the GIL); on a
-                               # machine with more cores each gets cores // threads intra-op threads
+MIN_THREAD_RUNS = 32           # fewer runs than this per part are not worth a thread,
+MIN_THREAD_BYTES = 4 * 2**20   # nor less work than this per step
+MAX_THREADS = 8                # parts at most (their Python shares the GIL); on a machine with
+                               # more cores each part gets cores // parts intra-op threads
 
 LossAndGrads = Callable[[Params, slice], tuple[torch.Tensor, list[torch.Tensor]]]
 Update = Callable[[Params, list[torch.Tensor], torch.Tensor, slice], torch.Tensor]
 
 
-class Shards:
-    """How a pack's step is cut: `threads` threads, each taking its `plan[i]` chunks of runs.
-    One chunk on one thread is the plain step over the whole pack."""
+class Stopped(Exception):
+    """Raised in a part when another part has failed or been interrupted (`Split.check`)."""
 
-    def __init__(self, runs: int, device: torch.device, run_bytes: int, allowed: bool = True):
-        """`run_bytes`: what one run's step touches (`chunk_bytes`); `allowed`: whether the model's
-        forward may run on several threads at once (PackedModel.threadsafe)."""
+
+class Split:
+    """A pack's parts: `parts[i]`, the runs (indices into the pack, ascending) thread i trains.
+    One part on a GPU, for a model whose forward must not run on two threads at once, and for a
+    pack too small to be worth a thread."""
+
+    def __init__(self, seeds: list[int], device: torch.device, run_bytes: int, allowed: bool = True):
+        """`seeds`: each run's; `run_bytes`: what one run's step touches (`chunk_bytes`);
+        `allowed`: whether the model's forward may run on several threads at once
+        (PackedModel.threadsafe)."""
+        runs = len(seeds)
         self.cpu = device.type == "cpu" and allowed
-        threads = max(1, min(torch.get_num_threads(), MAX_THREADS, runs // MIN_THREAD_RUNS,
-                             runs * run_bytes // MIN_THREAD_BYTES)) if self.cpu else 1
-        # whole rounds of one chunk per thread, each chunk within CHUNK_BYTES where it can be
-        rounds = max(1, -(-runs * run_bytes // (CHUNK_BYTES * threads))) if self.cpu else 1
-        chunks = min(runs, rounds * threads)
-        self.threads = threads
-        bounds = [i * runs // chunks for i in range(chunks + 1)]
-        ranges = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        self.plan = [ranges[i::threads] for i in range(threads)]
-        self._pool: ThreadPoolExecutor | None = None
-        self.intra = torch.get_num_threads()           # the machine's intra-op threads (`active` sets them)
+        self.intra = torch.get_num_threads()           # the machine's intra-op threads (`active` shares them out)
+        self.threads = max(1, min(self.intra, MAX_THREADS, runs // MIN_THREAD_RUNS,
+                                  runs * run_bytes // MIN_THREAD_BYTES)) if self.cpu else 1
+        group: dict[int, int] = {}                     # seed → its place among the pack's seeds
+        for s in seeds:
+            group.setdefault(s, len(group))
+        by_seed = sorted(range(runs), key=lambda r: group[seeds[r]])
+        bounds = [i * runs // self.threads for i in range(self.threads + 1)]
+        self.parts = [sorted(by_seed[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        self._stop = threading.Event()
+        self._barrier = threading.Barrier(self.threads, action=self._act)
+        self._met: list[Any] = [None] * self.threads
+        self._action: Callable[[list[Any]], None] = lambda values: None
 
     @property
     def each(self) -> int:
-        """Intra-op threads of each thread's kernels: the machine's, shared out."""
+        """Intra-op threads of each part's kernels: the machine's, shared out."""
         return max(1, self.intra // self.threads)
 
-    @property
-    def plain(self) -> bool:
-        return self.threads == 1 and len(self.plan[0]) == 1
-
     @contextmanager
-    def active(self) -> Iterator["Shards"]:
-        """While a pack trains: the threads after the first (the caller's), and `each` intra-op
-        threads for each (the machine's again afterwards, for the metrics)."""
+    def active(self) -> Iterator["Split"]:
+        """While a pack trains: `each` intra-op threads (the machine's again afterwards), and
+        where that is one, numpy's BLAS on one thread too (symrun.models.nets.cpu)."""
         with one_thread_blas() if self.cpu and self.each == 1 else nullcontext():
-            if self.plain:
+            if self.threads == 1:
                 yield self
                 return
             torch.set_num_threads(self.each)
-            if self.threads > 1:
-                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="symrun-shard")
             try:
                 yield self
             finally:
-                if self._pool is not None:
-                    self._pool.shutdown()
-                    self._pool = None
                 torch.set_num_threads(self.intra)
 
-    @contextmanager
-    def every_thread(self) -> Iterator[None]:
-        """Work inside the step loop that is one pass over the pack (a log step's metrics, a
-        checkpoint): on every intra-op thread, as outside it."""
-        if self.plain:
-            yield
-            return
-        torch.set_num_threads(self.intra)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(self.each)
+    def run(self, train: Callable[[int], R]) -> list[R]:
+        """[train(i) for each part i], part i on thread i (the first on the caller's), side by
+        side. A part that raises stops the others at their next step (`check`) or meeting; once
+        every thread has stopped, the first error raised (a Ctrl-C in the caller's included) is
+        raised."""
+        if self.threads == 1:
+            return [train(0)]
+        done: list[Any] = [None] * self.threads
+        errors: list[BaseException] = []
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """[fn(item) for item in items], the items shared out over the threads, `each` intra-op
-        threads each (a log step's evaluation in chunks of runs); in order. Plain: one after another."""
-        items = list(items)
-        if self._pool is None or len(items) < 2:
-            return [fn(item) for item in items]
-        intra = torch.get_num_threads()
-        torch.set_num_threads(self.each)
-        try:
-            done = self._on_threads(lambda part: [fn(item) for item in part],
-                                    [items[i::self.threads] for i in range(self.threads)])
-        finally:
-            torch.set_num_threads(intra)
-        return [done[i % self.threads][i // self.threads] for i in range(len(items))]
+        def part(i: int) -> None:
+            try:
+                done[i] = train(i)
+            except BaseException as e:  # noqa: BLE001 — handed to the caller's thread below
+                errors.append(e)
+                self._stop.set()
+                self._barrier.abort()
 
-    def _on_threads(self, work: Callable[[T], R], parts: list[T]) -> list[R]:
-        """[work(part) for part in parts], part i on thread i (the first on the caller's); once
-        every thread has stopped, the first error any of them raised is raised."""
-        futures = [self._pool.submit(work, part) for part in parts[1:]] if self._pool else []
+        threads = [threading.Thread(target=part, args=(i,), name=f"symrun-part-{i}") for i in range(1, self.threads)]
+        for t in threads:
+            t.start()
         try:
-            mine = work(parts[0])
+            part(0)
         finally:
-            errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
-        return [mine] + [f.result() for f in futures]
+            for t in threads:
+                t.join()
+        if errors:      # the first cause, not a part stopped by it
+            raise next((e for e in errors if not isinstance(e, (Stopped, threading.BrokenBarrierError))), errors[0])
+        return done
+
+    def check(self) -> None:
+        """Raise Stopped when another part has failed: called by each part once a step."""
+        if self._stop.is_set():
+            raise Stopped
+
+    def meet(self, i: int, value: Any, action: Callable[[list[Any]], None]) -> None:
+        """Part i hands `value` over and waits for every part to hand theirs; then one of them
+        runs action([value of part 0, part 1, …]) while the others wait, and all go on."""
+        self._met[i], self._action = value, action
+        self._barrier.wait()
+
+    def _act(self) -> None:
+        self._action(self._met)
+
+
+class Shards:
+    """A part's step in chunks of runs, each within CHUNK_BYTES, one after another on its thread.
+    One chunk is the plain step over the whole part (a GPU's)."""
+
+    def __init__(self, runs: int, device: torch.device, run_bytes: int):
+        chunks = max(1, min(runs, -(-runs * run_bytes // CHUNK_BYTES))) if device.type == "cpu" else 1
+        bounds = [i * runs // chunks for i in range(chunks + 1)]
+        self.chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def step(self, loss_and_grads: LossAndGrads, update: Update, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step of the pack: (loss (R,), the runs updated (R,) bool).
+        """One training step: (loss (R,), the runs updated (R,) bool).
 
         Each chunk takes loss_and_grads(ρ of its runs, their slice) — their per-run losses and
         the gradients of their sum, one per parameter, in order — then update(ρ of its runs,
         their gradients, their losses, their slice), which updates those parameters in place and
         returns the runs it updated."""
-        if self.plain:
+        if len(self.chunks) == 1:
             loss, grads = loss_and_grads(params, slice(None))
             return loss, update(params, grads, loss, slice(None))
         first = next(iter(params.values()))
         loss = torch.empty(first.shape[0], dtype=first.dtype, device=first.device)
         updated = torch.empty(first.shape[0], dtype=torch.bool, device=first.device)
-
-        def chunks(ranges: list[slice]) -> None:
-            for runs in ranges:
-                leaves = {k: v.data[runs].requires_grad_() for k, v in params.items()}
-                loss[runs], grads = loss_and_grads(leaves, runs)
-                updated[runs] = update(leaves, grads, loss[runs], runs)
-
-        self._on_threads(chunks, self.plan)
+        for runs in self.chunks:
+            leaves = {k: v.data[runs].requires_grad_() for k, v in params.items()}
+            loss[runs], grads = loss_and_grads(leaves, runs)
+            updated[runs] = update(leaves, grads, loss[runs], runs)
         return loss, updated
 
 

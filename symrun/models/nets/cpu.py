@@ -5,7 +5,7 @@ A pack's batched products are many small GEMMs: W1's step multiplies, per run, 1
 `bmm` (MKL) does these at 40–65 GFLOP/s and numpy's `matmul` (OpenBLAS, one `gemm` per matrix)
 at 80–110, the same shapes back to back; together the five products of a 128-run W1 chunk take
 6.3 ms through torch and 3.4 ms through numpy. numpy releases the GIL in `matmul`, so the
-shards' threads (symrun.training.shards) run side by side as they do in torch's kernels. The
+parts' threads (symrun.training.shards) run side by side as they do in torch's kernels. The
 same holds for an evaluation's larger products (symrun.training.engine.evaluate, in chunks of runs
 on the same threads): the full-batch first layer, 3,584 × 64 by 64 × 1,797, takes 21 ms through
 torch and 9 ms through numpy.
@@ -15,8 +15,8 @@ products of a 128-run chunk: 3.4 ms either way on a 2-core Xeon with AMX), and a
 step (MLP.loss_and_grads) is faster through torch: 6.6 against 7.8 ms a chunk, as numpy's route
 copies the transposed operand that MKL reads as it is. So the numpy route is skipped where
 torch's BLAS is MKL on an Intel CPU (`NUMPY_ROUTE`); elsewhere it is taken only inside
-`one_thread_blas`, which a pack enters when its step runs one kernel thread per Python thread
-(symrun.training.shards.Shards.active): there numpy's BLAS is held to one thread too, as torch's
+`one_thread_blas`, which a pack enters when its parts run one kernel thread each
+(symrun.training.shards.Split.active): there numpy's BLAS is held to one thread too, as torch's
 are. Outside it (a pack on every core, a GPU, `symrun check`) `matmul` is torch.matmul. Its backward is `matmul` again, so products through it differentiate
 twice (Hessian-vector products) as torch.matmul does.
 """

@@ -35,6 +35,7 @@ from symrun.seeds import derive_seed
 from symrun.analysis.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
 PROBE_BATCH = 3                      # examples the module is tried on before any work
+_GLOBAL_RNG = threading.Lock()       # held while torch's own generator is seeded for a run's draws
 
 
 @contextlib.contextmanager
@@ -152,7 +153,9 @@ class ModuleModel(PackedModel):
         seeded by the run's (seed, "init") stream, times model.init_scale; stacked (R, ...)."""
         nets = []
         for seed in seeds:
-            with torch.random.fork_rng(devices=[]):
+            # torch's generator is the process's: the parts of a pack (symrun.training.shards)
+            # draw their runs' initialisations one at a time
+            with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, "init"))
                 nets.append(self._construct())
         stacked, _ = stack_module_state(nets)
@@ -168,7 +171,7 @@ class ModuleModel(PackedModel):
 
     def _skeleton(self) -> torch.nn.Module:
         """The skeleton this thread calls: functional_call swaps a module's tensors in and out
-        while it runs, so the threads of a pack's step (symrun.training.shards) each have their own
+        while it runs, so the parts of a pack, each on its thread (symrun.training.shards), have their own
         copy (a meta module: no memory)."""
         net = getattr(self._threads, "net", None)
         if net is None:       # copied from a skeleton no thread calls: one being called is mid-swap
