@@ -43,7 +43,7 @@ def _spread(fn: Callable, a: torch.Tensor):
     if a.device.type != "cpu" or a.dim() < 3 or a.shape[:-2].numel() < 2:
         return fn(a)
     threads = torch.get_num_threads()
-    if threads == 1:          # one intra-op thread (a thread of symrun.training.shards): MKL uses one too
+    if threads == 1:          # one intra-op thread (a part of symrun.training.shards): MKL uses one too
         return fn(a)
     pool = _pools.get(threads) or _pools.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="symrun-eig"))
     flat = a.reshape(-1, *a.shape[-2:])
