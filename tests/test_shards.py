@@ -3,7 +3,9 @@ of runs, gives every run the numbers the plain pack gives; its checkpoint is the
 its parts, so it resumes on any number of threads; the parts cover every run once, a seed's runs
 together; a failure or an interruption in any part stops them all, with its own error."""
 
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -188,4 +190,33 @@ def test_an_interruption_in_the_callers_part_stops_every_part_before_the_error_i
         engine.train_pack(cfgs, on_step=_stop_at(5))
     assert trained.count("MainThread") == 5
     assert 0 < trained.count("symrun-part-1") < 2000                          # stopped, not run to its end
+    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+
+
+def test_an_interruption_while_the_caller_waits_for_the_other_parts_stops_them(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    split = Split([0, 1], torch.device("cpu"), 10**9)
+    monkeypatch.setattr(split, "threads", 2)
+    monkeypatch.setattr(split, "_barrier", threading.Barrier(2))
+    steps = []
+
+    def train(i: int) -> None:
+        for _ in range(0 if i == 0 else 1000):          # the caller's part ends at once; the other takes 10 s
+            split.check()
+            steps.append(i)
+            time.sleep(0.01)
+
+    def interrupt(*_):
+        raise Stop
+    before = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)                       # as a Ctrl-C would, in the caller's thread
+    try:
+        with pytest.raises(Stop):
+            split.run(train)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    taken = len(steps)
+    time.sleep(0.1)
+    assert 0 < taken == len(steps) < 500                                     # stopped, not run to its end
     assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []

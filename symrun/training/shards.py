@@ -107,6 +107,7 @@ class Split:
             return [train(0)]
         done: list[Any] = [None] * self.threads
         errors: list[BaseException] = []
+        finished = [threading.Event() for _ in range(1, self.threads)]
 
         def part(i: int) -> None:
             try:
@@ -116,13 +117,29 @@ class Split:
                 self._stop.set()
                 self._barrier.abort()
 
-        threads = [threading.Thread(target=part, args=(i,), name=f"symrun-part-{i}") for i in range(1, self.threads)]
+        def other(i: int) -> None:
+            try:
+                part(i)
+            finally:
+                finished[i - 1].set()
+
+        threads = [threading.Thread(target=other, args=(i,), name=f"symrun-part-{i}") for i in range(1, self.threads)]
         for t in threads:
             t.start()
+        # The caller waits on events, not on Thread.join: a join that a Ctrl-C interrupts marks
+        # its thread as ended while it still runs (Python 3.11), and a second join returns at once.
         try:
             part(0)
+            for f in finished:
+                f.wait()
+        except BaseException:           # a Ctrl-C while the caller waits for the others: stop them too
+            self._stop.set()
+            self._barrier.abort()
+            for f in finished:
+                f.wait()
+            raise
         finally:
-            for t in threads:
+            for t in threads:           # each has handed its part in: it ends at once
                 t.join()
         if errors:      # the first cause, not a part stopped by it
             raise next((e for e in errors if not isinstance(e, (Stopped, threading.BrokenBarrierError))), errors[0])
