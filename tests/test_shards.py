@@ -1,7 +1,9 @@
 """symrun.training.shards: a CPU pack trained as parts over threads, each part's step in chunks
-of runs, gives every run the numbers the plain pack gives; its checkpoint is the pack's whatever
-its parts, so it resumes on any number of threads; the parts cover every run once, a seed's runs
-together; a failure or an interruption in any part stops them all, with its own error."""
+of runs, gives every run the numbers the plain pack gives, whichever thread ran its evaluations
+and λ_c; its checkpoint is the pack's whatever its parts, so it resumes on any number of threads;
+the parts cover every run once, a seed's runs together; a finished part helps the others with
+the pieces they share; a failure or an interruption in any part stops them all, with its own
+error."""
 
 import signal
 import threading
@@ -15,7 +17,7 @@ from conftest import assert_same_run
 from symrun.models.nets import cpu
 from symrun.models.nets.hadamard import Hadamard
 from symrun.sweeping import sweep
-from symrun.training import engine, shards
+from symrun.training import engine, memory, shards
 from symrun.training.shards import Shards, Split
 
 
@@ -95,6 +97,80 @@ def test_a_pack_trained_as_parts_in_chunks_equals_the_plain_pack(case, two_threa
     for got, want in zip(cut, plain):
         assert got.diverged_at == want.diverged_at
         assert_same_run(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_part_helped_by_a_finished_part_gets_the_numbers_of_the_plain_pack(two_threads, monkeypatch):
+    cfgs = _configs(*CASES["mlp, minibatches, momentum, label flips"])
+    _whole(monkeypatch)
+    plain = engine.train_pack(cfgs)
+    splits = _spy(monkeypatch, Split)
+    _cut(monkeypatch, bytes_per_chunk=10**4)
+    monkeypatch.setattr(memory, "EVAL_BYTES", 2**20)     # evaluations and λ_c in several chunks of runs
+    # the caller's part starts once the other has finished: that thread is free the whole time
+    second_done, real = threading.Event(), engine._train_part
+
+    def train_part(pack, i):
+        if i == 0:
+            assert second_done.wait(60)
+        try:
+            return real(pack, i)
+        finally:
+            second_done.set()
+    monkeypatch.setattr(engine, "_train_part", train_part)
+    helped = engine.train_pack(cfgs)
+    (split,) = splits
+    assert split.threads == 2 and split.helped > 0
+    for got, want in zip(helped, plain):
+        assert_same_run(got, want, rtol=1e-12, atol=1e-14)
+
+
+def _two_parts(monkeypatch) -> Split:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    split = Split([0, 1], torch.device("cpu"), 10**9)
+    monkeypatch.setattr(split, "threads", 2)
+    monkeypatch.setattr(split, "_barrier", threading.Barrier(2))
+    return split
+
+
+def test_shared_pieces_come_back_in_order_some_run_by_the_finished_part(monkeypatch):
+    split = _two_parts(monkeypatch)
+    ran, helper_started = {}, threading.Event()
+
+    def piece(k: int) -> int:
+        ran[k] = threading.current_thread().name
+        if ran[k] == "MainThread":
+            helper_started.set()
+        else:                          # the offering part holds on until the finished one has taken one
+            helper_started.wait(10)
+        return k * k
+
+    def train(i: int):
+        return [] if i == 0 else split.share([lambda k=k: piece(k) for k in range(6)])
+
+    assert split.run(train) == [[], [k * k for k in range(6)]]
+    assert set(ran) == set(range(6)) and "MainThread" in ran.values() and "symrun-part-1" in ran.values()
+    assert split.helped == list(ran.values()).count("MainThread")
+    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+
+
+def test_a_shared_piece_that_fails_on_the_helping_thread_fails_the_part_that_offered_it(monkeypatch):
+    split = _two_parts(monkeypatch)
+    helper_failed = threading.Event()
+
+    def piece(k: int) -> int:
+        if threading.current_thread().name == "MainThread":
+            helper_failed.set()
+            raise FloatingPointError("piece failed")
+        helper_failed.wait(10)
+        return k
+
+    def train(i: int):
+        return [] if i == 0 else split.share([lambda k=k: piece(k) for k in range(4)])
+
+    with pytest.raises(FloatingPointError, match="piece failed"):
+        split.run(train)
+    assert helper_failed.is_set()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
 
 
 class Stop(Exception):
@@ -194,10 +270,7 @@ def test_an_interruption_in_the_callers_part_stops_every_part_before_the_error_i
 
 
 def test_an_interruption_while_the_caller_waits_for_the_other_parts_stops_them(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    split = Split([0, 1], torch.device("cpu"), 10**9)
-    monkeypatch.setattr(split, "threads", 2)
-    monkeypatch.setattr(split, "_barrier", threading.Barrier(2))
+    split = _two_parts(monkeypatch)
     steps = []
 
     def train(i: int) -> None:

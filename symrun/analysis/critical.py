@@ -21,6 +21,7 @@ per run are M virtual runs of one pack (`batched`), so one product serves every 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -183,10 +184,14 @@ def runs_per_pass(loss_fn: LossFn, params: Params, limit: int) -> int:
     return max(1, memory.EVAL_BYTES // (2 * graph * max(1, limit)))
 
 
-def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: torch.Tensor) -> dict[str, torch.Tensor]:
+def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: torch.Tensor,
+           share: Callable[[list[Callable[[], dict]]], list[dict]] = lambda pieces: [p() for p in pieces]
+           ) -> dict[str, torch.Tensor]:
     """The end-of-run columns, in float64 on the training set (no noise); runs that diverged
     (`alive` false) or whose parameters are not finite get NaN, and are measured at 0 so that
     they cannot stop the others. Empty when `metrics.critical_mirrors` = 0 or nothing is declared.
+    The runs go in chunks, each a call of its own, which `share` runs (in order, or some on other
+    threads: symrun.training.shards.Split.share).
 
     The loss is on every training example when there are at most `metrics.critical_examples`,
     else on the first that many. `critical_wd_examples` says how many; `critical_wd_exact` is 1
@@ -215,9 +220,13 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
     # Runs are independent (a block-diagonal Hessian), so they go in chunks that bound memory.
     runs = len(finite)
     chunk = runs_per_pass(loss_fn, safe, cfg.critical_mirrors)
-    parts = [summarize(thresholds(loss_fn, symmetries, {k: v[i:i + chunk] for k, v in safe.items()},
-                                  cfg.critical_mirrors, cfg.critical_block, closed))
-             for i in range(0, runs, chunk)]
+
+    def measured(i: int) -> dict[str, torch.Tensor]:
+        with torch.enable_grad():
+            return summarize(thresholds(loss_fn, symmetries, {k: v[i:i + chunk] for k, v in safe.items()},
+                                        cfg.critical_mirrors, cfg.critical_block, closed))
+
+    parts = share([functools.partial(measured, i) for i in range(0, runs, chunk)])
     cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     cols = {k: torch.where(finite, v, torch.full_like(v, float("nan"))) for k, v in cols.items()}
     whole = all(s in solved_whole or mirror_size(s, safe) <= cfg.critical_block for s in symmetries)

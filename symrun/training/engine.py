@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import threading
@@ -195,10 +196,15 @@ def _train_part(pack: _Pack, i: int) -> tuple[list[RunOutcome], float]:
             if twins is not None:
                 theta = {k: v[twins[0]] for k, v in theta.items()}
             # Runs are independent, so they are evaluated in chunks whose training-set passes fit
-            # memory.EVAL_BYTES (neural collapse holds every example's features, in float64).
+            # memory.EVAL_BYTES (neural collapse holds every example's features, in float64),
+            # which a thread whose part has finished may take (Split.share).
             chunk = max(1, memory.eval_items(model.example_width()) // len(x))
-            parts = [evaluate(model, {k: v[j:j + chunk] for k, v in theta.items()}, first, ds.task, x, y, x_test, y_test)
-                     for j in range(0, len(next(iter(theta.values()))), chunk)]
+
+            @torch.no_grad()
+            def evaluated(j: int) -> dict[str, torch.Tensor]:
+                return evaluate(model, {k: v[j:j + chunk] for k, v in theta.items()}, first, ds.task, x, y, x_test, y_test)
+
+            parts = pack.split.share([functools.partial(evaluated, j) for j in range(0, len(next(iter(theta.values()))), chunk)])
             row = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             if twins is not None:
                 row = {k: v[twins[1]] for k, v in row.items()}
@@ -272,7 +278,8 @@ def _train_part(pack: _Pack, i: int) -> tuple[list[RunOutcome], float]:
             pack.save(i, step, pack_state)
         if on_step is not None:
             on_step(1)
-    thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive)   # {column: (R,)}
+    thresholds = critical.at_end(model, rp, params, x, y, ds.task, first.metrics, record.alive,   # {column: (R,)}
+                                 pack.split.share)
     final = net()
     with torch.no_grad():
         arrays = model.run_arrays(final, probe)                      # {name: (R, ...)}: the run's figures

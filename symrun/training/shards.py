@@ -20,6 +20,13 @@ cores: 9.3–10.3 s of steps stepped together, 7.2–8.2 s as two parts.
 Runs of a seed go to one part where they can: they share a minibatch stream, and a grid over
 weight decay starts them as one network, evaluated once at step 0.
 
+Parts are even in runs, not in time: on a shared virtual machine one core may run 10–15 % slower
+than the other for a whole pack, so one part can end its steps a second after the other. A part's
+work that comes as independent pieces — its evaluations in chunks of runs, λ_c in chunks of runs —
+is offered to the other threads (`Split.share`): a thread whose part has finished takes pieces
+of the parts still going, instead of idling while they end. A piece gives the same numbers on
+any thread (each runs its kernels on `each` intra-op threads).
+
 Within a part, its step goes as chunks of runs (about CHUNK_BYTES each), each chunk's forward,
 backward and update one after another while its tensors are in cache. A chunk's parameters are
 views of the part's (no copy), updated in place, made through `.data` so that each has its own
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -76,6 +83,10 @@ class Split:
         self.parts = [sorted(by_seed[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         self._stop = threading.Event()
         self._barrier = threading.Barrier(self.threads, action=self._act)
+        self._offered = threading.Condition()          # guards _shared and _training
+        self._shared: list[_Pieces] = []               # pieces parts have offered (`share`)
+        self._training = 0                             # parts not yet finished (`run`)
+        self.helped = 0                                # pieces run by a thread other than their part's
         self._met: list[Any] = [None] * self.threads
         self._action: Callable[[list[Any]], None] = lambda values: None
 
@@ -100,7 +111,8 @@ class Split:
 
     def run(self, train: Callable[[int], R]) -> list[R]:
         """[train(i) for each part i], part i on thread i (the first on the caller's), side by
-        side. A part that raises stops the others at their next step (`check`) or meeting; once
+        side; a thread whose part has finished helps the others with what they `share`. A part
+        that raises stops the others at their next step (`check`), meeting or shared piece; once
         every thread has stopped, the first error raised (a Ctrl-C in the caller's included) is
         raised."""
         if self.threads == 1:
@@ -108,14 +120,19 @@ class Split:
         done: list[Any] = [None] * self.threads
         errors: list[BaseException] = []
         finished = [threading.Event() for _ in range(1, self.threads)]
+        self._training = self.threads
 
         def part(i: int) -> None:
             try:
                 done[i] = train(i)
             except BaseException as e:  # noqa: BLE001 — handed to the caller's thread below
                 errors.append(e)
-                self._stop.set()
-                self._barrier.abort()
+                self._halt()
+            finally:
+                with self._offered:
+                    self._training -= 1
+                    self._offered.notify_all()
+            self._help()
 
         def other(i: int) -> None:
             try:
@@ -133,8 +150,7 @@ class Split:
             for f in finished:
                 f.wait()
         except BaseException:           # a Ctrl-C while the caller waits for the others: stop them too
-            self._stop.set()
-            self._barrier.abort()
+            self._halt()
             for f in finished:
                 f.wait()
             raise
@@ -150,6 +166,69 @@ class Split:
         if self._stop.is_set():
             raise Stopped
 
+    def share(self, pieces: list[Callable[[], R]]) -> list[R]:
+        """[piece() for piece in pieces], called by a part for independent pieces of its work:
+        it runs them in order, and threads whose parts have finished take some. The first error
+        a piece raised is raised here; Stopped if another part fails meanwhile."""
+        if self.threads == 1 or len(pieces) < 2:
+            return [piece() for piece in pieces]
+        offer = _Pieces(pieces)
+        with self._offered:
+            self._shared.append(offer)
+            self._offered.notify_all()
+        try:
+            while (k := self._take(offer)) is not None:
+                self._run(offer, k)
+            with self._offered:
+                while not offer.complete():
+                    if self._stop.is_set():
+                        raise Stopped
+                    self._offered.wait()
+        finally:
+            with self._offered:
+                self._shared.remove(offer)
+        return offer.results()
+
+    def _take(self, offer: "_Pieces") -> Optional[int]:
+        with self._offered:
+            return offer.take()
+
+    def _run(self, offer: "_Pieces", k: int) -> None:
+        """Piece k of `offer`, its result or error kept for the part that offered it; an error
+        that is not an Exception (a Ctrl-C on the thread running it) also goes on up this
+        thread."""
+        error: Optional[BaseException] = None
+        try:
+            out = offer.pieces[k]()
+        except BaseException as e:  # noqa: BLE001 — handed to the part that offered it
+            error = e
+        with self._offered:
+            offer.end(k, None if error is not None else out, error)
+            self._offered.notify_all()
+        if error is not None and not isinstance(error, Exception):
+            raise error
+
+    def _help(self) -> None:
+        """Run pieces other parts offer until every part has finished or one has failed."""
+        while True:
+            with self._offered:
+                while True:
+                    if self._stop.is_set() or self._training == 0:
+                        return
+                    found = next(((o, k) for o in self._shared if (k := o.take()) is not None), None)
+                    if found is not None:
+                        break
+                    self._offered.wait()
+                self.helped += 1
+            self._run(*found)
+
+    def _halt(self) -> None:
+        """Stop every part at its next step, meeting or wait for a shared piece."""
+        self._stop.set()
+        self._barrier.abort()
+        with self._offered:
+            self._offered.notify_all()
+
     def meet(self, i: int, value: Any, action: Callable[[list[Any]], None]) -> None:
         """Part i hands `value` over and waits for every part to hand theirs; then one of them
         runs action([value of part 0, part 1, …]) while the others wait, and all go on."""
@@ -158,6 +237,35 @@ class Split:
 
     def _act(self) -> None:
         self._action(self._met)
+
+
+class _Pieces:
+    """Pieces a part has offered (`Split.share`): which are taken, and each one's result or error.
+    Taken under the split's lock; run outside it."""
+
+    def __init__(self, pieces: list[Callable[[], Any]]):
+        self.pieces, self.next, self.ended = pieces, 0, 0
+        self.out: list[Any] = [None] * len(pieces)
+        self.error: Optional[BaseException] = None
+
+    def take(self) -> Optional[int]:
+        if self.next == len(self.pieces) or self.error is not None:
+            return None
+        self.next += 1
+        return self.next - 1
+
+    def end(self, k: int, out: Any, error: Optional[BaseException]) -> None:
+        self.ended += 1
+        self.out[k] = out
+        self.error = self.error or error
+
+    def complete(self) -> bool:
+        return self.ended == self.next and (self.next == len(self.pieces) or self.error is not None)
+
+    def results(self) -> list[Any]:
+        if self.error is not None:
+            raise self.error
+        return self.out
 
 
 class Shards:
