@@ -173,6 +173,29 @@ def test_a_shared_piece_that_fails_on_the_helping_thread_fails_the_part_that_off
     assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
 
 
+def test_a_part_stops_taking_its_shared_pieces_once_another_has_failed(monkeypatch):
+    split = _two_parts(monkeypatch)
+    ran = []
+
+    def piece(k: int) -> int:
+        ran.append(k)
+        time.sleep(0.01)
+        return k
+
+    def train(i: int):
+        if i == 0:
+            time.sleep(0.1)
+            raise FloatingPointError("part failed")
+        return split.share([lambda k=k: piece(k) for k in range(500)])    # 5 s, one after another
+
+    with pytest.raises(FloatingPointError, match="part failed"):
+        split.run(train)
+    taken = len(ran)
+    time.sleep(0.05)
+    assert 0 < taken == len(ran) < 100
+    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+
+
 class Stop(Exception):
     pass
 

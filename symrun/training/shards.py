@@ -190,8 +190,10 @@ class Split:
         return offer.results()
 
     def _take(self, offer: "_Pieces") -> Optional[int]:
+        """The next piece of `offer` for the part that offered it; None once all are taken, or
+        when a part has failed (`share` then raises Stopped)."""
         with self._offered:
-            return offer.take()
+            return None if self._stop.is_set() else offer.take()
 
     def _run(self, offer: "_Pieces", k: int) -> None:
         """Piece k of `offer`, its result or error kept for the part that offered it; an error
