@@ -97,7 +97,8 @@ def train_pack(cfgs: list[Config], dataset: Optional[Dataset] = None,
     The configs must share everything but config.PER_RUN_KEYS (symrun.sweeping.sweep groups them so).
     `on_step(n)` is called as steps complete (for a progress bar). With a `checkpoint` path the pack
     continues from the state saved there, if any, and saves it every `train.checkpoint_every` steps.
-    On a CPU the pack trains as parts, one per core, side by side (symrun.training.shards.Split).
+    On a CPU the pack trains as parts, one per core, side by side (symrun.training.shards.Split);
+    a part that has finished helps the others with their evaluations and λ_c (`Split.share`).
     """
     if not one_pack(cfgs):
         raise ValueError("the configs of a pack may differ only in " + ", ".join(PER_RUN_KEYS))
