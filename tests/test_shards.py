@@ -124,6 +124,11 @@ def test_a_part_helped_by_a_finished_part_gets_the_numbers_of_the_plain_pack(two
         assert_same_run(got, want, rtol=1e-12, atol=1e-14)
 
 
+def _part_threads() -> list[str]:
+    """The names of the parts' threads still alive."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")]
+
+
 def _two_parts(monkeypatch) -> Split:
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     split = Split([0, 1], torch.device("cpu"), 10**9)
@@ -150,7 +155,7 @@ def test_shared_pieces_come_back_in_order_some_run_by_the_finished_part(monkeypa
     assert split.run(train) == [[], [k * k for k in range(6)]]
     assert set(ran) == set(range(6)) and "MainThread" in ran.values() and "symrun-part-1" in ran.values()
     assert split.helped == list(ran.values()).count("MainThread")
-    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+    assert _part_threads() == []
 
 
 def test_a_shared_piece_that_fails_on_the_helping_thread_fails_the_part_that_offered_it(monkeypatch):
@@ -170,7 +175,7 @@ def test_a_shared_piece_that_fails_on_the_helping_thread_fails_the_part_that_off
     with pytest.raises(FloatingPointError, match="piece failed"):
         split.run(train)
     assert helper_failed.is_set()
-    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+    assert _part_threads() == []
 
 
 def test_a_part_stops_taking_its_shared_pieces_once_another_has_failed(monkeypatch):
@@ -193,7 +198,7 @@ def test_a_part_stops_taking_its_shared_pieces_once_another_has_failed(monkeypat
     taken = len(ran)
     time.sleep(0.05)
     assert 0 < taken == len(ran) < 100
-    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+    assert _part_threads() == []
 
 
 class Stop(Exception):
@@ -272,7 +277,7 @@ def test_a_failure_in_any_part_stops_the_pack_with_its_own_error(two_threads, mo
     assert len(set(trained)) == 2                                            # both parts trained
     assert len(trained) < 4 * 50                                             # the first stopped within a few steps
     assert torch.get_num_threads() == 2                                      # the machine's threads again
-    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+    assert _part_threads() == []
 
 
 def test_an_interruption_in_the_callers_part_stops_every_part_before_the_error_is_raised(two_threads, monkeypatch):
@@ -289,7 +294,7 @@ def test_an_interruption_in_the_callers_part_stops_every_part_before_the_error_i
         engine.train_pack(cfgs, on_step=_stop_at(5))
     assert trained.count("MainThread") == 5
     assert 0 < trained.count("symrun-part-1") < 2000                          # stopped, not run to its end
-    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+    assert _part_threads() == []
 
 
 def test_an_interruption_while_the_caller_waits_for_the_other_parts_stops_them(monkeypatch):
@@ -315,4 +320,4 @@ def test_an_interruption_while_the_caller_waits_for_the_other_parts_stops_them(m
     taken = len(steps)
     time.sleep(0.1)
     assert 0 < taken == len(steps) < 500                                     # stopped, not run to its end
-    assert [t.name for t in threading.enumerate() if t.name.startswith("symrun-part")] == []
+    assert _part_threads() == []

@@ -222,7 +222,7 @@ def at_end(model, rp, raw: Params, x, y, task: str, cfg: MetricsConfig, alive: t
     chunk = runs_per_pass(loss_fn, safe, cfg.critical_mirrors)
 
     def measured(i: int) -> dict[str, torch.Tensor]:
-        with torch.enable_grad():
+        with torch.enable_grad():      # on whichever thread runs it: grad mode is a thread's own
             return summarize(thresholds(loss_fn, symmetries, {k: v[i:i + chunk] for k, v in safe.items()},
                                         cfg.critical_mirrors, cfg.critical_block, closed))
 

@@ -201,7 +201,7 @@ def _train_part(pack: _Pack, i: int) -> tuple[list[RunOutcome], float]:
             # which a thread whose part has finished may take (Split.share).
             chunk = max(1, memory.eval_items(model.example_width()) // len(x))
 
-            @torch.no_grad()
+            @torch.no_grad()       # on whichever thread runs it: grad mode is a thread's own
             def evaluated(j: int) -> dict[str, torch.Tensor]:
                 return evaluate(model, {k: v[j:j + chunk] for k, v in theta.items()}, first, ds.task, x, y, x_test, y_test)
 
