@@ -16,7 +16,7 @@ from symrun.models import build
 from symrun.models.nets import cpu
 from symrun.models.nets.mlp import MLP
 from symrun.training import engine, reparam
-from symrun.training.loss import loss_per_run
+from symrun.training.loss import loss_and_grad_t, loss_per_run
 
 F64, CPU = torch.float64, torch.device("cpu")
 TEACHER = TeacherDataConfig(teacher="mlp", dim=5, out_dim=2)
@@ -166,3 +166,15 @@ def test_runs_diverge_at_the_same_step_by_hand_and_through_autograd(monkeypatch)
         assert (a.status, a.diverged_at) == (b.status, b.diverged_at)
         for k in a.state:
             torch.testing.assert_close(a.state[k], b.state[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
+def test_a_single_output_is_not_summed_over_and_gives_the_same_bits():
+    """With one output (the Hadamard model, a scalar target) the losses take the squared residual
+    as it is rather than summing over its axis of size 1 (torch's CPU sum there is slow): the
+    same bits as that sum, both in loss_per_run and in the hand-written step's loss."""
+    g = torch.Generator().manual_seed(0)
+    for width in (1, 3):
+        out, y = torch.randn(5, 40, width, generator=g), torch.randn(40, width, generator=g)
+        assert torch.equal(loss_per_run(out, y, "regression"), 0.5 * (out - y).pow(2).sum(-1).mean(-1))
+        loss, _ = loss_and_grad_t(out.mT.clone(), y, "regression")
+        assert torch.equal(loss, 0.5 * (out - y).mT.square().sum(1).mean(-1))
