@@ -195,3 +195,24 @@ def test_a_plans_run_ids_are_those_of_run_id_and_every_combination_is_validated(
     assert all(ids(c) == rid for rid, c in plan.configs.items() if c.model.name == first.model.name)
     with pytest.raises(config.ConfigError, match="optim.weight_decay must be >= 0, got -0.5"):
         sweep.plan(["model=hadamard", "seed=0,1,2", "optim.weight_decay=0.1,-0.5"], tmp_path)
+
+
+def test_a_sweep_takes_its_mode_from_the_flag_without_a_composition_for_it(tmp_path, monkeypatch):
+    """Hydra composes the whole config once only to read hydra.mode; a sweep runs with
+    --multirun, so it skips that (hydra_app._mode_from_the_flag) and still runs as a multirun,
+    even where the command line sets hydra.mode=RUN. Hydra's own is back afterwards."""
+    from hydra._internal.hydra import Hydra
+    from typer.testing import CliRunner
+
+    from symrun import cli as cli_mod
+
+    asked = []
+    monkeypatch.setattr(Hydra, "get_mode", lambda self, config_name, overrides: asked.append(overrides))
+    own = Hydra.get_mode
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli_mod.app, ["sweep", "--outputs", str(tmp_path / "out"), "hydra.mode=RUN",
+                                              "train.steps=2", "train.log_every=2", "seed=0,1"])
+    assert result.exit_code == 0, result.output
+    assert asked == [] and Hydra.get_mode is own
+    (d,) = [p.parent for p in (tmp_path / "out").glob("*/*/sweep.json")]
+    assert set(tables.collect(d)[0]["status"]) == {"finished"} and len(tables.collect(d)[0]) == 2
