@@ -36,6 +36,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def assert_a_seed_starts_its_runs_alike(model) -> None:
+    """A model's initialisation of runs [3, 5, 3]: each starts where it would alone, the two of
+    seed 3 alike but each in its own memory (an update of one leaves the other be), and seeds 3
+    and 5 apart."""
+    cpu, f64 = torch.device("cpu"), torch.float64
+    runs = model.init_params([3, 5, 3], cpu, f64)
+    for k, p in runs.items():
+        assert torch.equal(p[0], model.init_params([3], cpu, f64)[k][0])
+        assert torch.equal(p[1], model.init_params([5], cpu, f64)[k][0])
+        with torch.no_grad():
+            p[0].add_(1.0)
+        assert torch.equal(p[2] + 1.0, p[0])
+    assert any(not torch.equal(p[1], p[2]) for p in runs.values())
+
+
 def assert_same_run(a, b, rtol=1e-9, atol=1e-12) -> None:
     """Two engine.RunOutcome: same status, logged steps and metrics (to float tolerance), same
     final parameters."""

@@ -14,6 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import assert_a_seed_starts_its_runs_alike
 from symrun import cli as cli_mod
 from symrun import models
 from symrun.models.module import ModuleConfig
@@ -355,19 +356,11 @@ def test_a_saved_config_without_its_target_is_damaged(tmp_path):
     assert flat is None and "it lacks model._target_, which has no default" in problem
 
 
+
 def test_runs_of_a_seed_start_alike_each_in_its_own_memory(user, monkeypatch):
-    """A seed's module is built once for all its runs (a grid over weight decay repeats each
-    seed): each run starts where it would alone, and updating one run leaves the others be."""
+    """A seed's module is built once for all its runs (a grid over weight decay repeats each seed)."""
     from symrun.models import build
 
     name, cfg = user
     monkeypatch.syspath_prepend(str(cfg))
-    model = build(ModuleConfig(target=f"{name}.TanhMLP"), 64, 10)
-    cpu = torch.device("cpu")
-    both = model.init_params([3, 5, 3], cpu, torch.float64)
-    for k, p in both.items():
-        assert torch.equal(p[0], model.init_params([3], cpu, torch.float64)[k][0])
-        assert torch.equal(p[1], model.init_params([5], cpu, torch.float64)[k][0])
-        with torch.no_grad():
-            p[0].add_(1.0)
-        assert torch.equal(p[2] + 1.0, p[0])
+    assert_a_seed_starts_its_runs_alike(build(ModuleConfig(target=f"{name}.TanhMLP"), 64, 10))

@@ -11,8 +11,8 @@ trained again as it was, so those are bit for bit: tests/test_resume.py.)"""
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import assert_a_seed_starts_its_runs_alike
 from symrun import models
 from symrun.config import HadamardConfig, MLPConfig
 from symrun.training import engine
@@ -90,16 +90,9 @@ def test_a_pack_is_checked_as_its_pack_keys_would(tmp_path):
         engine.train_pack(cases["a model setting"])
 
 
+
 @pytest.mark.parametrize("model_cfg", [MLPConfig(width=6), HadamardConfig()], ids=["mlp", "hadamard"])
 def test_runs_of_a_seed_start_alike_each_in_its_own_memory(model_cfg):
-    """A seed's initialisation is drawn once for all its runs: each run starts where it would
-    alone, and updating one run leaves the others be."""
-    model = models.build(model_cfg, 5, 1)
-    both = model.init_params([3, 5, 3], torch.device("cpu"), torch.float64)
-    for k, p in both.items():
-        assert torch.equal(p[0], model.init_params([3], torch.device("cpu"), torch.float64)[k][0])
-        assert torch.equal(p[1], model.init_params([5], torch.device("cpu"), torch.float64)[k][0])
-        with torch.no_grad():
-            p[0].add_(1.0)
-        assert torch.equal(p[2] + 1.0, p[0])
-    assert any(not torch.equal(p[1], p[2]) for p in both.values())        # seeds 5 and 3 differ
+    """A seed's initialisation is drawn once for all its runs (a grid over weight decay repeats
+    each seed)."""
+    assert_a_seed_starts_its_runs_alike(models.build(model_cfg, 5, 1))
