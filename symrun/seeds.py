@@ -26,3 +26,14 @@ def generator(seed: int, purpose: str, device: str | torch.device = "cpu") -> to
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, purpose))
     return g
+
+
+def by_seed(seeds: list[int]) -> tuple[list[int], list[int]]:
+    """(the distinct seeds, in order of first appearance; each run's place among them). A grid
+    over weight decay or lr repeats each seed: runs of a seed start alike, so their
+    initialisation is drawn once (models.nets.base), and they share a part of a CPU pack
+    (training.shards)."""
+    places: dict[int, int] = {}
+    for s in seeds:
+        places.setdefault(s, len(places))
+    return list(places), [places[s] for s in seeds]

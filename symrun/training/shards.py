@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import torch
 
 from symrun.models.nets.cpu import one_thread_blas
+from symrun.seeds import by_seed
 
 Params = dict[str, torch.Tensor]
 R = TypeVar("R")
@@ -75,12 +76,10 @@ class Split:
         self.intra = torch.get_num_threads()           # the machine's intra-op threads (`active` shares them out)
         self.threads = max(1, min(self.intra, MAX_THREADS, runs // MIN_THREAD_RUNS,
                                   runs * run_bytes // MIN_THREAD_BYTES)) if self.cpu else 1
-        group: dict[int, int] = {}                     # seed → its place among the pack's seeds
-        for s in seeds:
-            group.setdefault(s, len(group))
-        by_seed = sorted(range(runs), key=lambda r: group[seeds[r]])
+        place = by_seed(seeds)[1]                      # each run's seed's place among the pack's seeds
+        grouped = sorted(range(runs), key=place.__getitem__)
         bounds = [i * runs // self.threads for i in range(self.threads + 1)]
-        self.parts = [sorted(by_seed[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.parts = [sorted(grouped[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         self._stop = threading.Event()
         self._barrier = threading.Barrier(self.threads, action=self._act)
         self._offered = threading.Condition()          # guards _shared and _training

@@ -30,8 +30,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from symrun.config import ConfigError
 from symrun.models.module import IMPORT_PATH, ModuleConfig
-from symrun.models.nets.base import PackedModel, Params, by_seed, in_chunks, module_width
-from symrun.seeds import derive_seed
+from symrun.models.nets.base import PackedModel, Params, in_chunks, module_width
+from symrun.seeds import by_seed, derive_seed
 from symrun.analysis.symmetries import NeuronSet, Rotation, SignFlip, Slot, Swap, Symmetry
 
 PROBE_BATCH = 3                      # examples the module is tried on before any work
@@ -151,7 +151,7 @@ class ModuleModel(PackedModel):
     def init_params(self, seeds: list[int], device: torch.device, dtype: torch.dtype) -> Params:
         """Each run's parameters as the module's constructor draws them, from the torch generator
         seeded by the run's (seed, "init") stream, times model.init_scale; stacked (R, ...)."""
-        distinct, index = by_seed(seeds)        # runs of a seed start alike: one module a seed
+        distinct, places = by_seed(seeds)       # runs of a seed start alike: one module a seed
         nets = []
         for seed in distinct:
             # torch's generator is the process's: the parts of a pack (symrun.training.shards)
@@ -160,7 +160,7 @@ class ModuleModel(PackedModel):
                 torch.manual_seed(derive_seed(seed, "init"))
                 nets.append(self._construct())
         stacked, _ = stack_module_state(nets)
-        return {k: (stacked[k].detach()[index] * self.cfg.init_scale).to(device=device, dtype=dtype).requires_grad_()
+        return {k: (stacked[k].detach()[places] * self.cfg.init_scale).to(device=device, dtype=dtype).requires_grad_()
                 for k in self._shapes}
 
     def _buffers(self, like: torch.Tensor) -> Params:
