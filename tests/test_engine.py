@@ -552,7 +552,10 @@ def test_cpu_matmul_through_numpy_is_torch_matmul_with_first_and_second_derivati
             torch.testing.assert_close(cpu.matmul(a_t, b), torch.matmul(a_t, b), **tol)    # both: a product of transposes
             torch.testing.assert_close(cpu.matmul(a[0, 0], b[0, 0]), torch.matmul(a[0, 0], b[0, 0]), **tol)   # matrices
             assert len(calls) == 5                        # all went through numpy
-            for p, q in [(a, b), (a_t, b.contiguous()), (a.contiguous(), b)]:    # a hand-written backward's products
+            # a hand-written backward's products; the last as an output layer's weight gradient, a few
+            # outputs' δ by the transposed activations: (bᵀaᵀ)ᵀ, its result copied row by row
+            delta, h = torch.randn(5, 1, 2, 7, generator=g, dtype=dtype), torch.randn(5, 1, 9, 7, generator=g, dtype=dtype)
+            for p, q in [(a, b), (a_t, b.contiguous()), (a.contiguous(), b), (delta, h.mT)]:
                 rows = cpu.matmul_rows(p, q)
                 assert rows.is_contiguous()
                 torch.testing.assert_close(rows, torch.matmul(p, q), **tol)
