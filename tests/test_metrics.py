@@ -436,6 +436,26 @@ def test_neural_collapse_nc1_equals_the_explicit_pseudo_inverse_formula():
     torch.testing.assert_close(metrics.neural_collapse(h, y, w, c)["nc4"], expected_nc4)
 
 
+
+def test_neural_collapse_is_the_same_in_blocks_of_runs_and_on_features_stored_feature_major(monkeypatch):
+    """Runs are measured in blocks (COLLAPSE_BLOCK_BYTES), and features an MLP stores feature-major
+    (a transposed view) are projected as (targetsᵀ hᵀ)ᵀ: neither changes a run's values."""
+    g = torch.Generator().manual_seed(1)
+    r, n, p, c = 5, 40, 6, 3
+    y = torch.arange(n) % c
+    h = torch.randn(r, c, p, generator=g)[:, y] + 0.5 * torch.randn(r, n, p, generator=g)     # float32, (R, N, p)
+    w = torch.randn(r, c, p, generator=g)
+    whole = metrics.neural_collapse(h, y, w, c)
+    stored = h.mT.contiguous().mT                                      # the same values, feature-major
+    assert not stored.is_contiguous() and stored.mT.is_contiguous()
+    monkeypatch.setattr(metrics, "COLLAPSE_BLOCK_BYTES", 2 * n * p * 8)    # blocks of 2 runs: 2, 2, 1
+    for features in (h, stored):
+        blocked = metrics.neural_collapse(features, y, w, c)
+        for key, value in whole.items():
+            torch.testing.assert_close(blocked[key], value, rtol=1e-12, atol=1e-14, msg=key)
+    one_by_one = [metrics.neural_collapse(h[i:i + 1], y, w[i:i + 1], c)["nc1"] for i in range(r)]
+    torch.testing.assert_close(torch.cat(one_by_one), whole["nc1"], rtol=1e-12, atol=1e-14)
+
 def test_constraint_summary_per_kind_on_a_tanh_mlp():
     """Width 3, no bias, one run: neuron blocks (w_in (2), w_out (1)). Neuron 0 is dead, neurons 1
     and 2 are identical. Sign flips (rescaling): ‖θ_k‖ = (0, √3, √3) → 1 of 3 holds. Swaps
