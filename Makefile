@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Python keeps a module's compiled bytecode beside it (__pycache__/), unless PYTHONDONTWRITEBYTECODE
-# is set, as on some shared machines and containers: there every symrun process compiled its ~70
-# modules afresh, 0.3-0.4 s of each command's start. pip compiles an installed package; this
+# is set, as on some shared machines and containers: there every symrun process compiled its 73
+# modules afresh, up to 0.2 s of each command's start. pip compiles an installed package; this
 # editable checkout is compiled here, before the targets that run it (only files changed since).
 bytecode: install
 	$(BIN)/python -m compileall -q symrun hydra_plugins
