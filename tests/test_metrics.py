@@ -436,7 +436,6 @@ def test_neural_collapse_nc1_equals_the_explicit_pseudo_inverse_formula():
     torch.testing.assert_close(metrics.neural_collapse(h, y, w, c)["nc4"], expected_nc4)
 
 
-
 def test_neural_collapse_is_the_same_in_blocks_of_runs_and_on_features_stored_feature_major(monkeypatch):
     """Runs are measured in blocks (COLLAPSE_BLOCK_BYTES), and features an MLP stores feature-major
     (a transposed view) are projected as (targetsᵀ hᵀ)ᵀ: neither changes a run's values."""
@@ -455,6 +454,7 @@ def test_neural_collapse_is_the_same_in_blocks_of_runs_and_on_features_stored_fe
             torch.testing.assert_close(blocked[key], value, rtol=1e-12, atol=1e-14, msg=key)
     one_by_one = [metrics.neural_collapse(h[i:i + 1], y, w[i:i + 1], c)["nc1"] for i in range(r)]
     torch.testing.assert_close(torch.cat(one_by_one), whole["nc1"], rtol=1e-12, atol=1e-14)
+
 
 def test_constraint_summary_per_kind_on_a_tanh_mlp():
     """Width 3, no bias, one run: neuron blocks (w_in (2), w_out (1)). Neuron 0 is dead, neurons 1

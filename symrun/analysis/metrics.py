@@ -146,7 +146,7 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
     """NC1–NC4 of each run (`_collapse`), in blocks of runs whose float64 features take at most
     COLLAPSE_BLOCK_BYTES: runs are independent, and a block's copy stays in cache (W1's 28-run
     evaluation chunk, 1,438 examples × 128 features: 41 MB at once, each allocation fresh pages;
-    the chunk's neural collapse took 60 ms, in blocks 35). Each (R,)."""
+    the chunk's neural collapse took 60 ms, in blocks 31). Each (R,)."""
     per_run = h.shape[-2] * h.shape[-1] * 8
     step = max(1, COLLAPSE_BLOCK_BYTES // max(1, per_run))
     blocks = [_collapse(h[i:i + step], y, w[i:i + step], n_classes) for i in range(0, len(h), step)]

@@ -23,6 +23,7 @@ twice (Hessian-vector products) as torch.matmul does.
 
 from __future__ import annotations
 
+import math
 import platform
 from contextlib import contextmanager
 from typing import Iterator
@@ -69,7 +70,7 @@ def _product(a: np.ndarray, b: np.ndarray, rows: bool = False) -> np.ndarray:
     if _transposed(a) == _transposed(b):
         return np.matmul(a, b)
     transposed, other = (a, b) if _transposed(a) else (b, a)
-    result = a.size // a.shape[-1] * b.shape[-1] if rows else 0     # the values of a @ b
+    result = math.prod(a.shape[:-1]) * b.shape[-1] if rows else 0     # the values of a @ b
     if transposed.size <= other.size + result:
         return np.matmul(_rows(a), _rows(b))
     out = np.matmul(_rows(b.swapaxes(-1, -2)), _rows(a.swapaxes(-1, -2))).swapaxes(-1, -2)
