@@ -143,10 +143,12 @@ COLLAPSE_BLOCK_BYTES = 8 * 2**20    # float64 features of a block of runs in neu
 
 
 def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes: int) -> dict[str, torch.Tensor]:
-    """NC1–NC4 of each run (`_collapse`), in blocks of runs whose float64 features take at most
-    COLLAPSE_BLOCK_BYTES: runs are independent, and a block's copy stays in cache (W1's 28-run
-    evaluation chunk, 1,438 examples × 128 features: 41 MB at once, each allocation fresh pages;
-    the chunk's neural collapse took 60 ms, in blocks 31). Each (R,)."""
+    """NC1–NC4 of each run (`_collapse`), on a CPU in blocks of runs whose float64 features take
+    at most COLLAPSE_BLOCK_BYTES: runs are independent, and a block's copy stays in cache (W1's
+    28-run evaluation chunk, 1,438 examples × 128 features: 41 MB at once, each allocation fresh
+    pages; the chunk's neural collapse took 60 ms, in blocks 31). On a GPU, whole. Each (R,)."""
+    if h.device.type != "cpu":
+        return _collapse(h, y, w, n_classes)
     per_run = h.shape[-2] * h.shape[-1] * 8
     step = max(1, COLLAPSE_BLOCK_BYTES // max(1, per_run))
     blocks = [_collapse(h[i:i + step], y, w[i:i + step], n_classes) for i in range(0, len(h), step)]
