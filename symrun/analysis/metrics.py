@@ -147,10 +147,9 @@ def neural_collapse(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes
     at most COLLAPSE_BLOCK_BYTES: runs are independent, and a block's copy stays in cache (W1's
     28-run evaluation chunk, 1,438 examples × 128 features: 41 MB at once, each allocation fresh
     pages; the chunk's neural collapse took 60 ms, in blocks 31). On a GPU, whole. Each (R,)."""
-    if h.device.type != "cpu":
+    step = max(1, COLLAPSE_BLOCK_BYTES // max(1, h.shape[-2] * h.shape[-1] * 8))    # runs a block
+    if h.device.type != "cpu" or len(h) <= step:
         return _collapse(h, y, w, n_classes)
-    per_run = h.shape[-2] * h.shape[-1] * 8
-    step = max(1, COLLAPSE_BLOCK_BYTES // max(1, per_run))
     blocks = [_collapse(h[i:i + step], y, w[i:i + step], n_classes) for i in range(0, len(h), step)]
     return {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
 
