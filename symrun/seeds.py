@@ -31,8 +31,8 @@ def generator(seed: int, purpose: str, device: str | torch.device = "cpu") -> to
 def by_seed(seeds: list[int]) -> tuple[list[int], list[int]]:
     """(the distinct seeds, in order of first appearance; each run's place among them). A grid
     over weight decay or lr repeats each seed: runs of a seed start alike, so their
-    initialisation is drawn once (models.nets.base), and they share a part of a CPU pack
-    (training.shards)."""
+    initialisation is drawn once (models.nets.base), their minibatch order is one stream
+    (data.datasets.BatchOrder), and they share a part of a CPU pack (training.shards)."""
     places: dict[int, int] = {}
     for s in seeds:
         places.setdefault(s, len(places))

@@ -356,7 +356,6 @@ def test_a_saved_config_without_its_target_is_damaged(tmp_path):
     assert flat is None and "it lacks model._target_, which has no default" in problem
 
 
-
 def test_runs_of_a_seed_start_alike_each_in_its_own_memory(user, monkeypatch):
     """A seed's module is built once for all its runs (a grid over weight decay repeats each seed)."""
     from symrun.models import build

@@ -90,7 +90,6 @@ def test_a_pack_is_checked_as_its_pack_keys_would(tmp_path):
         engine.train_pack(cases["a model setting"])
 
 
-
 @pytest.mark.parametrize("model_cfg", [MLPConfig(width=6), HadamardConfig()], ids=["mlp", "hadamard"])
 def test_runs_of_a_seed_start_alike_each_in_its_own_memory(model_cfg):
     """A seed's initialisation is drawn once for all its runs (a grid over weight decay repeats

@@ -23,7 +23,7 @@ from symrun.training import memory
 from symrun.data import corpora
 from symrun.data.dataset import DataError, Dataset
 from symrun.config import Cifar10DataConfig, DataConfig, DigitsDataConfig, FileDataConfig, TeacherDataConfig, TextDataConfig
-from symrun.seeds import derive_seed, generator
+from symrun.seeds import by_seed, derive_seed, generator
 
 if TYPE_CHECKING:       # torch waits for the minibatch orders: reading a sweep back needs none
     import torch
@@ -307,11 +307,10 @@ class BatchOrder:
         import torch
 
         self.n, self.batch_size, self.device = n, batch_size, device
-        streams = {s: generator(s, "data-order") for s in dict.fromkeys(seeds)}
-        self.generators = [streams[s] for s in seeds]
-        self.distinct = list(streams.values())
-        position = {s: i for i, s in enumerate(streams)}
-        self.index = torch.tensor([position[s] for s in seeds])               # run → its seed's stream
+        distinct, places = by_seed(seeds)
+        self.distinct = [generator(s, "data-order") for s in distinct]
+        self.generators = [self.distinct[i] for i in places]
+        self.index = torch.tensor(places)                                     # run → its seed's stream
         self.per_epoch = n // batch_size
         self.step_in_epoch = self.per_epoch  # draw an epoch at the first call
         self.perm: torch.Tensor | None = None
