@@ -51,7 +51,7 @@ def test_summary_pools_seeds_per_grid_point(tmp_path):
 
 
 def test_runs_differing_outside_the_swept_keys_are_not_pooled(tmp_path):
-    # A resume refuses such a mix (tables.check_consistent); a folder put together by hand from
+    # A resume refuses such a mix (records.check_consistent); a folder put together by hand from
     # two sweeps' run folders still must not pool runs of different settings.
     d = _sweep(tmp_path, "optim.weight_decay=0,0.5")
     other = sweep.plan(["optim.weight_decay=0,0.5", "train.steps=40", "train.log_every=10"], tmp_path / "other")

@@ -15,19 +15,22 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import pandas as pd
 import yaml
 from omegaconf import MISSING
 
 from symrun.sweeping import folder, results
-from symrun.config import DATA_OPTIONS, default_values, flatten, model_options
+from symrun.config import (DATA_OPTIONS, EXECUTION_KEYS, Config, ConfigError, default_values, flatten, flattened,
+                           model_options)
 from symrun.sweeping.folder import OutputError
 from symrun.sweeping.results import (DAMAGED, DIVERGED, FINISHED, FOLDERS, LOCK_NAME, PENDING, STATES, SUBMITIT_FOLDER,
                             checkpoint_path, checkpointed_packs, read_csv, read_json, remove_checkpoint, run_dir,
                             run_ids)
+
+if TYPE_CHECKING:      # pandas comes with the first metrics read: a sweep's training process needs none
+    import pandas as pd
 
 
 @dataclass
@@ -256,6 +259,8 @@ def _read_metrics(run: folder.Opened, info: dict) -> tuple[Optional[pd.DataFrame
         return None, _damaged(path, "not text")
     if not raw.endswith("\n"):
         return None, _damaged(path, "empty" if not raw else "its last line is cut short")
+    import pandas as pd
+
     try:
         frame = read_csv(io.StringIO(raw))
     except (ValueError, pd.errors.ParserError):
@@ -316,6 +321,8 @@ def _parse_together(header: str, members: list[tuple[int, str]]) -> Optional[dic
     """The files of one header as one CSV with a leading `__run` column, split back by run:
     {run: (its rows, its last row as a dict)}, the last rows taken in one call (~8 µs a run,
     not the ~70 of a row at a time)."""
+    import pandas as pd
+
     lines = [f"__run,{header}\n"]
     for i, body in members:
         lines += [f"{i},{line}\n" for line in body[:-1].split("\n")]
@@ -339,7 +346,7 @@ def _parse_together(header: str, members: list[tuple[int, str]]) -> Optional[dic
 def _rows(frame: pd.DataFrame, a: int, b: int) -> pd.DataFrame:
     """Rows a:b of `frame`, indexed from 0 as a file of their own reads (without reset_index's copy)."""
     part = frame.iloc[a:b]
-    part.index = pd.RangeIndex(b - a)
+    part.index = range(b - a)          # pandas makes it a RangeIndex
     return part
 
 
@@ -458,3 +465,30 @@ def unfinished_packs(sweep_dir: Path) -> list[list[str]]:
     done = {rid for ids in packs for rid in ids if is_finished(sweep_dir, rid)}
     partial = [ids for ids in packs if done & set(ids) and not set(ids) <= done]
     return checkpointed_packs(sweep_dir) + partial
+
+
+def check_consistent(sweep_dir: Path, configs: dict[str, Config], swept: list[str]) -> None:
+    """Refuse a grid that would mix, unseen, runs of other settings into the folder's tables: a
+    setting fixed in the new grid (not a grid axis now nor in the folder's sweep.json) must have
+    the value every run already in the folder has. Seeds and execution keys (EXECUTION_KEYS) are
+    exempt. Runs whose config.yaml cannot be read are left out (reported as damaged)."""
+    sweep_dir = Path(sweep_dir)
+    if not configs or not run_ids(sweep_dir):
+        return
+    axes = set(swept) | set(read_sweep(sweep_dir)[0].get("swept", []))
+    exempt = set(EXECUTION_KEYS) | {"seed"} | axes
+    flat = [flattened(c) for c in configs.values()]
+    fixed = {k: v for k, v in flat[0].items() if k not in exempt and all(f.get(k, v) == v for f in flat)}
+    for rid in run_ids(sweep_dir):
+        old = read_run(sweep_dir, rid).config if rid not in configs else None
+        if old is None:
+            continue
+        for key, value in fixed.items():
+            if key in old and old[key] != value:
+                raise ConfigError(f"{key}={_text(value)} differs from {key}={_text(old[key])} of the runs already in "
+                                  f"{sweep_dir}, where it is not a grid axis: to keep both in one sweep make it one "
+                                  f"({key}={_text(old[key])},{_text(value)}), else choose another hydra.sweep.dir")
+
+
+def _text(v) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)

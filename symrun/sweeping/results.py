@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import pandas as pd
 import yaml
 
 from symrun.sweeping import folder
@@ -57,6 +56,7 @@ from symrun.config import EXECUTION_KEYS, PER_RUN_KEYS, Config, default_values, 
 from symrun.sweeping.folder import OutputError, one_sync, read_bytes, write_atomic  # noqa: F401 — part of this module's API
 
 if TYPE_CHECKING:       # torch is imported where a run's parameters are: reading tables back needs none
+    import pandas as pd     # and pandas where tables are: a sweep's training process needs none
     import torch
 
 FINISHED, FAILED, DIVERGED, RUNNING = "finished", "failed", "diverged", "running"
@@ -362,13 +362,13 @@ def _cell(value: Any) -> Any:
     return repr(float(value)) if isinstance(value, float) else value
 
 
-# pandas 3 reads floats exactly by default (and deprecates the option); pandas 2 needs to be asked.
-_EXACT = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
-
-
 def read_csv(path: Path | io.StringIO, **kw) -> pd.DataFrame:
     """A table symrun wrote, every float read back to the bit."""
-    return pd.read_csv(path, **_EXACT, **kw)
+    import pandas as pd
+
+    # pandas 3 reads floats exactly by default (and deprecates the option); pandas 2 needs to be asked.
+    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+    return pd.read_csv(path, **exact, **kw)
 
 
 # libyaml's C parser and emitter where PyYAML has them (the same safe YAML, the same text): a run's

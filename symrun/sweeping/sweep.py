@@ -31,7 +31,7 @@ from hydra.core.override_parser.types import Transformer
 
 from symrun.training import engine, memory, reparam
 from symrun import models
-from symrun.sweeping import records, results, tables
+from symrun.sweeping import records, results
 from symrun import data as data_mod
 from symrun.sweeping.composition import Composer, Shape, composer, drop_hydra, hydra_quoted, literal
 from symrun.config import PER_RUN_KEYS, Config, ConfigError, to_config, to_dict, total_steps
@@ -214,7 +214,7 @@ def plan_grid(comp: Composer, params: dict[str, str], arguments: list[str], swee
         parameters.setdefault(groups[rid], parameters[group])
         built.setdefault(groups[rid], built[group])
     _check_memory(configs, groups, built)
-    tables.check_consistent(Path(sweep_dir), configs, swept)
+    records.check_consistent(Path(sweep_dir), configs, swept)
     name = next(iter(configs.values())).name
     return schedule(Plan(Path(sweep_dir), name, configs, [], swept, list(arguments), settings=settings, groups=groups,
                          parameters=parameters))

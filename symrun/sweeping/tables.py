@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 
 from symrun.sweeping import records, results
-from symrun.config import EXECUTION_KEYS, Config, ConfigError, flattened
 from symrun.sweeping.results import DAMAGED, DIVERGED, FAILED, FINISHED, INTERRUPTED, PENDING, RUNNING
 
 # Columns of runs.csv that say when, where and how a run was trained, from its status.json.
@@ -148,30 +147,3 @@ def sweep_status(sweep_dir: Path) -> SweepStatus:
         elif state == DAMAGED:
             reasons.setdefault(record.problem, []).append(rid)
     return SweepStatus(Path(sweep_dir), counts, reasons, records.folder_problems(sweep_dir))
-
-
-def check_consistent(sweep_dir: Path, configs: dict[str, Config], swept: list[str]) -> None:
-    """Refuse a grid that would mix, unseen, runs of other settings into the folder's tables: a
-    setting fixed in the new grid (not a grid axis now nor in the folder's sweep.json) must have
-    the value every run already in the folder has. Seeds and execution keys (EXECUTION_KEYS) are
-    exempt. Runs whose config.yaml cannot be read are left out (reported as damaged)."""
-    sweep_dir = Path(sweep_dir)
-    if not configs or not results.run_ids(sweep_dir):
-        return
-    axes = set(swept) | set(records.read_sweep(sweep_dir)[0].get("swept", []))
-    exempt = set(EXECUTION_KEYS) | {"seed"} | axes
-    flat = [flattened(c) for c in configs.values()]
-    fixed = {k: v for k, v in flat[0].items() if k not in exempt and all(f.get(k, v) == v for f in flat)}
-    for rid in results.run_ids(sweep_dir):
-        old = records.read_run(sweep_dir, rid).config if rid not in configs else None
-        if old is None:
-            continue
-        for key, value in fixed.items():
-            if key in old and old[key] != value:
-                raise ConfigError(f"{key}={_text(value)} differs from {key}={_text(old[key])} of the runs already in "
-                                  f"{sweep_dir}, where it is not a grid axis: to keep both in one sweep make it one "
-                                  f"({key}={_text(old[key])},{_text(value)}), else choose another hydra.sweep.dir")
-
-
-def _text(v) -> str:
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
