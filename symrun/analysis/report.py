@@ -10,9 +10,12 @@ exists (docs/theory.md §5, symrun.analysis.agreement).
 from __future__ import annotations
 
 import ast
+import ctypes
 import io
 import multiprocessing
+import os
 import re
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -197,7 +200,8 @@ def draw_all(jobs: list[Callable[[], list[Path]]]) -> list[Path]:
     first, _JOBS = jobs[0](), jobs
     try:
         try:
-            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_die_with, initargs=(os.getpid(),))
         except (OSError, NotImplementedError, ImportError):   # no working semaphores (a container without /dev/shm)
             return first + [path for job in jobs[1:] for path in job()]
         with pool:
@@ -212,6 +216,19 @@ _JOBS: list[Callable[[], list[Path]]] = []       # draw_all's jobs, inherited by
 
 def _run_job(i: int) -> list[Path]:
     return _JOBS[i]()
+
+
+PR_SET_PDEATHSIG = 1      # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """A figure process is killed when the process that forked it dies (a sweep's report is built
+    by a child that the sweep kills when it is interrupted: symrun.sweeping.reporter), instead of
+    waiting for work forever: it holds the user's stdout open, so a shell pipe would never end."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:     # it died before the line above
+        os._exit(1)
 
 
 MANIFEST = "figures.json"     # the sweep-level figures the last report drew

@@ -87,16 +87,20 @@ def run_sweep(comp: Composer, launcher: Any, arguments: list[str], dry_run: bool
     LaunchError once every other job has ended and the tables are written."""
     from omegaconf import OmegaConf
 
-    from symrun.sweeping import records, results
-    from symrun.sweeping import sweep as sweep_mod
+    from symrun.sweeping.reporter import Reporter
 
-    folder = Path(os.path.abspath(str(comp.master.hydra.sweep.dir)))
-    plans = sweep_mod.sweeper_plans(comp, arguments, folder)
-    if dry_run:
-        display().dry_run(plans)
-        return plans
-    suite = bool(comp.master.hydra.sweeper.get("suite"))
     with contextlib.ExitStack() as held:
+        # forked before torch and pandas are imported: the report's imports overlap the sweep's
+        reporter = held.enter_context(Reporter()) if not dry_run else None
+        from symrun.sweeping import records, results
+        from symrun.sweeping import sweep as sweep_mod
+
+        folder = Path(os.path.abspath(str(comp.master.hydra.sweep.dir)))
+        plans = sweep_mod.sweeper_plans(comp, arguments, folder)
+        if dry_run:
+            display().dry_run(plans)
+            return plans
+        suite = bool(comp.master.hydra.sweeper.get("suite"))
         for p in plans:       # the lock file is the first thing written: check the location before it
             results.check_writable(p.sweep_dir)
             records.check_folder(p.sweep_dir, p.configs, folder if suite else None)
@@ -127,14 +131,14 @@ def run_sweep(comp: Composer, launcher: Any, arguments: list[str], dry_run: bool
             if (refused := submission_error(e)) is not None:
                 raise LaunchError(refused) from None
             for p in plans:           # the runs that ended are on disk: tabulate them
-                display().report(p.sweep_dir)
+                reporter.report(p.sweep_dir)
             raise LaunchError(f"{_first_line(e)}; other jobs may still run. See `symrun status {folder}`; rerun "
                               f"with hydra.sweep.dir={folder} to finish the {what}") from None
         tabulated = []
         for p in plans:
             results.remove_empty_checkpoints(p.sweep_dir)      # every job has ended
             try:
-                tabulated.append(display().report(p.sweep_dir))
+                tabulated.append(reporter.report(p.sweep_dir))
             except results.OutputError as e:     # every run is recorded; only the tables or figures are missing
                 raise LaunchError(f"{e} (every run is recorded: then `symrun report {folder}` writes the tables "
                                   "and figures)") from None
