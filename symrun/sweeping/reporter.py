@@ -14,8 +14,8 @@ prints through the same Display, to the same stdout and stderr).
 In this process instead: where forking is not sound (not Linux) or gains nothing (one core; the
 report's modules already imported), where the child's output would not reach the user (stdout or
 stderr is not a file: a test's captured streams), and for every folder after the child died (killed,
-out of memory). The child ignores Ctrl-C (the sweep handles it, and ends the child); it ends when
-this process closes its end of the pipe, or dies.
+out of memory). The child ends when this process closes its end of the pipe or dies, on Ctrl-C,
+or when the sweep kills it on its way out (an interrupted report stops as it would have here).
 """
 
 from __future__ import annotations
