@@ -44,8 +44,7 @@ class Reporter:
         if not forkable():
             return
         ours, theirs = Pipe()
-        for stream in (sys.stdout, sys.stderr):    # else the child would write again what is still buffered
-            stream.flush()
+        _flush()                                   # else the child would write again what is still buffered
         # Ctrl-C waits until the child is in _serve's try: it must never run this process's code
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         pid = -1
