@@ -9,7 +9,9 @@ time outside training) plus its training time × runs / lean_runs. The three way
 `repeat` rounds, each round one of each back to back, so a machine whose speed drifts over
 minutes (a shared host's) slows a round's three alike: the table gives each way's fastest, and
 the ratios within each round say how far the drift moved them. A cProfile of one more
-`symrun sweep` process says where its time goes, by phase (`PHASES`).
+`symrun sweep` process says where its time goes, by phase (`PHASES`); the share of the sweep
+outside its training steps is set against its floor (`Result.floor`): the start-up any torch
+command line pays and the default metrics, which must stay, with nothing else.
 """
 
 from __future__ import annotations
@@ -150,13 +152,33 @@ def timed(cmd: list[str], cwd: Path) -> Timing:
 def sweep_trained_seconds(out: Path) -> float:
     """The seconds a finished sweep in the outputs folder `out` spent in training steps: each
     pack's train_time_s (runs.csv; the runs of a pack share it), summed over packs."""
+    return sweep_seconds(out)[0]
+
+
+def sweep_seconds(out: Path) -> tuple[float, float]:
+    """(training steps, the rest of its packs' time) of the finished sweep in the outputs folder
+    `out`, each summed over packs: a pack's train_time_s, and its wall_time_s less that — its
+    start, the metrics at step 0 and at the end, and λ_c (runs.csv; the runs of a pack share
+    both)."""
     from symrun.sweeping import results
 
     tables = sorted(Path(out).glob("*/*/runs.csv"))
     if len(tables) != 1:
         raise RuntimeError(f"expected one sweep's runs.csv under {out}, found {len(tables)}")
-    runs = results.read_csv(tables[0])
-    return float(runs.groupby("pack")["train_time_s"].max().sum())
+    packs = results.read_csv(tables[0]).groupby("pack")[["train_time_s", "wall_time_s"]].max()
+    return float(packs["train_time_s"].sum()), float((packs["wall_time_s"] - packs["train_time_s"]).sum())
+
+
+# The start-up every symrun sweep pays whatever symrun does: a Python process importing torch, and
+# the libraries its command line is made of (Hydra, OmegaConf, Typer), less a bare interpreter's
+# start (counted once, in torch's).
+FLOOR_IMPORTS = ("import torch", "import hydra, omegaconf, typer", "pass")
+
+
+def startup_floor(python: str, cwd: Path, repeat: int = 3) -> float:
+    """Seconds of the start-up floor (FLOOR_IMPORTS), each process the fastest of `repeat`."""
+    torch_, cli, bare = (min(timed([python, "-c", code], cwd).wall for _ in range(repeat)) for code in FLOOR_IMPORTS)
+    return torch_ + max(0.0, cli - bare)
 
 
 def trained_seconds(stdout: str) -> float:
@@ -176,6 +198,16 @@ class Result:
     profile: dict[str, float]
     rounds: list[tuple[float, float, float]] = field(default_factory=list)   # (sweep, lean scaled, torch.func) s
     sweep_trained: float = 0.0        # of the fastest sweep's seconds, those in its training steps
+    sweep_metrics: float = 0.0        # … and those in its packs outside the steps (`sweep_seconds`)
+    startup: float = 0.0              # the start-up floor (`startup_floor`), measured after the rounds
+
+    def floor(self) -> float:
+        """The share of a sweep outside training that the issue's own terms fix: the start-up
+        floor and the default metrics as computed (λ_c included), over them and the steps —
+        what 'around training' would be with nothing else at all (no planning, files, tables
+        or figures)."""
+        fixed = self.startup + self.sweep_metrics
+        return fixed / (fixed + self.sweep_trained)
 
     def ratios(self, baseline: int) -> list[float]:
         """Per round: the baseline's seconds (1 lean loop, 2 torch.func) over the sweep's."""
@@ -215,12 +247,13 @@ def measure(grid: Grid, device: str, repeat: int = 1, say: Callable[[str], None]
                 f"{grid.lean_runs} runs → {scaled(leans[-1]):.1f} s for {grid.runs}, torch.func {funcs[-1].wall:.1f} s")
         fastest = lambda ts: min(ts, key=lambda t: t.wall)  # noqa: E731
         sweep, lean, torch_func = fastest(sweeps), fastest(leans), fastest(funcs)
-        trained = sweep_trained_seconds(work / f"sweep-{sweeps.index(sweep)}")
+        trained, metrics_ = sweep_seconds(work / f"sweep-{sweeps.index(sweep)}")
         rounds = [(s.wall, scaled(le), f.wall) for s, le, f in zip(sweeps, leans, funcs)]
+        startup = startup_floor(python, work)
         prof = work / "sweep.prof"
         timed([python, "-m", "cProfile", "-o", str(prof), "-m", "symrun", "sweep", "--outputs", str(work / "profiled"),
                *args], work)
-        return Result(grid, sweep, lean, scaled(lean), torch_func, phases(prof), rounds, trained)
+        return Result(grid, sweep, lean, scaled(lean), torch_func, phases(prof), rounds, trained, metrics_, startup)
 
 
 def report(results: list[Result], repeat: int) -> str:
@@ -232,9 +265,9 @@ def report(results: list[Result], repeat: int) -> str:
         around = 1 - r.sweep_trained / r.sweep.wall
         rows.append([r.grid.name, str(r.grid.runs), f"{r.sweep.wall:.1f}", f"{r.lean_scaled:.1f}", f"{r.torch_func.wall:.1f}",
                      f"**{r.lean_scaled / r.sweep.wall:.1f}×**", f"**{r.torch_func.wall / r.sweep.wall:.2f}×**",
-                     f"{around:.0%}"])
+                     f"{around:.0%}", f"{r.floor():.0%}"])
     parts = [markdown_table(["workload", "runs", "`symrun sweep` s", "lean loop s", "torch.func s", "vs lean loop",
-                             "vs torch.func", "around training"], rows), "",
+                             "vs torch.func", "around training", "its floor"], rows), "",
              f"Seconds are wall-clock of whole processes, the fastest of {repeat} round{'s' if repeat != 1 else ''} (a round: the three ways back "
              "to back); the ratios are of the fastest. Within each round: "
              + "; ".join(f"{r.grid.short} {_spread(r.ratios(1))}× the lean loop, {_spread(r.ratios(2), 2)}× torch.func"
@@ -249,6 +282,12 @@ def report(results: list[Result], repeat: int) -> str:
              + ". *Around training* is the fastest sweep's wall-clock time outside its training steps (each pack's "
              "`train_time_s`, runs.csv): start-up, planning, the metrics and λ_c, the files, tables and figures. "
              + "; ".join(f"{r.grid.short}: {r.sweep_trained:.1f} s of {r.sweep.wall:.1f} s in training steps" for r in results)
+             + ". *Its floor* is what around training would be with only what the sweep cannot leave out: "
+             "the start-up any such command pays (processes importing torch, and Hydra, OmegaConf and Typer, "
+             "less a bare interpreter's start) and the default metrics as the sweep computed them (its packs' "
+             "time outside the steps: the metrics at step 0 and at the end, λ_c), over those and the steps; "
+             "no planning, files, tables or figures. "
+             + "; ".join(f"{r.grid.short}: start-up {r.startup:.1f} s, metrics {r.sweep_metrics:.1f} s" for r in results)
              + ". The profiles below say where the rest goes; cProfile's own overhead inflates the Python-heavy phases "
              "there, so their shares run higher than the wall clock's."]
     for r in results:

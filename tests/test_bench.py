@@ -41,12 +41,15 @@ def test_quick_bench_writes_every_workload(tmp_path):
     text = out.read_text()
     for name in ("W1 mlp", "label flips p = 0.1", "hadamard", "factorization", "Pack-size scaling", "fp32 matmul peak",
                  "as a whole process", "`symrun sweep` s", "torch.func s", "Where `symrun sweep` spends its time",
-                 "Within each round"):
+                 "Within each round", "its floor", "start-up"):
         assert name in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| W1 mlp")]
     assert len(rows) == 3 and all("×" in r for r in rows)        # 8 and 32 runs, 8 with label flips
     whole = [ln for ln in text.splitlines() if ln.startswith(("| W1:", "| W1 as your own nn.Module", "| Hadamard d=20"))]
     assert len(whole) == 3 and all(r.count("×**") == 2 for r in whole)          # vs lean, vs torch.func
+    # around training, then its floor: a share of the whole that cannot exceed the share measured
+    shares = [[int(c.strip().rstrip("%")) for c in r.split("|")[-3:-1]] for r in whole]
+    assert all(0 <= floor <= around <= 100 for around, floor in shares)
     for phase in ("training steps", "critical weight decay λ_c", "tables and figures", "planning"):
         assert sum(ln.startswith(f"| {phase}") for ln in text.splitlines()) == 3      # one profile per workload
 
@@ -91,3 +94,8 @@ def test_a_sweeps_training_seconds_are_its_packs_train_time_summed(cli, tmp_path
     assert len(statuses) == 4 and len(per_pack) == 2                  # two data sizes: two packs
     assert all(0 < s["train_time_s"] < s["wall_time_s"] for s in statuses)   # the steps, not the pack's metrics
     assert wholebench.sweep_trained_seconds(tmp_path / "out") == pytest.approx(sum(per_pack.values()), rel=1e-12)
+    # the packs' time outside their steps: their metrics at step 0 and at the end, λ_c
+    outside = {s["pack"]: s["wall_time_s"] - s["train_time_s"] for s in statuses}
+    trained, metrics = wholebench.sweep_seconds(tmp_path / "out")
+    assert trained == pytest.approx(sum(per_pack.values()), rel=1e-12)
+    assert metrics == pytest.approx(sum(outside.values()), rel=1e-9) and metrics > 0
