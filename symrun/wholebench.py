@@ -103,7 +103,9 @@ PHASES: list[tuple[str, list[tuple[str, str]]]] = [
     ("metrics at step 0 and at the end", [("engine.py", "log")]),
     ("critical weight decay λ_c", [("critical.py", "at_end")]),
     ("writing the runs' files", [("results.py", "write_runs")]),
-    ("tables and figures", [("console.py", "show_report")]),
+    # built by a child process forked as the sweep starts (symrun.sweeping.reporter), which cProfile
+    # does not see: the sweep's wait for it, or the report itself where it is built in the sweep
+    ("tables and figures", [("reporter.py", "report")]),
 ]
 # a phase whose functions run inside another's: subtracted from the outer one
 INSIDE = {"training steps": ["metrics at step 0 and at the end", "critical weight decay λ_c"]}
@@ -175,9 +177,10 @@ def sweep_seconds(out: Path) -> tuple[float, float]:
 FLOOR_IMPORTS = ("import torch", "import hydra, omegaconf, typer", "pass")
 
 
-def startup_floor(python: str, cwd: Path, repeat: int = 3) -> float:
-    """Seconds of the start-up floor (FLOOR_IMPORTS), each process the fastest of `repeat`."""
-    torch_, cli, bare = (min(timed([python, "-c", code], cwd).wall for _ in range(repeat)) for code in FLOOR_IMPORTS)
+def startup_floor(times: list[tuple[float, ...]]) -> float:
+    """Seconds of the start-up floor from rounds of FLOOR_IMPORTS' processes (seconds each, in
+    that order), each process's fastest taken."""
+    torch_, cli, bare = (min(column) for column in zip(*times))
     return torch_ + max(0.0, cli - bare)
 
 
@@ -199,7 +202,7 @@ class Result:
     rounds: list[tuple[float, float, float]] = field(default_factory=list)   # (sweep, lean scaled, torch.func) s
     sweep_trained: float = 0.0        # of the fastest sweep's seconds, those in its training steps
     sweep_metrics: float = 0.0        # … and those in its packs outside the steps (`sweep_seconds`)
-    startup: float = 0.0              # the start-up floor (`startup_floor`), measured after the rounds
+    startup: float = 0.0              # the start-up floor (`startup_floor`), its processes timed in each round
 
     def floor(self) -> float:
         """The share of a sweep outside training that the issue's own terms fix: the start-up
@@ -237,23 +240,24 @@ def measure(grid: Grid, device: str, repeat: int = 1, say: Callable[[str], None]
             train = trained_seconds(t.stdout)
             return t.wall - train + train * grid.runs / grid.lean_runs
 
-        sweeps, leans, funcs = [], [], []
-        for i in range(repeat):           # a round: one of each, back to back
+        sweeps, leans, funcs, imports = [], [], [], []
+        for i in range(repeat):           # a round: one of each, back to back, and the start-up floor's processes
             sweeps.append(timed(sweep_cmd(f"sweep-{i}"), work))
             leans.append(timed([python, str(scripts["lean"]), *script, "--runs", str(grid.lean_runs),
                                 "--out", str(work / "lean.csv")], work))
             funcs.append(timed([python, str(scripts["torch_func"]), *script, "--out", str(work / "func.csv")], work))
+            imports.append(tuple(timed([python, "-c", code], work).wall for code in FLOOR_IMPORTS))
             say(f"{grid.name}, round {i + 1}: symrun sweep {sweeps[-1].wall:.1f} s, lean loop {leans[-1].wall:.1f} s on "
                 f"{grid.lean_runs} runs → {scaled(leans[-1]):.1f} s for {grid.runs}, torch.func {funcs[-1].wall:.1f} s")
         fastest = lambda ts: min(ts, key=lambda t: t.wall)  # noqa: E731
         sweep, lean, torch_func = fastest(sweeps), fastest(leans), fastest(funcs)
         trained, metrics_ = sweep_seconds(work / f"sweep-{sweeps.index(sweep)}")
         rounds = [(s.wall, scaled(le), f.wall) for s, le, f in zip(sweeps, leans, funcs)]
-        startup = startup_floor(python, work)
         prof = work / "sweep.prof"
         timed([python, "-m", "cProfile", "-o", str(prof), "-m", "symrun", "sweep", "--outputs", str(work / "profiled"),
                *args], work)
-        return Result(grid, sweep, lean, scaled(lean), torch_func, phases(prof), rounds, trained, metrics_, startup)
+        return Result(grid, sweep, lean, scaled(lean), torch_func, phases(prof), rounds, trained, metrics_,
+                      startup_floor(imports))
 
 
 def report(results: list[Result], repeat: int) -> str:
