@@ -151,12 +151,6 @@ def timed(cmd: list[str], cwd: Path) -> Timing:
     return Timing(wall, cpu, done.stdout)
 
 
-def sweep_trained_seconds(out: Path) -> float:
-    """The seconds a finished sweep in the outputs folder `out` spent in training steps: each
-    pack's train_time_s (runs.csv; the runs of a pack share it), summed over packs."""
-    return sweep_seconds(out)[0]
-
-
 def sweep_seconds(out: Path) -> tuple[float, float]:
     """(training steps, the rest of its packs' time) of the finished sweep in the outputs folder
     `out`, each summed over packs: a pack's train_time_s, and its wall_time_s less that — its

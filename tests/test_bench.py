@@ -94,7 +94,7 @@ def test_the_baseline_scripts_train_the_same_grid(tmp_path):
     assert len(mlp) == 3 and all(float(r[2]) < 2.3 for r in mlp[1:])          # below chance level, ln 10
 
 
-def test_a_sweeps_training_seconds_are_its_packs_train_time_summed(cli, tmp_path):
+def test_a_sweeps_seconds_are_its_packs_steps_and_the_rest_summed(cli, tmp_path):
     import json
 
     cli("sweep", "--outputs", "out", "model=hadamard", "data.n=40,50", "seed=0,1", "train.steps=300")
@@ -102,8 +102,7 @@ def test_a_sweeps_training_seconds_are_its_packs_train_time_summed(cli, tmp_path
     per_pack = {s["pack"]: s["train_time_s"] for s in statuses}
     assert len(statuses) == 4 and len(per_pack) == 2                  # two data sizes: two packs
     assert all(0 < s["train_time_s"] < s["wall_time_s"] for s in statuses)   # the steps, not the pack's metrics
-    assert wholebench.sweep_trained_seconds(tmp_path / "out") == pytest.approx(sum(per_pack.values()), rel=1e-12)
-    # the packs' time outside their steps: their metrics at step 0 and at the end, λ_c
+    # and the packs' time outside their steps: their metrics at step 0 and at the end, λ_c
     outside = {s["pack"]: s["wall_time_s"] - s["train_time_s"] for s in statuses}
     trained, metrics = wholebench.sweep_seconds(tmp_path / "out")
     assert trained == pytest.approx(sum(per_pack.values()), rel=1e-12)
