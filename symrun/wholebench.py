@@ -198,6 +198,10 @@ class Result:
     sweep_metrics: float = 0.0        # … and those in its packs outside the steps (`sweep_seconds`)
     startup: float = 0.0              # the start-up floor (`startup_floor`), its processes timed in each round
 
+    def around(self) -> float:
+        """The share of the fastest sweep's wall clock outside its training steps."""
+        return 1 - self.sweep_trained / self.sweep.wall
+
     def floor(self) -> float:
         """The share of a sweep outside training that the issue's own terms fix: the start-up
         floor and the default metrics as computed (λ_c included), over them and the steps —
@@ -260,10 +264,9 @@ def report(results: list[Result], repeat: int) -> str:
 
     rows = []
     for r in results:
-        around = 1 - r.sweep_trained / r.sweep.wall
         rows.append([r.grid.name, str(r.grid.runs), f"{r.sweep.wall:.1f}", f"{r.lean_scaled:.1f}", f"{r.torch_func.wall:.1f}",
                      f"**{r.lean_scaled / r.sweep.wall:.1f}×**", f"**{r.torch_func.wall / r.sweep.wall:.2f}×**",
-                     f"{around:.0%}", f"{r.floor():.0%}"])
+                     f"{r.around():.0%}", f"{r.floor():.0%}"])
     parts = [markdown_table(["workload", "runs", "`symrun sweep` s", "lean loop s", "torch.func s", "vs lean loop",
                              "vs torch.func", "around training", "its floor"], rows), "",
              f"Seconds are wall-clock of whole processes, the fastest of {repeat} round{'s' if repeat != 1 else ''} (a round: the three ways back "

@@ -47,7 +47,8 @@ def test_quick_bench_writes_every_workload(tmp_path):
     assert len(rows) == 3 and all("×" in r for r in rows)        # 8 and 32 runs, 8 with label flips
     whole = [ln for ln in text.splitlines() if ln.startswith(("| W1:", "| W1 as your own nn.Module", "| Hadamard d=20"))]
     assert len(whole) == 3 and all(r.count("×**") == 2 for r in whole)          # vs lean, vs torch.func
-    # around training, then its floor: a share of the whole that cannot exceed the share measured
+    # around training, then its floor, as percentages (3 steps: both are ~100 %; the arithmetic is
+    # test_the_floor_is_start_up_and_metrics_over_them_and_the_steps)
     shares = [[int(c.strip().rstrip("%")) for c in r.split("|")[-3:-1]] for r in whole]
     assert all(0 <= floor <= around <= 100 for around, floor in shares)
     for phase in ("training steps", "critical weight decay λ_c", "tables and figures", "planning"):
@@ -61,6 +62,14 @@ def test_the_start_up_floor_takes_each_processs_fastest_round():
     # import and the CLI libraries' beyond a bare start, each at its fastest
     assert wholebench.startup_floor([(2.0, 0.30, 0.02), (1.8, 0.35, 0.03)]) == pytest.approx(1.8 + 0.30 - 0.02)
     assert wholebench.startup_floor([(1.5, 0.01, 0.02)]) == 1.5           # the libraries never count below zero
+
+
+def test_the_floor_is_start_up_and_metrics_over_them_and_the_steps():
+    # a 10 s sweep with 6 s of steps: 40 % around training; of the 4 s, start-up 2 s and the
+    # metrics 1 s are the floor, 3 / (3 + 6)
+    t = wholebench.Timing(10.0, 0.0, "")
+    r = wholebench.Result(wholebench.w1(10), t, t, 10.0, t, {}, sweep_trained=6.0, sweep_metrics=1.0, startup=2.0)
+    assert r.around() == pytest.approx(0.4) and r.floor() == pytest.approx(1 / 3)
 
 
 def _script(tmp_path, name: str, *args: str) -> tuple[list[list[str]], float]:
