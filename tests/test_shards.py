@@ -283,10 +283,15 @@ def test_a_failure_in_any_part_stops_the_pack_with_its_own_error(two_threads, mo
 def test_an_interruption_in_the_callers_part_stops_every_part_before_the_error_is_raised(two_threads, monkeypatch):
     _cut(monkeypatch, bytes_per_chunk=10**15)
     cfgs = _configs("model=hadamard", "seed=range(0,8)", "train.steps=2000", "train.log_every=2000")
-    real, trained = Hadamard.loss_and_grads, []
+    real, trained, other_started = Hadamard.loss_and_grads, [], threading.Event()
 
     def loss_and_grads(self, params, *args):
-        trained.append(threading.current_thread().name)
+        name = threading.current_thread().name
+        trained.append(name)
+        if name != "MainThread":
+            other_started.set()
+        elif trained.count(name) == 5:      # the interruption comes while both parts train (a busy host
+            other_started.wait(30)          # can start the other's thread after the caller's 5 steps)
         return real(self, params, *args)
 
     monkeypatch.setattr(Hadamard, "loss_and_grads", loss_and_grads)
